@@ -1,0 +1,27 @@
+// Linux calls and constants that Swift's Glibc module does not export,
+// because it is built without _GNU_SOURCE. This header includes no system
+// header, so that it cannot clash with Glibc's definitions.
+#pragma once
+
+// <linux/falloc.h> and <linux/fs.h>: the same on every Linux architecture.
+enum {
+    DMIO_FALLOC_FL_KEEP_SIZE = 0x01,
+    DMIO_FALLOC_FL_PUNCH_HOLE = 0x02,
+    DMIO_FALLOC_FL_ZERO_RANGE = 0x10,
+    DMIO_RWF_DSYNC = 0x02,
+};
+
+/// O_DIRECT, whose value differs between architectures.
+int dmio_o_direct(void);
+
+/// pwritev2(2); returns bytes written or -1 with errno set.
+long dmio_pwritev2(int fd, const void *iovecs, int count, long long offset, int flags);
+
+/// fallocate(2); returns 0 or -1 with errno set.
+int dmio_fallocate(int fd, int mode, long long offset, long long length);
+
+/// pipe2(2) with O_CLOEXEC | O_NONBLOCK.
+int dmio_pipe_nonblocking(int fds[2]);
+
+/// Names the calling thread (15 characters at most are kept).
+void dmio_set_thread_name(const char *name);

@@ -1,0 +1,27 @@
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "dmio_support.h"
+
+int dmio_o_direct(void) { return O_DIRECT; }
+
+long dmio_pwritev2(int fd, const void *iovecs, int count, long long offset, int flags) {
+    return pwritev2(fd, (const struct iovec *)iovecs, count, offset, flags);
+}
+
+int dmio_fallocate(int fd, int mode, long long offset, long long length) {
+    return fallocate(fd, mode, offset, length);
+}
+
+int dmio_pipe_nonblocking(int fds[2]) { return pipe2(fds, O_CLOEXEC | O_NONBLOCK); }
+
+void dmio_set_thread_name(const char *name) {
+    char truncated[16];
+    strncpy(truncated, name, sizeof truncated - 1);
+    truncated[sizeof truncated - 1] = '\0';
+    pthread_setname_np(pthread_self(), truncated);
+}

@@ -1,0 +1,209 @@
+/// A dm-io client (`struct dm_io_client`): the page pool, the pools of
+/// in-flight requests and bios, and the I/O engine that serves them.
+///
+/// Every request names its regions, an operation, and for reads and writes
+/// the memory. Reads take exactly one region; writes, discards, zeroing and
+/// flushes take 1 to 64, one bit each in the result's `ErrorBits`. A
+/// request that breaks a rule throws `DMIOError` and issues no I/O; a
+/// request that ran reports each region's failure in its `IOResult`.
+///
+/// Each kind of memory has a sync form, an async form with a completion
+/// (`IONotify`, called exactly once, on an engine thread) and a Swift
+/// `async` form. Do not call a sync form from inside a completion: the
+/// thread it runs on is the one that would have to wake it.
+public final class DMIOClient: @unchecked Sendable {
+    /// The engine this client runs on.
+    public let engineKind: IOEngineKind
+    /// The pages `get(pages:)` and `put(pages:)` size.
+    public let pool = PagePool()
+
+    private let engine: IOEngine
+    private let jobs: ObjectPool<IOJob>
+    private let bios: ObjectPool<Bio>
+
+    /// Creates a client on `engine`, with `pages` pages ready in its pool.
+    /// `threads` sizes the thread-pool engine.
+    public init(engine choice: IOEngineChoice = .automatic, pages: Int = 0, threads: Int = 8) throws(DMIOError) {
+        engine = try makeEngine(choice, threads: threads)
+        engineKind = engine.kind
+        jobs = ObjectPool { IOJob() }
+        let bios = ObjectPool { Bio() }
+        self.bios = bios
+        // Bios and jobs are created on demand and kept; a few hundred up
+        // front cover a queue depth of 32 to many legs without allocating.
+        jobs.prefill(128)
+        bios.prefill(256)
+        pool.get(pages: pages)
+    }
+
+    deinit { engine.shutdown() }
+
+    // MARK: The page pool (dm_io_get / dm_io_put)
+
+    /// `dm_io_get`: grows the page pool by `pages` that will be in use at once.
+    public func get(pages: Int) { pool.get(pages: pages) }
+
+    /// `dm_io_put`: gives back what a matching `get(pages:)` asked for.
+    public func put(pages: Int) { pool.put(pages: pages) }
+
+    /// Takes `count` pages from the pool as a page list, waiting while the
+    /// pool has fewer free (see `PagePool`).
+    public func allocatePages(_ count: Int) -> PageList { pool.take(count) }
+
+    /// Returns pages taken with `allocatePages(_:)`.
+    public func release(_ pages: PageList) { pool.give(pages) }
+
+    // MARK: Synchronous requests (dm_io_sync, dm_io_sync_bvec, dm_io_sync_vm)
+
+    /// Runs a request and waits for it. `memory` is needed by reads and
+    /// writes and ignored by the other operations.
+    public func sync(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
+                     flags: IOFlags = []) throws(DMIOError) -> IOResult {
+        try validate(operation, regions: regions, memory: memory)
+        let job = jobs.take()
+        job.start(pool: jobs, notify: nil, context: nil)
+        dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
+        return job.waitForSync()
+    }
+
+    /// `dm_io_sync`: a page list, starting `offset` bytes into its first page.
+    public func sync(_ operation: IOOperation, regions: [IORegion], pages: PageList, offset: Int,
+                     flags: IOFlags = []) throws(DMIOError) -> IOResult {
+        try sync(operation, regions: regions, memory: .pageList(pages, offset: offset), flags: flags)
+    }
+
+    /// `dm_io_sync_bvec`: an array of bio vectors.
+    public func sync(_ operation: IOOperation, regions: [IORegion], bioVectors: [BioVec],
+                     flags: IOFlags = []) throws(DMIOError) -> IOResult {
+        try sync(operation, regions: regions, memory: .bioVectors(bioVectors), flags: flags)
+    }
+
+    /// `dm_io_sync_vm`: one contiguous buffer.
+    public func sync(_ operation: IOOperation, regions: [IORegion], buffer: UnsafeMutableRawBufferPointer,
+                     flags: IOFlags = []) throws(DMIOError) -> IOResult {
+        try sync(operation, regions: regions, memory: .buffer(buffer), flags: flags)
+    }
+
+    // MARK: Asynchronous requests (dm_io_async, dm_io_async_bvec, dm_io_async_vm)
+
+    /// Starts a request; `notify` is called once with its result and
+    /// `context`. The memory must stay valid until then.
+    public func submit(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
+                       flags: IOFlags = [], context: AnyObject? = nil,
+                       notify: @escaping IONotify) throws(DMIOError) {
+        try validate(operation, regions: regions, memory: memory)
+        start(operation, regions: regions, memory: memory, flags: flags, context: context, notify: notify)
+    }
+
+    /// `dm_io_async`: a page list, starting `offset` bytes into its first page.
+    public func submit(_ operation: IOOperation, regions: [IORegion], pages: PageList, offset: Int,
+                       flags: IOFlags = [], context: AnyObject? = nil,
+                       notify: @escaping IONotify) throws(DMIOError) {
+        try submit(operation, regions: regions, memory: .pageList(pages, offset: offset), flags: flags,
+                   context: context, notify: notify)
+    }
+
+    /// `dm_io_async_bvec`: an array of bio vectors.
+    public func submit(_ operation: IOOperation, regions: [IORegion], bioVectors: [BioVec],
+                       flags: IOFlags = [], context: AnyObject? = nil,
+                       notify: @escaping IONotify) throws(DMIOError) {
+        try submit(operation, regions: regions, memory: .bioVectors(bioVectors), flags: flags,
+                   context: context, notify: notify)
+    }
+
+    /// `dm_io_async_vm`: one contiguous buffer.
+    public func submit(_ operation: IOOperation, regions: [IORegion], buffer: UnsafeMutableRawBufferPointer,
+                       flags: IOFlags = [], context: AnyObject? = nil,
+                       notify: @escaping IONotify) throws(DMIOError) {
+        try submit(operation, regions: regions, memory: .buffer(buffer), flags: flags,
+                   context: context, notify: notify)
+    }
+
+    // MARK: Swift concurrency
+
+    /// Runs a request and suspends until it completes.
+    public func perform(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
+                        flags: IOFlags = []) async throws(DMIOError) -> IOResult {
+        try validate(operation, regions: regions, memory: memory)
+        return await withCheckedContinuation { continuation in
+            start(operation, regions: regions, memory: memory, flags: flags, context: nil) { result, _ in
+                continuation.resume(returning: result)
+            }
+        }
+    }
+
+    // MARK: Issuing I/O
+
+    private func start(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?,
+                       flags: IOFlags, context: AnyObject?, notify: @escaping IONotify) {
+        let job = jobs.take()
+        job.start(pool: jobs, notify: notify, context: context)
+        dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
+    }
+
+    /// The kernel's `dispatch_io` and `do_region`: turns each region of a
+    /// validated request into bios and issues them. Every region of a write
+    /// walks the same memory from its start.
+    private func dispatch(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?,
+                          flags: IOFlags, job: IOJob) {
+        var batch = BioBatch()
+        for index in regions.indices {
+            let region = regions[index]
+            let device = region.device
+            if operation == .flush {
+                issue(newBio(job, index, region, operation, flags, offset: 0, length: 0), to: device, batch: &batch)
+                continue
+            }
+            var offset = region.byteOffset
+            let end = offset + region.byteCount
+            guard let memory else {
+                // Discard and write-zeroes: ranges, split so that each fits an
+                // NBD command's 32-bit length.
+                while offset < end {
+                    let length = min(end - offset, Self.maxRangeBytes)
+                    issue(newBio(job, index, region, operation, flags, offset: offset, length: length),
+                          to: device, batch: &batch)
+                    offset += length
+                }
+                continue
+            }
+            var pages = PageIterator(memory)
+            while offset < end {
+                let bio = newBio(job, index, region, operation, flags, offset: offset,
+                                 length: min(end - offset, UInt64(Bio.maxBytes)))
+                var filled = 0
+                let wanted = Int(bio.remaining)
+                while filled < wanted, bio.segmentCount < Bio.maxSegments,
+                      let segment = pages.next(maxBytes: wanted - filled) {
+                    _ = bio.append(segment)
+                    filled += segment.count
+                }
+                bio.truncate(to: UInt64(filled))
+                bio.bounceIfMisaligned(alignment: device.memoryAlignment)
+                issue(bio, to: device, batch: &batch)
+                offset += UInt64(filled)
+            }
+        }
+        if !batch.isEmpty { engine.submit(batch) }
+        // Drop the dispatcher's count: the request ends with its last bio.
+        job.endIO(region: 0, errno: 0)
+    }
+
+    /// Discards and zeroing split at 1 GiB (NBD commands carry a 32-bit length).
+    private static let maxRangeBytes: UInt64 = 1 << 30
+
+    private func newBio(_ job: IOJob, _ index: Int, _ region: IORegion, _ operation: IOOperation,
+                        _ flags: IOFlags, offset: UInt64, length: UInt64) -> Bio {
+        let bio = bios.take()
+        bio.pool = bios
+        bio.start(job: job, region: index, device: region.device, operation: operation,
+                  flags: flags, offset: offset, length: length)
+        return bio
+    }
+
+    /// Counts the bio in its request before the device may complete it.
+    private func issue(_ bio: Bio, to device: BlockDevice, batch: inout BioBatch) {
+        bio.job!.expect(1)
+        device.issue(bio, batch: &batch)
+    }
+}

@@ -1,0 +1,104 @@
+import Glibc
+
+/// How to open a device.
+public struct DeviceOptions: Sendable, Hashable {
+    /// Open for reading only; writes, discards and zeroing are refused.
+    public var readOnly = false
+    /// Bypass the page cache (O_DIRECT) for files and block devices. Regions
+    /// must then be aligned to the device's block size; memory need not be
+    /// (unaligned memory goes through an aligned bounce buffer).
+    public var direct = false
+    /// Create a missing regular file, sparse, of this many bytes.
+    public var createSize: UInt64?
+
+    public init(readOnly: Bool = false, direct: Bool = false, createSize: UInt64? = nil) {
+        self.readOnly = readOnly
+        self.direct = direct
+        self.createSize = createSize
+    }
+}
+
+/// A device that regions point at: a regular file, a block device, or a
+/// remote NBD export. Open one with `BlockDevice.open(_:options:)`.
+public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
+    /// The path or URI the device was opened by.
+    public let name: String
+    /// Usable size in bytes (a whole number of sectors).
+    public let size: UInt64
+    /// Regions must start and end on multiples of this many bytes.
+    public let blockSize: Int
+    public let isReadOnly: Bool
+    /// Memory segments must be aligned to this for the device to use them
+    /// directly (1 unless O_DIRECT).
+    let memoryAlignment: Int
+    /// The file descriptor the engines do I/O on; -1 for remote devices.
+    let fileDescriptor: Int32
+
+    public var sectors: UInt64 { size >> sectorShift }
+    public var description: String { name }
+
+    init(name: String, size: UInt64, blockSize: Int, isReadOnly: Bool,
+         memoryAlignment: Int, fileDescriptor: Int32) {
+        self.name = name
+        self.size = size & ~UInt64(sectorSize - 1)
+        self.blockSize = blockSize
+        self.isReadOnly = isReadOnly
+        self.memoryAlignment = memoryAlignment
+        self.fileDescriptor = fileDescriptor
+    }
+
+    /// Opens `spec`: a path to a regular file or a block device, or an NBD
+    /// URI (`nbd://host[:port]/name`, `nbd+unix:///name?socket=PATH`).
+    public static func open(_ spec: String, options: DeviceOptions = DeviceOptions()) throws(DMIOError) -> BlockDevice {
+        if spec.hasPrefix("nbd://") || spec.hasPrefix("nbd+unix://") || spec.hasPrefix("nbds://") {
+            return try RemoteNBDDevice(uri: spec, options: options)
+        }
+        if spec.contains("://") { throw .invalidDeviceSpec(spec) }
+        return try LocalDevice(path: spec, options: options)
+    }
+
+    // MARK: What subclasses decide
+
+    /// The command that carries out `operation` on this device.
+    func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
+        fatalError("subclass")
+    }
+
+    /// Called when fallocate with `mode` cannot zero here; later requests
+    /// write zeroes instead.
+    func fallocateRefused(mode: Int32) {}
+
+    /// Issues `bio`: local devices add it to the engine's batch, remote ones
+    /// send it themselves.
+    func issue(_ bio: Bio, batch: inout BioBatch) {
+        batch.append(bio)
+    }
+}
+
+/// A singly linked list of bios, handed to an engine in one call.
+struct BioBatch {
+    private(set) var head: Bio?
+    private var tail: Bio?
+
+    var isEmpty: Bool { head == nil }
+
+    mutating func append(_ bio: Bio) {
+        bio.next = nil
+        if let tail { tail.next = bio } else { head = bio }
+        tail = bio
+    }
+
+    mutating func append(contentsOf other: BioBatch) {
+        guard let otherHead = other.head else { return }
+        if let tail { tail.next = otherHead } else { head = otherHead }
+        tail = other.tail
+    }
+
+    mutating func popFirst() -> Bio? {
+        guard let first = head else { return nil }
+        head = first.next
+        if head == nil { tail = nil }
+        first.next = nil
+        return first
+    }
+}

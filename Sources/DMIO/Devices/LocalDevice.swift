@@ -1,0 +1,94 @@
+import CDMIOSupport
+import Glibc
+import Synchronization
+
+// Block-device ioctls from <linux/fs.h>.
+let BLKSSZGET: UInt = 0x1268
+let BLKGETSIZE64: UInt = 0x8008_1272
+let BLKDISCARD: UInt = 0x1277
+let BLKZEROOUT: UInt = 0x127f
+
+/// A regular file or a block device on this machine.
+///
+/// Files: discard punches a hole, write-zeroes punches a hole (or, with
+/// `noUnmap`, uses Linux.zeroRange) and falls back to writing zeroes
+/// where the file system cannot. Block devices: size by BLKGETSIZE64, block
+/// size by BLKSSZGET, discard by BLKDISCARD, zeroing by BLKZEROOUT.
+final class LocalDevice: BlockDevice, @unchecked Sendable {
+    let isBlockDevice: Bool
+    /// fallocate modes this file system refused (EOPNOTSUPP), as a bit mask.
+    private let refusedModes = Atomic<Int32>(0)
+
+    init(path: String, options: DeviceOptions) throws(DMIOError) {
+        var flags = O_CLOEXEC | (options.readOnly ? O_RDONLY : O_RDWR)
+        if options.direct { flags |= dmio_o_direct() }
+        var fd = Glibc.open(path, flags)
+        if fd < 0 && errno == ENOENT, let createSize = options.createSize, !options.readOnly {
+            fd = Glibc.open(path, flags | O_CREAT | O_EXCL, 0o644)
+            if fd >= 0 && ftruncate(fd, off_t(createSize)) != 0 {
+                let error = errno
+                Glibc.close(fd)
+                unlink(path)
+                throw .openFailed(device: path, errno: error)
+            }
+        }
+        guard fd >= 0 else { throw .openFailed(device: path, errno: errno) }
+
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let error = errno
+            Glibc.close(fd)
+            throw .openFailed(device: path, errno: error)
+        }
+        let size: UInt64
+        var blockSize = sectorSize
+        switch info.st_mode & S_IFMT {
+        case S_IFREG:
+            isBlockDevice = false
+            size = UInt64(info.st_size)
+            // O_DIRECT on a file needs the underlying disk's alignment, which
+            // a file cannot tell; a page is right on every Linux disk.
+            if options.direct { blockSize = pageSize }
+        case S_IFBLK:
+            isBlockDevice = true
+            var bytes: UInt64 = 0
+            var logical: Int32 = 0
+            guard ioctl(fd, BLKGETSIZE64, &bytes) == 0, ioctl(fd, BLKSSZGET, &logical) == 0 else {
+                let error = errno
+                Glibc.close(fd)
+                throw .openFailed(device: path, errno: error)
+            }
+            size = bytes
+            if options.direct { blockSize = max(sectorSize, Int(logical)) }
+        default:
+            Glibc.close(fd)
+            throw .openFailed(device: path, errno: (info.st_mode & S_IFMT) == S_IFDIR ? EISDIR : ENODEV)
+        }
+        super.init(name: path, size: size, blockSize: blockSize, isReadOnly: options.readOnly,
+                   memoryAlignment: options.direct ? blockSize : 1, fileDescriptor: fd)
+    }
+
+    deinit { Glibc.close(fileDescriptor) }
+
+    override func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
+        switch operation {
+        case .read: return .read
+        case .write: return .write
+        case .flush: return .sync
+        case .discard:
+            return isBlockDevice
+                ? .blockDeviceRange(request: BLKDISCARD)
+                : .allocate(mode: Linux.punchHole)
+        case .writeZeroes:
+            if isBlockDevice { return .blockDeviceRange(request: BLKZEROOUT) }
+            let mode = flags.contains(.noUnmap)
+                ? Linux.zeroRange
+                : Linux.punchHole
+            return refusedModes.load(ordering: .relaxed) & mode == mode ? .zeroWrite : .allocate(mode: mode)
+        }
+    }
+
+    override func fallocateRefused(mode: Int32) {
+        refusedModes.bitwiseOr(mode, ordering: .relaxed)
+    }
+}

@@ -1,0 +1,227 @@
+import CDMIOSupport
+import Glibc
+import LibNBD
+
+/// An NBD export on another machine (or another process), reached through
+/// libnbd's asynchronous API with many commands in flight.
+final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
+    fileprivate let connection: RemoteConnection
+
+    init(uri: String, options: DeviceOptions) throws(DMIOError) {
+        let handle: NBDHandle
+        let size: UInt64
+        let readOnly: Bool
+        let minimumBlock: Int
+        do {
+            handle = try NBDHandle()
+            try handle.connect(uri: uri)
+            size = try handle.size()
+            readOnly = try options.readOnly || handle.isReadOnly()
+            minimumBlock = max(1, Int(try handle.blockSize(.minimum)))
+            connection = try RemoteConnection(handle: handle)
+        } catch let error as NBDError {
+            throw .remoteFailed(device: uri, message: error.message)
+        } catch {
+            throw .remoteFailed(device: uri, message: "\(error)")
+        }
+        super.init(name: uri, size: size, blockSize: minimumBlock, isReadOnly: readOnly,
+                   memoryAlignment: 1, fileDescriptor: -1)
+    }
+
+    deinit { connection.stop() }
+
+    override func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
+        switch operation {
+        case .read: .read
+        case .write: .write
+        case .flush: .sync
+        case .discard: .allocate(mode: Linux.punchHole)
+        case .writeZeroes: connection.canZero ? .allocate(mode: Linux.zeroRange) : .zeroWrite
+        }
+    }
+
+    override func issue(_ bio: Bio, batch: inout BioBatch) {
+        connection.send(bio)
+        connection.wake()
+        connection.finishCompleted()
+    }
+}
+
+/// One libnbd connection and the thread that drives it: it polls the socket
+/// and a pipe that submitters write to when they queue commands. Commands
+/// may complete while libnbd holds its handle lock, so completions are only
+/// collected there and finished after the lock is released.
+private final class RemoteConnection: @unchecked Sendable {
+    private let handle: NBDHandle
+    private let canFlush: Bool
+    private let canFUA: Bool
+    private let canTrim: Bool
+    let canZero: Bool
+
+    private let completedLock = ConditionLock()
+    private var completed = BioBatch()
+    private var stopping = false
+    private let wakePipe: (read: Int32, write: Int32)
+    private var poller = pthread_t()
+
+    init(handle: NBDHandle) throws(NBDError) {
+        self.handle = handle
+        canFlush = try handle.canFlush()
+        canFUA = try handle.canFUA()
+        canTrim = try handle.canTrim()
+        canZero = try handle.canZero()
+        var fds: [Int32] = [0, 0]
+        guard dmio_pipe_nonblocking(&fds) == 0 else {
+            throw NBDError(errno: errno, message: "pipe2: \(errnoDescription(errno))")
+        }
+        wakePipe = (fds[0], fds[1])
+        poller = startThread(named: "dmio-nbd-remote") { [self] in pollLoop() }
+    }
+
+    /// Stops the thread and closes the connection.
+    func stop() {
+        completedLock.withLock { stopping = true }
+        wake()
+        pthread_join(poller, nil)
+        handle.shutdown()
+        Glibc.close(wakePipe.read)
+        Glibc.close(wakePipe.write)
+    }
+
+    /// Queues the NBD commands that carry out `bio`.
+    func send(_ bio: Bio) {
+        // One count for this function, so that the bio cannot finish while
+        // its commands are still being queued.
+        bio.openParts.store(1, ordering: .relaxed)
+        switch bio.command {
+        case .read, .write, .zeroWrite:
+            let (iovecs, count) = bio.iovecs
+            var offset = bio.offset
+            let write = bio.operation != .read
+            let fua: NBDCommandFlags = bio.flags.contains(.fua) && canFUA ? .fua : []
+            bio.needsFlushAfterWrite = write && bio.flags.contains(.fua) && !canFUA && canFlush
+            for index in 0..<count {
+                let segment = iovecs[index]
+                queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
+                    if write {
+                        try handle.aioPwrite(segment.iov_base!, count: segment.iov_len, offset: offset,
+                                             flags: fua, userData: userData, completion: remoteCompletion)
+                    } else {
+                        try handle.aioPread(into: segment.iov_base!, count: segment.iov_len, offset: offset,
+                                            userData: userData, completion: remoteCompletion)
+                    }
+                }
+                offset += UInt64(segment.iov_len)
+            }
+        case .sync:
+            if canFlush { queueFlush(bio) }
+        case .allocate(let mode):
+            let (offset, length) = (bio.offset, bio.remaining)
+            if mode == Linux.zeroRange {
+                let flags: NBDCommandFlags = bio.flags.contains(.noUnmap) ? .noHole : []
+                queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
+                    try handle.aioZero(count: length, offset: offset, flags: flags,
+                                       userData: userData, completion: remoteCompletion)
+                }
+            } else if canTrim {
+                queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
+                    try handle.aioTrim(count: length, offset: offset, flags: [],
+                                       userData: userData, completion: remoteCompletion)
+                }
+            } else {
+                partEnded(bio, errno: EOPNOTSUPP)
+            }
+        case .blockDeviceRange:
+            preconditionFailure("remote devices have no block-device ioctls")
+        }
+        partEnded(bio, errno: 0)
+    }
+
+    private func queueFlush(_ bio: Bio) {
+        queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
+            try handle.aioFlush(userData: userData, completion: remoteCompletion)
+        }
+    }
+
+    /// Queues one command of `bio`; the command's completion (or its failure
+    /// to queue) ends one part.
+    private func queue(_ bio: Bio, _ command: (NBDHandle, UnsafeMutableRawPointer) throws(NBDError) -> Void) {
+        bio.openParts.add(1, ordering: .relaxed)
+        let userData = Unmanaged.passRetained(bio).toOpaque()
+        do {
+            try command(handle, userData)
+        } catch {
+            Unmanaged<Bio>.fromOpaque(userData).release()
+            partEnded(bio, errno: error.errno != 0 ? error.errno : EIO)
+        }
+    }
+
+    /// Ends one part of `bio`; the last part moves the bio to the completed list.
+    func partEnded(_ bio: Bio, errno: Int32) {
+        if errno != 0 {
+            _ = bio.firstPartError.compareExchange(expected: 0, desired: errno, ordering: .relaxed)
+        }
+        guard bio.openParts.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 else { return }
+        if bio.needsFlushAfterWrite && bio.firstPartError.load(ordering: .relaxed) == 0 {
+            // A FUA write to a server without FUA: the write is durable once
+            // a flush issued after it completes.
+            bio.needsFlushAfterWrite = false
+            bio.openParts.store(1, ordering: .relaxed)
+            queueFlush(bio)
+            partEnded(bio, errno: 0)
+            return
+        }
+        completedLock.withLock { completed.append(bio) }
+    }
+
+    func finishCompleted() {
+        var batch = completedLock.withLock {
+            let batch = completed
+            completed = BioBatch()
+            return batch
+        }
+        while let bio = batch.popFirst() {
+            bio.finish(errno: bio.firstPartError.load(ordering: .relaxed))
+        }
+    }
+
+    func wake() {
+        var byte: UInt8 = 1
+        _ = Glibc.write(wakePipe.write, &byte, 1)
+    }
+
+    private func pollLoop() {
+        var fds = [pollfd(fd: wakePipe.read, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: -1, events: 0, revents: 0)]
+        var drain = [UInt8](repeating: 0, count: 64)
+        while true {
+            if completedLock.withLock({ stopping }) { return }
+            let socket = handle.fileDescriptor
+            let direction = handle.direction
+            fds[1].fd = socket
+            fds[1].events = (direction.wantsRead ? Int16(POLLIN) : 0) | (direction.wantsWrite ? Int16(POLLOUT) : 0)
+            fds[0].revents = 0
+            fds[1].revents = 0
+            if poll(&fds, 2, -1) < 0 && errno != EINTR { return }
+            if fds[0].revents & Int16(POLLIN) != 0 {
+                while Glibc.read(wakePipe.read, &drain, drain.count) > 0 {}
+            }
+            let events = fds[1].revents
+            // A dead connection has completed (failed) its commands already;
+            // libnbd reports the error to each of them.
+            if events & Int16(POLLIN | POLLHUP | POLLERR) != 0 && handle.direction.wantsRead {
+                _ = try? handle.notifyRead()
+            } else if events & Int16(POLLOUT) != 0 && handle.direction.wantsWrite {
+                _ = try? handle.notifyWrite()
+            }
+            finishCompleted()
+        }
+    }
+}
+
+/// libnbd calls this when a command of a remote bio completes.
+private let remoteCompletion: NBDCompletion = { userData, error in
+    let bio = Unmanaged<Bio>.fromOpaque(userData!).takeRetainedValue()
+    unsafeDowncast(bio.device, to: RemoteNBDDevice.self).connection.partEnded(bio, errno: error?.pointee ?? 0)
+    return 1
+}

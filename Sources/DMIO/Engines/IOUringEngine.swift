@@ -1,0 +1,128 @@
+import Glibc
+import URing
+
+/// io_uring through liburing. A batch of bios (all the bios of one request,
+/// e.g. every leg of a mirrored write) is one `io_uring_enter`; one thread
+/// reaps completions in batches and ends the bios.
+///
+/// Submission never blocks: bios beyond what the ring may have in flight
+/// wait in a backlog that the reaper feeds into the ring as slots free up,
+/// so a completion callback that submits more I/O cannot deadlock.
+final class IOUringEngine: IOEngine, @unchecked Sendable {
+    let kind = IOEngineKind.ioUring
+    private let ring: IOURing
+    /// At most this many bios in the ring at once; the completion queue
+    /// (twice the submission queue) then never overflows.
+    private let capacity: Int
+    private let lock = ConditionLock()
+    private var inFlight = 0
+    private var backlog = BioBatch()
+    private var stopping = false
+    private var reaper = pthread_t()
+    /// Block-device ioctls (BLKDISCARD, BLKZEROOUT) have no io_uring opcode.
+    private let ioctlWorker: ThreadPoolEngine
+
+    /// user_data of the no-op that wakes the reaper to stop.
+    private static let stopToken: UInt64 = 0
+
+    init(entries: UInt32 = 256) throws(URingError) {
+        ring = try IOURing(entries: entries)
+        capacity = Int(entries)
+        ioctlWorker = ThreadPoolEngine(threads: 1)
+        reaper = startThread(named: "dmio-uring") { [self] in reap() }
+    }
+
+    func submit(_ batch: BioBatch) {
+        var batch = batch
+        var ioctls = BioBatch()
+        lock.withLock {
+            while let bio = batch.popFirst() {
+                if case .blockDeviceRange = bio.command {
+                    ioctls.append(bio)
+                } else {
+                    backlog.append(bio)
+                }
+            }
+            feedRingLocked()
+        }
+        if !ioctls.isEmpty { ioctlWorker.submit(ioctls) }
+    }
+
+    func shutdown() {
+        lock.withLock {
+            stopping = true
+            // Wakes the reaper; it stops once every bio has completed.
+            while !ring.prepare(.nop, userData: Self.stopToken) { ring.submit() }
+            ring.submit()
+        }
+        pthread_join(reaper, nil)
+        ioctlWorker.shutdown()
+    }
+
+    /// Moves backlog bios into free ring slots and submits them.
+    private func feedRingLocked() {
+        var prepared = false
+        while inFlight < capacity, let bio = backlog.popFirst() {
+            if !ring.prepare(operation(of: bio), userData: token(bio)) {
+                ring.submit()
+                guard ring.prepare(operation(of: bio), userData: token(bio)) else {
+                    preconditionFailure("io_uring: no submission slot after submit")
+                }
+            }
+            inFlight += 1
+            prepared = true
+        }
+        if prepared { ring.submit() }
+    }
+
+    private func operation(of bio: Bio) -> URingOperation {
+        switch bio.command {
+        case .read:
+            let (iovecs, count) = bio.iovecs
+            return .readv(fd: bio.fd, iovecs: iovecs, count: count, offset: bio.offset)
+        case .write, .zeroWrite:
+            let (iovecs, count) = bio.iovecs
+            return .writev(fd: bio.fd, iovecs: iovecs, count: count, offset: bio.offset,
+                           flags: bio.flags.contains(.fua) ? Linux.writeDataSync : 0)
+        case .allocate(let mode):
+            return .fallocate(fd: bio.fd, mode: mode, offset: bio.offset, length: bio.remaining)
+        case .sync:
+            return .fsync(fd: bio.fd, dataOnly: true)
+        case .blockDeviceRange:
+            preconditionFailure("ioctls go to the ioctl worker")
+        }
+    }
+
+    /// The ring keeps a retained reference to each bio in flight.
+    private func token(_ bio: Bio) -> UInt64 {
+        UInt64(UInt(bitPattern: Unmanaged.passRetained(bio).toOpaque()))
+    }
+
+    private func reap() {
+        var again = BioBatch()
+        var stopSeen = false
+        while true {
+            let reaped = ring.waitCompletions { userData, result in
+                if userData == Self.stopToken {
+                    stopSeen = true
+                    return
+                }
+                let bio = Unmanaged<Bio>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(userData))!)
+                    .takeRetainedValue()
+                // A finished bio reports to its request right here, on
+                // this thread; a short transfer or a fallback goes again.
+                if !bio.absorb(result: Int(result)) { again.append(bio) }
+            }
+            if reaped < 0 { continue }  // EINTR
+            let done = lock.withLock {
+                inFlight -= reaped - (stopSeen ? 1 : 0)
+                stopSeen = false
+                backlog.append(contentsOf: again)
+                again = BioBatch()
+                feedRingLocked()
+                return stopping && inFlight == 0 && backlog.isEmpty
+            }
+            if done { return }
+        }
+    }
+}

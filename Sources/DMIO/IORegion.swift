@@ -1,0 +1,25 @@
+/// The size of a sector, in bytes: `sector` and `count` of an `IORegion` are
+/// in these units, as in the kernel.
+public let sectorSize = 512
+let sectorShift: UInt64 = 9
+
+/// `struct io_region`: a device, a starting sector and a number of sectors.
+///
+/// A region with `count == 0` is skipped by reads and writes (as the kernel
+/// does); a flush ignores `sector` and `count` and flushes the device.
+public struct IORegion {
+    public var device: BlockDevice
+    public var sector: UInt64
+    public var count: UInt64
+
+    public init(device: BlockDevice, sector: UInt64, count: UInt64) {
+        self.device = device
+        self.sector = sector
+        self.count = count
+    }
+
+    /// The region's first byte on the device.
+    public var byteOffset: UInt64 { sector << sectorShift }
+    /// The region's length in bytes.
+    public var byteCount: UInt64 { count << sectorShift }
+}

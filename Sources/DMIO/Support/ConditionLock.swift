@@ -1,0 +1,65 @@
+import CDMIOSupport
+import Glibc
+
+/// A pthread mutex with a condition variable. Allocated once and kept, so
+/// that waiting and waking on the I/O path never allocates.
+final class ConditionLock: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let condition: UnsafeMutablePointer<pthread_cond_t>
+
+    init() {
+        mutex = .allocate(capacity: 1)
+        condition = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        condition.deallocate()
+    }
+
+    @inline(__always)
+    func lock() { pthread_mutex_lock(mutex) }
+
+    @inline(__always)
+    func unlock() { pthread_mutex_unlock(mutex) }
+
+    @inline(__always)
+    func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+
+    /// Waits for a signal; call with the lock held.
+    func wait() { pthread_cond_wait(condition, mutex) }
+
+    func signal() { pthread_cond_signal(condition) }
+
+    func broadcast() { pthread_cond_broadcast(condition) }
+}
+
+/// Starts a named, joinable thread running `body`.
+func startThread(named name: String, _ body: @escaping () -> Void) -> pthread_t {
+    final class Box {
+        let name: String
+        let body: () -> Void
+        init(_ name: String, _ body: @escaping () -> Void) {
+            self.name = name
+            self.body = body
+        }
+    }
+    var thread = pthread_t()
+    let box = Unmanaged.passRetained(Box(name, body)).toOpaque()
+    let rc = pthread_create(&thread, nil, { raw in
+        let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+        dmio_set_thread_name(box.name)
+        box.body()
+        return nil
+    }, box)
+    precondition(rc == 0, "pthread_create: \(errnoDescription(rc))")
+    return thread
+}

@@ -1,0 +1,110 @@
+// No `import Glibc` here: liburing.h pulls in glibc headers of its own, and a
+// file that sees both definitions of fd_set does not compile. Iovec arrays
+// cross this module's API as raw pointers to `struct iovec`.
+internal import CLibURing
+
+/// One operation to place in a submission queue entry.
+public enum URingOperation {
+    /// `iovecs` points to `count` contiguous `struct iovec`.
+    case readv(fd: Int32, iovecs: UnsafeRawPointer, count: Int, offset: UInt64)
+    /// `flags` are per-I/O `RWF_*` flags, e.g. `RWF_DSYNC` for a FUA write.
+    case writev(fd: Int32, iovecs: UnsafeRawPointer, count: Int, offset: UInt64, flags: Int32)
+    case fsync(fd: Int32, dataOnly: Bool)
+    case fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64)
+    case nop
+}
+
+/// A failed liburing call: which one, and the errno it gave.
+public struct URingError: Error {
+    public let errno: Int32
+    public let call: String
+}
+
+/// A single io_uring instance, as liburing sets it up.
+///
+/// Not thread-safe by itself: the submission side and the completion side
+/// may each be used by one thread at a time (they may be different threads;
+/// the kernel allows a submitter and a reaper to run concurrently).
+public final class IOURing {
+    private let ring: UnsafeMutablePointer<io_uring>
+    public let entries: UInt32
+
+    /// Sets up a ring with `entries` submission slots (the completion queue
+    /// gets twice that). Throws with the kernel's errno, e.g. EPERM or ENOSYS
+    /// where a container's seccomp policy forbids io_uring.
+    public init(entries: UInt32) throws(URingError) {
+        ring = .allocate(capacity: 1)
+        ring.initialize(to: io_uring())
+        let rc = io_uring_queue_init(entries, ring, 0)
+        if rc < 0 {
+            ring.deallocate()
+            throw URingError(errno: -rc, call: "io_uring_queue_init")
+        }
+        self.entries = entries
+    }
+
+    deinit {
+        io_uring_queue_exit(ring)
+        ring.deallocate()
+    }
+
+    /// Number of free submission slots.
+    public var freeSubmissionSlots: Int { Int(io_uring_sq_space_left(ring)) }
+
+    /// Places `operation` in the next submission slot. Returns false when the
+    /// submission queue is full (call `submit()` and retry).
+    public func prepare(_ operation: URingOperation, userData: UInt64) -> Bool {
+        guard let sqe = io_uring_get_sqe(ring) else { return false }
+        switch operation {
+        case .readv(let fd, let iovecs, let count, let offset):
+            io_uring_prep_readv(sqe, fd, iovecs.assumingMemoryBound(to: iovec.self), UInt32(count), offset)
+        case .writev(let fd, let iovecs, let count, let offset, let flags):
+            io_uring_prep_writev(sqe, fd, iovecs.assumingMemoryBound(to: iovec.self), UInt32(count), offset)
+            dmio_sqe_set_rw_flags(sqe, flags)
+        case .fsync(let fd, let dataOnly):
+            io_uring_prep_fsync(sqe, fd, dataOnly ? UInt32(IORING_FSYNC_DATASYNC) : 0)
+        case .fallocate(let fd, let mode, let offset, let length):
+            io_uring_prep_fallocate(sqe, fd, mode, off_t(offset), off_t(length))
+        case .nop:
+            io_uring_prep_nop(sqe)
+        }
+        io_uring_sqe_set_data64(sqe, userData)
+        return true
+    }
+
+    /// Hands every prepared entry to the kernel. Returns the number
+    /// submitted, or a negative errno.
+    @discardableResult
+    public func submit() -> Int32 {
+        io_uring_submit(ring)
+    }
+
+    /// Waits until at least one completion is available, then passes every
+    /// available completion to `body` as (userData, result) and consumes
+    /// them. `result` is the syscall's return value or a negative errno.
+    /// Returns the number of completions, or a negative errno (e.g. -EINTR).
+    public func waitCompletions(_ body: (UInt64, Int32) -> Void) -> Int {
+        var cqe: UnsafeMutablePointer<io_uring_cqe>? = nil
+        let rc = io_uring_wait_cqe(ring, &cqe)
+        if rc < 0 { return Int(rc) }
+        return reapCompletions(body)
+    }
+
+    /// Passes every completion already available to `body` without waiting.
+    public func reapCompletions(_ body: (UInt64, Int32) -> Void) -> Int {
+        var count = 0
+        // liburing's io_uring_for_each_cqe, spelled out: read the ring from
+        // head to the kernel's tail, then release the slots in one step.
+        var head = ring.pointee.cq.khead.pointee
+        let tail = dmio_load_acquire(ring.pointee.cq.ktail)
+        let mask = ring.pointee.cq.ring_mask
+        while head != tail {
+            let cqe = ring.pointee.cq.cqes + Int(head & mask)
+            body(cqe.pointee.user_data, cqe.pointee.res)
+            head &+= 1
+            count += 1
+        }
+        if count > 0 { io_uring_cq_advance(ring, UInt32(count)) }
+        return count
+    }
+}

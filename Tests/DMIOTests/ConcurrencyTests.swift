@@ -1,0 +1,84 @@
+import DMIO
+import Foundation
+import Testing
+
+/// Many asynchronous requests in flight from several threads at once.
+@Suite struct ConcurrencyTests {
+    @Test(arguments: engines)
+    func manyRequestsFromManyThreadsEachCompleteOnceWithTheirData(engine: IOEngineKind) throws {
+        let folder = TemporaryFolder()
+        let client = try client(engine)
+        let pathA = folder.file("a", size: 16 << 20)
+        let pathB = folder.file("b", size: 16 << 20)
+        let a = try BlockDevice.open(pathA)
+        let b = try BlockDevice.open(pathB)
+        let threads = 4
+        let perThread = 400
+        let blockSize = 4096
+        let counter = CompletionCounter()
+        // Every request writes its own block, so the data can be checked after.
+        let buffers = (0..<threads * perThread).map { AlignedBuffer(count: blockSize, pattern: UInt8(truncatingIfNeeded: $0)) }
+
+        DispatchQueue.concurrentPerform(iterations: threads) { thread in
+            for index in 0..<perThread {
+                let block = thread * perThread + index
+                let sector = UInt64(block * blockSize / sectorSize)
+                let regions = [IORegion(device: a, sector: sector, count: 8), IORegion(device: b, sector: sector, count: 8)]
+                do {
+                    try client.submit(.write, regions: regions, buffer: buffers[block].bytes) { result, _ in
+                        counter.record(result)
+                    }
+                } catch {
+                    Issue.record("submit: \(error)")
+                }
+            }
+        }
+        let results = counter.waitFor(threads * perThread)
+        #expect(results.count == threads * perThread)
+        #expect(results.allSatisfy { $0 == .success })
+        usleep(10_000)
+        #expect(counter.waitFor(0).count == threads * perThread, "no request completes twice")
+
+        let wholeA = fileBytes(pathA, count: threads * perThread * blockSize)
+        let wholeB = fileBytes(pathB, count: threads * perThread * blockSize)
+        for (block, buffer) in buffers.enumerated() {
+            let range = block * blockSize..<(block + 1) * blockSize
+            #expect(Array(wholeA[range]) == buffer.array, "block \(block) on a")
+            #expect(Array(wholeB[range]) == buffer.array, "block \(block) on b")
+        }
+    }
+
+    /// A completion that submits the next request, as a queue-depth loop
+    /// does, must not deadlock the engine's completion thread.
+    @Test(arguments: engines)
+    func completionsMaySubmitMoreRequests(engine: IOEngineKind) throws {
+        let folder = TemporaryFolder()
+        let client = try client(engine)
+        let device = try BlockDevice.open(folder.file("disk", size: 8 << 20))
+        let buffer = AlignedBuffer(count: 4096, pattern: 1)
+        let done = CompletionCounter()
+        let chains = 32
+        let length = 200
+
+        final class Chain: @unchecked Sendable {
+            var remaining: Int
+            init(_ remaining: Int) { self.remaining = remaining }
+        }
+        func next(_ chain: Chain, _ index: Int) {
+            chain.remaining -= 1
+            let region = IORegion(device: device, sector: UInt64(index * 8), count: 8)
+            do {
+                try client.submit(.write, regions: [region], buffer: buffer.bytes, context: chain) { result, context in
+                    let chain = context as! Chain
+                    if result != .success || chain.remaining == 0 { done.record(result) } else { next(chain, index) }
+                }
+            } catch {
+                Issue.record("submit: \(error)")
+            }
+        }
+        for index in 0..<chains { next(Chain(length), index) }
+        let results = done.waitFor(chains)
+        #expect(results.count == chains)
+        #expect(results.allSatisfy { $0 == .success })
+    }
+}

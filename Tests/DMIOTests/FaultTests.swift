@@ -1,0 +1,76 @@
+import DMIO
+import Foundation
+import Testing
+
+/// Real faults, no mocks: a full file system, a server that fails I/O, a
+/// server that dies. Only the failing region's bit is set, with its errno,
+/// and the other regions hold the data.
+@Suite struct FaultTests {
+    let folder = TemporaryFolder()
+
+    @Test(arguments: engines)
+    func aFullFileSystemFailsOnlyItsRegion(engine: IOEngineKind) throws {
+        let client = try client(engine)
+        let tmpfs = try SmallTmpfs(bytes: 256 << 10)
+        let healthyPath = folder.file("healthy", size: 8 << 20)
+        let fullPath = tmpfs.path + "/leg"
+        let healthy = try BlockDevice.open(healthyPath)
+        let full = try BlockDevice.open(fullPath, options: DeviceOptions(createSize: 8 << 20))
+        let data = AlignedBuffer(count: 1 << 20, pattern: 31)
+        let regions = [IORegion(device: healthy, sector: 0, count: 2048), IORegion(device: full, sector: 0, count: 2048)]
+
+        let result = try client.sync(.write, regions: regions, buffer: data.bytes)
+        #expect(result.errorBits == .region(1))
+        #expect(result.errno(ofRegion: 1) == ENOSPC)
+        #expect(result.errno(ofRegion: 0) == nil)
+        #expect(fileBytes(healthyPath, count: 1 << 20) == data.array, "the healthy region holds the data")
+    }
+
+    @Test(arguments: engines)
+    func aServerThatFailsWritesFailsOnlyItsRegion(engine: IOEngineKind) throws {
+        let client = try client(engine)
+        let server = try NBDKit(["--filter=error", "memory", "size=8M", "error-pwrite=EIO", "error-pwrite-rate=100%"])
+        let remote = try BlockDevice.open(server.uri)
+        let localPath = folder.file("local", size: 8 << 20)
+        let local = try BlockDevice.open(localPath)
+        let data = AlignedBuffer(count: 64 << 10, pattern: 41)
+        let regions = [IORegion(device: local, sector: 0, count: 128), IORegion(device: remote, sector: 0, count: 128)]
+
+        let result = try client.sync(.write, regions: regions, buffer: data.bytes)
+        #expect(result.errorBits == .region(1))
+        #expect(result.errno(ofRegion: 1) == EIO)
+        #expect(fileBytes(localPath, count: 64 << 10) == data.array)
+        // Reads still work on that server.
+        #expect(try client.sync(.read, regions: [regions[1]], buffer: data.bytes) == .success)
+    }
+
+    @Test(arguments: engines)
+    func aServerThatFailsReadsReportsEIO(engine: IOEngineKind) throws {
+        let client = try client(engine)
+        let server = try NBDKit(["--filter=error", "memory", "size=8M", "error-pread=EIO", "error-pread-rate=100%"])
+        let remote = try BlockDevice.open(server.uri)
+        let buffer = AlignedBuffer(count: 4096)
+        let result = try client.sync(.read, regions: [IORegion(device: remote, sector: 8, count: 8)], buffer: buffer.bytes)
+        #expect(result.errorBits == .region(0))
+        #expect(result.errno(ofRegion: 0) == EIO)
+        #expect(result.description == "error bits 0x1: region 0: Input/output error (EIO)")
+    }
+
+    @Test(arguments: engines)
+    func aKilledServerFailsItsRegionAndNothingHangs(engine: IOEngineKind) throws {
+        let client = try client(engine)
+        let server = try NBDKit(["memory", "size=8M"])
+        let remote = try BlockDevice.open(server.uri)
+        let localPath = folder.file("local", size: 8 << 20)
+        let local = try BlockDevice.open(localPath)
+        let data = AlignedBuffer(count: 4096, pattern: 51)
+        let regions = [IORegion(device: local, sector: 0, count: 8), IORegion(device: remote, sector: 0, count: 8)]
+        #expect(try client.sync(.write, regions: regions, buffer: data.bytes) == .success)
+
+        server.kill()
+        let result = try client.sync(.write, regions: regions, buffer: data.bytes)
+        #expect(result.errorBits == .region(1))
+        #expect(result.errno(ofRegion: 1) != nil)
+        #expect(fileBytes(localPath, count: 4096) == data.array)
+    }
+}
