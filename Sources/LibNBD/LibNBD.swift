@@ -180,6 +180,10 @@ public final class NBDHandle: @unchecked Sendable {
     public func notifyRead() throws(NBDError) { try check(nbd_aio_notify_read(handle)) }
     public func notifyWrite() throws(NBDError) { try check(nbd_aio_notify_write(handle)) }
 
+    /// Whether the connection has failed or been closed: no command can
+    /// be sent on it any more.
+    public var isDead: Bool { nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 }
+
     /// Commands queued or awaiting a reply.
     public var commandsInFlight: Int { Int(nbd_aio_in_flight(handle)) }
 }

@@ -72,5 +72,26 @@ import Testing
         #expect(result.errorBits == .region(1))
         #expect(result.errno(ofRegion: 1) != nil)
         #expect(fileBytes(localPath, count: 4096) == data.array)
+
+        // The dead connection's thread must sleep, not spin on a hung-up socket.
+        let before = cpuSeconds(ofThreadsNamed: "dmio-nbd-remote")
+        usleep(500_000)
+        #expect(cpuSeconds(ofThreadsNamed: "dmio-nbd-remote") - before < 0.2)
     }
+}
+
+/// CPU time (user + system) of this process's threads called `name`.
+private func cpuSeconds(ofThreadsNamed name: String) -> Double {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+    var ticks = 0
+    for task in tasks {
+        guard let comm = try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8),
+              comm.trimmingCharacters(in: .whitespacesAndNewlines) == name,
+              let stat = try? String(contentsOfFile: "/proc/self/task/\(task)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { continue }
+        // Fields after the command name: state is 3rd, utime 14th, stime 15th.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        ticks += (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0)
+    }
+    return Double(ticks) / Double(sysconf(Int32(_SC_CLK_TCK)))
 }

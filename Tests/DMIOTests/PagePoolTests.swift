@@ -5,7 +5,9 @@ import Testing
 /// `get(pages:)` and `put(pages:)` size the pool; a dry pool waits.
 @Suite struct PagePoolTests {
     @Test func getAndPutSizeThePool() throws {
-        let client = try DMIOClient(engine: .only(.threads))
+        let client = try client(.threads)
+        #expect(client.pool.allocatedPages == 64, "the fixture's client starts with 64 pages")
+        client.put(pages: 64)
         client.get(pages: 16)
         #expect(client.pool.allocatedPages == 16)
         #expect(client.pool.freePages == 16)

@@ -118,6 +118,23 @@ import Testing
     }
 
     @Test func automaticEngineIsIOUringWhereTheKernelAllowsIt() throws {
-        #expect(try DMIOClient().engineKind == .ioUring)
+        #expect(try IOURingSwitch.creatingClient { try DMIOClient() }.engineKind == .ioUring)
+    }
+
+    @Test(.enabled(if: IOURingSwitch.isAvailable, "needs root and io_uring_disabled (Linux 6.6+)"))
+    func withoutIOUringTheAutomaticEngineFallsBackToThreads() throws {
+        try IOURingSwitch.whileDisabled {
+            let client = try DMIOClient()
+            #expect(client.engineKind == .threads)
+            expectError(.engineUnavailable(engine: .ioUring, errno: EPERM)) {
+                _ = try DMIOClient(engine: .only(.ioUring))
+            }
+            let folder = TemporaryFolder()
+            let device = try BlockDevice.open(folder.file("disk", size: 1 << 20))
+            let data = AlignedBuffer(count: 4096, pattern: 7)
+            #expect(try client.sync(.write, regions: [IORegion(device: device, sector: 0, count: 8)],
+                                    buffer: data.bytes) == .success)
+            #expect(fileBytes(device.name, count: 4096) == data.array)
+        }
     }
 }

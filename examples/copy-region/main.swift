@@ -38,6 +38,7 @@ let count = arguments.count == 5 ? UInt64(arguments[4]) ?? 8 : 8
 do {
     // dm_io_client_create, then dm_io_get: pages for one region in flight.
     let client = try DMIOClient()
+    print("engine \(client.engineKind)")
     let pages = Int((count * UInt64(sectorSize) + UInt64(pageSize) - 1) / UInt64(pageSize))
     client.get(pages: pages)
     defer { client.put(pages: pages) }

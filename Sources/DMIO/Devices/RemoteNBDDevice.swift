@@ -196,9 +196,11 @@ private final class RemoteConnection: @unchecked Sendable {
         var drain = [UInt8](repeating: 0, count: 64)
         while true {
             if completedLock.withLock({ stopping }) { return }
-            let socket = handle.fileDescriptor
+            // A dead connection has failed its commands already (libnbd
+            // reports the error to each); its socket, if still open, would
+            // only report POLLHUP forever, so it is no longer polled.
             let direction = handle.direction
-            fds[1].fd = socket
+            fds[1].fd = handle.isDead ? -1 : handle.fileDescriptor
             fds[1].events = (direction.wantsRead ? Int16(POLLIN) : 0) | (direction.wantsWrite ? Int16(POLLOUT) : 0)
             fds[0].revents = 0
             fds[1].revents = 0
@@ -207,8 +209,6 @@ private final class RemoteConnection: @unchecked Sendable {
                 while Glibc.read(wakePipe.read, &drain, drain.count) > 0 {}
             }
             let events = fds[1].revents
-            // A dead connection has completed (failed) its commands already;
-            // libnbd reports the error to each of them.
             if events & Int16(POLLIN | POLLHUP | POLLERR) != 0 && handle.direction.wantsRead {
                 _ = try? handle.notifyRead()
             } else if events & Int16(POLLOUT) != 0 && handle.direction.wantsWrite {
