@@ -37,14 +37,15 @@ final class Bio: @unchecked Sendable {
     private(set) var offset: UInt64 = 0
     private(set) var remaining: UInt64 = 0
 
-    let iovecStorage = UnsafeMutablePointer<iovec>.allocate(capacity: maxSegments)
+    /// The memory segments, and one slot more for the bounce buffer's iovec.
+    let iovecStorage = UnsafeMutablePointer<iovec>.allocate(capacity: maxSegments + 1)
+    private var bounceIovec: UnsafeMutablePointer<iovec> { iovecStorage + Bio.maxSegments }
     private var firstIovec = 0
     private var iovecEnd = 0
 
     /// An aligned copy of the data for devices that need aligned memory
     /// (O_DIRECT) when the caller's memory is not.
     private var bounce: UnsafeMutableRawPointer?
-    private var bounceIovec = iovec()
 
     /// Remote devices issue a bio as several NBD commands.
     let openParts = Atomic<Int>(0)
@@ -94,7 +95,7 @@ final class Bio: @unchecked Sendable {
 
     /// The iovecs of the next transfer, and how many.
     var iovecs: (pointer: UnsafeMutablePointer<iovec>, count: Int) {
-        if bounce != nil { return (withUnsafeMutablePointer(to: &bounceIovec) { $0 }, 1) }
+        if bounce != nil { return (bounceIovec, 1) }
         if case .zeroWrite = command { return zeroIovecs() }
         return (iovecStorage + firstIovec, iovecEnd - firstIovec)
     }
@@ -119,7 +120,7 @@ final class Bio: @unchecked Sendable {
         precondition(posix_memalign(&memory, max(alignment, pageSize), max(length, 1)) == 0,
                      "bounce buffer: out of memory")
         bounce = memory
-        bounceIovec = iovec(iov_base: memory, iov_len: length)
+        bounceIovec.pointee = iovec(iov_base: memory, iov_len: length)
         if operation == .write {
             var copied = 0
             for index in firstIovec..<iovecEnd {
@@ -166,8 +167,8 @@ final class Bio: @unchecked Sendable {
         offset += UInt64(count)
         remaining -= min(UInt64(count), remaining)
         if bounce != nil {
-            bounceIovec.iov_base! += count
-            bounceIovec.iov_len -= count
+            bounceIovec.pointee.iov_base! += count
+            bounceIovec.pointee.iov_len -= count
             return
         }
         // Zero writes rebuild their iovecs from `remaining` on each submission.

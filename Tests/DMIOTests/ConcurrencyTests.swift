@@ -8,10 +8,8 @@ import Testing
     func manyRequestsFromManyThreadsEachCompleteOnceWithTheirData(engine: IOEngineKind) throws {
         let folder = TemporaryFolder()
         let client = try client(engine)
-        let pathA = folder.file("a", size: 16 << 20)
-        let pathB = folder.file("b", size: 16 << 20)
-        let a = try BlockDevice.open(pathA)
-        let b = try BlockDevice.open(pathB)
+        let a = try folder.device("a", size: 16 << 20)
+        let b = try folder.device("b", size: 16 << 20)
         let threads = 4
         let perThread = 400
         let blockSize = 4096
@@ -39,8 +37,8 @@ import Testing
         usleep(10_000)
         #expect(counter.waitFor(0).count == threads * perThread, "no request completes twice")
 
-        let wholeA = fileBytes(pathA, count: threads * perThread * blockSize)
-        let wholeB = fileBytes(pathB, count: threads * perThread * blockSize)
+        let wholeA = fileBytes(a.name, count: threads * perThread * blockSize)
+        let wholeB = fileBytes(b.name, count: threads * perThread * blockSize)
         for (block, buffer) in buffers.enumerated() {
             let range = block * blockSize..<(block + 1) * blockSize
             #expect(Array(wholeA[range]) == buffer.array, "block \(block) on a")

@@ -10,7 +10,7 @@ import Testing
     @Test(arguments: engines)
     func regionCountsOutsideTheRulesAreRefused(engine: IOEngineKind) throws {
         let client = try client(engine)
-        let device = try BlockDevice.open(folder.file("disk", size: 1 << 20))
+        let device = try folder.device("disk", size: 1 << 20)
         let buffer = AlignedBuffer(count: 4096)
         let one = IORegion(device: device, sector: 0, count: 8)
 
@@ -53,21 +53,19 @@ import Testing
     @Test(arguments: engines)
     func aRegionPastTheEndRefusesTheWholeWrite(engine: IOEngineKind) throws {
         let client = try client(engine)
-        let pathA = folder.file("a", size: 1 << 20)
-        let pathB = folder.file("b", size: 64 << 10)
-        let a = try BlockDevice.open(pathA)
-        let b = try BlockDevice.open(pathB)
+        let a = try folder.device("a", size: 1 << 20)
+        let b = try folder.device("b", size: 64 << 10)
         let data = AlignedBuffer(count: 8192, pattern: 1)
 
-        expectError(.beyondEnd(device: pathB, sector: 120, count: 16, deviceSectors: 128)) {
+        expectError(.beyondEnd(device: b.name, sector: 120, count: 16, deviceSectors: 128)) {
             _ = try client.sync(.write, regions: [IORegion(device: a, sector: 0, count: 16),
                                                   IORegion(device: b, sector: 120, count: 16)], buffer: data.bytes)
         }
-        expectError(.beyondEnd(device: pathB, sector: UInt64.max - 1, count: 16, deviceSectors: 128)) {
+        expectError(.beyondEnd(device: b.name, sector: UInt64.max - 1, count: 16, deviceSectors: 128)) {
             _ = try client.sync(.read, regions: [IORegion(device: b, sector: UInt64.max - 1, count: 16)], buffer: data.bytes)
         }
-        #expect(fileBytes(pathA, count: 8192) == [UInt8](repeating: 0, count: 8192), "nothing written to a")
-        #expect(allocatedBytes(pathA) == 0)
+        #expect(fileBytes(a.name, count: 8192) == [UInt8](repeating: 0, count: 8192), "nothing written to a")
+        #expect(allocatedBytes(a.name) == 0)
     }
 
     @Test func errorsNameTheDeviceAndTheCause() throws {
@@ -91,19 +89,17 @@ import Testing
     @Test(arguments: engines)
     func aReadOnlyDeviceRefusesWritesAndTheOtherRegionsAreUntouched(engine: IOEngineKind) throws {
         let client = try client(engine)
-        let pathA = folder.file("a", size: 1 << 20)
-        let pathB = folder.file("b", size: 1 << 20)
-        let a = try BlockDevice.open(pathA)
-        let b = try BlockDevice.open(pathB, options: DeviceOptions(readOnly: true))
+        let a = try folder.device("a", size: 1 << 20)
+        let b = try folder.device("b", size: 1 << 20, options: DeviceOptions(readOnly: true))
         let data = AlignedBuffer(count: 4096, pattern: 2)
         let regions = [IORegion(device: a, sector: 0, count: 8), IORegion(device: b, sector: 0, count: 8)]
 
         for operation in [IOOperation.write, .discard, .writeZeroes, .flush] {
-            expectError(.readOnlyDevice(device: pathB, operation: operation)) {
+            expectError(.readOnlyDevice(device: b.name, operation: operation)) {
                 _ = try client.sync(operation, regions: regions, buffer: data.bytes)
             }
         }
-        #expect(allocatedBytes(pathA) == 0, "nothing written to the writable region")
+        #expect(allocatedBytes(a.name) == 0, "nothing written to the writable region")
         #expect(try client.sync(.read, regions: [regions[1]], buffer: data.bytes) == .success)
     }
 

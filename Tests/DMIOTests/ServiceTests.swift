@@ -9,10 +9,8 @@ import Testing
     func writeToSeveralRegionsThenReadEachBack(engine: IOEngineKind, kind: MemoryKind) async throws {
         let folder = TemporaryFolder()
         let client = try client(engine)
-        let pathA = folder.file("a", size: 4 << 20)
-        let pathB = folder.file("b", size: 4 << 20)
-        let a = try BlockDevice.open(pathA)
-        let b = try BlockDevice.open(pathB)
+        let a = try folder.device("a", size: 4 << 20)
+        let b = try folder.device("b", size: 4 << 20)
         let count = 24 * 1024 + 512  // spans pages unevenly
         let sectors = UInt64(count / sectorSize)
 
@@ -32,7 +30,7 @@ import Testing
                 let read = try await perform(client, form, .read, [region], memory: target.memory)
                 #expect(read == .success, "\(form) region \(index)")
                 #expect(target.contents() == data, "\(form) region \(index) read back")
-                let path = region.device === a ? pathA : pathB
+                let path = region.device === a ? a.name : b.name
                 #expect(fileBytes(path, offset: Int(region.byteOffset), count: count) == data,
                         "\(form) region \(index) on disk")
             }
@@ -43,7 +41,7 @@ import Testing
     func memoryTypesGiveIdenticalBytes(engine: IOEngineKind) throws {
         let folder = TemporaryFolder()
         let client = try client(engine)
-        let device = try BlockDevice.open(folder.file("disk", size: 1 << 20))
+        let device = try folder.device("disk", size: 1 << 20)
         let count = 40 * 512
         let data = AlignedBuffer(count: count, pattern: 9).array
         let region = IORegion(device: device, sector: 64, count: UInt64(count / sectorSize))
@@ -66,10 +64,8 @@ import Testing
     func bioVectorsSendPartsOfOneBufferToDifferentDevices(engine: IOEngineKind) throws {
         let folder = TemporaryFolder()
         let client = try client(engine)
-        let pathA = folder.file("a", size: 1 << 20)
-        let pathB = folder.file("b", size: 1 << 20)
-        let a = try BlockDevice.open(pathA)
-        let b = try BlockDevice.open(pathB)
+        let a = try folder.device("a", size: 1 << 20)
+        let b = try folder.device("b", size: 1 << 20)
         let buffer = AlignedBuffer(count: 16 * 1024, pattern: 3)
         let base = buffer.bytes.baseAddress!
         let vectors = [BioVec(page: base, offset: 0, length: 4096), BioVec(page: base, offset: 4096, length: 4096),
@@ -79,8 +75,8 @@ import Testing
                                 bioVectors: Array(vectors[0...1])) == .success)
         #expect(try client.sync(.write, regions: [IORegion(device: b, sector: 0, count: 16)],
                                 bioVectors: Array(vectors[2...])) == .success)
-        #expect(fileBytes(pathA, count: 8192) == Array(buffer.array[0..<8192]))
-        #expect(fileBytes(pathB, count: 8192) == Array(buffer.array[8192...]))
+        #expect(fileBytes(a.name, count: 8192) == Array(buffer.array[0..<8192]))
+        #expect(fileBytes(b.name, count: 8192) == Array(buffer.array[8192...]))
     }
 
     @Test(arguments: engines)
@@ -130,7 +126,7 @@ import Testing
                 _ = try DMIOClient(engine: .only(.ioUring))
             }
             let folder = TemporaryFolder()
-            let device = try BlockDevice.open(folder.file("disk", size: 1 << 20))
+            let device = try folder.device("disk", size: 1 << 20)
             let data = AlignedBuffer(count: 4096, pattern: 7)
             #expect(try client.sync(.write, regions: [IORegion(device: device, sector: 0, count: 8)],
                                     buffer: data.bytes) == .success)

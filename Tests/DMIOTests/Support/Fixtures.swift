@@ -23,6 +23,11 @@ final class TemporaryFolder {
         close(fd)
         return file
     }
+
+    /// Makes a sparse file and opens it as a device.
+    func device(_ name: String, size: Int, options: DeviceOptions = DeviceOptions()) throws -> BlockDevice {
+        try BlockDevice.open(file(name, size: size), options: options)
+    }
 }
 
 /// Page-aligned bytes that tests fill, write from, and read into.
