@@ -17,7 +17,7 @@ deps:
 
 ## DMIO against fio on /dev/shm (see BENCHMARKS.md). BENCH_FLAGS=--quick for a short run.
 bench:
-	@scripts/install-deps --bench
+	@scripts/install-deps
 	$(SWIFT) build -c release --product dmio-bench
 	.build/release/dmio-bench $(BENCH_FLAGS)
 

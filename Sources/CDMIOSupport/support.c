@@ -25,3 +25,7 @@ void dmio_set_thread_name(const char *name) {
     truncated[sizeof truncated - 1] = '\0';
     pthread_setname_np(pthread_self(), truncated);
 }
+
+long long dmio_seek_data(int fd, long long offset) { return lseek(fd, offset, SEEK_DATA); }
+
+long long dmio_seek_hole(int fd, long long offset) { return lseek(fd, offset, SEEK_HOLE); }

@@ -8,9 +8,14 @@
 /// request that ran reports each region's failure in its `IOResult`.
 ///
 /// Each kind of memory has a sync form, an async form with a completion
-/// (`IONotify`, called exactly once, on an engine thread) and a Swift
-/// `async` form. Do not call a sync form from inside a completion: the
-/// thread it runs on is the one that would have to wake it.
+/// (`IONotify`, called exactly once) and a Swift `async` form.
+///
+/// A completion runs on an engine thread, or, as in the kernel, on the
+/// submitting thread inside `submit` when every bio ended before `submit`
+/// returned. So a completion may be called before `submit` returns: do not
+/// hold a lock across `submit` that the completion takes. Do not call a
+/// sync form from inside a completion: the thread it runs on may be the one
+/// that would have to wake it.
 public final class DMIOClient: @unchecked Sendable {
     /// The engine this client runs on.
     public let engineKind: IOEngineKind

@@ -2,7 +2,8 @@ import Synchronization
 
 /// `io_notify_fn`: called once when an asynchronous request completes, with
 /// the request's result and the context given at submission. It runs on an
-/// engine thread: keep it short and do not block in it.
+/// engine thread, or inside `submit` when the I/O ended that fast: keep it
+/// short and do not block in it.
 public typealias IONotify = (IOResult, AnyObject?) -> Void
 
 /// The kernel's `struct io`: one request in flight. It counts its

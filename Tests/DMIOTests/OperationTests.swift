@@ -143,3 +143,31 @@ import Testing
         }
     }
 }
+
+/// Which parts of a device hold data: the map block status is built on.
+@Suite struct AllocationTests {
+    @Test(arguments: ["/tmp", "/dev/shm"])
+    func aSparseFileReportsItsHolesAndData(base: String) throws {
+        let folder = TemporaryFolder(in: base)
+        let client = try client(.threads)
+        let device = try folder.device("disk", size: 8 << 20)
+        let data = AlignedBuffer(count: 1 << 20, pattern: 1)
+        #expect(try client.sync(.write, regions: [IORegion(device: device, sector: 4096, count: 2048)],
+                                buffer: data.bytes) == .success)
+        #expect(try device.allocation(offset: 0, length: 8 << 20, maxExtents: 10) == [
+            DeviceExtent(length: 2 << 20, isHole: true), DeviceExtent(length: 1 << 20, isHole: false),
+            DeviceExtent(length: 5 << 20, isHole: true)])
+        #expect(try device.allocation(offset: 0, length: 8 << 20, maxExtents: 1) == [
+            DeviceExtent(length: 2 << 20, isHole: true)])
+        #expect(try device.allocation(offset: (2 << 20) + 4096, length: 8192, maxExtents: 10) == [
+            DeviceExtent(length: 8192, isHole: false)])
+    }
+
+    @Test func aBlockDeviceReportsData() throws {
+        let folder = TemporaryFolder()
+        let loop = try LoopDevice(file: folder.file("backing", size: 1 << 20))
+        let device = try BlockDevice.open(loop.path)
+        #expect(try device.allocation(offset: 0, length: 1 << 20, maxExtents: 10) == [
+            DeviceExtent(length: 1 << 20, isHole: false)])
+    }
+}

@@ -25,3 +25,8 @@ int dmio_pipe_nonblocking(int fds[2]);
 
 /// Names the calling thread (15 characters at most are kept).
 void dmio_set_thread_name(const char *name);
+
+/// lseek(2) with SEEK_DATA / SEEK_HOLE; -1 with errno set (ENXIO: no data
+/// at or after `offset`).
+long long dmio_seek_data(int fd, long long offset);
+long long dmio_seek_hole(int fd, long long offset);

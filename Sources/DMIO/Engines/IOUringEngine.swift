@@ -7,7 +7,10 @@ import URing
 ///
 /// Submission never blocks: bios beyond what the ring may have in flight
 /// wait in a backlog that the reaper feeds into the ring as slots free up,
-/// so a completion callback that submits more I/O cannot deadlock.
+/// so a completion callback that submits more I/O cannot deadlock. I/O
+/// submitted from completion callbacks (a queue kept full, a mirror's next
+/// write) is only queued; the reaper enters the kernel once for the whole
+/// batch of completions.
 final class IOUringEngine: IOEngine, @unchecked Sendable {
     let kind = IOEngineKind.ioUring
     private let ring: IOURing
@@ -17,8 +20,12 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
     private let lock = ConditionLock()
     private var inFlight = 0
     private var backlog = BioBatch()
+    /// Entries prepared in the ring but not yet handed to the kernel.
+    private var unsubmitted = false
     private var stopping = false
     private var reaper = pthread_t()
+    /// Whether the calling thread is the reaper, running completions.
+    private var onReaper: Bool { pthread_equal(pthread_self(), reaper) != 0 }
     /// Block-device ioctls (BLKDISCARD, BLKZEROOUT) have no io_uring opcode.
     private let ioctlWorker: ThreadPoolEngine
 
@@ -43,7 +50,7 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
                     backlog.append(bio)
                 }
             }
-            feedRingLocked()
+            feedRingLocked(enterKernel: !onReaper)
         }
         if !ioctls.isEmpty { ioctlWorker.submit(ioctls) }
     }
@@ -59,9 +66,10 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
         ioctlWorker.shutdown()
     }
 
-    /// Moves backlog bios into free ring slots and submits them.
-    private func feedRingLocked() {
-        var prepared = false
+    /// Moves backlog bios into free ring slots, and hands every prepared
+    /// entry to the kernel unless `enterKernel` is false (the reaper does
+    /// that after its batch).
+    private func feedRingLocked(enterKernel: Bool = true) {
         while inFlight < capacity, let bio = backlog.popFirst() {
             if !ring.prepare(operation(of: bio), userData: token(bio)) {
                 ring.submit()
@@ -70,9 +78,12 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
                 }
             }
             inFlight += 1
-            prepared = true
+            unsubmitted = true
         }
-        if prepared { ring.submit() }
+        if enterKernel && unsubmitted {
+            unsubmitted = false
+            ring.submit()
+        }
     }
 
     private func operation(of bio: Bio) -> URingOperation {
