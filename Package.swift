@@ -14,12 +14,16 @@ let package = Package(
     products: [
         .library(name: "DMIO", targets: ["DMIO"]),
         .library(name: "LibNBD", targets: ["LibNBD"]),
+        .library(name: "NBD", targets: ["NBD"]),
+        .executable(name: "dmio-nbd", targets: ["dmio-nbd"]),
         .executable(name: "dmio-bench", targets: ["dmio-bench"]),
         .executable(name: "dmio-copy-example", targets: ["dmio-copy-example"]),
     ],
     dependencies: [
         .package(url: "https://github.com/ordo-one/malloc-interposer", from: "1.6.1"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
     ],
     targets: [
         // C libraries from Debian's -dev packages, each wrapped by a Swift
@@ -36,6 +40,24 @@ let package = Package(
         .target(name: "LibNBD", dependencies: ["CLibNBD"], swiftSettings: hotPath),
         .target(name: "CDMIOSupport"),
         .target(name: "DMIO", dependencies: ["URing", "LibNBD", "CDMIOSupport"], swiftSettings: hotPath),
+        .target(
+            name: "NBD",
+            dependencies: [
+                "DMIO",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: hotPath),
+        .executableTarget(
+            name: "dmio-nbd",
+            dependencies: [
+                "DMIO", "NBD", "CDMIOSupport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: hotPath),
 
         .executableTarget(
             name: "dmio-bench",
@@ -49,7 +71,16 @@ let package = Package(
         .executableTarget(
             name: "dmio-copy-example", dependencies: ["DMIO"], path: "examples/copy-region"),
 
-        .testTarget(name: "DMIOTests", dependencies: ["DMIO", "LibNBD"]),
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "DMIOTests", dependencies: ["DMIO", "LibNBD", "TestSupport"]),
+        .testTarget(
+            name: "NBDTests",
+            dependencies: [
+                "NBD", "DMIO", "LibNBD", "TestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -29,3 +30,10 @@ void dmio_set_thread_name(const char *name) {
 long long dmio_seek_data(int fd, long long offset) { return lseek(fd, offset, SEEK_DATA); }
 
 long long dmio_seek_hole(int fd, long long offset) { return lseek(fd, offset, SEEK_HOLE); }
+
+int dmio_peer_pid(int fd) {
+    struct ucred credentials;
+    socklen_t length = sizeof credentials;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) != 0) return -1;
+    return credentials.pid;
+}

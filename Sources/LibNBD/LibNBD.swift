@@ -53,6 +53,7 @@ public typealias NBDCompletion = @convention(c) (UnsafeMutableRawPointer?, Unsaf
 /// shared between threads.
 public final class NBDHandle: @unchecked Sendable {
     private let handle: OpaquePointer
+    var raw: OpaquePointer { handle }
 
     public init() throws(NBDError) {
         guard let h = nbd_create() else { throw NBDError.last() }
@@ -61,11 +62,11 @@ public final class NBDHandle: @unchecked Sendable {
 
     deinit { nbd_close(handle) }
 
-    private func check(_ rc: Int32) throws(NBDError) {
+    func check(_ rc: Int32) throws(NBDError) {
         if rc == -1 { throw NBDError.last() }
     }
 
-    private func flag(_ rc: Int32) throws(NBDError) -> Bool {
+    func flag(_ rc: Int32) throws(NBDError) -> Bool {
         try check(rc)
         return rc == 1
     }

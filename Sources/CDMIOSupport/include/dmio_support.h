@@ -30,3 +30,7 @@ void dmio_set_thread_name(const char *name);
 /// at or after `offset`).
 long long dmio_seek_data(int fd, long long offset);
 long long dmio_seek_hole(int fd, long long offset);
+
+/// The pid of the process at the other end of a connected unix socket
+/// (SO_PEERCRED), or -1.
+int dmio_peer_pid(int fd);

@@ -18,7 +18,7 @@ extension BlockDevice {
     /// before `offset + length`). Sparse files tell by SEEK_DATA and
     /// SEEK_HOLE; other devices report data, which is always true.
     public func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
-        guard let file = self as? LocalDevice, !file.isBlockDevice else {
+        guard kind == .file, let file = self as? LocalDevice else {
             return [DeviceExtent(length: length, isHole: false)]
         }
         return try file.sparseAllocation(offset: offset, length: length, maxExtents: maxExtents)

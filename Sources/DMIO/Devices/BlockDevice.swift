@@ -18,11 +18,17 @@ public struct DeviceOptions: Sendable, Hashable {
     }
 }
 
+/// What kind of device a `BlockDevice` is.
+public enum DeviceKind: Sendable, Hashable {
+    case file, blockDevice, remote
+}
+
 /// A device that regions point at: a regular file, a block device, or a
 /// remote NBD export. Open one with `BlockDevice.open(_:options:)`.
 public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// The path or URI the device was opened by.
     public let name: String
+    public let kind: DeviceKind
     /// Usable size in bytes (a whole number of sectors).
     public let size: UInt64
     /// Regions must start and end on multiples of this many bytes.
@@ -37,9 +43,10 @@ public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     public var sectors: UInt64 { size >> sectorShift }
     public var description: String { name }
 
-    init(name: String, size: UInt64, blockSize: Int, isReadOnly: Bool,
+    init(name: String, kind: DeviceKind, size: UInt64, blockSize: Int, isReadOnly: Bool,
          memoryAlignment: Int, fileDescriptor: Int32) {
         self.name = name
+        self.kind = kind
         self.size = size & ~UInt64(sectorSize - 1)
         self.blockSize = blockSize
         self.isReadOnly = isReadOnly

@@ -64,7 +64,7 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
             Glibc.close(fd)
             throw .openFailed(device: path, errno: (info.st_mode & S_IFMT) == S_IFDIR ? EISDIR : ENODEV)
         }
-        super.init(name: path, size: size, blockSize: blockSize, isReadOnly: options.readOnly,
+        super.init(name: path, kind: isBlockDevice ? .blockDevice : .file, size: size, blockSize: blockSize, isReadOnly: options.readOnly,
                    memoryAlignment: options.direct ? blockSize : 1, fileDescriptor: fd)
     }
 

@@ -24,7 +24,7 @@ final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
         } catch {
             throw .remoteFailed(device: uri, message: "\(error)")
         }
-        super.init(name: uri, size: size, blockSize: minimumBlock, isReadOnly: readOnly,
+        super.init(name: uri, kind: .remote, size: size, blockSize: minimumBlock, isReadOnly: readOnly,
                    memoryAlignment: 1, fileDescriptor: -1)
     }
 

@@ -1,5 +1,6 @@
 import DMIO
 import Foundation
+import TestSupport
 import Testing
 
 /// A temporary folder, removed with everything in it when released.
@@ -70,34 +71,6 @@ func allocatedBytes(_ path: String) -> Int {
     return Int(info.st_blocks) * 512
 }
 
-/// Runs a command, returning its standard output; throws with its
-/// standard error when it fails.
-@discardableResult
-func run(_ arguments: [String]) throws -> String {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
-    let output = Pipe()
-    let errors = Pipe()
-    process.standardOutput = output
-    process.standardError = errors
-    try process.run()
-    let out = output.fileHandleForReading.readDataToEndOfFile()
-    let err = errors.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        throw CommandFailed(command: arguments.joined(separator: " "),
-                            message: String(decoding: err, as: UTF8.self))
-    }
-    return String(decoding: out, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-}
-
-struct CommandFailed: Error, CustomStringConvertible {
-    let command: String
-    let message: String
-    var description: String { "\(command): \(message)" }
-}
-
 /// A tmpfs of a few pages, mounted for the test: writing past its size
 /// fails with ENOSPC, a real full disk.
 final class SmallTmpfs {
@@ -157,7 +130,8 @@ final class NBDKit {
         let deadline = Date().addingTimeInterval(10)
         while !FileManager.default.fileExists(atPath: socket) {
             guard process.isRunning, Date() < deadline else {
-                throw CommandFailed(command: "nbdkit \(arguments.joined(separator: " "))", message: "did not start")
+                throw CommandFailed(command: "nbdkit \(arguments.joined(separator: " "))", status: -1,
+                                    output: "did not start")
             }
             usleep(10_000)
         }

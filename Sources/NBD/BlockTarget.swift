@@ -1,0 +1,91 @@
+import DMIO
+
+/// The block sizes an export advertises (NBD_INFO_BLOCK_SIZE).
+public struct BlockSizes: Sendable, Hashable {
+    /// Requests must be aligned to this (a power of two, 1 to 65536).
+    public var minimum: UInt32
+    /// Requests aligned to this avoid read-modify-write.
+    public var preferred: UInt32
+    /// The largest read or write payload.
+    public var maximumPayload: UInt32
+
+    public init(minimum: UInt32, preferred: UInt32, maximumPayload: UInt32) {
+        self.minimum = minimum
+        self.preferred = preferred
+        self.maximumPayload = maximumPayload
+    }
+}
+
+/// What a target supports beyond reads and writes.
+public struct TargetCapabilities: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let readOnly = TargetCapabilities(rawValue: 1 << 0)
+    public static let flush = TargetCapabilities(rawValue: 1 << 1)
+    public static let fua = TargetCapabilities(rawValue: 1 << 2)
+    public static let trim = TargetCapabilities(rawValue: 1 << 3)
+    public static let writeZeroes = TargetCapabilities(rawValue: 1 << 4)
+    /// Zeroing that may unmap is faster than writing zeroes (fast-zero
+    /// requests without NO_HOLE succeed; with NO_HOLE they get ENOTSUP).
+    public static let fastZero = TargetCapabilities(rawValue: 1 << 5)
+    public static let cache = TargetCapabilities(rawValue: 1 << 6)
+    /// Every connection sees the same data at once: no per-connection cache.
+    public static let multiConnection = TargetCapabilities(rawValue: 1 << 7)
+}
+
+/// How a target request ended: success, or an errno and words a person can
+/// read (which the server sends in a structured error reply). Thrown by
+/// `allocation` when it fails.
+public struct TargetResult: Error, Sendable, Hashable {
+    public var errno: Int32
+    public var message: String?
+
+    public static let success = TargetResult(errno: 0, message: nil)
+
+    public init(errno: Int32, message: String? = nil) {
+        self.errno = errno
+        self.message = message
+    }
+
+    public var succeeded: Bool { errno == 0 }
+}
+
+/// One extent of block status: `length` bytes with `flags` of a meta context.
+public struct Extent: Sendable, Hashable {
+    public var length: UInt32
+    public var flags: UInt32
+
+    public init(length: UInt32, flags: UInt32) {
+        self.length = length
+        self.flags = flags
+    }
+
+    /// base:allocation flags.
+    public static let hole: UInt32 = 1 << 0
+    public static let zero: UInt32 = 1 << 1
+}
+
+/// Called once when a target request ends. It may run on any thread.
+public typealias TargetCompletion = @Sendable (TargetResult) -> Void
+
+/// What the NBD server serves: a device of `size` bytes. The server checks
+/// every request against `size`, `blockSizes` and `capabilities` before it
+/// calls the target, so a target sees only requests it can carry out.
+///
+/// The memory passed to `read` and `write` stays valid until `completion`.
+public protocol BlockTarget: AnyObject, Sendable {
+    var size: UInt64 { get }
+    var blockSizes: BlockSizes { get }
+    var capabilities: TargetCapabilities { get }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion)
+    func write(_ buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion)
+    func flush(completion: @escaping TargetCompletion)
+    func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion)
+    func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool,
+                     completion: @escaping TargetCompletion)
+    func cache(offset: UInt64, length: UInt64, completion: @escaping TargetCompletion)
+    /// base:allocation extents from `offset`, covering at most `length`
+    /// bytes (at least one extent).
+    func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent]
+}

@@ -1,0 +1,60 @@
+/// One export: a target under a name.
+public struct Export: Sendable {
+    /// The name clients ask for; the empty name always reaches the default
+    /// (first) export too.
+    public var name: String
+    public var description: String?
+    /// Serve reads only, whatever the target could do.
+    public var readOnly: Bool
+    public let target: BlockTarget
+
+    public init(name: String = "", description: String? = nil, readOnly: Bool = false, target: BlockTarget) {
+        self.name = name
+        self.description = description
+        self.readOnly = readOnly
+        self.target = target
+    }
+
+    var isReadOnly: Bool { readOnly || target.capabilities.contains(.readOnly) }
+
+    /// The transmission flags that tell the truth about this export.
+    func transmissionFlags(structuredReplies: Bool) -> TransmissionFlags {
+        let capabilities = target.capabilities
+        var flags: TransmissionFlags = [.hasFlags]
+        if isReadOnly { flags.insert(.readOnly) }
+        if capabilities.contains(.flush) { flags.insert(.sendFlush) }
+        if capabilities.contains(.fua) { flags.insert(.sendFUA) }
+        if capabilities.contains(.trim) && !isReadOnly { flags.insert(.sendTrim) }
+        if capabilities.contains(.writeZeroes) && !isReadOnly {
+            flags.insert(.sendWriteZeroes)
+            // Fast-zero requests are answered honestly (ENOTSUP when zeroing
+            // would not be faster), so the flag may always go with zeroing.
+            flags.insert(.sendFastZero)
+        }
+        if capabilities.contains(.cache) { flags.insert(.sendCache) }
+        if capabilities.contains(.multiConnection) { flags.insert(.canMultiConn) }
+        if structuredReplies { flags.insert(.sendDF) }
+        return flags
+    }
+}
+
+/// The meta contexts this server offers for block status.
+enum MetaContext: String, CaseIterable {
+    case baseAllocation = "base:allocation"
+
+    /// The id a context gets when a client selects it.
+    var id: UInt32 {
+        switch self {
+        case .baseAllocation: 1
+        }
+    }
+
+    /// The contexts a query names: "base:" is a wildcard for the namespace
+    /// when listing; unknown namespaces and leaves select nothing.
+    static func matching(_ query: String, listing: Bool) -> [MetaContext] {
+        if listing, let colon = query.firstIndex(of: ":"), query.index(after: colon) == query.endIndex {
+            return allCases.filter { $0.rawValue.hasPrefix(query) }
+        }
+        return allCases.filter { $0.rawValue == query }
+    }
+}

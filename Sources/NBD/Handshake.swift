@@ -1,0 +1,259 @@
+import Logging
+import NIOCore
+
+/// What the handshake settled, handed to the transmission phase.
+struct Session {
+    let export: Export
+    let structuredReplies: Bool
+    let metaContexts: [MetaContext]
+    var flags: TransmissionFlags { export.transmissionFlags(structuredReplies: structuredReplies) }
+}
+
+/// The fixed newstyle handshake: greets the client, answers its options,
+/// and on NBD_OPT_GO or NBD_OPT_EXPORT_NAME hands the connection to the
+/// transmission phase.
+final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HandshakeMessage
+    typealias OutboundOut = ByteBuffer
+
+    private let exports: [Export]
+    private let logger: Logger
+    private let startTransmission: (ChannelHandlerContext, Session) -> Void
+    private var noZeroes = false
+    private var structuredReplies = false
+    /// Set by NBD_OPT_SET_META_CONTEXT, for the export it named.
+    private var metaContexts: (export: String, contexts: [MetaContext])?
+
+    /// `startTransmission` installs the transmission phase's handlers.
+    init(exports: [Export], logger: Logger,
+         startTransmission: @escaping (ChannelHandlerContext, Session) -> Void) {
+        self.exports = exports
+        self.logger = logger
+        self.startTransmission = startTransmission
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var greeting = context.channel.allocator.buffer(capacity: 18)
+        greeting.writeGreeting()
+        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .clientFlags(let flags):
+            let known = HandshakeFlag.clientFixedNewstyle | HandshakeFlag.clientNoZeroes
+            guard flags & ~known == 0 else {
+                // The spec: a server MUST drop the connection on unknown flags.
+                fail(context, NBDProtocolError.unknownClientFlags(flags))
+                return
+            }
+            noZeroes = flags & HandshakeFlag.clientNoZeroes != 0
+        case .oversizedOption(let code):
+            reply(context) { $0.writeOptionError(code, .errTooBig, message: "option data too large") }
+        case .option(let code, let data):
+            handleOption(context, code: code, data: data)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        fail(context, error)
+    }
+
+    /// The server is stopping: nothing is in flight during the handshake.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, case .inputClosed = event {
+            context.close(promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ error: Error) {
+        logger.notice("handshake: closing connection: \(error)")
+        context.close(promise: nil)
+    }
+
+    private func reply(_ context: ChannelHandlerContext, _ write: (inout ByteBuffer) -> Void) {
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        write(&buffer)
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    private func export(named name: String) -> Export? {
+        if name.isEmpty { return exports.first }
+        return exports.first { $0.name == name }
+    }
+
+    private func handleOption(_ context: ChannelHandlerContext, code: UInt32, data: ByteBuffer) {
+        guard let option = OptionCode(rawValue: code) else {
+            reply(context) { $0.writeOptionError(code, .errUnsupported, message: "unknown option \(code)") }
+            return
+        }
+        switch option {
+        case .exportName:
+            exportName(context, data: data)
+        case .abort:
+            logger.debug("handshake: client aborted")
+            reply(context) { $0.writeOptionReply(code, .ack) }
+            context.close(promise: nil)
+        case .list:
+            guard data.readableBytes == 0 else { return invalid(context, code, "NBD_OPT_LIST takes no data") }
+            reply(context) { buffer in
+                for export in exports {
+                    var entry = ByteBuffer()
+                    entry.writeInteger(UInt32(export.name.utf8.count))
+                    entry.writeString(export.name)
+                    if let description = export.description { entry.writeString(description) }
+                    buffer.writeOptionReply(code, .server, data: entry)
+                }
+                buffer.writeOptionReply(code, .ack)
+            }
+        case .startTLS:
+            guard data.readableBytes == 0 else { return invalid(context, code, "NBD_OPT_STARTTLS takes no data") }
+            reply(context) { $0.writeOptionError(code, .errPolicy, message: "TLS is not configured on this server") }
+        case .info, .go:
+            infoOrGo(context, option: option, data: data)
+        case .structuredReply:
+            guard data.readableBytes == 0 else {
+                return invalid(context, code, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            }
+            structuredReplies = true
+            reply(context) { $0.writeOptionReply(code, .ack) }
+        case .listMetaContext, .setMetaContext:
+            metaContext(context, option: option, data: data)
+        }
+    }
+
+    private func invalid(_ context: ChannelHandlerContext, _ code: UInt32, _ message: String) {
+        reply(context) { $0.writeOptionError(code, .errInvalid, message: message) }
+    }
+
+    private func exportName(_ context: ChannelHandlerContext, data: ByteBuffer) {
+        let name = data.getString(at: data.readerIndex, length: data.readableBytes) ?? ""
+        guard let export = export(named: name) else {
+            // NBD_OPT_EXPORT_NAME cannot carry an error: the spec says to
+            // drop the connection.
+            logger.notice("handshake: unknown export \"\(name)\" asked by NBD_OPT_EXPORT_NAME")
+            context.close(promise: nil)
+            return
+        }
+        let session = Session(export: export, structuredReplies: structuredReplies,
+                              metaContexts: selectedContexts(for: name))
+        reply(context) { $0.writeExportNameReply(size: export.target.size, flags: session.flags, zeroes: !noZeroes) }
+        enterTransmission(context, session)
+    }
+
+    private func infoOrGo(_ context: ChannelHandlerContext, option: OptionCode, data: ByteBuffer) {
+        let code = option.rawValue
+        var data = data
+        guard let nameLength = data.readInteger(as: UInt32.self), nameLength <= data.readableBytes - 2,
+              let name = data.readString(length: Int(nameLength)),
+              let requestCount = data.readInteger(as: UInt16.self),
+              data.readableBytes == Int(requestCount) * 2 else {
+            return invalid(context, code, "malformed \(option == .go ? "NBD_OPT_GO" : "NBD_OPT_INFO") data")
+        }
+        var requested: Set<UInt16> = []
+        for _ in 0..<requestCount { requested.insert(data.readInteger(as: UInt16.self)!) }
+        guard let export = export(named: name) else {
+            reply(context) { $0.writeOptionError(code, .errUnknown, message: "no export named \"\(name)\"") }
+            return
+        }
+        let session = Session(export: export, structuredReplies: structuredReplies,
+                              metaContexts: selectedContexts(for: name))
+        reply(context) { buffer in
+            var info = ByteBuffer()
+            info.writeInteger(InfoType.export.rawValue)
+            info.writeInteger(export.target.size)
+            info.writeInteger(session.flags.rawValue)
+            buffer.writeOptionReply(code, .info, data: info)
+            if requested.contains(InfoType.name.rawValue) {
+                buffer.writeOptionReply(code, .info, data: infoString(.name, export.name))
+            }
+            if requested.contains(InfoType.description.rawValue), let description = export.description {
+                buffer.writeOptionReply(code, .info, data: infoString(.description, description))
+            }
+            // Sent whether asked or not: the minimum block size is not the
+            // protocol's default of 1, and clients ignore what they did not ask.
+            let sizes = export.target.blockSizes
+            var blockSize = ByteBuffer()
+            blockSize.writeInteger(InfoType.blockSize.rawValue)
+            blockSize.writeInteger(sizes.minimum)
+            blockSize.writeInteger(sizes.preferred)
+            blockSize.writeInteger(sizes.maximumPayload)
+            buffer.writeOptionReply(code, .info, data: blockSize)
+            buffer.writeOptionReply(code, .ack)
+        }
+        if option == .go { enterTransmission(context, session) }
+    }
+
+    private func infoString(_ type: InfoType, _ text: String) -> ByteBuffer {
+        var info = ByteBuffer()
+        info.writeInteger(type.rawValue)
+        info.writeString(String(text.utf8.prefix(WireSize.maxString))!)
+        return info
+    }
+
+    private func metaContext(_ context: ChannelHandlerContext, option: OptionCode, data: ByteBuffer) {
+        let code = option.rawValue
+        let listing = option == .listMetaContext
+        guard structuredReplies else {
+            return invalid(context, code, "meta contexts need NBD_OPT_STRUCTURED_REPLY first")
+        }
+        guard let (name, queries) = parseMetaContextRequest(data) else {
+            if !listing { metaContexts = nil }
+            return invalid(context, code, "malformed meta context request")
+        }
+        guard export(named: name) != nil else {
+            if !listing { metaContexts = nil }
+            reply(context) { $0.writeOptionError(code, .errUnknown, message: "no export named \"\(name)\"") }
+            return
+        }
+        var found: [MetaContext] = []
+        if listing && queries.isEmpty {
+            found = MetaContext.allCases
+        } else {
+            for query in queries {
+                for match in MetaContext.matching(query, listing: listing) where !found.contains(match) {
+                    found.append(match)
+                }
+            }
+        }
+        if !listing { metaContexts = (name, found) }
+        reply(context) { buffer in
+            for context in found {
+                var entry = ByteBuffer()
+                entry.writeInteger(listing ? 0 : context.id)
+                entry.writeString(context.rawValue)
+                buffer.writeOptionReply(code, .metaContext, data: entry)
+            }
+            buffer.writeOptionReply(code, .ack)
+        }
+    }
+
+    /// Export name and queries; nil when a length points past the data.
+    private func parseMetaContextRequest(_ data: ByteBuffer) -> (String, [String])? {
+        var data = data
+        guard let nameLength = data.readInteger(as: UInt32.self), nameLength <= data.readableBytes,
+              let name = data.readString(length: Int(nameLength)),
+              let count = data.readInteger(as: UInt32.self) else { return nil }
+        var queries: [String] = []
+        for _ in 0..<count {
+            guard let length = data.readInteger(as: UInt32.self), length <= data.readableBytes,
+                  let query = data.readString(length: Int(length)) else { return nil }
+            queries.append(query)
+        }
+        return data.readableBytes == 0 ? (name, queries) : nil
+    }
+
+    /// The contexts the last NBD_OPT_SET_META_CONTEXT chose, if it named
+    /// the export being entered.
+    private func selectedContexts(for name: String) -> [MetaContext] {
+        guard let metaContexts, metaContexts.export == name else { return [] }
+        return metaContexts.contexts
+    }
+
+    private func enterTransmission(_ context: ChannelHandlerContext, _ session: Session) {
+        logger.debug("handshake: entering transmission, export \"\(session.export.name)\", structured replies \(session.structuredReplies)")
+        startTransmission(context, session)
+    }
+}

@@ -1,0 +1,113 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// Where a server listens.
+public enum ListenAddress: Sendable, Hashable, CustomStringConvertible {
+    case unix(path: String)
+    case tcp(host: String, port: Int)
+
+    public var description: String {
+        switch self {
+        case .unix(let path): "unix:\(path)"
+        case .tcp(let host, let port): "\(host):\(port)"
+        }
+    }
+}
+
+/// An NBD server: serves its exports to any number of connections, each on
+/// one event loop, all sharing the exports' targets.
+public final class NBDServer: @unchecked Sendable {
+    private let exports: [Export]
+    private let group: MultiThreadedEventLoopGroup
+    private let logger: Logger
+    private let listeners = NIOLockedValueBox<[Channel]>([])
+    private let connections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
+
+    /// `threads` event loops share the connections (one per core by default).
+    public init(exports: [Export], threads: Int = System.coreCount, logger: Logger) {
+        precondition(!exports.isEmpty, "a server needs an export")
+        self.exports = exports
+        self.logger = logger
+        group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+    }
+
+    /// Starts listening; returns the address bound (with the real port for
+    /// a TCP port of 0).
+    @discardableResult
+    public func listen(on address: ListenAddress) async throws -> ListenAddress {
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // Large replies (1 MiB reads) go out in fewer system calls.
+            .childChannelOption(.socketOption(.so_sndbuf), value: 4 << 20)
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 << 10, maximum: 256 << 10))
+            .childChannelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture { try track(channel) }
+            }
+        let channel: Channel
+        switch address {
+        case .unix(let path):
+            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: false).get()
+        case .tcp(let host, let port):
+            channel = try await bootstrap.bind(host: host, port: port).get()
+        }
+        listeners.withLockedValue { $0.append(channel) }
+        if case .tcp(let host, _) = address, let port = channel.localAddress?.port {
+            return .tcp(host: host, port: port)
+        }
+        return address
+    }
+
+    private func track(_ channel: Channel) throws {
+        let id = ObjectIdentifier(channel)
+        connections.withLockedValue { $0[id] = channel }
+        channel.closeFuture.whenComplete { [connections] _ in
+            _ = connections.withLockedValue { $0.removeValue(forKey: id) }
+        }
+        var connectionLogger = logger
+        connectionLogger[metadataKey: "connection"] = "\(channel.remoteAddress?.description ?? "unix")"
+        try Self.configure(channel, exports: exports, logger: connectionLogger)
+    }
+
+    /// Sets up a connection's pipeline: the handshake's decoder and
+    /// handler, which hand over to the transmission phase's after NBD_OPT_GO.
+    static func configure(_ channel: Channel, exports: [Export], logger: Logger) throws {
+        let optionDecoder = ByteToMessageHandler(OptionDecoder())
+        let handshake = HandshakeHandler(exports: exports, logger: logger) { context, session in
+            let transmission = TransmissionHandler(session: session, allocator: context.channel.allocator, logger: logger)
+            let decoder = ByteToMessageHandler(
+                RequestDecoder(maxPayload: session.export.target.blockSizes.maximumPayload))
+            let pipeline = context.pipeline.syncOperations
+            do {
+                try pipeline.addHandlers([decoder, transmission], position: .after(context.handler))
+                // Bytes the client sent after its option (it may pipeline
+                // requests) pass on to the request decoder.
+                pipeline.removeHandler(optionDecoder, promise: nil)
+                pipeline.removeHandler(context: context, promise: nil)
+            } catch {
+                logger.error("cannot start transmission: \(error)")
+                context.close(promise: nil)
+            }
+        }
+        try channel.pipeline.syncOperations.addHandlers([optionDecoder, handshake])
+    }
+
+    /// Stops accepting, lets every connection finish the requests it has
+    /// in flight (they are closed for reading, not cut), and waits for them.
+    public func shutdown() async {
+        for listener in listeners.withLockedValue({ $0 }) {
+            try? await listener.close()
+        }
+        let open = connections.withLockedValue { Array($0.values) }
+        for channel in open {
+            try? await channel.close(mode: .input)
+        }
+        for channel in open {
+            try? await channel.closeFuture.get()
+        }
+        try? await group.shutdownGracefully()
+    }
+}

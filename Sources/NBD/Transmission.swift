@@ -1,0 +1,320 @@
+import Glibc
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// The transmission phase of one connection: checks each request
+/// (`validate`), runs it on the target, and sends the replies, in whatever
+/// order the target completes them.
+///
+/// Replies of one batch (one socket read, or one set of completions) go
+/// into one buffer and out in one write and one flush. Target completions
+/// arrive on storage threads and come back to the event loop in batches
+/// (`CompletionInbox`). While too many requests are in flight, or the
+/// client does not read its replies, the handler stops reading from the
+/// socket, so a connection's memory stays bounded.
+final class TransmissionHandler: ChannelDuplexHandler {
+    typealias InboundIn = NBDRequest
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// Limits of one connection before it stops reading requests.
+    static let maxRequestsInFlight = 128
+    static let maxBytesInFlight = 64 << 20
+    /// Read replies at least this long go out as their own buffer rather
+    /// than being copied into the batch buffer.
+    static let directReplyBytes = 64 << 10
+    /// Structured reads at least this long first ask whether the range is
+    /// a hole, and answer a hole without reading it.
+    static let sparseReadBytes = 64 << 10
+
+    private let session: Session
+    private let target: BlockTarget
+    private let logger: Logger
+    private let inbox = CompletionInbox()
+    private var output: ByteBuffer
+    private var pendingFlush = false
+    private var requestsInFlight = 0
+    private var bytesInFlight = 0
+    private var readHeld = false
+    private var disconnecting = false
+    private var active = true
+    /// This connection's context, and the handler as storage threads may
+    /// hold it: it is only ever used back on the event loop.
+    private var context: ChannelHandlerContext!
+    private var onLoop: NIOLoopBound<TransmissionHandler>!
+
+    init(session: Session, allocator: ByteBufferAllocator, logger: Logger) {
+        self.session = session
+        self.target = session.export.target
+        self.logger = logger
+        output = allocator.buffer(capacity: 64 << 10)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        onLoop = NIOLoopBound(self, eventLoop: context.eventLoop)
+    }
+
+    // MARK: Inbound
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let request = unwrapInboundIn(data)
+        guard !disconnecting else { return }  // nothing may follow NBD_CMD_DISC
+        switch validate(request, session: session) {
+        case .failure(let rejection):
+            logger.debug("request refused: \(rejection.message)")
+            appendError(rejection, cookie: request.cookie)
+        case .success(let command):
+            run(command, cookie: request.cookie)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        flushOutput(context)
+        context.fireChannelReadComplete()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        active = false
+        if requestsInFlight > 0 {
+            logger.debug("client went away with \(requestsInFlight) requests in flight")
+        }
+        context.fireChannelInactive()
+    }
+
+    /// The server is stopping: answer what is in flight, then close.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, case .inputClosed = event {
+            disconnecting = true
+            closeIfDisconnectedAndIdle(context)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        releaseHeldRead(context)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        logger.notice("closing connection: \(error)")
+        context.close(promise: nil)
+    }
+
+    // MARK: Outbound: backpressure
+
+    func read(context: ChannelHandlerContext) {
+        if mayRead(context) {
+            context.read()
+        } else {
+            readHeld = true
+        }
+    }
+
+    private func mayRead(_ context: ChannelHandlerContext) -> Bool {
+        !disconnecting && requestsInFlight < Self.maxRequestsInFlight
+            && bytesInFlight < Self.maxBytesInFlight && context.channel.isWritable
+    }
+
+    private func releaseHeldRead(_ context: ChannelHandlerContext) {
+        if readHeld && mayRead(context) {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    // MARK: Running commands
+
+    private func run(_ command: Command, cookie: UInt64) {
+        switch command {
+        case .nothing:
+            appendSuccess(cookie: cookie)
+        case .disconnect:
+            logger.debug("client disconnects")
+            disconnecting = true
+            closeIfDisconnectedAndIdle(context)
+        case .read(let offset, let length):
+            read(offset: offset, length: length, cookie: cookie)
+        case .write(let offset, let payload, let fua):
+            started(bytes: payload.readableBytes)
+            // The completion keeps the payload alive until the target is done with it.
+            let completion = complete("write", cookie, keeping: payload)
+            payload.withUnsafeReadableBytes { target.write($0, offset: offset, fua: fua, completion: completion) }
+        case .flush:
+            started(bytes: 0)
+            target.flush(completion: complete("flush", cookie))
+        case .trim(let offset, let length, let fua):
+            started(bytes: 0)
+            target.trim(offset: offset, length: UInt64(length), fua: fua, completion: complete("trim", cookie))
+        case .writeZeroes(let offset, let length, let mayUnmap, let fua):
+            started(bytes: 0)
+            target.writeZeroes(offset: offset, length: UInt64(length), mayUnmap: mayUnmap, fua: fua,
+                               completion: complete("write-zeroes", cookie))
+        case .cache(let offset, let length):
+            started(bytes: 0)
+            target.cache(offset: offset, length: UInt64(length), completion: complete("cache", cookie))
+        case .blockStatus(let offset, let length, let onlyOne):
+            blockStatus(offset: offset, length: length, onlyOne: onlyOne, cookie: cookie)
+        }
+    }
+
+    private func read(offset: UInt64, length: UInt32, cookie: UInt64) {
+        let count = Int(length)
+        if session.structuredReplies && count >= Self.sparseReadBytes,
+           let extents = try? target.allocation(offset: offset, length: UInt64(length), maxExtents: 1),
+           let first = extents.first, first.flags & Extent.zero != 0, first.length >= length {
+            output.writeHoleChunk(offset: offset, length: length, cookie: cookie, done: true)
+            return
+        }
+        var reply = context.channel.allocator.buffer(capacity: WireSize.structuredReplyHeader + 8 + count)
+        if session.structuredReplies {
+            reply.writeChunkHeader(flags: ChunkFlag.done, type: .offsetData, cookie: cookie, length: 8 + count)
+            reply.writeInteger(offset)
+        } else {
+            reply.writeSimpleReply(error: 0, cookie: cookie)
+        }
+        let headerLength = reply.readableBytes
+        // Reserve the data's room now; the target fills it in place, and the
+        // buffer is not touched (so not moved) until the target completes.
+        reply.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { _ in count }
+        let data = reply.withUnsafeMutableReadableBytes {
+            UnsafeMutableRawBufferPointer(rebasing: $0[headerLength...])
+        }
+        started(bytes: reply.readableBytes)
+        target.read(into: data, offset: offset, completion: complete("read", cookie, reply: reply))
+    }
+
+    private func blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool, cookie: UInt64) {
+        do {
+            let extents = try target.allocation(offset: offset, length: UInt64(length), maxExtents: onlyOne ? 1 : 1 << 16)
+            for (index, context) in session.metaContexts.enumerated() {
+                output.writeBlockStatusChunk(contextID: context.id, extents: extents, cookie: cookie,
+                                             done: index == session.metaContexts.count - 1)
+            }
+        } catch {
+            appendError(nbdError(for: error as? TargetResult ?? TargetResult(errno: EIO, message: "\(error)"),
+                                 command: "block status", logger: logger), cookie: cookie)
+        }
+    }
+
+    /// The completion of one command: brings the result back to the event
+    /// loop and answers with `reply` (a read's filled buffer) or a bare
+    /// success. `payload` (a write's data) is kept alive until the target
+    /// is done with it.
+    private func complete(_ command: StaticString, _ cookie: UInt64, reply: ByteBuffer? = nil,
+                          keeping payload: ByteBuffer? = nil) -> TargetCompletion {
+        let handler = onLoop!
+        let bytes = (reply?.readableBytes ?? 0) + (payload?.readableBytes ?? 0)
+        return { [inbox] result in
+            withExtendedLifetime(payload) {
+                inbox.post(on: handler.eventLoop) {
+                    handler.value.finish(command, bytes: bytes, cookie: cookie, result: result, reply: reply)
+                } afterBatch: {
+                    handler.value.afterCompletions()
+                }
+            }
+        }
+    }
+
+    private func finish(_ command: StaticString, bytes: Int, cookie: UInt64, result: TargetResult, reply: ByteBuffer?) {
+        finished(bytes: bytes)
+        guard active else { return }
+        if !result.succeeded {
+            appendError(nbdError(for: result, command: "\(command)", logger: logger), cookie: cookie)
+        } else if let reply {
+            appendReply(reply)
+        } else {
+            appendSuccess(cookie: cookie)
+        }
+    }
+
+    private func started(bytes: Int) {
+        requestsInFlight += 1
+        bytesInFlight += bytes
+    }
+
+    private func finished(bytes: Int) {
+        requestsInFlight -= 1
+        bytesInFlight -= bytes
+    }
+
+    private func afterCompletions() {
+        guard active else { return }
+        flushOutput(context)
+        releaseHeldRead(context)
+        closeIfDisconnectedAndIdle(context)
+    }
+
+    private func closeIfDisconnectedAndIdle(_ context: ChannelHandlerContext) {
+        guard disconnecting && requestsInFlight == 0 && active else { return }
+        active = false
+        flushOutput(context)
+        context.close(promise: nil)
+    }
+
+    // MARK: Replies
+
+    private func appendSuccess(cookie: UInt64) {
+        output.writeSimpleReply(error: 0, cookie: cookie)
+    }
+
+    private func appendError(_ rejection: Rejection, cookie: UInt64, isRead: Bool = false) {
+        if session.structuredReplies {
+            output.writeErrorChunk(error: rejection.error.rawValue, message: rejection.message, cookie: cookie)
+        } else {
+            // A simple read reply carries no data after an error.
+            output.writeSimpleReply(error: rejection.error.rawValue, cookie: cookie)
+        }
+    }
+
+    private func appendReply(_ reply: ByteBuffer) {
+        var reply = reply
+        if reply.readableBytes >= Self.directReplyBytes {
+            writeOutput(context)
+            context.write(wrapOutboundOut(reply), promise: nil)
+            pendingFlush = true
+        } else {
+            output.writeBuffer(&reply)
+        }
+    }
+
+    private func writeOutput(_ context: ChannelHandlerContext) {
+        guard output.readableBytes > 0 else { return }
+        context.write(wrapOutboundOut(output), promise: nil)
+        output.clear()
+        pendingFlush = true
+    }
+
+    private func flushOutput(_ context: ChannelHandlerContext) {
+        writeOutput(context)
+        if pendingFlush {
+            pendingFlush = false
+            context.flush()
+        }
+    }
+}
+
+/// Brings target completions from storage threads back to the event loop:
+/// the first completion of a batch schedules one task, which runs every
+/// completion queued by then and then `afterBatch` once.
+final class CompletionInbox: @unchecked Sendable {
+    private let lock = NIOLock()
+    private var queued: [() -> Void] = []
+
+    func post(on loop: EventLoop, _ completion: @escaping () -> Void, afterBatch: @escaping () -> Void) {
+        let first = lock.withLock {
+            queued.append(completion)
+            return queued.count == 1
+        }
+        guard first else { return }
+        loop.execute { [self] in
+            let batch = lock.withLock {
+                defer { queued = [] }
+                return queued
+            }
+            for completion in batch { completion() }
+            afterBatch()
+        }
+    }
+}

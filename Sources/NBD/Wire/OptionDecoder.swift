@@ -1,0 +1,79 @@
+import NIOCore
+
+/// What the client sends during the handshake.
+enum HandshakeMessage: Equatable {
+    /// The client's 32-bit flags, right after the server's greeting.
+    case clientFlags(UInt32)
+    /// One option with its data.
+    case option(code: UInt32, data: ByteBuffer)
+    /// An option whose data is longer than any this server accepts; its
+    /// data has been skipped, so the handshake can go on.
+    case oversizedOption(code: UInt32)
+}
+
+/// Frames the handshake: the client flags, then options (IHAVEOPT, code,
+/// length, data). A wrong option magic is a protocol violation: the
+/// decoder throws and the connection is closed.
+struct OptionDecoder: ByteToMessageDecoder {
+    typealias InboundOut = HandshakeMessage
+
+    /// Longer option data is skipped and answered NBD_REP_ERR_TOO_BIG.
+    static let maxOptionData = 64 * 1024
+
+    private var sawClientFlags = false
+    private var bytesToSkip = 0
+
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        if bytesToSkip > 0 {
+            let skipped = min(bytesToSkip, buffer.readableBytes)
+            buffer.moveReaderIndex(forwardBy: skipped)
+            bytesToSkip -= skipped
+            return bytesToSkip == 0 ? .continue : .needMoreData
+        }
+        guard sawClientFlags else {
+            guard let flags = buffer.readInteger(as: UInt32.self) else { return .needMoreData }
+            sawClientFlags = true
+            context.fireChannelRead(wrapInboundOut(.clientFlags(flags)))
+            return .continue
+        }
+        guard let (magic, code, length) = buffer.getOptionHeader() else { return .needMoreData }
+        guard magic == Magic.option else { throw NBDProtocolError.badOptionMagic(magic) }
+        if length > Self.maxOptionData {
+            buffer.moveReaderIndex(forwardBy: WireSize.optionHeader)
+            bytesToSkip = Int(length)
+            context.fireChannelRead(wrapInboundOut(.oversizedOption(code: code)))
+            return .continue
+        }
+        guard buffer.readableBytes >= WireSize.optionHeader + Int(length) else { return .needMoreData }
+        buffer.moveReaderIndex(forwardBy: WireSize.optionHeader)
+        let data = buffer.readSlice(length: Int(length))!
+        context.fireChannelRead(wrapInboundOut(.option(code: code, data: data)))
+        return .continue
+    }
+}
+
+extension ByteBuffer {
+    fileprivate func getOptionHeader() -> (UInt64, UInt32, UInt32)? {
+        guard let magic = getInteger(at: readerIndex, as: UInt64.self),
+              let code = getInteger(at: readerIndex + 8, as: UInt32.self),
+              let length = getInteger(at: readerIndex + 12, as: UInt32.self) else { return nil }
+        return (magic, code, length)
+    }
+}
+
+/// A client broke the protocol in a way that ends the connection.
+enum NBDProtocolError: Error, Equatable, CustomStringConvertible {
+    case badOptionMagic(UInt64)
+    case badRequestMagic(UInt32)
+    case unknownClientFlags(UInt32)
+    case payloadTooLarge(UInt32)
+
+    var description: String {
+        switch self {
+        case .badOptionMagic(let magic): "bad option magic 0x\(String(magic, radix: 16))"
+        case .badRequestMagic(let magic): "bad request magic 0x\(String(magic, radix: 16))"
+        case .unknownClientFlags(let flags): "unknown client flags 0x\(String(flags, radix: 16))"
+        case .payloadTooLarge(let length): "write payload of \(length) bytes is over the limit"
+        }
+    }
+}

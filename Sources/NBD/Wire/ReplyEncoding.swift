@@ -1,0 +1,77 @@
+import NIOCore
+
+// The server's messages, written straight into a ByteBuffer so that the
+// replies of one batch share one buffer and one write.
+
+extension ByteBuffer {
+    mutating func writeGreeting() {
+        writeInteger(Magic.greeting)
+        writeInteger(Magic.option)
+        writeInteger(HandshakeFlag.fixedNewstyle | HandshakeFlag.noZeroes)
+    }
+
+    /// An option reply with `data` as its payload.
+    mutating func writeOptionReply(_ option: UInt32, _ type: OptionReply, data: ByteBuffer? = nil) {
+        writeInteger(Magic.optionReply)
+        writeInteger(option)
+        writeInteger(type.rawValue)
+        writeInteger(UInt32(data?.readableBytes ?? 0))
+        if let data { writeImmutableBuffer(data) }
+    }
+
+    /// An error option reply with a message for the person at the client.
+    mutating func writeOptionError(_ option: UInt32, _ type: OptionReply, message: String) {
+        writeOptionReply(option, type, data: ByteBuffer(string: String(message.utf8.prefix(WireSize.maxString))!))
+    }
+
+    /// The answer to NBD_OPT_EXPORT_NAME: size, flags, and (unless the
+    /// client asked for none) 124 bytes of zeroes.
+    mutating func writeExportNameReply(size: UInt64, flags: TransmissionFlags, zeroes: Bool) {
+        writeInteger(size)
+        writeInteger(flags.rawValue)
+        if zeroes { writeRepeatingByte(0, count: 124) }
+    }
+
+    mutating func writeSimpleReply(error: UInt32, cookie: UInt64) {
+        writeInteger(Magic.simpleReply)
+        writeInteger(error)
+        writeInteger(cookie)
+    }
+
+    mutating func writeChunkHeader(flags: UInt16, type: ChunkType, cookie: UInt64, length: Int) {
+        writeInteger(Magic.structuredReply)
+        writeInteger(flags)
+        writeInteger(type.rawValue)
+        writeInteger(cookie)
+        writeInteger(UInt32(length))
+    }
+
+    /// NBD_REPLY_TYPE_ERROR, the final chunk, with a message.
+    mutating func writeErrorChunk(error: UInt32, message: String, cookie: UInt64) {
+        let text = Array(message.utf8.prefix(WireSize.maxString))
+        writeChunkHeader(flags: ChunkFlag.done, type: .error, cookie: cookie, length: 6 + text.count)
+        writeInteger(error)
+        writeInteger(UInt16(text.count))
+        writeBytes(text)
+    }
+
+    mutating func writeHoleChunk(offset: UInt64, length: UInt32, cookie: UInt64, done: Bool) {
+        writeChunkHeader(flags: done ? ChunkFlag.done : 0, type: .offsetHole, cookie: cookie, length: 12)
+        writeInteger(offset)
+        writeInteger(length)
+    }
+
+    mutating func writeNoneChunk(cookie: UInt64) {
+        writeChunkHeader(flags: ChunkFlag.done, type: .none, cookie: cookie, length: 0)
+    }
+
+    mutating func writeBlockStatusChunk(contextID: UInt32, extents: [Extent], cookie: UInt64, done: Bool) {
+        writeChunkHeader(flags: done ? ChunkFlag.done : 0, type: .blockStatus, cookie: cookie,
+                         length: 4 + 8 * extents.count)
+        writeInteger(contextID)
+        for extent in extents {
+            writeInteger(extent.length)
+            writeInteger(extent.flags)
+        }
+    }
+}

@@ -1,0 +1,109 @@
+import NIOCore
+import NIOEmbedded
+@testable import NBD
+import Testing
+
+/// The wire decoders on their own, without a socket.
+@Suite struct CodecTests {
+    private func request(type: UInt16, flags: UInt16 = 0, cookie: UInt64 = 7, offset: UInt64 = 4096,
+                         length: UInt32, payload: [UInt8] = [], magic: UInt32 = 0x2560_9513) -> ByteBuffer {
+        var buffer = ByteBuffer()
+        buffer.writeInteger(magic)
+        buffer.writeInteger(flags)
+        buffer.writeInteger(type)
+        buffer.writeInteger(cookie)
+        buffer.writeInteger(offset)
+        buffer.writeInteger(length)
+        buffer.writeBytes(payload)
+        return buffer
+    }
+
+    private func requestChannel(maxPayload: UInt32 = 1 << 20) -> EmbeddedChannel {
+        EmbeddedChannel(handler: ByteToMessageHandler(RequestDecoder(maxPayload: maxPayload)))
+    }
+
+    @Test func aReadRequestIsDecoded() throws {
+        let channel = requestChannel()
+        try channel.writeInbound(request(type: 0, flags: 4, length: 512))
+        let decoded = try #require(try channel.readInbound(as: NBDRequest.self))
+        #expect(decoded == NBDRequest(flags: 4, type: 0, cookie: 7, offset: 4096, length: 512, payload: nil))
+    }
+
+    @Test func aWriteArrivingInPiecesIsDecodedOnceWhole() throws {
+        let channel = requestChannel()
+        let data = (0..<1000).map { UInt8(truncatingIfNeeded: $0) }
+        var whole = request(type: 1, length: 1000, payload: data)
+        while whole.readableBytes > 0 {
+            try channel.writeInbound(whole.readSlice(length: min(97, whole.readableBytes))!)
+        }
+        let decoded = try #require(try channel.readInbound(as: NBDRequest.self))
+        #expect(decoded.payload.map { Array($0.readableBytesView) } == data)
+        #expect(try channel.readInbound(as: NBDRequest.self) == nil)
+    }
+
+    @Test func severalRequestsInOneReadAreAllDecoded() throws {
+        let channel = requestChannel()
+        var batch = request(type: 0, cookie: 1, length: 512)
+        var write = request(type: 1, cookie: 2, length: 3, payload: [1, 2, 3])
+        var flush = request(type: 3, cookie: 3, offset: 0, length: 0)
+        batch.writeBuffer(&write)
+        batch.writeBuffer(&flush)
+        try channel.writeInbound(batch)
+        let cookies = try (0..<3).map { _ in try #require(try channel.readInbound(as: NBDRequest.self)).cookie }
+        #expect(cookies == [1, 2, 3])
+    }
+
+    @Test func aBadMagicEndsTheConnection() throws {
+        let channel = requestChannel()
+        #expect(throws: NBDProtocolError.badRequestMagic(0x1256_0953)) {
+            try channel.writeInbound(request(type: 0, length: 512, magic: 0x1256_0953))
+        }
+    }
+
+    @Test func anOversizedWriteEndsTheConnectionBeforeItsDataArrives() throws {
+        let channel = requestChannel(maxPayload: 4096)
+        #expect(throws: NBDProtocolError.payloadTooLarge(1 << 30)) {
+            try channel.writeInbound(request(type: 1, length: 1 << 30))
+        }
+    }
+
+    @Test func optionsAreFramedAfterTheClientFlags() throws {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(OptionDecoder()))
+        var input = ByteBuffer()
+        input.writeInteger(UInt32(3))
+        input.writeInteger(Magic.option)
+        input.writeInteger(UInt32(8))
+        input.writeInteger(UInt32(0))
+        try channel.writeInbound(input)
+        #expect(try channel.readInbound(as: HandshakeMessage.self) == .clientFlags(3))
+        #expect(try channel.readInbound(as: HandshakeMessage.self) == .option(code: 8, data: ByteBuffer()))
+    }
+
+    @Test func anOversizedOptionIsSkippedAndTheNextOneStillRead() throws {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(OptionDecoder()))
+        var input = ByteBuffer()
+        input.writeInteger(UInt32(1))
+        input.writeInteger(Magic.option)
+        input.writeInteger(UInt32(9))
+        input.writeInteger(UInt32(OptionDecoder.maxOptionData + 1))
+        try channel.writeInbound(input)
+        try channel.writeInbound(ByteBuffer(repeating: 0x41, count: OptionDecoder.maxOptionData + 1))
+        var next = ByteBuffer()
+        next.writeInteger(Magic.option)
+        next.writeInteger(UInt32(2))
+        next.writeInteger(UInt32(0))
+        try channel.writeInbound(next)
+        #expect(try channel.readInbound(as: HandshakeMessage.self) == .clientFlags(1))
+        #expect(try channel.readInbound(as: HandshakeMessage.self) == .oversizedOption(code: 9))
+        #expect(try channel.readInbound(as: HandshakeMessage.self) == .option(code: 2, data: ByteBuffer()))
+    }
+
+    @Test func aBadOptionMagicEndsTheConnection() throws {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(OptionDecoder()))
+        var input = ByteBuffer()
+        input.writeInteger(UInt32(1))
+        input.writeInteger(UInt64(0xDEAD_BEEF))
+        input.writeInteger(UInt64(0))
+        #expect(throws: NBDProtocolError.badOptionMagic(0xDEAD_BEEF)) { try channel.writeInbound(input) }
+    }
+}

@@ -1,0 +1,209 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+@testable import NBD
+import Testing
+
+/// The handshake and the transmission phase on an EmbeddedChannel: every
+/// malformed or hostile input gets the reply, or the disconnect, that the
+/// spec names, and nothing outside the export is touched.
+@Suite struct ProtocolTests {
+    let target = MemoryTarget(size: 1 << 20)
+
+    /// A connection through the server's own pipeline, after its greeting.
+    private func connection(readOnly: Bool = false) throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel()
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        try NBDServer.configure(channel, exports: [Export(name: "mem", readOnly: readOnly, target: target)], logger: logger)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 10809)).wait()
+        var greeting = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        #expect(greeting.readInteger(as: UInt64.self) == Magic.greeting)
+        #expect(greeting.readInteger(as: UInt64.self) == Magic.option)
+        #expect(greeting.readInteger(as: UInt16.self) == 3)
+        return channel
+    }
+
+    private func send(_ channel: EmbeddedChannel, _ build: (inout ByteBuffer) -> Void) throws {
+        var buffer = ByteBuffer()
+        build(&buffer)
+        try channel.writeInbound(buffer)
+        channel.embeddedEventLoop.run()
+    }
+
+    private func option(_ code: UInt32, _ data: [UInt8] = []) -> (inout ByteBuffer) -> Void {
+        { buffer in
+            buffer.writeInteger(Magic.option)
+            buffer.writeInteger(code)
+            buffer.writeInteger(UInt32(data.count))
+            buffer.writeBytes(data)
+        }
+    }
+
+    /// Every option reply the server sent: (option, type, data).
+    private func optionReplies(_ channel: EmbeddedChannel) throws -> [(UInt32, UInt32, ByteBuffer)] {
+        var replies: [(UInt32, UInt32, ByteBuffer)] = []
+        while var buffer = try channel.readOutbound(as: ByteBuffer.self) {
+            while buffer.readableBytes > 0 {
+                #expect(buffer.readInteger(as: UInt64.self) == Magic.optionReply)
+                let option = buffer.readInteger(as: UInt32.self)!
+                let type = buffer.readInteger(as: UInt32.self)!
+                let length = buffer.readInteger(as: UInt32.self)!
+                replies.append((option, type, buffer.readSlice(length: Int(length))!))
+            }
+        }
+        return replies
+    }
+
+    private func goData(_ name: String, requests: [UInt16] = []) -> [UInt8] {
+        var data = ByteBuffer()
+        data.writeInteger(UInt32(name.utf8.count))
+        data.writeString(name)
+        data.writeInteger(UInt16(requests.count))
+        for request in requests { data.writeInteger(request) }
+        return Array(data.readableBytesView)
+    }
+
+    @Test func unknownClientFlagsCloseTheConnection() throws {
+        let channel = try connection()
+        try send(channel) { $0.writeInteger(UInt32(0x80)) }
+        #expect(!channel.isActive)
+    }
+
+    @Test func unknownAndMalformedOptionsGetErrorReplies() throws {
+        let channel = try connection()
+        try send(channel) { $0.writeInteger(UInt32(1)) }
+        try send(channel, option(99))
+        try send(channel, option(3, [1]))                 // LIST with data
+        try send(channel, option(5))                      // STARTTLS
+        try send(channel, option(7, [0, 0, 0, 9, 1]))     // GO whose name runs past the data
+        try send(channel, option(7, goData("nope")))      // GO to an unknown export
+        try send(channel, option(10, goData("mem")))      // SET_META_CONTEXT before structured replies
+        try send(channel, option(8, [0]))                 // STRUCTURED_REPLY with data
+        let types = try optionReplies(channel).map { ($0.0, $0.1) }
+        #expect(types.map(\.0) == [99, 3, 5, 7, 7, 10, 8])
+        #expect(types.map(\.1) == [OptionReply.errUnsupported, .errInvalid, .errPolicy, .errInvalid, .errUnknown,
+                                   .errInvalid, .errInvalid].map(\.rawValue))
+        #expect(channel.isActive, "errors during the handshake do not end it")
+    }
+
+    @Test func exportNameToAnUnknownExportDropsTheConnection() throws {
+        let channel = try connection()
+        try send(channel) { $0.writeInteger(UInt32(1)) }
+        try send(channel, option(1, Array("nope".utf8)))
+        #expect(!channel.isActive)
+    }
+
+    /// A transmission-phase connection, after NBD_OPT_GO.
+    private func transmission(structured: Bool, readOnly: Bool = false) throws -> EmbeddedChannel {
+        let channel = try connection(readOnly: readOnly)
+        try send(channel) { $0.writeInteger(UInt32(1)) }
+        if structured { try send(channel, option(8)) }
+        try send(channel, option(7, goData("mem")))
+        let replies = try optionReplies(channel)
+        #expect(replies.last?.1 == OptionReply.ack.rawValue)
+        return channel
+    }
+
+    private func sendRequest(_ channel: EmbeddedChannel, type: UInt16, flags: UInt16 = 0, cookie: UInt64,
+                             offset: UInt64, length: UInt32, payload: [UInt8] = []) throws {
+        try send(channel) { buffer in
+            buffer.writeInteger(Magic.request)
+            buffer.writeInteger(flags)
+            buffer.writeInteger(type)
+            buffer.writeInteger(cookie)
+            buffer.writeInteger(offset)
+            buffer.writeInteger(length)
+            buffer.writeBytes(payload)
+        }
+    }
+
+    /// (cookie, error) of each simple reply; structured error chunks too.
+    private func replies(_ channel: EmbeddedChannel) throws -> [(cookie: UInt64, error: UInt32, data: [UInt8])] {
+        var all: [(UInt64, UInt32, [UInt8])] = []
+        while var buffer = try channel.readOutbound(as: ByteBuffer.self) {
+            while buffer.readableBytes > 0 {
+                let magic = buffer.readInteger(as: UInt32.self)!
+                if magic == Magic.simpleReply {
+                    let error = buffer.readInteger(as: UInt32.self)!
+                    all.append((buffer.readInteger(as: UInt64.self)!, error, []))
+                } else {
+                    #expect(magic == Magic.structuredReply)
+                    _ = buffer.readInteger(as: UInt16.self)
+                    let type = buffer.readInteger(as: UInt16.self)!
+                    let cookie = buffer.readInteger(as: UInt64.self)!
+                    var payload = buffer.readSlice(length: Int(buffer.readInteger(as: UInt32.self)!))!
+                    if type == ChunkType.error.rawValue {
+                        all.append((cookie, payload.readInteger(as: UInt32.self)!, []))
+                    } else if type == ChunkType.offsetData.rawValue {
+                        _ = payload.readInteger(as: UInt64.self)
+                        all.append((cookie, 0, Array(payload.readableBytesView)))
+                    } else {
+                        all.append((cookie, 0, []))
+                    }
+                }
+            }
+        }
+        return all
+    }
+
+    @Test(arguments: [true, false])
+    func hostileRequestsGetTheSpecsErrorsAndTouchNothing(structured: Bool) throws {
+        let channel = try transmission(structured: structured)
+        try sendRequest(channel, type: 42, cookie: 1, offset: 0, length: 512)                 // unknown command
+        try sendRequest(channel, type: 0, flags: 0x40, cookie: 2, offset: 0, length: 512)     // unknown flag
+        try sendRequest(channel, type: 0, flags: 2, cookie: 3, offset: 0, length: 512)        // NO_HOLE on a read
+        try sendRequest(channel, type: 0, cookie: 4, offset: 1 << 20, length: 512)            // past the end
+        try sendRequest(channel, type: 1, cookie: 5, offset: (1 << 20) - 512, length: 1024,
+                        payload: [UInt8](repeating: 0xFF, count: 1024))                      // write past the end
+        try sendRequest(channel, type: 0, cookie: 6, offset: 100, length: 512)                // unaligned
+        try sendRequest(channel, type: 0, cookie: 7, offset: 0, length: 2 << 20)              // over the payload limit
+        try sendRequest(channel, type: 7, cookie: 8, offset: 0, length: 512)                  // block status, no context
+        let got = try replies(channel)
+        #expect(got.map(\.cookie) == [1, 2, 3, 4, 5, 6, 7, 8])
+        let einval = NBDErrorCode.invalid.rawValue
+        #expect(got.map(\.error) == [einval, einval, einval, einval, NBDErrorCode.noSpace.rawValue, einval, einval, einval])
+        #expect(target.bytes.allSatisfy { $0 == 0 }, "nothing was written")
+        #expect(channel.isActive)
+    }
+
+    @Test func writesToAReadOnlyExportGetEPERM() throws {
+        let channel = try transmission(structured: true, readOnly: true)
+        try sendRequest(channel, type: 1, cookie: 1, offset: 0, length: 512, payload: [UInt8](repeating: 1, count: 512))
+        try sendRequest(channel, type: 6, cookie: 2, offset: 0, length: 512)
+        #expect(try replies(channel).map(\.error) == [NBDErrorCode.perm.rawValue, NBDErrorCode.perm.rawValue])
+    }
+
+    @Test func aTargetErrorBecomesTheNBDError() throws {
+        let channel = try transmission(structured: true)
+        target.failNext = 28  // ENOSPC
+        try sendRequest(channel, type: 1, cookie: 9, offset: 0, length: 512, payload: [UInt8](repeating: 1, count: 512))
+        #expect(try replies(channel).map(\.error) == [NBDErrorCode.noSpace.rawValue])
+    }
+
+    @Test func aClientThatVanishesMidWriteHarmsNothing() throws {
+        let channel = try transmission(structured: true)
+        try send(channel) { buffer in
+            buffer.writeInteger(Magic.request)
+            buffer.writeInteger(UInt16(0))
+            buffer.writeInteger(UInt16(1))
+            buffer.writeInteger(UInt64(1))
+            buffer.writeInteger(UInt64(0))
+            buffer.writeInteger(UInt32(4096))
+            buffer.writeBytes([UInt8](repeating: 0xAB, count: 1000))
+        }
+        try channel.close().wait()
+        #expect(target.bytes.allSatisfy { $0 == 0 }, "a partial write is never applied")
+    }
+
+    @Test func disconnectClosesAfterTheRepliesInFlight() throws {
+        let channel = try transmission(structured: false)
+        let data = [UInt8](repeating: 7, count: 512)
+        try sendRequest(channel, type: 1, cookie: 1, offset: 512, length: 512, payload: data)
+        try sendRequest(channel, type: 2, cookie: 2, offset: 0, length: 0)
+        try sendRequest(channel, type: 0, cookie: 3, offset: 512, length: 512)  // after DISC: ignored
+        #expect(try replies(channel).map(\.cookie) == [1])
+        #expect(!channel.isActive)
+        #expect(Array(target.bytes[512..<1024]) == data)
+    }
+}

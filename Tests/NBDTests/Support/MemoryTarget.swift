@@ -1,0 +1,51 @@
+import Glibc
+@testable import NBD
+
+/// A target in memory that completes every request at once, on the calling
+/// thread: for testing the protocol layer alone, on an EmbeddedChannel.
+final class MemoryTarget: BlockTarget, @unchecked Sendable {
+    var bytes: [UInt8]
+    var size: UInt64 { UInt64(bytes.count) }
+    let blockSizes = BlockSizes(minimum: 512, preferred: 4096, maximumPayload: 1 << 20)
+    let capabilities: TargetCapabilities = [.flush, .fua, .trim, .writeZeroes, .cache, .multiConnection]
+    /// The errno the next request fails with, once.
+    var failNext: Int32 = 0
+
+    init(size: Int) { bytes = [UInt8](repeating: 0, count: size) }
+
+    private func finish(_ completion: TargetCompletion, _ body: () -> Void) {
+        if failNext != 0 {
+            completion(TargetResult(errno: failNext, message: "injected failure"))
+            failNext = 0
+            return
+        }
+        body()
+        completion(.success)
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion) {
+        finish(completion) { bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) } }
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
+        finish(completion) { bytes.replaceSubrange(Int(offset)..<Int(offset) + buffer.count, with: buffer) }
+    }
+
+    func flush(completion: @escaping TargetCompletion) { finish(completion) {} }
+
+    func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
+        writeZeroes(offset: offset, length: length, mayUnmap: true, fua: fua, completion: completion)
+    }
+
+    func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, completion: @escaping TargetCompletion) {
+        finish(completion) {
+            bytes.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
+        }
+    }
+
+    func cache(offset: UInt64, length: UInt64, completion: @escaping TargetCompletion) { finish(completion) {} }
+
+    func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
+        [Extent(length: UInt32(length), flags: 0)]
+    }
+}

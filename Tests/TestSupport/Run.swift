@@ -1,0 +1,39 @@
+import Foundation
+
+/// Runs a program found on PATH; returns its standard output, or throws
+/// with its output when it exits non-zero.
+@discardableResult
+public func run(_ arguments: [String], environment: [String: String] = [:]) throws -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = arguments
+    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    let output = Pipe()
+    let errors = Pipe()
+    process.standardOutput = output
+    process.standardError = errors
+    try process.run()
+    let out = output.fileHandleForReading.readDataToEndOfFile()
+    let err = errors.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+        throw CommandFailed(command: arguments.joined(separator: " "), status: process.terminationStatus,
+                            output: String(decoding: err + out, as: UTF8.self))
+    }
+    return String(decoding: out, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
+/// A program that exited non-zero, with what it said.
+public struct CommandFailed: Error, CustomStringConvertible {
+    public let command: String
+    public let status: Int32
+    public let output: String
+
+    public init(command: String, status: Int32, output: String) {
+        self.command = command
+        self.status = status
+        self.output = output
+    }
+
+    public var description: String { "\(command) exited \(status): \(output)" }
+}
