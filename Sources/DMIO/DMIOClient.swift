@@ -137,6 +137,21 @@ public final class DMIOClient: @unchecked Sendable {
         }
     }
 
+    // MARK: Plugging (blk_start_plug / blk_finish_plug)
+
+    /// Until `unplug()`, I/O this thread submits is queued, not yet handed
+    /// to the kernel; `unplug()` hands it over in one go. A server plugs for
+    /// each batch of requests it reads, so that a batch costs one system
+    /// call. Plugs nest; every `plug()` needs its `unplug()` on the same
+    /// thread, or the queued I/O waits. Completions are unaffected.
+    public func plug() {
+        Plug.start()
+    }
+
+    public func unplug() {
+        if Plug.finish() { engine.flushPlugged() }
+    }
+
     // MARK: Issuing I/O
 
     private func start(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?,

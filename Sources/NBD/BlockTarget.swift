@@ -88,4 +88,18 @@ public protocol BlockTarget: AnyObject, Sendable {
     /// base:allocation extents from `offset`, covering at most `length`
     /// bytes (at least one extent).
     func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent]
+    /// Whether the range certainly reads as zeroes, found out cheaply (a
+    /// large read of it is then answered as a hole without reading).
+    func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool
+
+    /// Around the requests of one socket read, on the connection's thread:
+    /// a target may hold their I/O back until `endBatch` and start it in
+    /// one go.
+    func beginBatch()
+    func endBatch()
+}
+
+extension BlockTarget {
+    public func beginBatch() {}
+    public func endBatch() {}
 }

@@ -79,6 +79,13 @@ public final class LinearTarget: BlockTarget, @unchecked Sendable {
         }
     }
 
+    public func beginBatch() { client.plug() }
+    public func endBatch() { client.unplug() }
+
+    public func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool {
+        device.isHole(offset: start + offset, length: length)
+    }
+
     private func submit(_ operation: IOOperation, _ regions: [IORegion], memory: IOMemory? = nil,
                         flags: IOFlags = [], completion: @escaping TargetCompletion) {
         do {

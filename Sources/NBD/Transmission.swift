@@ -37,6 +37,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private var requestsInFlight = 0
     private var bytesInFlight = 0
     private var readHeld = false
+    /// Whether the target holds this read batch's I/O until channelReadComplete.
+    private var inBatch = false
     private var disconnecting = false
     private var active = true
     /// This connection's context, and the handler as storage threads may
@@ -61,6 +63,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let request = unwrapInboundIn(data)
         guard !disconnecting else { return }  // nothing may follow NBD_CMD_DISC
+        if !inBatch {
+            inBatch = true
+            target.beginBatch()
+        }
         switch validate(request, session: session) {
         case .failure(let rejection):
             logger.debug("request refused: \(rejection.message)")
@@ -71,11 +77,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        endBatch()
         flushOutput(context)
         context.fireChannelReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        endBatch()
         active = false
         if requestsInFlight > 0 {
             logger.debug("client went away with \(requestsInFlight) requests in flight")
@@ -103,6 +111,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     // MARK: Outbound: backpressure
+
+    private func endBatch() {
+        if inBatch {
+            inBatch = false
+            target.endBatch()
+        }
+    }
 
     func read(context: ChannelHandlerContext) {
         if mayRead(context) {
@@ -162,8 +177,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private func read(offset: UInt64, length: UInt32, cookie: UInt64) {
         let count = Int(length)
         if session.structuredReplies && count >= Self.sparseReadBytes,
-           let extents = try? target.allocation(offset: offset, length: UInt64(length), maxExtents: 1),
-           let first = extents.first, first.flags & Extent.zero != 0, first.length >= length {
+           target.readsAsZeroes(offset: offset, length: UInt64(length)) {
             output.writeHoleChunk(offset: offset, length: length, cookie: cookie, done: true)
             return
         }

@@ -80,3 +80,27 @@ import Testing
         #expect(results.allSatisfy { $0 == .success })
     }
 }
+
+/// A plug holds a thread's I/O back until it unplugs (blk_start_plug).
+@Suite struct PlugTests {
+    @Test func pluggedIOWaitsForUnplugThenCompletes() throws {
+        let folder = TemporaryFolder()
+        let client = try client(.ioUring)
+        let device = try folder.device("disk", size: 1 << 20)
+        let data = AlignedBuffer(count: 4096, pattern: 3)
+        let done = CompletionCounter()
+        client.plug()
+        client.plug()
+        for index in 0..<4 {
+            try client.submit(.write, regions: [IORegion(device: device, sector: UInt64(index * 8), count: 8)],
+                              buffer: data.bytes) { result, _ in done.record(result) }
+        }
+        client.unplug()
+        usleep(100_000)
+        #expect(done.waitFor(0).isEmpty, "nothing reaches the kernel while a plug is held")
+        client.unplug()
+        #expect(done.waitFor(4).count == 4)
+        #expect(done.waitFor(4).allSatisfy { $0 == .success })
+        #expect(fileBytes(device.name, offset: 3 * 4096, count: 4096) == data.array)
+    }
+}

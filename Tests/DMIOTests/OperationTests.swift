@@ -161,6 +161,10 @@ import Testing
             DeviceExtent(length: 2 << 20, isHole: true)])
         #expect(try device.allocation(offset: (2 << 20) + 4096, length: 8192, maxExtents: 10) == [
             DeviceExtent(length: 8192, isHole: false)])
+        #expect(device.isHole(offset: 0, length: 2 << 20))
+        #expect(!device.isHole(offset: 0, length: (2 << 20) + 512))
+        #expect(!device.isHole(offset: 3 << 20 - 512, length: 512))
+        #expect(device.isHole(offset: 3 << 20, length: 5 << 20))
     }
 
     @Test func aBlockDeviceReportsData() throws {

@@ -25,6 +25,19 @@ extension BlockDevice {
     }
 }
 
+extension BlockDevice {
+    /// Whether `length` bytes at `offset` are one hole, so read as zeroes
+    /// without holding data. Cheap: one SEEK_DATA, which on tmpfs and most
+    /// file systems answers at once from a data position, where SEEK_HOLE
+    /// would walk the data page by page. False when it cannot tell.
+    public func isHole(offset: UInt64, length: UInt64) -> Bool {
+        guard kind == .file else { return false }
+        let data = dmio_seek_data(fileDescriptor, Int64(offset))
+        if data < 0 { return errno == ENXIO }
+        return UInt64(data) >= offset + length
+    }
+}
+
 extension LocalDevice {
     fileprivate func sparseAllocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
         var extents: [DeviceExtent] = []

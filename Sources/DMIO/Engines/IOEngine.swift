@@ -26,6 +26,8 @@ protocol IOEngine: AnyObject, Sendable {
     var kind: IOEngineKind { get }
     /// Starts every bio of `batch`; they complete on the engine's threads.
     func submit(_ batch: BioBatch)
+    /// Hands over what a plugged thread queued.
+    func flushPlugged()
     /// Waits for in-flight bios, then stops the engine's threads.
     func shutdown()
 }

@@ -10,7 +10,7 @@ import URing
 /// so a completion callback that submits more I/O cannot deadlock. I/O
 /// submitted from completion callbacks (a queue kept full, a mirror's next
 /// write) is only queued; the reaper enters the kernel once for the whole
-/// batch of completions.
+/// batch of completions. So is I/O from a plugged thread, until it unplugs.
 final class IOUringEngine: IOEngine, @unchecked Sendable {
     let kind = IOEngineKind.ioUring
     private let ring: IOURing
@@ -50,9 +50,13 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
                     backlog.append(bio)
                 }
             }
-            feedRingLocked(enterKernel: !onReaper)
+            feedRingLocked(enterKernel: !onReaper && !Plug.isPlugged)
         }
         if !ioctls.isEmpty { ioctlWorker.submit(ioctls) }
+    }
+
+    func flushPlugged() {
+        lock.withLock { feedRingLocked() }
     }
 
     func shutdown() {

@@ -21,6 +21,9 @@ final class ThreadPoolEngine: IOEngine, @unchecked Sendable {
         lock.broadcast()
     }
 
+    /// Bios reach the workers as they are submitted: nothing waits for a plug.
+    func flushPlugged() {}
+
     func shutdown() {
         lock.withLock { stopping = true }
         lock.broadcast()

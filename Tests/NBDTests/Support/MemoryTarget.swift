@@ -45,6 +45,8 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
 
     func cache(offset: UInt64, length: UInt64, completion: @escaping TargetCompletion) { finish(completion) {} }
 
+    func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool { false }
+
     func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
         [Extent(length: UInt32(length), flags: 0)]
     }
