@@ -1,13 +1,29 @@
-# The project's commands. `make test` is what CI runs (.ci/run).
+# The project's commands. `make test` and `make e2e` are what CI runs (.ci/run).
 SWIFT ?= swift
 BENCH_FLAGS ?=
+# Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
+SHARED ?= ../shared
+DATA ?= dmio-data
+SOCKET ?= $(if $(XDG_RUNTIME_DIR),$(XDG_RUNTIME_DIR),/run)/dmio-nbd.sock
 
-.PHONY: test build deps bench example clean
+.PHONY: test e2e serve build deps bench bench-nbd example clean
 
 ## Install what is missing, build, and run every test.
 test: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+
+## Serve a 1 GiB sparse file in ./dmio-data over NBD, on $(SOCKET).
+serve: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	mkdir -p $(DATA)
+	.build/release/dmio-nbd serve --socket $(SOCKET) --create 1G $(DATA)/leg0.img
+
+## The real Linux nbd driver: ext4 on /dev/nbd0 served by dmio-nbd, in a VM.
+e2e: deps
+	@test -x $(SHARED)/e2e/kernel-nbd-smoke || { echo "e2e: $(SHARED)/e2e/kernel-nbd-smoke not found (set SHARED=)"; exit 2; }
+	$(SWIFT) build --product dmio-nbd
+	$(SHARED)/e2e/kernel-nbd-smoke --server '.build/debug/dmio-nbd serve --socket "$$NBD_SOCKET" --create 256M /tmp/dmio-e2e-leg.img'
 
 build: deps
 	$(SWIFT) build
@@ -15,11 +31,16 @@ build: deps
 deps:
 	@scripts/install-deps
 
-## DMIO against fio on /dev/shm (see BENCHMARKS.md). BENCH_FLAGS=--quick for a short run.
-bench:
-	@scripts/install-deps
+## DMIO against fio on /dev/shm (BENCHMARKS.md). BENCH_FLAGS=--quick for a short run.
+bench: deps
 	$(SWIFT) build -c release --product dmio-bench
 	.build/release/dmio-bench $(BENCH_FLAGS)
+
+## dmio-nbd against nbdkit and qemu-nbd, one leg (BENCHMARKS.md).
+bench-nbd: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	$(SHARED)/bench/run --legs 1 --name dmio-nbd $(BENCH_FLAGS) \
+		--server '.build/release/dmio-nbd serve --socket {socket} {legs}'
 
 ## Copy a region to two files with one DMIO write.
 example: deps
