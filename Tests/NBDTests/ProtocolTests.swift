@@ -206,4 +206,19 @@ import Testing
         #expect(!channel.isActive)
         #expect(Array(target.bytes[512..<1024]) == data)
     }
+
+    @Test func aSlowRequestDoesNotHoldBackTheOthers() throws {
+        let channel = try transmission(structured: true)
+        target.bytes.replaceSubrange(4096..<4608, with: repeatElement(9, count: 512))
+        target.holdReadsAt = 0
+        try sendRequest(channel, type: 0, cookie: 1, offset: 0, length: 512)     // held by the target
+        try sendRequest(channel, type: 0, cookie: 2, offset: 4096, length: 512)
+        try sendRequest(channel, type: 3, cookie: 3, offset: 0, length: 0)
+        #expect(try replies(channel).map(\.cookie) == [2, 3], "later requests are answered first")
+        target.held.removeFirst()()
+        channel.embeddedEventLoop.run()
+        let late = try replies(channel)
+        #expect(late.map(\.cookie) == [1])
+        #expect(late.first?.data == [UInt8](repeating: 0, count: 512))
+    }
 }

@@ -10,6 +10,9 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
     let capabilities: TargetCapabilities = [.flush, .fua, .trim, .writeZeroes, .cache, .multiConnection]
     /// The errno the next request fails with, once.
     var failNext: Int32 = 0
+    /// Reads at this offset wait in `held` until the test releases them.
+    var holdReadsAt: UInt64?
+    var held: [() -> Void] = []
 
     init(size: Int) { bytes = [UInt8](repeating: 0, count: size) }
 
@@ -24,6 +27,11 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion) {
+        if offset == holdReadsAt {
+            held.append { [self] in read(into: buffer, offset: offset + 0, completion: completion) }
+            holdReadsAt = nil
+            return
+        }
         finish(completion) { bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) } }
     }
 
