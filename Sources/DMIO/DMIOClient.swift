@@ -28,8 +28,13 @@ public final class DMIOClient: @unchecked Sendable {
 
     /// Creates a client on `engine`, with `pages` pages ready in its pool.
     /// `threads` sizes the thread-pool engine.
-    public init(engine choice: IOEngineChoice = .automatic, pages: Int = 0, threads: Int = 8) throws(DMIOError) {
-        engine = try makeEngine(choice, threads: threads)
+    public convenience init(engine choice: IOEngineChoice = .automatic, pages: Int = 0,
+                            threads: Int = 8) throws(DMIOError) {
+        self.init(engine: try makeEngine(choice, threads: threads), pages: pages)
+    }
+
+    private init(engine: IOEngine, pages: Int) {
+        self.engine = engine
         engineKind = engine.kind
         jobs = ObjectPool { IOJob() }
         let bios = ObjectPool { Bio() }
@@ -42,6 +47,35 @@ public final class DMIOClient: @unchecked Sendable {
     }
 
     deinit { engine.shutdown() }
+
+    // MARK: A client driven by its own thread (an event loop)
+
+    /// Makes a client whose io_uring the calling thread drives: only this
+    /// thread may use it; it submits, and reaps completions as it enters the
+    /// kernel or when `completionEventFD` becomes readable (then call
+    /// `reapCompletions()`). No DMIO thread is involved, so an event loop
+    /// pays no thread switch per request. It becomes `DMIOClient.current`
+    /// on this thread. Synchronous requests drive the ring themselves.
+    public static func threadDriven(pages: Int = 0) throws(DMIOError) -> DMIOClient {
+        let engine: ThreadDrivenEngine
+        do { engine = try ThreadDrivenEngine() } catch {
+            throw .engineUnavailable(engine: .ioUring, errno: error.errno)
+        }
+        let client = DMIOClient(engine: engine, pages: pages)
+        CurrentClient.set(client)
+        return client
+    }
+
+    /// The thread-driven client of the calling thread, if it made one.
+    public static var current: DMIOClient? { CurrentClient.get() }
+
+    /// For a thread-driven client: readable when completions wait.
+    public var completionEventFD: Int32? { (engine as? ThreadDrivenEngine)?.eventFD }
+
+    /// For a thread-driven client: ends every request whose I/O completed.
+    public func reapCompletions() {
+        (engine as? ThreadDrivenEngine)?.reap()
+    }
 
     // MARK: The page pool (dm_io_get / dm_io_put)
 
@@ -68,6 +102,7 @@ public final class DMIOClient: @unchecked Sendable {
         let job = jobs.take()
         job.start(pool: jobs, notify: nil, context: nil)
         dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
+        (engine as? ThreadDrivenEngine)?.run { job.isSyncDone }
         return job.waitForSync()
     }
 

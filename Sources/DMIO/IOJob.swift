@@ -77,6 +77,9 @@ final class IOJob: @unchecked Sendable {
         }
     }
 
+    /// Whether a synchronous request has its result.
+    var isSyncDone: Bool { syncLock.withLock { syncResult != nil } }
+
     /// Waits for a synchronous request, then returns the job to its pool.
     func waitForSync() -> IOResult {
         syncLock.lock()

@@ -5,6 +5,7 @@ import Glibc
 /// is one DMIO request on that region.
 public final class LinearTarget: BlockTarget, @unchecked Sendable {
     public let device: BlockDevice
+    /// The client for threads without one of their own (see `io`).
     public let client: DMIOClient
     /// Where the target starts on the device, in bytes.
     public let start: UInt64
@@ -79,8 +80,12 @@ public final class LinearTarget: BlockTarget, @unchecked Sendable {
         }
     }
 
-    public func beginBatch() { client.plug() }
-    public func endBatch() { client.unplug() }
+    /// The calling event loop's own client where it has one (the server
+    /// gives each loop one), so that its I/O needs no other thread.
+    private var io: DMIOClient { DMIOClient.current ?? client }
+
+    public func beginBatch() { io.plug() }
+    public func endBatch() { io.unplug() }
 
     public func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool {
         device.isHole(offset: start + offset, length: length)
@@ -89,7 +94,7 @@ public final class LinearTarget: BlockTarget, @unchecked Sendable {
     private func submit(_ operation: IOOperation, _ regions: [IORegion], memory: IOMemory? = nil,
                         flags: IOFlags = [], completion: @escaping TargetCompletion) {
         do {
-            try client.submit(operation, regions: regions, memory: memory, flags: flags) { result, _ in
+            try io.submit(operation, regions: regions, memory: memory, flags: flags) { result, _ in
                 completion(TargetResult(result, device: self.device))
             }
         } catch {

@@ -23,6 +23,8 @@ public final class NBDServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
     private let listeners = NIOLockedValueBox<[Channel]>([])
+    /// The event loops' DMIO eventfd channels, made with the first listener.
+    private let loopIO = NIOLockedValueBox<[Channel]?>(nil)
     private let connections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
     /// `threads` event loops share the connections (one per core by default).
@@ -37,6 +39,10 @@ public final class NBDServer: @unchecked Sendable {
     /// a TCP port of 0).
     @discardableResult
     public func listen(on address: ListenAddress) async throws -> ListenAddress {
+        if loopIO.withLockedValue({ $0 == nil }) {
+            let channels = try await EventLoopIO.attach(to: group)
+            loopIO.withLockedValue { $0 = channels }
+        }
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -107,6 +113,9 @@ public final class NBDServer: @unchecked Sendable {
         }
         for channel in open {
             try? await channel.closeFuture.get()
+        }
+        for channel in loopIO.withLockedValue({ $0 ?? [] }) {
+            try? await channel.close()
         }
         try? await group.shutdownGracefully()
     }

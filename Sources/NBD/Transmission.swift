@@ -315,8 +315,24 @@ final class TransmissionHandler: ChannelDuplexHandler {
 final class CompletionInbox: @unchecked Sendable {
     private let lock = NIOLock()
     private var queued: [() -> Void] = []
+    /// Touched on the event loop only.
+    private var afterBatchScheduled = false
 
+    /// Runs `completion` on `loop`, then `afterBatch` once for the batch. A
+    /// completion already on the loop (reaped by the loop itself) runs at
+    /// once; others queue, and the first of a batch schedules the run.
     func post(on loop: EventLoop, _ completion: @escaping () -> Void, afterBatch: @escaping () -> Void) {
+        if loop.inEventLoop {
+            completion()
+            if !afterBatchScheduled {
+                afterBatchScheduled = true
+                loop.execute { [self] in
+                    afterBatchScheduled = false
+                    afterBatch()
+                }
+            }
+            return
+        }
         let first = lock.withLock {
             queued.append(completion)
             return queued.count == 1

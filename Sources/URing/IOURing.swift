@@ -1,7 +1,8 @@
-// No `import Glibc` here: liburing.h pulls in glibc headers of its own, and a
-// file that sees both definitions of fd_set does not compile. Iovec arrays
+// liburing.h pulls in glibc headers; CLibURing's shim imports Glibc's module
+// first so the two agree (see Sources/CLibURing/shim.h). Iovec arrays
 // cross this module's API as raw pointers to `struct iovec`.
 internal import CLibURing
+import Glibc
 
 /// One operation to place in a submission queue entry.
 public enum URingOperation {
@@ -38,10 +39,22 @@ public final class IOURing {
     /// completion a kernel worker posts, which cost three quarters of the
     /// 4 KiB throughput (BENCHMARKS.md). Sleeping submitters are still woken.
     /// Older kernels refuse the flag with EINVAL and get a plain ring.
-    public init(entries: UInt32) throws(URingError) {
+    ///
+    /// A `singleIssuer` ring may only be used by the thread that makes it
+    /// (SINGLE_ISSUER), and completion work waits until that thread asks for
+    /// events (DEFER_TASKRUN, Linux 6.1): no other thread is ever
+    /// interrupted or woken for it.
+    public init(entries: UInt32, singleIssuer: Bool = false) throws(URingError) {
         ring = .allocate(capacity: 1)
         ring.initialize(to: io_uring())
-        var rc = io_uring_queue_init(entries, ring, IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG)
+        let cooperative = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG
+        var rc = Int32(-EINVAL)
+        if singleIssuer {
+            rc = io_uring_queue_init(entries, ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN)
+        }
+        if rc == -EINVAL {
+            rc = io_uring_queue_init(entries, ring, cooperative)
+        }
         if rc == -EINVAL {
             rc = io_uring_queue_init(entries, ring, 0)
         }
@@ -86,6 +99,27 @@ public final class IOURing {
     @discardableResult
     public func submit() -> Int32 {
         io_uring_submit(ring)
+    }
+
+    /// Submits what is prepared and runs the completion work the kernel
+    /// deferred to this thread, so that its completions can be reaped.
+    @discardableResult
+    public func submitAndGetEvents() -> Int32 {
+        io_uring_submit_and_get_events(ring)
+    }
+
+    /// Makes an eventfd the kernel signals when completions are posted
+    /// (or, with DEFER_TASKRUN, when completion work waits for this
+    /// thread). The caller owns the descriptor.
+    public func registerEventFD() throws(URingError) -> Int32 {
+        let fd = dmio_eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        guard fd >= 0 else { throw URingError(errno: errno, call: "eventfd") }
+        let rc = io_uring_register_eventfd(ring, fd)
+        guard rc == 0 else {
+            close(fd)
+            throw URingError(errno: -rc, call: "io_uring_register_eventfd")
+        }
+        return fd
     }
 
     /// Waits until at least one completion is available, then passes every

@@ -104,3 +104,91 @@ import Testing
         #expect(fileBytes(device.name, offset: 3 * 4096, count: 4096) == data.array)
     }
 }
+
+/// A client driven by its own thread, as an event loop drives it. Each test
+/// runs on a thread of its own: the thread keeps its client until it exits.
+@Suite struct ThreadDrivenTests {
+    private func onOwnThread(_ body: @escaping () throws -> Void) throws {
+        let done = DispatchSemaphore(value: 0)
+        nonisolated(unsafe) var failure: Error?
+        let thread = Thread {
+            do { try body() } catch { failure = error }
+            done.signal()
+        }
+        thread.start()
+        done.wait()
+        if let failure { throw failure }
+    }
+
+    @Test func syncAndAsyncRequestsCompleteOnTheOwningThread() throws {
+        try onOwnThread(Self.syncAndAsync)
+    }
+
+    @Test func writesHandedToKernelWorkersComeBackThroughTheEventFD() throws {
+        try onOwnThread(Self.workerWrites)
+    }
+
+    private static func syncAndAsync() throws {
+        let folder = TemporaryFolder()
+        let device = try folder.device("disk", size: 4 << 20)
+        let client = try IOURingSwitch.creatingClient { try DMIOClient.threadDriven(pages: 8) }
+        #expect(DMIOClient.current === client)
+        let eventFD = try #require(client.completionEventFD)
+        let data = AlignedBuffer(count: 64 << 10, pattern: 21)
+        let region = IORegion(device: device, sector: 64, count: 128)
+        #expect(try client.sync(.write, regions: [region], buffer: data.bytes, flags: .fua) == .success)
+
+        let owner = pthread_self()
+        var results: [IOResult] = []
+        let backs = (0..<16).map { _ in AlignedBuffer(count: 64 << 10) }
+        for back in backs {
+            try client.submit(.read, regions: [region], buffer: back.bytes) { result, _ in
+                #expect(pthread_equal(pthread_self(), owner) != 0, "completions run on the owning thread")
+                results.append(result)
+            }
+        }
+        // Reads of the page cache complete while being submitted; whatever
+        // is left is announced by the eventfd.
+        let deadline = Date().addingTimeInterval(10)
+        while results.count < backs.count && Date() < deadline {
+            var descriptor = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
+            _ = poll(&descriptor, 1, 100)
+            var counter: UInt64 = 0
+            _ = read(eventFD, &counter, 8)
+            client.reapCompletions()
+        }
+        #expect(results.count == backs.count)
+        #expect(results.allSatisfy { $0 == .success })
+        #expect(backs.allSatisfy { $0.array == data.array })
+    }
+
+    private static func workerWrites() throws {
+        // tmpfs cannot write without blocking: io_uring runs these writes in
+        // its workers, and their completions wait for the owning thread.
+        let folder = TemporaryFolder(in: "/dev/shm")
+        let device = try folder.device("disk", size: 4 << 20)
+        let client = try IOURingSwitch.creatingClient { try DMIOClient.threadDriven() }
+        let eventFD = try #require(client.completionEventFD)
+        let data = AlignedBuffer(count: 4096, pattern: 5)
+        var completed = 0
+        for index in 0..<64 {
+            try client.submit(.write, regions: [IORegion(device: device, sector: UInt64(index * 8), count: 8)],
+                              buffer: data.bytes) { result, _ in
+                #expect(result == .success)
+                completed += 1
+            }
+        }
+        var wakeups = 0
+        while completed < 64 && wakeups < 1000 {
+            var descriptor = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
+            if poll(&descriptor, 1, 1000) == 1 {
+                var counter: UInt64 = 0
+                _ = read(eventFD, &counter, 8)
+            }
+            wakeups += 1
+            client.reapCompletions()
+        }
+        #expect(completed == 64)
+        #expect(fileBytes(device.name, offset: 63 * 4096, count: 4096) == data.array)
+    }
+}

@@ -44,11 +44,7 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
         var ioctls = BioBatch()
         lock.withLock {
             while let bio = batch.popFirst() {
-                if case .blockDeviceRange = bio.command {
-                    ioctls.append(bio)
-                } else {
-                    backlog.append(bio)
-                }
+                if bio.isBlockDeviceIoctl { ioctls.append(bio) } else { backlog.append(bio) }
             }
             feedRingLocked(enterKernel: !onReaper && !Plug.isPlugged)
         }
@@ -75,12 +71,7 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
     /// that after its batch).
     private func feedRingLocked(enterKernel: Bool = true) {
         while inFlight < capacity, let bio = backlog.popFirst() {
-            if !ring.prepare(operation(of: bio), userData: token(bio)) {
-                ring.submit()
-                guard ring.prepare(operation(of: bio), userData: token(bio)) else {
-                    preconditionFailure("io_uring: no submission slot after submit")
-                }
-            }
+            ring.place(bio)
             inFlight += 1
             unsubmitted = true
         }
@@ -88,29 +79,6 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
             unsubmitted = false
             ring.submit()
         }
-    }
-
-    private func operation(of bio: Bio) -> URingOperation {
-        switch bio.command {
-        case .read:
-            let (iovecs, count) = bio.iovecs
-            return .readv(fd: bio.fd, iovecs: iovecs, count: count, offset: bio.offset)
-        case .write, .zeroWrite:
-            let (iovecs, count) = bio.iovecs
-            return .writev(fd: bio.fd, iovecs: iovecs, count: count, offset: bio.offset,
-                           flags: bio.flags.contains(.fua) ? Linux.writeDataSync : 0)
-        case .allocate(let mode):
-            return .fallocate(fd: bio.fd, mode: mode, offset: bio.offset, length: bio.remaining)
-        case .sync:
-            return .fsync(fd: bio.fd, dataOnly: true)
-        case .blockDeviceRange:
-            preconditionFailure("ioctls go to the ioctl worker")
-        }
-    }
-
-    /// The ring keeps a retained reference to each bio in flight.
-    private func token(_ bio: Bio) -> UInt64 {
-        UInt64(UInt(bitPattern: Unmanaged.passRetained(bio).toOpaque()))
     }
 
     private func reap() {
@@ -122,8 +90,7 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
                     stopSeen = true
                     return
                 }
-                let bio = Unmanaged<Bio>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(userData))!)
-                    .takeRetainedValue()
+                let bio = Bio.fromRingToken(userData)
                 // A finished bio reports to its request right here, on
                 // this thread; a short transfer or a fallback goes again.
                 if !bio.absorb(result: Int(result)) { again.append(bio) }
