@@ -27,6 +27,9 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// Structured reads at least this long first ask whether the range is
     /// a hole, and answer a hole without reading it.
     static let sparseReadBytes = 64 << 10
+    /// Large reply buffers kept for reuse once the socket has sent them: a
+    /// fresh megabyte per reply costs its page faults every time.
+    static let maxSpareReplyBuffers = 16
 
     private let session: Session
     private let target: BlockTarget
@@ -45,6 +48,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// hold it: it is only ever used back on the event loop.
     private var context: ChannelHandlerContext!
     private var onLoop: NIOLoopBound<TransmissionHandler>!
+    private var spareReplyBuffers: [ByteBuffer] = []
 
     init(session: Session, allocator: ByteBufferAllocator, logger: Logger) {
         self.session = session
@@ -181,7 +185,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
             output.writeHoleChunk(offset: offset, length: length, cookie: cookie, done: true)
             return
         }
-        var reply = context.channel.allocator.buffer(capacity: WireSize.structuredReplyHeader + 8 + count)
+        var reply = replyBuffer(capacity: WireSize.structuredReplyHeader + 8 + count)
         if session.structuredReplies {
             reply.writeChunkHeader(flags: ChunkFlag.done, type: .offsetData, cookie: cookie, length: 8 + count)
             reply.writeInteger(offset)
@@ -286,11 +290,29 @@ final class TransmissionHandler: ChannelDuplexHandler {
         var reply = reply
         if reply.readableBytes >= Self.directReplyBytes {
             writeOutput(context)
-            context.write(wrapOutboundOut(reply), promise: nil)
+            let sent = context.eventLoop.makePromise(of: Void.self)
+            context.write(wrapOutboundOut(reply), promise: sent)
+            sent.futureResult.whenSuccess { [self] in keepForReuse(reply) }
             pendingFlush = true
         } else {
             output.writeBuffer(&reply)
         }
+    }
+
+    /// A buffer for a reply of `capacity` bytes: a spare one when a large
+    /// reply's buffer is free again.
+    private func replyBuffer(capacity: Int) -> ByteBuffer {
+        if capacity >= Self.directReplyBytes,
+           let index = spareReplyBuffers.lastIndex(where: { $0.capacity >= capacity }) {
+            var buffer = spareReplyBuffers.remove(at: index)
+            buffer.clear()
+            return buffer
+        }
+        return context.channel.allocator.buffer(capacity: capacity)
+    }
+
+    private func keepForReuse(_ buffer: ByteBuffer) {
+        if spareReplyBuffers.count < Self.maxSpareReplyBuffers { spareReplyBuffers.append(buffer) }
     }
 
     private func writeOutput(_ context: ChannelHandlerContext) {
