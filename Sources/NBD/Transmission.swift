@@ -27,9 +27,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// Structured reads at least this long first ask whether the range is
     /// a hole, and answer a hole without reading it.
     static let sparseReadBytes = 64 << 10
-    /// Large reply buffers kept for reuse once the socket has sent them: a
-    /// fresh megabyte per reply costs its page faults every time.
-    static let maxSpareReplyBuffers = 16
+    /// Large reply buffers kept for reuse once the socket has sent them (a
+    /// fresh megabyte per reply costs its page faults every time), up to
+    /// this many bytes a connection: enough for 8 reads of 1 MiB in flight.
+    static let maxSpareReplyBytes = 8 << 20
 
     private let session: Session
     private let target: BlockTarget
@@ -312,7 +313,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     private func keepForReuse(_ buffer: ByteBuffer) {
-        if spareReplyBuffers.count < Self.maxSpareReplyBuffers { spareReplyBuffers.append(buffer) }
+        let kept = spareReplyBuffers.reduce(0) { $0 + $1.capacity }
+        if kept + buffer.capacity <= Self.maxSpareReplyBytes { spareReplyBuffers.append(buffer) }
     }
 
     private func writeOutput(_ context: ChannelHandlerContext) {
