@@ -118,7 +118,9 @@ import Testing
         }
     }
 
-    /// (cookie, error) of each simple reply; structured error chunks too.
+    /// (cookie, error, data) of each reply. Simple replies are taken to carry
+    /// no data (errors, and commands other than reads): a simple read reply
+    /// cannot be framed without knowing its request.
     private func replies(_ channel: EmbeddedChannel) throws -> [(cookie: UInt64, error: UInt32, data: [UInt8])] {
         var all: [(UInt64, UInt32, [UInt8])] = []
         while var buffer = try channel.readOutbound(as: ByteBuffer.self) {
@@ -220,5 +222,41 @@ import Testing
         let late = try replies(channel)
         #expect(late.map(\.cookie) == [1])
         #expect(late.first?.data == [UInt8](repeating: 0, count: 512))
+    }
+
+    /// Counts the socket reads the handlers above it ask for.
+    private final class ReadCounter: ChannelOutboundHandler {
+        typealias OutboundIn = Any
+        var reads = 0
+        func read(context: ChannelHandlerContext) {
+            reads += 1
+            context.read()
+        }
+    }
+
+    @Test func aFullQueueStopsReadingFromTheClientUntilRepliesGoOut() throws {
+        // Structured replies, which say their own length, so they can be counted.
+        let channel = try transmission(structured: true)
+        let counter = ReadCounter()
+        try channel.pipeline.syncOperations.addHandler(counter, position: .first)
+        target.holdAllReads = true
+        try send(channel) { buffer in
+            for cookie in 0..<UInt64(TransmissionHandler.maxRequestsInFlight) {
+                buffer.writeInteger(Magic.request)
+                buffer.writeInteger(UInt16(0))
+                buffer.writeInteger(UInt16(0))
+                buffer.writeInteger(cookie)
+                buffer.writeInteger(UInt64(0))
+                buffer.writeInteger(UInt32(512))
+            }
+        }
+        #expect(target.held.count == TransmissionHandler.maxRequestsInFlight)
+        channel.read()
+        #expect(counter.reads == 0, "no more requests are read while the queue is full")
+        for release in target.held { release() }
+        target.held.removeAll()
+        channel.embeddedEventLoop.run()
+        #expect(counter.reads == 1, "the held read goes on once replies went out")
+        #expect(try replies(channel).count == TransmissionHandler.maxRequestsInFlight)
     }
 }

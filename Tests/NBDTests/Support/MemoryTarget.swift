@@ -12,6 +12,8 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
     var failNext: Int32 = 0
     /// Reads at this offset wait in `held` until the test releases them.
     var holdReadsAt: UInt64?
+    /// Every read waits in `held`.
+    var holdAllReads = false
     var held: [() -> Void] = []
 
     init(size: Int) { bytes = [UInt8](repeating: 0, count: size) }
@@ -27,8 +29,11 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion) {
-        if offset == holdReadsAt {
-            held.append { [self] in read(into: buffer, offset: offset + 0, completion: completion) }
+        if offset == holdReadsAt || holdAllReads {
+            held.append { [self] in
+                holdAllReads = false
+                read(into: buffer, offset: offset, completion: completion)
+            }
             holdReadsAt = nil
             return
         }
