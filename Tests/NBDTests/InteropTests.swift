@@ -57,10 +57,10 @@ import Testing
         try await withServer(size: 64 << 20) { server in
             try run(["fio", "--name=verify", "--ioengine=nbd", "--uri=\(server.uri)", "--rw=randwrite",
                      "--bs=4k", "--iodepth=32", "--size=32M", "--verify=crc32c", "--do_verify=1",
-                     "--verify_fatal=1", "--norandommap=0", "--output-format=terse"])
+                     "--verify_fatal=1", "--verify_state_save=0", "--output-format=terse"])
             try run(["fio", "--name=seq", "--ioengine=nbd", "--uri=\(server.uri)", "--rw=write",
                      "--bs=1M", "--iodepth=8", "--size=32M", "--offset=32M", "--verify=md5",
-                     "--do_verify=1", "--verify_fatal=1", "--output-format=terse"])
+                     "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=terse"])
         }
     }
 }
