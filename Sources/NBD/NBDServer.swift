@@ -89,8 +89,9 @@ public final class NBDServer: @unchecked Sendable {
             let pipeline = context.pipeline.syncOperations
             do {
                 try pipeline.addHandlers([decoder, transmission], position: .after(context.handler))
-                // Bytes the client sent after its option (it may pipeline
-                // requests) pass on to the request decoder.
+                // A client may send requests only once it has the reply to
+                // its option (the spec); bytes it sent before that reach the
+                // option decoder as a bad option and close the connection.
                 pipeline.removeHandler(optionDecoder, promise: nil)
                 pipeline.removeHandler(context: context, promise: nil)
             } catch {
