@@ -157,7 +157,15 @@ final class Bio: @unchecked Sendable {
             advance(by: result)
             if remaining > 0 { return false }
             finish(errno: 0)
-        case .allocate, .sync, .blockDeviceRange:
+        case .allocate, .blockDeviceRange:
+            // Zeroing and discard have no per-operation FUA: a data sync after
+            // them makes them durable before the request completes.
+            if flags.contains(.fua) {
+                command = .sync
+                return false
+            }
+            finish(errno: 0)
+        case .sync:
             finish(errno: 0)
         }
         return true
@@ -204,13 +212,17 @@ final class Bio: @unchecked Sendable {
         }
         let job = self.job!
         let region = self.region
+        let pool = self.pool!
         self.job = nil
         device = nil
+        // The pool is held while the bio is in flight (its client may be
+        // gone by then), not while it waits in the pool.
+        self.pool = nil
         pool.recycle(self)
         job.endIO(region: region, errno: errno)
     }
 
-    unowned(unsafe) var pool: ObjectPool<Bio>!
+    var pool: ObjectPool<Bio>?
 
     /// Iovecs that write the next stretch of zeroes from the shared zero page.
     private func zeroIovecs() -> (pointer: UnsafeMutablePointer<iovec>, count: Int) {

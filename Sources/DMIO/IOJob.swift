@@ -26,7 +26,8 @@ final class IOJob: @unchecked Sendable {
     private var waiter = Waiter.none
     private let syncLock = ConditionLock()
     private var syncResult: IOResult?
-    private unowned(unsafe) var pool: ObjectPool<IOJob>!
+    /// Held while the request is in flight, not while the job waits in it.
+    private var pool: ObjectPool<IOJob>?
 
     init() {}
 
@@ -67,7 +68,7 @@ final class IOJob: @unchecked Sendable {
         switch waiter {
         case .notify(let notify, let context):
             waiter = .none
-            pool.recycle(self)
+            recycle()
             notify(result, context)
         case .sync:
             syncLock.withLock { syncResult = result }
@@ -75,6 +76,12 @@ final class IOJob: @unchecked Sendable {
         case .none:
             preconditionFailure("dm-io request completed twice")
         }
+    }
+
+    private func recycle() {
+        let pool = self.pool!
+        self.pool = nil
+        pool.recycle(self)
     }
 
     /// Whether a synchronous request has its result.
@@ -87,7 +94,7 @@ final class IOJob: @unchecked Sendable {
         let result = syncResult!
         syncLock.unlock()
         waiter = .none
-        pool.recycle(self)
+        recycle()
         return result
     }
 }

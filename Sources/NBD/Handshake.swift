@@ -189,7 +189,7 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func infoString(_ type: InfoType, _ text: String) -> ByteBuffer {
         var info = ByteBuffer()
         info.writeInteger(type.rawValue)
-        info.writeString(String(text.utf8.prefix(WireSize.maxString))!)
+        info.writeBytes(protocolString(text))
         return info
     }
 

@@ -53,7 +53,7 @@ public final class LinearTarget: BlockTarget, @unchecked Sendable {
     }
 
     public func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
-        submit(.discard, region(offset, length), completion: { result in
+        submit(.discard, region(offset, length), flags: fua ? .fua : [], completion: { result in
             // Discard is a hint: a device that cannot discard has done nothing wrong.
             completion(result.errno == EOPNOTSUPP ? .success : result)
         })

@@ -27,11 +27,17 @@ public final class NBDServer: @unchecked Sendable {
     private let loopIO = NIOLockedValueBox<[Channel]?>(nil)
     private let connections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
+    private let ringPerLoop: Bool
+
     /// `threads` event loops share the connections (one per core by default).
-    public init(exports: [Export], threads: Int = System.coreCount, logger: Logger) {
+    /// With `ringPerLoop`, each loop drives its own DMIO io_uring (see
+    /// `DMIOClient.threadDriven`); where io_uring is refused, or without it,
+    /// targets use their own client.
+    public init(exports: [Export], threads: Int = System.coreCount, ringPerLoop: Bool = true, logger: Logger) {
         precondition(!exports.isEmpty, "a server needs an export")
         self.exports = exports
         self.logger = logger
+        self.ringPerLoop = ringPerLoop
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
     }
 
@@ -39,9 +45,14 @@ public final class NBDServer: @unchecked Sendable {
     /// a TCP port of 0).
     @discardableResult
     public func listen(on address: ListenAddress) async throws -> ListenAddress {
-        if loopIO.withLockedValue({ $0 == nil }) {
-            let channels = try await EventLoopIO.attach(to: group)
-            loopIO.withLockedValue { $0 = channels }
+        if ringPerLoop && loopIO.withLockedValue({ $0 == nil }) {
+            do {
+                let channels = try await EventLoopIO.attach(to: group)
+                loopIO.withLockedValue { $0 = channels }
+            } catch {
+                logger.notice("no io_uring per event loop (\(error)): I/O goes through the target's own client")
+                loopIO.withLockedValue { $0 = [] }
+            }
         }
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)

@@ -11,8 +11,9 @@ enum Command {
     case blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool)
     case disconnect
     /// A zero-length request: nothing to do, success (the spec leaves it
-    /// unspecified; nbdkit and qemu-nbd succeed too).
-    case nothing
+    /// unspecified; nbdkit and qemu-nbd succeed too). `isRead`: the reply
+    /// must then be structured, if structured replies were negotiated.
+    case nothing(isRead: Bool)
 }
 
 /// Why a request is refused, in the reply's terms.
@@ -87,7 +88,7 @@ func validate(_ request: NBDRequest, session: Session) -> Result<Command, Reject
     if flags.contains(.fastZero) && (!target.capabilities.contains(.fastZero) || flags.contains(.noHole)) {
         return .failure(Rejection(error: .notSupported, message: "zeroing here is no faster than writing"))
     }
-    if length == 0 && type != .blockStatus { return .success(.nothing) }
+    if length == 0 && type != .blockStatus { return .success(.nothing(isRead: type == .read)) }
 
     let fua = flags.contains(.fua)
     switch type {

@@ -148,8 +148,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     private func run(_ command: Command, cookie: UInt64) {
         switch command {
-        case .nothing:
-            appendSuccess(cookie: cookie)
+        case .nothing(let isRead):
+            // A read's reply is structured whenever structured replies are on.
+            if isRead && session.structuredReplies {
+                output.writeNoneChunk(cookie: cookie)
+            } else {
+                appendSuccess(cookie: cookie)
+            }
         case .disconnect:
             logger.debug("client disconnects")
             disconnecting = true

@@ -71,7 +71,7 @@ struct Serve: AsyncParsableCommand {
         let target = LinearTarget(device: device, client: client)
         let server = NBDServer(
             exports: [Export(name: export, description: description, readOnly: readOnly, target: target)],
-            logger: logger)
+            ringPerLoop: client.engineKind == .ioUring, logger: logger)
 
         var addresses: [ListenAddress] = []
         if let tcp, let address = TCPAddress.parse(tcp) {

@@ -131,7 +131,7 @@ import Testing
     private static func syncAndAsync() throws {
         let folder = TemporaryFolder()
         let device = try folder.device("disk", size: 4 << 20)
-        let client = try IOURingSwitch.creatingClient { try DMIOClient.threadDriven(pages: 8) }
+        let client = try DMIOClient.threadDriven(pages: 8)
         #expect(DMIOClient.current === client)
         let eventFD = try #require(client.completionEventFD)
         let data = AlignedBuffer(count: 64 << 10, pattern: 21)
@@ -167,7 +167,7 @@ import Testing
         // its workers, and their completions wait for the owning thread.
         let folder = TemporaryFolder(in: "/dev/shm")
         let device = try folder.device("disk", size: 4 << 20)
-        let client = try IOURingSwitch.creatingClient { try DMIOClient.threadDriven() }
+        let client = try DMIOClient.threadDriven()
         let eventFD = try #require(client.completionEventFD)
         let data = AlignedBuffer(count: 4096, pattern: 5)
         var completed = 0

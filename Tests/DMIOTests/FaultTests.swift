@@ -80,6 +80,47 @@ import Testing
     }
 }
 
+
+/// Remote exports that lack a feature get it emulated, correctly.
+@Suite struct RemoteEmulationTests {
+    @Test(arguments: engines)
+    func zeroingAServerThatCannotZeroCoversTheWholeRange(engine: IOEngineKind) throws {
+        let client = try client(engine)
+        let server = try NBDKit(["--filter=nozero", "memory", "size=160M"])
+        let remote = try BlockDevice.open(server.uri)
+        let data = AlignedBuffer(count: 1 << 20, pattern: 17)
+        let last = IORegion(device: remote, sector: (130 << 20) / 512, count: 2048)
+        #expect(try client.sync(.write, regions: [last], buffer: data.bytes) == .success)
+        // 144 MiB: longer than one bio of the zero page can carry.
+        #expect(try client.sync(.writeZeroes, regions: [IORegion(device: remote, sector: 0, count: (144 << 20) / 512)]) == .success)
+        let back = AlignedBuffer(count: 1 << 20, pattern: 1)
+        #expect(try client.sync(.read, regions: [last], buffer: back.bytes) == .success)
+        #expect(back.array.allSatisfy { $0 == 0 })
+    }
+
+    @Test(arguments: engines)
+    func aFUAWriteToAServerWithoutFUAIsFlushedAndCompletes(engine: IOEngineKind) throws {
+        let client = try client(engine)
+        let folder = TemporaryFolder()
+        let image = folder.file("image", size: 8 << 20)
+        // nbdkit's eval plugin over a file: flush, but no FUA.
+        let server = try NBDKit([
+            "eval", "get_size=echo \(8 << 20)",
+            "pread=dd if=\(image) skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+            "pwrite=dd of=\(image) seek=$4 oflag=seek_bytes conv=notrunc status=none",
+            "can_write=exit 0", "can_flush=exit 0", "flush=sync \(image)", "can_fua=echo none"])
+        let remote = try BlockDevice.open(server.uri)
+        let data = AlignedBuffer(count: 4096, pattern: 23)
+        let region = IORegion(device: remote, sector: 8, count: 8)
+        for _ in 0..<3 {
+            #expect(try client.sync(.write, regions: [region], buffer: data.bytes, flags: .fua) == .success)
+        }
+        let back = AlignedBuffer(count: 4096)
+        #expect(try client.sync(.read, regions: [region], buffer: back.bytes) == .success)
+        #expect(back.array == data.array)
+    }
+}
+
 /// CPU time (user + system) of this process's threads called `name`.
 private func cpuSeconds(ofThreadsNamed name: String) -> Double {
     let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []

@@ -106,4 +106,11 @@ import Testing
         input.writeInteger(UInt64(0))
         #expect(throws: NBDProtocolError.badOptionMagic(0xDEAD_BEEF)) { try channel.writeInbound(input) }
     }
+
+    @Test func protocolStringsAreCutAtACharacterBoundary() {
+        let long = String(repeating: "é", count: 3000)   // 6000 bytes
+        let cut = protocolString("no export named \"" + long)
+        #expect(cut.count <= WireSize.maxString)
+        #expect(String(validating: cut, as: UTF8.self) != nil, "still valid UTF-8")
+    }
 }

@@ -37,3 +37,13 @@ public struct CommandFailed: Error, CustomStringConvertible {
 
     public var description: String { "\(command) exited \(status): \(output)" }
 }
+
+/// An executable the package builds, found beside the test bundle.
+public func builtExecutable(_ name: String) -> String {
+    let tests = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    var folder = tests.deletingLastPathComponent()
+    while !FileManager.default.fileExists(atPath: folder.appendingPathComponent(name).path), folder.path != "/" {
+        folder.deleteLastPathComponent()
+    }
+    return folder.appendingPathComponent(name).path
+}

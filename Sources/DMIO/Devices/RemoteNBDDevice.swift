@@ -93,13 +93,13 @@ private final class RemoteConnection: @unchecked Sendable {
         // One count for this function, so that the bio cannot finish while
         // its commands are still being queued.
         bio.openParts.store(1, ordering: .relaxed)
+        let fua: NBDCommandFlags = bio.flags.contains(.fua) && canFUA ? .fua : []
+        bio.needsFlushAfterWrite = bio.flags.contains(.fua) && !canFUA && canFlush
         switch bio.command {
-        case .read, .write, .zeroWrite:
+        case .read, .write:
             let (iovecs, count) = bio.iovecs
             var offset = bio.offset
-            let write = bio.operation != .read
-            let fua: NBDCommandFlags = bio.flags.contains(.fua) && canFUA ? .fua : []
-            bio.needsFlushAfterWrite = write && bio.flags.contains(.fua) && !canFUA && canFlush
+            let write = bio.operation == .write
             for index in 0..<count {
                 let segment = iovecs[index]
                 queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
@@ -113,23 +113,40 @@ private final class RemoteConnection: @unchecked Sendable {
                 }
                 offset += UInt64(segment.iov_len)
             }
+        case .zeroWrite:
+            // A server that cannot zero gets the whole range written from the
+            // zero page, a megabyte at a time.
+            var offset = bio.offset
+            var left = bio.remaining
+            while left > 0 {
+                let length = Int(min(left, UInt64(ZeroPage.size)))
+                queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
+                    try handle.aioPwrite(ZeroPage.bytes, count: length, offset: offset, flags: fua,
+                                         userData: userData, completion: remoteCompletion)
+                }
+                offset += UInt64(length)
+                left -= UInt64(length)
+            }
         case .sync:
+            bio.needsFlushAfterWrite = false
             if canFlush { queueFlush(bio) }
         case .allocate(let mode):
             let (offset, length) = (bio.offset, bio.remaining)
             if mode == Linux.zeroRange {
-                let flags: NBDCommandFlags = bio.flags.contains(.noUnmap) ? .noHole : []
+                var flags = fua
+                if bio.flags.contains(.noUnmap) { flags.insert(.noHole) }
                 queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
                     try handle.aioZero(count: length, offset: offset, flags: flags,
                                        userData: userData, completion: remoteCompletion)
                 }
             } else if canTrim {
                 queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
-                    try handle.aioTrim(count: length, offset: offset, flags: [],
+                    try handle.aioTrim(count: length, offset: offset, flags: fua,
                                        userData: userData, completion: remoteCompletion)
                 }
             } else {
-                partEnded(bio, errno: EOPNOTSUPP)
+                bio.needsFlushAfterWrite = false
+                record(EOPNOTSUPP, for: bio)
             }
         case .blockDeviceRange:
             preconditionFailure("remote devices have no block-device ioctls")
@@ -156,24 +173,21 @@ private final class RemoteConnection: @unchecked Sendable {
         }
     }
 
-    /// Ends one part of `bio`; the last part moves the bio to the completed list.
+    private func record(_ errno: Int32, for bio: Bio) {
+        _ = bio.firstPartError.compareExchange(expected: 0, desired: errno, ordering: .relaxed)
+    }
+
+    /// Ends one part of `bio`; the last part moves the bio to the completed
+    /// list. Runs inside libnbd's completion callback, with the handle's lock
+    /// held: it must not call into the handle.
     func partEnded(_ bio: Bio, errno: Int32) {
-        if errno != 0 {
-            _ = bio.firstPartError.compareExchange(expected: 0, desired: errno, ordering: .relaxed)
-        }
+        if errno != 0 { record(errno, for: bio) }
         guard bio.openParts.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 else { return }
-        if bio.needsFlushAfterWrite && bio.firstPartError.load(ordering: .relaxed) == 0 {
-            // A FUA write to a server without FUA: the write is durable once
-            // a flush issued after it completes.
-            bio.needsFlushAfterWrite = false
-            bio.openParts.store(1, ordering: .relaxed)
-            queueFlush(bio)
-            partEnded(bio, errno: 0)
-            return
-        }
         completedLock.withLock { completed.append(bio) }
     }
 
+    /// Finishes the completed bios, outside libnbd's lock. A FUA write to a
+    /// server without FUA first gets a flush, which makes it durable.
     func finishCompleted() {
         var batch = completedLock.withLock {
             let batch = completed
@@ -181,7 +195,16 @@ private final class RemoteConnection: @unchecked Sendable {
             return batch
         }
         while let bio = batch.popFirst() {
-            bio.finish(errno: bio.firstPartError.load(ordering: .relaxed))
+            let error = bio.firstPartError.load(ordering: .relaxed)
+            if bio.needsFlushAfterWrite && error == 0 {
+                bio.needsFlushAfterWrite = false
+                bio.openParts.store(1, ordering: .relaxed)
+                queueFlush(bio)
+                partEnded(bio, errno: 0)
+                wake()
+                continue
+            }
+            bio.finish(errno: error)
         }
     }
 

@@ -79,6 +79,10 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
         while true {
             reap()
             if done() || inFlight == 0 { return }
+            // Completions that submit more I/O must not start a second reap
+            // while this one still holds the ring's head.
+            reaping = true
+            defer { reaping = false }
             _ = ring.waitCompletions { userData, result in
                 let bio = Bio.fromRingToken(userData)
                 inFlight -= 1

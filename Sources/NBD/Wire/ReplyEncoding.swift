@@ -21,7 +21,7 @@ extension ByteBuffer {
 
     /// An error option reply with a message for the person at the client.
     mutating func writeOptionError(_ option: UInt32, _ type: OptionReply, message: String) {
-        writeOptionReply(option, type, data: ByteBuffer(string: String(message.utf8.prefix(WireSize.maxString))!))
+        writeOptionReply(option, type, data: ByteBuffer(bytes: protocolString(message)))
     }
 
     /// The answer to NBD_OPT_EXPORT_NAME: size, flags, and (unless the
@@ -48,7 +48,7 @@ extension ByteBuffer {
 
     /// NBD_REPLY_TYPE_ERROR, the final chunk, with a message.
     mutating func writeErrorChunk(error: UInt32, message: String, cookie: UInt64) {
-        let text = Array(message.utf8.prefix(WireSize.maxString))
+        let text = protocolString(message)
         writeChunkHeader(flags: ChunkFlag.done, type: .error, cookie: cookie, length: 6 + text.count)
         writeInteger(error)
         writeInteger(UInt16(text.count))
@@ -74,4 +74,15 @@ extension ByteBuffer {
             writeInteger(extent.flags)
         }
     }
+}
+
+/// `text` as the protocol's strings must be: UTF-8 of at most 4096 bytes,
+/// cut at a character boundary (a client's name may be in any script).
+func protocolString(_ text: String) -> [UInt8] {
+    var bytes = Array(text.utf8)
+    guard bytes.count > WireSize.maxString else { return bytes }
+    var end = WireSize.maxString
+    while end > 0 && bytes[end] & 0xC0 == 0x80 { end -= 1 }  // not inside a character
+    bytes.removeSubrange(end...)
+    return bytes
 }

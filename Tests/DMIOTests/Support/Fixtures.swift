@@ -155,33 +155,7 @@ final class NBDKit {
 let engines = IOEngineKind.allCases
 
 func client(_ engine: IOEngineKind) throws -> DMIOClient {
-    try IOURingSwitch.creatingClient { try DMIOClient(engine: .only(engine), pages: 64) }
-}
-
-/// The kernel's io_uring_disabled sysctl: with 2, io_uring_setup fails with
-/// EPERM, as it does in containers whose policy forbids io_uring. Rings
-/// made before keep working, so only making clients must not overlap the
-/// time it is off.
-enum IOURingSwitch {
-    static let sysctl = "/proc/sys/kernel/io_uring_disabled"
-    private static let lock = NSLock()
-
-    static var isAvailable: Bool { FileManager.default.isWritableFile(atPath: sysctl) }
-
-    static func creatingClient<T>(_ body: () throws -> T) rethrows -> T {
-        lock.lock()
-        defer { lock.unlock() }
-        return try body()
-    }
-
-    static func whileDisabled(_ body: () throws -> Void) throws {
-        lock.lock()
-        defer { lock.unlock() }
-        let before = try String(contentsOfFile: sysctl, encoding: .utf8)
-        try "2".write(toFile: sysctl, atomically: false, encoding: .utf8)
-        defer { try? before.write(toFile: sysctl, atomically: false, encoding: .utf8) }
-        try body()
-    }
+    try DMIOClient(engine: .only(engine), pages: 64)
 }
 
 /// Expects `body` to throw exactly `expected`.

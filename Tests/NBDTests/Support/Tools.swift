@@ -4,16 +4,7 @@ import TestSupport
 import Testing
 
 /// The dmio-nbd executable built beside the tests.
-let dmioNBDExecutable: String = {
-    let tests = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
-    var folder = tests.deletingLastPathComponent()
-    // Swift Testing may run from inside the .xctest bundle on some layouts.
-    while !FileManager.default.fileExists(atPath: folder.appendingPathComponent("dmio-nbd").path),
-          folder.path != "/" {
-        folder.deleteLastPathComponent()
-    }
-    return folder.appendingPathComponent("dmio-nbd").path
-}()
+let dmioNBDExecutable = builtExecutable("dmio-nbd")
 
 /// A `dmio-nbd serve` process, stopped with SIGTERM when released.
 final class ServeProcess {
