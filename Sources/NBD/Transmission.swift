@@ -283,7 +283,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         output.writeSimpleReply(error: 0, cookie: cookie)
     }
 
-    private func appendError(_ rejection: Rejection, cookie: UInt64, isRead: Bool = false) {
+    private func appendError(_ rejection: Rejection, cookie: UInt64) {
         if session.structuredReplies {
             output.writeErrorChunk(error: rejection.error.rawValue, message: rejection.message, cookie: cookie)
         } else {
