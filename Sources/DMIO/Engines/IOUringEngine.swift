@@ -41,11 +41,9 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
 
     func submit(_ batch: BioBatch) {
         var batch = batch
-        var ioctls = BioBatch()
+        let ioctls = batch.removeBlockDeviceIoctls()
         lock.withLock {
-            while let bio = batch.popFirst() {
-                if bio.isBlockDeviceIoctl { ioctls.append(bio) } else { backlog.append(bio) }
-            }
+            backlog.append(contentsOf: batch)
             feedRingLocked(enterKernel: !onReaper && !Plug.isPlugged)
         }
         if !ioctls.isEmpty { ioctlWorker.submit(ioctls) }
@@ -90,10 +88,9 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
                     stopSeen = true
                     return
                 }
-                let bio = Bio.fromRingToken(userData)
                 // A finished bio reports to its request right here, on
                 // this thread; a short transfer or a fallback goes again.
-                if !bio.absorb(result: Int(result)) { again.append(bio) }
+                if let bio = Bio.ringCompletion(token: userData, result: result) { again.append(bio) }
             }
             if reaped < 0 { continue }  // EINTR
             let done = lock.withLock {

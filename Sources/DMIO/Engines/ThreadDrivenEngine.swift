@@ -37,10 +37,8 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
     func submit(_ batch: BioBatch) {
         checkOwner()
         var batch = batch
-        var ioctls = BioBatch()
-        while let bio = batch.popFirst() {
-            if bio.isBlockDeviceIoctl { ioctls.append(bio) } else { backlog.append(bio) }
-        }
+        let ioctls = batch.removeBlockDeviceIoctls()
+        backlog.append(contentsOf: batch)
         if !ioctls.isEmpty { ioctlWorker.submit(ioctls) }
         // Completions that submit more I/O are picked up by the reap under way.
         if !Plug.isPlugged && !reaping { reap() }
@@ -59,8 +57,7 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
         ring.submitAndGetEvents()
         var again = BioBatch()
         let reaped = ring.reapCompletions { userData, result in
-            let bio = Bio.fromRingToken(userData)
-            if !bio.absorb(result: Int(result)) { again.append(bio) }
+            if let bio = Bio.ringCompletion(token: userData, result: result) { again.append(bio) }
         }
         inFlight -= reaped
         backlog.append(contentsOf: again)
@@ -84,9 +81,8 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
             reaping = true
             defer { reaping = false }
             _ = ring.waitCompletions { userData, result in
-                let bio = Bio.fromRingToken(userData)
                 inFlight -= 1
-                if !bio.absorb(result: Int(result)) { backlog.append(bio) }
+                if let bio = Bio.ringCompletion(token: userData, result: result) { backlog.append(bio) }
             }
             if done() { return }
         }

@@ -22,18 +22,30 @@ extension Bio {
     }
 
     /// The ring's user_data for this bio: a retained reference, released by
-    /// `fromRingToken` when the completion is reaped.
+    /// `ringCompletion` when the completion is reaped.
     var retainedRingToken: UInt64 {
         UInt64(UInt(bitPattern: Unmanaged.passRetained(self).toOpaque()))
     }
 
-    static func fromRingToken(_ token: UInt64) -> Bio {
-        Unmanaged<Bio>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!).takeRetainedValue()
+    /// Ends the submission that `token` stands for with the ring's
+    /// `result`; returns the bio when it must be submitted again.
+    static func ringCompletion(token: UInt64, result: Int32) -> Bio? {
+        let bio = Unmanaged<Bio>.fromOpaque(UnsafeRawPointer(bitPattern: UInt(token))!).takeRetainedValue()
+        return bio.absorb(result: Int(result)) ? nil : bio
     }
+}
 
-    var isBlockDeviceIoctl: Bool {
-        if case .blockDeviceRange = command { return true }
-        return false
+extension BioBatch {
+    /// Takes the block-device ioctls out of the batch: io_uring has no
+    /// opcode for them, so they go to a worker thread.
+    mutating func removeBlockDeviceIoctls() -> BioBatch {
+        var ioctls = BioBatch()
+        var rest = BioBatch()
+        while let bio = popFirst() {
+            if case .blockDeviceRange = bio.command { ioctls.append(bio) } else { rest.append(bio) }
+        }
+        self = rest
+        return ioctls
     }
 }
 
