@@ -24,8 +24,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Listen on this unix socket.")
     var socket: String?
 
-    @Option(help: ArgumentHelp("Listen on TCP (port 10809 if omitted).", valueName: "host:port"))
-    var tcp: String?
+    @Option(help: ArgumentHelp("Listen on TCP: host:port, host (port 10809) or :port.", valueName: "host:port"))
+    var tcp: TCPAddress?
 
     @Option(help: "The export's name.")
     var export = ""
@@ -36,9 +36,9 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Serve reads only.")
     var readOnly = false
 
-    @Option(help: ArgumentHelp("Create LEG as a sparse file of this size if it is missing (e.g. 1G).",
+    @Option(help: ArgumentHelp("Create LEG as a sparse file of this size if it is missing (e.g. 512M, 1G).",
                                valueName: "size"))
-    var create: String?
+    var create: ByteSize?
 
     @Flag(help: "Bypass the page cache (O_DIRECT) for files and block devices.")
     var direct = false
@@ -49,22 +49,13 @@ struct Serve: AsyncParsableCommand {
     @Flag(name: .shortAndLong, help: "Log each connection and refused request.")
     var verbose = false
 
-    func validate() throws {
-        if let create, ByteSize.parse(create) == nil {
-            throw ValidationError("--create \(create): not a size (e.g. 512M, 1G)")
-        }
-        if let tcp, TCPAddress.parse(tcp) == nil {
-            throw ValidationError("--tcp \(tcp): expected host:port, host, or :port")
-        }
-    }
-
     func run() async throws {
         let logger = makeLogger(verbose: verbose)
         let client = try DMIOClient(engine: engine.map { .only($0) } ?? .automatic)
         let device: BlockDevice
         do {
             device = try BlockDevice.open(leg, options: DeviceOptions(
-                readOnly: readOnly, direct: direct, createSize: create.flatMap(ByteSize.parse)))
+                readOnly: readOnly, direct: direct, createSize: create?.bytes))
         } catch {
             throw CleanExit.message("leg \(error)", code: 1)
         }
@@ -74,8 +65,8 @@ struct Serve: AsyncParsableCommand {
             ringPerLoop: client.engineKind == .ioUring, logger: logger)
 
         var addresses: [ListenAddress] = []
-        if let tcp, let address = TCPAddress.parse(tcp) {
-            addresses.append(.tcp(host: address.host, port: address.port))
+        if let tcp {
+            addresses.append(.tcp(host: tcp.host, port: tcp.port))
         }
         if socket != nil || addresses.isEmpty {
             let path = socket ?? defaultSocketPath
@@ -110,3 +101,5 @@ enum CleanExit: Error, CustomStringConvertible {
 }
 
 extension IOEngineKind: ExpressibleByArgument {}
+extension ByteSize: ExpressibleByArgument {}
+extension TCPAddress: ExpressibleByArgument {}

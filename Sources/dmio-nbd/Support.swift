@@ -19,8 +19,10 @@ func makeLogger(verbose: Bool) -> Logger {
 }
 
 /// Sizes such as 4096, 512K, 1G (powers of 1024).
-enum ByteSize {
-    static func parse(_ text: String) -> UInt64? {
+struct ByteSize {
+    let bytes: UInt64
+
+    init?(argument text: String) {
         let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
         var digits = Substring(text.uppercased())
         var scale: UInt64 = 1
@@ -30,7 +32,8 @@ enum ByteSize {
         }
         guard let value = UInt64(digits), value > 0 else { return nil }
         let (bytes, overflow) = value.multipliedReportingOverflow(by: scale)
-        return overflow ? nil : bytes
+        if overflow { return nil }
+        self.bytes = bytes
     }
 }
 
@@ -39,14 +42,16 @@ struct TCPAddress {
     let host: String
     let port: Int
 
-    static func parse(_ text: String) -> TCPAddress? {
+    init?(argument text: String) {
         guard let colon = text.lastIndex(of: ":") else {
-            return text.isEmpty ? nil : TCPAddress(host: text, port: 10809)
+            guard !text.isEmpty else { return nil }
+            (host, port) = (text, 10809)
+            return
         }
-        let host = String(text[..<colon])
+        let name = String(text[..<colon])
         guard let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
-        let bare = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
-        return TCPAddress(host: bare.isEmpty ? "0.0.0.0" : bare, port: port)
+        let bare = name.hasPrefix("[") && name.hasSuffix("]") ? String(name.dropFirst().dropLast()) : name
+        (host, self.port) = (bare.isEmpty ? "0.0.0.0" : bare, port)
     }
 }
 
