@@ -239,9 +239,11 @@ public final class DMIOClient: @unchecked Sendable {
                 offset += UInt64(filled)
             }
         }
+        let onSubmitter = batch.remove(where: SubmitterIO.shouldRun)
         if !batch.isEmpty { engine.submit(batch) }
         // Drop the dispatcher's count: the request ends with its last bio.
         job.endIO(region: 0, errno: 0)
+        SubmitterIO.run(onSubmitter)
     }
 
     /// Discards and zeroing split at 1 GiB (NBD commands carry a 32-bit length).

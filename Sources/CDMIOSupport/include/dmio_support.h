@@ -34,3 +34,7 @@ long long dmio_seek_hole(int fd, long long offset);
 /// The pid of the process at the other end of a connected unix socket
 /// (SO_PEERCRED), or -1.
 int dmio_peer_pid(int fd);
+
+/// 1 when `fd` is a file whose data lives in memory (tmpfs, ramfs), 0 when
+/// not, -1 with errno set.
+int dmio_file_in_memory(int fd);

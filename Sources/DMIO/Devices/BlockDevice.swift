@@ -71,6 +71,10 @@ public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
         fatalError("subclass")
     }
 
+    /// The device's data lives in memory (a file on tmpfs): changing it is a
+    /// copy into the page cache that never waits for storage.
+    var isInMemory: Bool { false }
+
     /// Called when fallocate with `mode` cannot zero here; later requests
     /// write zeroes instead.
     func fallocateRefused(mode: Int32) {}
@@ -99,6 +103,17 @@ struct BioBatch {
         guard let otherHead = other.head else { return }
         if let tail { tail.next = otherHead } else { head = otherHead }
         tail = other.tail
+    }
+
+    /// Takes the bios that `belongsOut` picks out of the batch, in order.
+    mutating func remove(where belongsOut: (Bio) -> Bool) -> BioBatch {
+        var taken = BioBatch()
+        var rest = BioBatch()
+        while let bio = popFirst() {
+            if belongsOut(bio) { taken.append(bio) } else { rest.append(bio) }
+        }
+        self = rest
+        return taken
     }
 
     mutating func popFirst() -> Bio? {

@@ -16,6 +16,7 @@ let BLKZEROOUT: UInt = 0x127f
 /// size by BLKSSZGET, discard by BLKDISCARD, zeroing by BLKZEROOUT.
 final class LocalDevice: BlockDevice, @unchecked Sendable {
     let isBlockDevice: Bool
+    private let inMemory: Bool
     /// fallocate modes this file system refused (EOPNOTSUPP), as a bit mask.
     private let refusedModes = Atomic<Int32>(0)
 
@@ -45,12 +46,14 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
         switch info.st_mode & S_IFMT {
         case S_IFREG:
             isBlockDevice = false
+            inMemory = !options.direct && dmio_file_in_memory(fd) == 1
             size = UInt64(info.st_size)
             // O_DIRECT on a file needs the underlying disk's alignment, which
             // a file cannot tell; a page is right on every Linux disk.
             if options.direct { blockSize = pageSize }
         case S_IFBLK:
             isBlockDevice = true
+            inMemory = false
             var bytes: UInt64 = 0
             var logical: Int32 = 0
             guard ioctl(fd, BLKGETSIZE64, &bytes) == 0, ioctl(fd, BLKSSZGET, &logical) == 0 else {
@@ -69,6 +72,8 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
     }
 
     deinit { Glibc.close(fileDescriptor) }
+
+    override var isInMemory: Bool { inMemory }
 
     override func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
         switch operation {

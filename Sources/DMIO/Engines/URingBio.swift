@@ -39,13 +39,10 @@ extension BioBatch {
     /// Takes the block-device ioctls out of the batch: io_uring has no
     /// opcode for them, so they go to a worker thread.
     mutating func removeBlockDeviceIoctls() -> BioBatch {
-        var ioctls = BioBatch()
-        var rest = BioBatch()
-        while let bio = popFirst() {
-            if case .blockDeviceRange = bio.command { ioctls.append(bio) } else { rest.append(bio) }
+        remove { bio in
+            if case .blockDeviceRange = bio.command { return true }
+            return false
         }
-        self = rest
-        return ioctls
     }
 }
 
