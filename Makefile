@@ -3,8 +3,6 @@ SWIFT ?= swift
 BENCH_FLAGS ?=
 # Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
 SHARED ?= ../shared
-DATA ?= dmio-data
-SOCKET ?= $(if $(XDG_RUNTIME_DIR),$(XDG_RUNTIME_DIR),/run)/dmio-nbd.sock
 
 .PHONY: test e2e serve build deps bench bench-nbd example clean
 
@@ -13,11 +11,10 @@ test: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
 
-## Serve a 1 GiB sparse file in ./dmio-data over NBD, on $(SOCKET).
+## Serve the default mirror: two sparse 1 GiB legs in ./dmio-data (made on first use), on the default socket.
 serve: deps
 	$(SWIFT) build -c release --product dmio-nbd
-	mkdir -p $(DATA)
-	.build/release/dmio-nbd serve --socket $(SOCKET) --create 1G $(DATA)/leg0.img
+	.build/release/dmio-nbd
 
 ## The real Linux nbd driver: ext4 on /dev/nbd0 served by dmio-nbd, in a VM.
 e2e: deps

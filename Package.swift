@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "DMIO", targets: ["DMIO"]),
         .library(name: "LibNBD", targets: ["LibNBD"]),
         .library(name: "NBD", targets: ["NBD"]),
+        .library(name: "Mirror", targets: ["Mirror"]),
         .executable(name: "dmio-nbd", targets: ["dmio-nbd"]),
         .executable(name: "dmio-bench", targets: ["dmio-bench"]),
         .executable(name: "dmio-copy-example", targets: ["dmio-copy-example"]),
@@ -50,10 +51,14 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: hotPath),
+        .target(
+            name: "Mirror",
+            dependencies: ["DMIO", "NBD", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: hotPath),
         .executableTarget(
             name: "dmio-nbd",
             dependencies: [
-                "DMIO", "NBD", "CDMIOSupport",
+                "DMIO", "NBD", "Mirror", "CDMIOSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -71,7 +76,7 @@ let package = Package(
         .executableTarget(
             name: "dmio-copy-example", dependencies: ["DMIO"], path: "examples/copy-region"),
 
-        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["LibNBD"], path: "Tests/TestSupport"),
         .testTarget(name: "DMIOTests", dependencies: ["DMIO", "LibNBD", "TestSupport"]),
         .testTarget(
             name: "NBDTests",
@@ -79,6 +84,12 @@ let package = Package(
                 "NBD", "DMIO", "LibNBD", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .testTarget(
+            name: "MirrorTests",
+            dependencies: [
+                "Mirror", "NBD", "DMIO", "LibNBD", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]),
     ],

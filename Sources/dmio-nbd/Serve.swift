@@ -3,23 +3,29 @@ import DMIO
 import Dispatch
 import Glibc
 import Logging
+import Mirror
 import NBD
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve a file, a block device or an NBD export over NBD.",
+        abstract: "Serve a mirror of two or more legs, or one device, over NBD.",
         discussion: """
-            LEG is a file, a block device, or an NBD URI (nbd://host:port/name, \
+            With no LEG, serves the default mirror: two sparse 1 GiB legs in \
+            \(DefaultMirror.folderDescription), made on first use. With two or more, serves \
+            the mirror whose legs they are (made by `dmio-nbd create`, or here with --create \
+            when none of them exists yet). With one, serves that device as it is.
+
+            A LEG is a file, a block device, or an NBD URI (nbd://host:port/name, \
             nbd+unix:///name?socket=PATH). With neither --socket nor --tcp the server \
             listens on \(defaultSocketPath). It stays in the foreground; SIGTERM or \
             SIGINT stop it once the requests in flight are done and flushed.
 
-            Attach it with:  nbd-client -unix \(defaultSocketPath) /dev/nbd0 -N NAME
-            Inspect it with: nbdinfo 'nbd+unix:///NAME?socket=\(defaultSocketPath)'
+            Attach it with:  nbd-client -unix \(defaultSocketPath) /dev/nbd0
+            Inspect it with: nbdinfo 'nbd+unix:///?socket=\(defaultSocketPath)'
             """)
 
-    @Argument(help: "The device to serve.")
-    var leg: String
+    @Argument(help: "The legs of the mirror, or the one device to serve.")
+    var legs: [String] = []
 
     @Option(help: "Listen on this unix socket.")
     var socket: String?
@@ -27,18 +33,28 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Listen on TCP: host:port, host (port 10809) or :port.", valueName: "host:port"))
     var tcp: TCPAddress?
 
+    @Option(help: ArgumentHelp("The mirror's control socket (default: next to the NBD socket).", valueName: "path"))
+    var control: String?
+
     @Option(help: "The export's name.")
     var export = ""
 
     @Option(help: "A description of the export, shown by nbdinfo.")
     var description: String?
 
-    @Flag(help: "Serve reads only.")
+    @Flag(help: "Serve reads only (one device only).")
     var readOnly = false
 
-    @Option(help: ArgumentHelp("Create LEG as a sparse file of this size if it is missing (e.g. 512M, 1G).",
-                               valueName: "size"))
+    @Option(help: ArgumentHelp("Create missing legs as sparse files of this size (e.g. 512M, 1G); "
+                               + "a new mirror when none of them exists.", valueName: "size"))
     var create: ByteSize?
+
+    @Option(help: ArgumentHelp("Region size of a mirror made by --create (default 512K).", valueName: "size"))
+    var regionSize: ByteSize?
+
+    @Option(help: ArgumentHelp("Copy at most this many bytes a second when resyncing (e.g. 100M; default: no limit).",
+                               valueName: "size"))
+    var resyncRate: ByteSize?
 
     @Flag(help: "Bypass the page cache (O_DIRECT) for files and block devices.")
     var direct = false
@@ -49,47 +65,173 @@ struct Serve: AsyncParsableCommand {
     @Flag(name: .shortAndLong, help: "Log each connection and refused request.")
     var verbose = false
 
+    func validate() throws {
+        if readOnly && legs.count != 1 { throw ValidationError("--read-only serves one device; a mirror is always writable") }
+    }
+
     func run() async throws {
         let logger = makeLogger(verbose: verbose)
         let client = try DMIOClient(engine: engine.map { .only($0) } ?? .automatic)
-        let device: BlockDevice
-        do {
-            device = try BlockDevice.open(leg, options: DeviceOptions(
-                readOnly: readOnly, direct: direct, createSize: create?.bytes))
-        } catch {
-            throw CleanExit.message("leg \(error)", code: 1)
+        let socketPath = socket ?? (tcp == nil ? defaultSocketPath : nil)
+        let served: ServedTarget
+        if legs.count == 1 {
+            served = try serveOne(client: client, logger: logger)
+        } else {
+            served = try serveMirror(client: client, logger: logger)
         }
-        let target = LinearTarget(device: device, client: client)
         let server = NBDServer(
-            exports: [Export(name: export, description: description, readOnly: readOnly, target: target)],
+            exports: [Export(name: export, description: description, readOnly: readOnly, target: served.target)],
             ringPerLoop: client.engineKind == .ioUring, logger: logger)
 
         var addresses: [ListenAddress] = []
-        if let tcp {
-            addresses.append(.tcp(host: tcp.host, port: tcp.port))
-        }
-        if socket != nil || addresses.isEmpty {
-            let path = socket ?? defaultSocketPath
-            try claimSocketPath(path)
-            addresses.append(.unix(path: path))
+        if let tcp { addresses.append(.tcp(host: tcp.host, port: tcp.port)) }
+        if let socketPath {
+            try claimSocketPath(socketPath)
+            addresses.append(.unix(path: socketPath))
         }
         for address in addresses {
             do {
                 let bound = try await server.listen(on: address)
-                logger.info("serving \(leg) (\(device.size) bytes, engine \(client.engineKind)) on \(bound)")
+                logger.info("serving \(served.summary) (\(served.target.size) bytes, engine \(client.engineKind)) on \(bound)")
             } catch {
+                served.stop()
                 throw CleanExit.message("cannot listen on \(address): \(error)", code: 1)
             }
+        }
+        var controlServer: ControlServer?
+        if let mirror = served.target as? Mirror {
+            let path = control ?? controlSocketPath(nextTo: socketPath ?? defaultSocketPath)
+            do {
+                controlServer = try ControlServer(path: path, mirror: mirror, logger: logger)
+            } catch {
+                await server.shutdown()
+                served.stop()
+                throw error
+            }
+            if legs.isEmpty, let socketPath { printAttachLines(socketPath: socketPath, controlPath: path) }
         }
 
         let signal = await waitForStopSignal()
         logger.info("\(signal): finishing requests in flight")
         await server.shutdown()
-        let flushed = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
-        if let flushed, !flushed.succeeded { logger.error("final flush failed: \(flushed)") }
+        controlServer?.stop()
+        served.stop()
         for case .unix(let path) in addresses { unlink(path) }
         logger.info("stopped")
     }
+
+    private func deviceOptions(createSize: UInt64?) -> DeviceOptions {
+        DeviceOptions(readOnly: readOnly, direct: direct, createSize: createSize)
+    }
+
+    private func serveOne(client: DMIOClient, logger: Logger) throws -> ServedTarget {
+        let device = try openLeg(legs[0], options: deviceOptions(createSize: create?.bytes))
+        return ServedTarget(target: LinearTarget(device: device, client: client), summary: legs[0]) {
+            let flushed = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
+            if let flushed, !flushed.succeeded { logger.error("final flush failed: \(flushed)") }
+        }
+    }
+
+    private func serveMirror(client: DMIOClient, logger: Logger) throws -> ServedTarget {
+        let specs = legs.isEmpty ? try DefaultMirror.legPaths() : legs
+        let createSize = legs.isEmpty ? DefaultMirror.legBytes : create?.bytes
+        let devices = try openOrCreateMirror(specs, createSize: createSize, regionBytes: regionSize?.bytes,
+                                             options: deviceOptions(createSize: nil), client: client, logger: logger)
+        let mirror: Mirror
+        do {
+            mirror = try Mirror.open(devices, client: client, rateLimit: resyncRate?.bytes ?? 0,
+                                     deviceOptions: deviceOptions(createSize: nil), logger: logger)
+            try mirror.start()
+        } catch {
+            throw CleanExit.message("\(error)", code: 1)
+        }
+        return ServedTarget(target: mirror, summary: "mirror \(mirror.uuid) of \(specs.joined(separator: " "))") {
+            mirror.stop()
+        }
+    }
+
+    private func printAttachLines(socketPath: String, controlPath: String) {
+        let name = export.isEmpty ? "" : " -N \(export)"
+        print("""
+            dmio-nbd: serving the default mirror (\(DefaultMirror.folderDescription)) on \(socketPath)
+              attach:  nbd-client -unix \(socketPath) /dev/nbd0\(name)
+              inspect: nbdinfo 'nbd+unix:///\(export)?socket=\(socketPath)'
+              status:  dmio-nbd status --control \(controlPath)
+            """)
+    }
+}
+
+/// What `serve` serves, and what it does at a stop once no request is left.
+struct ServedTarget {
+    let target: any BlockTarget
+    let summary: String
+    let stop: () -> Void
+}
+
+func openLeg(_ spec: String, options: DeviceOptions) throws -> BlockDevice {
+    do {
+        return try BlockDevice.open(spec, options: options)
+    } catch {
+        throw CleanExit.message("leg \(error)", code: 1)
+    }
+}
+
+/// Opens the legs of a mirror. With `createSize`, missing legs are made as
+/// sparse files; if none existed, they become a new mirror in sync (they are
+/// all zeroes). Some existing and some missing is refused: a new leg joins a
+/// mirror through `replace-leg`, which copies the data to it.
+func openOrCreateMirror(_ specs: [String], createSize: UInt64?, regionBytes: UInt64?, options: DeviceOptions,
+                        client: DMIOClient, logger: Logger) throws -> [BlockDevice] {
+    let missing = specs.filter { !$0.contains("://") && access($0, F_OK) != 0 }
+    guard let createSize, !missing.isEmpty else {
+        return try specs.map { try openLeg($0, options: options) }
+    }
+    guard missing.count == specs.count else {
+        throw CleanExit.message("legs \(missing.joined(separator: ", ")) do not exist but the others do; "
+                                + "to add a new leg to a mirror, serve it and run `dmio-nbd replace-leg`", code: 1)
+    }
+    var creating = options
+    creating.createSize = createSize
+    let devices = try specs.map { try openLeg($0, options: creating) }
+    do {
+        let uuid = try Mirror.create(devices, client: client,
+                                     regionBytes: regionBytes.map { UInt32(clamping: $0) } ?? MirrorLayout.defaultRegionBytes,
+                                     fresh: true)
+        logger.info("made mirror \(uuid) of \(specs.joined(separator: " "))")
+    } catch {
+        for path in specs { unlink(path) }
+        throw CleanExit.message("\(error)", code: 1)
+    }
+    return devices
+}
+
+/// The mirror `dmio-nbd` serves when given no legs.
+enum DefaultMirror {
+    static let legBytes: UInt64 = 1 << 30
+
+    /// $XDG_DATA_HOME/dmio-nbd when XDG_DATA_HOME is set, else ./dmio-data.
+    static var folder: String {
+        if let data = getenv("XDG_DATA_HOME").map({ String(cString: $0) }), !data.isEmpty {
+            return data + "/dmio-nbd"
+        }
+        return "dmio-data"
+    }
+
+    static var folderDescription: String {
+        getenv("XDG_DATA_HOME") == nil ? "./dmio-data" : "$XDG_DATA_HOME/dmio-nbd"
+    }
+
+    static func legPaths() throws -> [String] {
+        if mkdir(folder, 0o755) != 0 && errno != EEXIST {
+            throw CleanExit.message("cannot make \(folder): \(errnoDescription(errno))", code: 1)
+        }
+        return ["\(folder)/leg0.img", "\(folder)/leg1.img"]
+    }
+}
+
+/// The control socket that goes with an NBD socket: x.sock → x.ctl.
+func controlSocketPath(nextTo socket: String) -> String {
+    (socket.hasSuffix(".sock") ? String(socket.dropLast(5)) : socket) + ".ctl"
 }
 
 /// An exit with a message for the person who ran the command.

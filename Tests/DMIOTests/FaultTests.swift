@@ -1,5 +1,6 @@
 import DMIO
 import Foundation
+import TestSupport
 import Testing
 
 /// Real faults, no mocks: a full file system, a server that fails I/O, a

@@ -1,5 +1,6 @@
 import DMIO
 import Foundation
+import TestSupport
 import Testing
 
 /// Discard, write-zeroes, flush and FUA on each kind of device.

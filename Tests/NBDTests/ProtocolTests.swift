@@ -2,6 +2,7 @@ import Logging
 import NIOCore
 import NIOEmbedded
 @testable import NBD
+import TestSupport
 import Testing
 
 /// The handshake and the transmission phase on an EmbeddedChannel: every

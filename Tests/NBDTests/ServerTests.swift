@@ -1,6 +1,7 @@
 import DMIO
 import Foundation
 import LibNBD
+import TestSupport
 import Testing
 
 /// The server as libnbd sees it: every command, option and flag, data

@@ -2,12 +2,13 @@ import CDMIOSupport
 import Glibc
 
 /// A pthread mutex with a condition variable. Allocated once and kept, so
-/// that waiting and waking on the I/O path never allocates.
-final class ConditionLock: @unchecked Sendable {
+/// that waiting and waking on the I/O path never allocates. Public for the
+/// services built on DMIO (the mirror), which share its threading model.
+public final class ConditionLock: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
 
-    init() {
+    public init() {
         mutex = .allocate(capacity: 1)
         condition = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
@@ -22,28 +23,38 @@ final class ConditionLock: @unchecked Sendable {
     }
 
     @inline(__always)
-    func lock() { pthread_mutex_lock(mutex) }
+    public func lock() { pthread_mutex_lock(mutex) }
 
     @inline(__always)
-    func unlock() { pthread_mutex_unlock(mutex) }
+    public func unlock() { pthread_mutex_unlock(mutex) }
 
     @inline(__always)
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
+    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
 
     /// Waits for a signal; call with the lock held.
-    func wait() { pthread_cond_wait(condition, mutex) }
+    public func wait() { pthread_cond_wait(condition, mutex) }
 
-    func signal() { pthread_cond_signal(condition) }
+    /// Waits for a signal or for `seconds`; call with the lock held.
+    public func wait(seconds: Double) {
+        var deadline = timespec()
+        clock_gettime(CLOCK_REALTIME, &deadline)
+        let nanoseconds = Int(deadline.tv_nsec) + Int(seconds * 1e9)
+        deadline.tv_sec += nanoseconds / 1_000_000_000
+        deadline.tv_nsec = nanoseconds % 1_000_000_000
+        pthread_cond_timedwait(condition, mutex, &deadline)
+    }
 
-    func broadcast() { pthread_cond_broadcast(condition) }
+    public func signal() { pthread_cond_signal(condition) }
+
+    public func broadcast() { pthread_cond_broadcast(condition) }
 }
 
 /// Starts a named, joinable thread running `body`.
-func startThread(named name: String, _ body: @escaping () -> Void) -> pthread_t {
+public func startThread(named name: String, _ body: @escaping () -> Void) -> pthread_t {
     final class Box {
         let name: String
         let body: () -> Void

@@ -114,43 +114,6 @@ final class LoopDevice {
     deinit { _ = try? run(["losetup", "--detach", path]) }
 }
 
-/// An nbdkit server on a unix socket, stopped when released.
-final class NBDKit {
-    let socket: String
-    private let process = Process()
-    private let folder = TemporaryFolder()
-
-    /// `arguments` follow nbdkit's own options: filters, the plugin, its parameters.
-    init(_ arguments: [String]) throws {
-        socket = folder.path + "/nbd.sock"
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", socket] + arguments
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        let deadline = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: socket) {
-            guard process.isRunning, Date() < deadline else {
-                throw CommandFailed(command: "nbdkit \(arguments.joined(separator: " "))", status: -1,
-                                    output: "did not start")
-            }
-            usleep(10_000)
-        }
-    }
-
-    var uri: String { "nbd+unix:///?socket=\(socket)" }
-
-    /// Kills the server, as a crash or a lost machine would.
-    func kill() {
-        process.interrupt()
-        Glibc.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
-    }
-
-    deinit {
-        if process.isRunning { kill() }
-    }
-}
-
 /// Both engines: parameterised tests run every case on each.
 let engines = IOEngineKind.allCases
 

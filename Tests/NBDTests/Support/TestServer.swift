@@ -3,6 +3,7 @@ import Foundation
 import LibNBD
 import Logging
 @testable import NBD
+import TestSupport
 import Testing
 
 /// An in-process NBD server over a sparse file, on a unix socket.
@@ -60,23 +61,6 @@ func withServer(size: Int = 64 << 20, name: String = "", readOnly: Bool = false,
         throw error
     }
     await server.stop()
-}
-
-/// Bytes with a pattern that differs by seed and position.
-func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
-    (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 11 &+ Int(seed) &* 113) }
-}
-
-extension NBDHandle {
-    func write(_ bytes: [UInt8], at offset: UInt64, flags: NBDCommandFlags = []) throws {
-        try bytes.withUnsafeBytes { try pwrite($0, offset: offset, flags: flags) }
-    }
-
-    func read(_ count: Int, at offset: UInt64) throws -> [UInt8] {
-        var bytes = [UInt8](repeating: 0xEE, count: count)
-        try bytes.withUnsafeMutableBytes { try pread(into: $0, offset: offset) }
-        return bytes
-    }
 }
 
 /// Expects `body` to fail with the errno libnbd reports for the server's reply.

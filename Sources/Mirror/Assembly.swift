@@ -1,0 +1,127 @@
+import DMIO
+import Glibc
+import Logging
+
+/// Making a mirror (writing new metadata on its legs) and opening one
+/// (checking that the legs belong together before anything is written).
+extension Mirror {
+    /// Writes the metadata of a new mirror on `devices`. When `fresh` (the
+    /// legs are new, all zeroes) they start in sync; otherwise leg 0's data
+    /// is the mirror's and the other legs get a full copy at the first start.
+    /// Refuses legs of unequal size, and legs that already belong to a
+    /// mirror unless `force`.
+    @discardableResult
+    public static func create(_ devices: [BlockDevice], client: DMIOClient,
+                              regionBytes: UInt32 = MirrorLayout.defaultRegionBytes,
+                              fresh: Bool, force: Bool = false) throws(MirrorError) -> MirrorUUID {
+        try checkCount(devices.count)
+        let sizes = Set(devices.map(\.size))
+        guard sizes.count == 1, let legBytes = sizes.first else {
+            throw .unequalSizes(Dictionary(devices.map { ($0.name, $0.size) }, uniquingKeysWith: { first, _ in first }))
+        }
+        if !force {
+            for device in devices {
+                if let existing = try readSuperblock(of: device, client: client) {
+                    throw .alreadyAMirror(leg: device.name, mirror: existing.mirror)
+                }
+            }
+        }
+        let layout = try MirrorLayout(legBytes: legBytes, regionBytes: regionBytes)
+        let uuid = MirrorUUID.random()
+        let records = devices.indices.map { index in
+            LegRecord(uuid: .random(), state: fresh || index == 0 ? .inSync : .rebuilding, errno: 0)
+        }
+        let log = DirtyLog(regionBytes: regionBytes, regionCount: layout.regionCount)
+        if !fresh { log.markAll() }
+        for (page, bytes) in log.allPageImages(bitmapBytes: layout.bitmapBytes) {
+            try MetadataStore.writeBytes(bytes, offset: MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes),
+                                         to: devices, client: client)
+        }
+        for (index, device) in devices.enumerated() {
+            let superblock = Superblock(
+                mirror: uuid, legIndex: index, events: 1, regionBytes: regionBytes, clean: true,
+                legBytes: legBytes, dataOffset: layout.dataOffset, dataBytes: layout.dataBytes, legs: records)
+            // Slot 1 is emptied: an older mirror's superblock must not outrank this one.
+            try MetadataStore.writeBytes(superblock.encoded() + [UInt8](repeating: 0, count: MirrorLayout.slotBytes),
+                                         offset: 0, to: [device], client: client)
+        }
+        return uuid
+    }
+
+    /// Opens the mirror whose legs are `devices`, given in their order.
+    /// Nothing is written until `start()`.
+    public static func open(_ devices: [BlockDevice], client: DMIOClient, rateLimit: UInt64 = 0,
+                            deviceOptions: DeviceOptions = DeviceOptions(),
+                            logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
+        try checkCount(devices.count)
+        var found: [Superblock] = []
+        for device in devices {
+            guard let superblock = try readSuperblock(of: device, client: client) else {
+                throw .notAMirror(leg: device.name)
+            }
+            found.append(superblock)
+        }
+        let freshest = found.max { $0.events < $1.events }!
+        for (index, (device, superblock)) in zip(devices, found).enumerated() {
+            guard superblock.mirror == freshest.mirror else {
+                throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
+            }
+            guard superblock.legs.count == devices.count else {
+                throw .wrongLegCount(mirror: freshest.mirror, has: superblock.legs.count, given: devices.count)
+            }
+            guard superblock.legIndex == index else {
+                throw .wrongPosition(leg: device.name, isLeg: superblock.legIndex, givenAs: index)
+            }
+            guard superblock.legs[index].uuid == freshest.legs[index].uuid else {
+                throw .invalidLegChange("\(device.name) was replaced in mirror \(freshest.mirror) and is no longer leg \(index)")
+            }
+            guard device.size >= freshest.legBytes else {
+                throw .sizeChanged(leg: device.name, bytes: device.size, expected: freshest.legBytes)
+            }
+        }
+        let layout = try MirrorLayout(validating: freshest)
+        let members = devices.indices.map { index in
+            LegTable.Member(device: devices[index], uuid: freshest.legs[index].uuid,
+                            state: freshest.legs[index].state, errno: freshest.legs[index].errno)
+        }
+        // Each leg not degraded has a copy of the bitmap; a crash between
+        // their writes leaves them different, and every bit set anywhere counts.
+        var bitmap = [UInt8](repeating: 0, count: Int(layout.bitmapBytes))
+        for member in members where member.state != .degraded {
+            let bytes = try MetadataStore.readBytes(member.device, offset: MirrorLayout.bitmapOffset,
+                                                    count: bitmap.count, client: client)
+            for index in bitmap.indices { bitmap[index] |= bytes[index] }
+        }
+        let inSync = members.filter { $0.state == .inSync }.count
+        if !freshest.clean { logger.warning("mirror \(freshest.mirror) was not stopped cleanly: its dirty regions will be resynced") }
+        return Mirror(uuid: freshest.mirror, layout: layout, members: members, bitmap: bitmap,
+                      events: freshest.events, recoveryPending: !freshest.clean && inSync > 1, client: client,
+                      deviceOptions: deviceOptions, rateLimit: rateLimit, logger: logger)
+    }
+
+    /// The newer valid superblock of `device`; nil if it has none; throws
+    /// when both slots are damaged.
+    static func readSuperblock(of device: BlockDevice, client: DMIOClient) throws(MirrorError) -> Superblock? {
+        let slots = try MetadataStore.readSlots(device, client: client)
+        var newest: Superblock?
+        var damage: String?
+        for slot in slots {
+            switch slot {
+            case .superblock(let superblock):
+                if superblock.events > newest?.events ?? 0 { newest = superblock }
+            case .corrupt(let reason):
+                damage = reason
+            case .none:
+                break
+            }
+        }
+        if let newest { return newest }
+        if let damage { throw .corruptLeg(leg: device.name, reason: damage) }
+        return nil
+    }
+
+    private static func checkCount(_ count: Int) throws(MirrorError) {
+        guard count >= 2 else { throw .tooFewLegs(count) }
+        guard count <= Superblock.maxLegs else { throw .tooManyLegs(count) }
+    }
+}

@@ -1,0 +1,181 @@
+import DMIO
+import Glibc
+
+/// Reads and writes the metadata areas of the legs: superblocks and bitmap
+/// pages, through DMIO like the data. A leg that fails a metadata write is
+/// failed like one that fails a data write.
+final class MetadataStore: @unchecked Sendable {
+    let layout: MirrorLayout
+    let mirror: MirrorUUID
+    private let legs: LegTable
+    private let client: DMIOClient
+    private let lock = ConditionLock()
+    private var events: UInt64
+    private var clean = false
+    /// The leg table version that the superblocks on the legs describe.
+    private var durableVersion: UInt64 = 0
+
+    init(layout: MirrorLayout, mirror: MirrorUUID, events: UInt64, legs: LegTable, client: DMIOClient) {
+        self.layout = layout
+        self.mirror = mirror
+        self.events = events
+        self.legs = legs
+        self.client = client
+    }
+
+    private var io: DMIOClient { DMIOClient.current ?? client }
+
+    /// Whether the superblocks record every leg change up to `version`.
+    func isDurable(_ version: UInt64) -> Bool { lock.withLock { durableVersion >= version } }
+
+    func setClean(_ value: Bool) { lock.withLock { clean = value } }
+
+    var eventCount: UInt64 { lock.withLock { events } }
+
+    /// Writes a new superblock (the next event) to every leg not degraded.
+    func writeSuperblocks(then done: @escaping @Sendable (Bool) -> Void) {
+        let snapshot = legs.snapshot
+        let records = legs.records
+        let (event, isClean): (UInt64, Bool) = lock.withLock {
+            self.events += 1
+            return (self.events, self.clean)
+        }
+        let targets = snapshot.writable
+        let slot = MirrorLayout.slotOffset(Int(event % 2))
+        let gather = Gather(count: targets.count) { [self] failures in
+            record(failures, reading: false)
+            let durable = failures.count < targets.count
+            if durable { lock.withLock { durableVersion = max(durableVersion, snapshot.version) } }
+            done(durable)
+        }
+        for leg in targets {
+            let superblock = Superblock(
+                mirror: mirror, legIndex: leg.index, events: event, regionBytes: layout.regionBytes,
+                clean: isClean, legBytes: layout.legBytes, dataOffset: layout.dataOffset,
+                dataBytes: layout.dataBytes, legs: records)
+            write(superblock.encoded(), at: slot, to: [leg]) { failures in gather.add(failures) }
+        }
+    }
+
+    /// Writes bitmap pages to every leg not degraded: each page is one DMIO
+    /// write to all of them.
+    func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])], then done: @escaping @Sendable (Bool) -> Void) {
+        let targets = legs.snapshot.writable
+        guard !pages.isEmpty else { return done(!targets.isEmpty) }
+        let gather = Gather(count: pages.count) { [self] failures in
+            let failedLegs = Set(failures.map(\.leg.index))
+            record(failures, reading: false)
+            done(failedLegs.count < targets.count)
+        }
+        for (page, bytes) in pages {
+            write(bytes, at: MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes), to: targets) {
+                gather.add($0)
+            }
+        }
+    }
+
+    private func record(_ failures: [LegFailure], reading: Bool) {
+        for failure in failures { legs.fail(failure.leg.index, errno: failure.errno, reading: reading) }
+    }
+
+    /// One FUA write of `bytes` at `offset` on each leg of `targets`.
+    private func write(_ bytes: [UInt8], at offset: UInt64, to targets: [LegTable.Leg],
+                       then done: @escaping ([LegFailure]) -> Void) {
+        let buffer = AlignedBytes(bytes)
+        let regions = targets.map { IORegion(device: $0.device, sector: offset >> 9, count: UInt64(bytes.count) >> 9) }
+        do {
+            try io.submit(.write, regions: regions, memory: .buffer(buffer.bytes), flags: .fua) { result, _ in
+                withExtendedLifetime(buffer) {}
+                done(result.failures.map { LegFailure(leg: targets[$0.region], errno: $0.errno) })
+            }
+        } catch {
+            done(targets.map { LegFailure(leg: $0, errno: EIO) })
+        }
+    }
+
+    /// Reads both superblock slots of `device`, synchronously.
+    static func readSlots(_ device: BlockDevice, client: DMIOClient) throws(MirrorError) -> [Superblock.Decoded] {
+        let head = try readBytes(device, offset: 0, count: 2 * MirrorLayout.slotBytes, client: client)
+        return (0..<2).map { slot in
+            Superblock.decode(Array(head[slot * MirrorLayout.slotBytes..<(slot + 1) * MirrorLayout.slotBytes]))
+        }
+    }
+
+    static func readBytes(_ device: BlockDevice, offset: UInt64, count: Int, client: DMIOClient) throws(MirrorError) -> [UInt8] {
+        guard device.size >= offset + UInt64(count) else { return [UInt8](repeating: 0, count: count) }
+        let buffer = AlignedBytes(count: count)
+        let result: IOResult
+        do {
+            result = try client.sync(.read, regions: [IORegion(device: device, sector: offset >> 9, count: UInt64(count) >> 9)],
+                                     buffer: buffer.bytes)
+        } catch {
+            throw .open(error)
+        }
+        if let failure = result.failures.first { throw .metadataIO(leg: device.name, errno: failure.errno) }
+        return Array(UnsafeRawBufferPointer(buffer.bytes))
+    }
+
+    /// Writes `bytes` at `offset` of every device, synchronously, with FUA.
+    static func writeBytes(_ bytes: [UInt8], offset: UInt64, to devices: [BlockDevice], client: DMIOClient) throws(MirrorError) {
+        let buffer = AlignedBytes(bytes)
+        let regions = devices.map { IORegion(device: $0, sector: offset >> 9, count: UInt64(bytes.count) >> 9) }
+        let result: IOResult
+        do {
+            result = try client.sync(.write, regions: regions, buffer: buffer.bytes, flags: .fua)
+        } catch {
+            throw .open(error)
+        }
+        if let failure = result.failures.first {
+            throw .metadataIO(leg: devices[failure.region].name, errno: failure.errno)
+        }
+    }
+}
+
+/// A leg that failed a request, and how.
+struct LegFailure: Sendable {
+    let leg: LegTable.Leg
+    let errno: Int32
+}
+
+/// Counts the parts of a fan-out and calls back once, with every failure,
+/// when the last part ends.
+final class Gather: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var left: Int
+    private var failures: [LegFailure] = []
+    private let done: ([LegFailure]) -> Void
+
+    init(count: Int, done: @escaping ([LegFailure]) -> Void) {
+        left = count
+        self.done = done
+        if count == 0 { done([]) }
+    }
+
+    func add(_ partFailures: [LegFailure]) {
+        let finished: [LegFailure]? = lock.withLock {
+            failures += partFailures
+            left -= 1
+            return left == 0 ? failures : nil
+        }
+        if let finished { done(finished) }
+    }
+}
+
+/// Page-aligned memory (what O_DIRECT legs need), freed with the object.
+final class AlignedBytes: @unchecked Sendable {
+    let bytes: UnsafeMutableRawBufferPointer
+
+    init(count: Int) {
+        var memory: UnsafeMutableRawPointer?
+        precondition(posix_memalign(&memory, 4096, max(count, 1)) == 0, "out of memory")
+        memset(memory!, 0, count)
+        bytes = UnsafeMutableRawBufferPointer(start: memory, count: count)
+    }
+
+    convenience init(_ contents: [UInt8]) {
+        self.init(count: contents.count)
+        contents.withUnsafeBytes { bytes.copyMemory(from: $0) }
+    }
+
+    deinit { free(bytes.baseAddress) }
+}

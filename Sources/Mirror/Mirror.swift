@@ -1,0 +1,240 @@
+import DMIO
+import Glibc
+import Logging
+import NBD
+
+/// A dm-raid1-style mirror served as one NBD target: 2 to 64 legs of equal
+/// size, each a file, a block device or a remote NBD export. Composed of
+/// small services, as dm-raid1 is: the leg table (health), the dirty log
+/// (write-intent bitmap), the metadata store (superblocks and bitmap on
+/// every leg) and the copier (resync). Make one with `Mirror.create`, open
+/// it with `Mirror.open`, then `start()`; `stop()` leaves it clean.
+public final class Mirror: BlockTarget, @unchecked Sendable {
+    public let uuid: MirrorUUID
+    public let layout: MirrorLayout
+    public let blockSizes: BlockSizes
+    public let capabilities: TargetCapabilities
+    public var size: UInt64 { layout.dataBytes }
+
+    let client: DMIOClient
+    let logger: Logger
+    let legs: LegTable
+    let log: DirtyLog
+    let metadata: MetadataStore
+    /// Group commits of the superblocks and of the bitmap pages.
+    let superblocks: GroupCommit
+    private let deviceOptions: DeviceOptions
+    private(set) var resync: Resync!
+
+    private let lock = ConditionLock()
+    /// Set when the last stop was not clean: in-sync legs may differ in the
+    /// dirty regions, so they are copied from the first one.
+    private var recoveryPending: Bool
+    private var stopping = false
+    private var worker: pthread_t?
+    /// How often the dirty log's idle bits are cleared.
+    static let cleanInterval = 2.0
+
+    init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
+         events: UInt64, recoveryPending: Bool, client: DMIOClient, deviceOptions: DeviceOptions,
+         rateLimit: UInt64, logger: Logger) {
+        self.uuid = uuid
+        self.layout = layout
+        self.client = client
+        self.logger = logger
+        self.deviceOptions = deviceOptions
+        self.recoveryPending = recoveryPending
+        legs = LegTable(members)
+        log = DirtyLog(regionBytes: layout.regionBytes, regionCount: layout.regionCount, bitmap: bitmap)
+        let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, legs: legs, client: client)
+        self.metadata = metadata
+        superblocks = GroupCommit { done in metadata.writeSuperblocks(then: done) }
+        let log = log
+        log.persist = GroupCommit { done in
+            let pages = log.changedPageImages()
+            metadata.writeBitmap(pages.map { ($0.page, $0.bytes) }) { durable in
+                if durable { log.persisted(pages.map { ($0.page, $0.version) }) }
+                done(durable)
+            }
+        }
+
+        let minimum = UInt32(members.map(\.device.blockSize).max() ?? sectorSize)
+        blockSizes = BlockSizes(minimum: max(minimum, UInt32(sectorSize)), preferred: max(minimum, 4096),
+                                maximumPayload: 32 << 20)
+        var capabilities: TargetCapabilities = [.flush, .fua, .cache, .multiConnection, .trim, .writeZeroes]
+        if members.allSatisfy({ $0.device.kind == .file }) { capabilities.insert(.fastZero) }
+        self.capabilities = capabilities
+        resync = Resync(mirror: self, rateLimit: rateLimit)
+    }
+
+    // MARK: Running
+
+    /// Marks the mirror in use on every leg (a crash from now on means a
+    /// recovery at the next start) and starts the background work: resync
+    /// and the clearing of idle dirty bits.
+    public func start() throws(MirrorError) {
+        metadata.setClean(false)
+        // Legs that were stale or re-added get the whole bitmap.
+        let pages = log.allPageImages(bitmapBytes: layout.bitmapBytes)
+        let wrote = waitForCallback { metadata.writeBitmap(pages, then: $0) }
+        guard wrote, superblocks.commitAndWait() else {
+            throw .metadataIO(leg: "every leg", errno: EIO)
+        }
+        worker = startThread(named: "dmio-mirror") { [self] in background() }
+    }
+
+    /// Stops the background work, flushes every leg and, when the legs are
+    /// in sync, clears the bitmap and records a clean stop. Call after the
+    /// server has answered every request.
+    public func stop() {
+        lock.withLock { stopping = true }
+        lock.broadcast()
+        if let worker { pthread_join(worker, nil) }
+        worker = nil
+        flushLegs()
+        let inSync = legs.allInSync && !lock.withLock { recoveryPending }
+        if inSync { log.clearAll() }
+        metadata.setClean(true)
+        let bitmapWritten = log.persist.commitAndWait()
+        let recorded = superblocks.commitAndWait()
+        let how = bitmapWritten && recorded ? "cleanly" : "but its metadata could not be written"
+        logger.info("mirror \(uuid) stopped \(how); \(log.dirtyCount) dirty regions")
+    }
+
+    private func background() {
+        var lastClean = monotonicSeconds()
+        while true {
+            let (stop, recover) = lock.withLock {
+                (stopping, recoveryPending)
+            }
+            if stop { return }
+            let rebuilding = legs.all.contains { $0.state == .rebuilding }
+            if recover || rebuilding {
+                runResync(recovery: recover)
+                continue
+            }
+            let now = monotonicSeconds()
+            if now - lastClean >= Self.cleanInterval {
+                lastClean = now
+                cleanIdleRegions()
+            }
+            lock.withLock {
+                if !stopping && !recoveryPending { lock.wait(seconds: max(0.05, Self.cleanInterval - (monotonicSeconds() - lastClean))) }
+            }
+        }
+    }
+
+    /// A recovery copies the dirty regions from the first in-sync leg to the
+    /// other in-sync legs; a rebuild copies them to the rebuilding legs. A
+    /// leg re-added during a pass waits for the next one.
+    private func runResync(recovery: Bool) {
+        let snapshot = legs.snapshot
+        let rebuilding = LegTable.Targets(snapshot.writable.filter { leg in !snapshot.readable.contains { $0.index == leg.index } })
+        let targets = recovery ? LegTable.Targets(snapshot.writable.dropFirst()) : rebuilding
+        let stopping = { [self] in lock.withLock { self.stopping } }
+        let complete = resync.pass(reason: recovery ? "recovery after an unclean stop" : "rebuild",
+                                   targets: targets, stopping: stopping)
+        if stopping() { return }
+        guard complete else {
+            // The source failed, or every target did: try again later, or
+            // after an operator's change.
+            lock.withLock { if !self.stopping { lock.wait(seconds: 5) } }
+            return
+        }
+        flushLegs()
+        if recovery { lock.withLock { recoveryPending = false } }
+        let rebuilt = legs.finishRebuilds(rebuilding)
+        if !rebuilt.isEmpty {
+            logger.info("legs \(rebuilt) are in sync")
+            _ = superblocks.commitAndWait()
+        }
+    }
+
+    /// Clears the bits of regions idle for a while, once the legs hold their
+    /// data durably (a flush first), when every leg is in sync.
+    private func cleanIdleRegions() {
+        guard legs.allInSync else { return }
+        let candidates = log.cleanCandidates()
+        guard !candidates.isEmpty, flushLegs() else { return }
+        if log.clear(candidates) > 0 { _ = log.persist.commitAndWait() }
+    }
+
+    /// Flushes every writable leg; returns whether all of them flushed.
+    @discardableResult
+    private func flushLegs() -> Bool {
+        let targets = legs.snapshot.writable
+        let regions = targets.map { IORegion(device: $0.device, sector: 0, count: 0) }
+        guard !regions.isEmpty, let result = try? client.sync(.flush, regions: regions) else { return false }
+        for failure in result.failures { fail(LegFailure(leg: targets[failure.region], errno: failure.errno), reading: false) }
+        return result.succeeded
+    }
+
+    private func wake() {
+        lock.broadcast()
+    }
+
+    // MARK: Changing legs
+
+    /// Takes leg `index` out of the mirror, as if it had failed.
+    public func failLeg(_ index: Int) throws(MirrorError) {
+        try checkIndex(index)
+        let member = legs.member(index)
+        guard member.state != .degraded else { throw .invalidLegChange("leg \(index) is already degraded") }
+        if member.state == .inSync && legs.snapshot.readable.count == 1 {
+            throw .invalidLegChange("leg \(index) is the last in-sync leg; failing it would lose the data")
+        }
+        legs.set(index, state: .degraded)
+        logger.warning("leg \(index) (\(member.device.name)) failed by the operator")
+        guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
+    }
+
+    /// Brings degraded leg `index` back: it is opened again and gets the
+    /// regions written while it was away.
+    public func readdLeg(_ index: Int) throws(MirrorError) {
+        try checkIndex(index)
+        let member = legs.member(index)
+        guard member.state == .degraded else { throw .invalidLegChange("leg \(index) is \(member.state), not degraded") }
+        let device: BlockDevice
+        do { device = try BlockDevice.open(member.device.name, options: deviceOptions) } catch { throw .open(error) }
+        let found = try Mirror.readSuperblock(of: device, client: client)
+        guard let found else { throw .notAMirror(leg: device.name) }
+        guard found.mirror == uuid else { throw .foreignLeg(leg: device.name, belongsTo: found.mirror, expected: uuid) }
+        guard found.legs[found.legIndex].uuid == member.uuid, found.legIndex == index else {
+            throw .invalidLegChange("\(device.name) is not leg \(index) of this mirror any more; use replace-leg")
+        }
+        try bringIn(index, device: device, uuid: member.uuid, fullCopy: false)
+    }
+
+    /// Puts the device at `spec` in place of leg `index`; it gets a full copy.
+    public func replaceLeg(_ index: Int, with spec: String) throws(MirrorError) {
+        try checkIndex(index)
+        let device: BlockDevice
+        do { device = try BlockDevice.open(spec, options: deviceOptions) } catch { throw .open(error) }
+        guard device.size >= layout.legBytes else {
+            throw .sizeChanged(leg: device.name, bytes: device.size, expected: layout.legBytes)
+        }
+        if legs.member(index).state == .inSync && legs.snapshot.readable.count == 1 {
+            throw .invalidLegChange("leg \(index) is the last in-sync leg; add the new leg in place of another")
+        }
+        try bringIn(index, device: device, uuid: .random(), fullCopy: true)
+    }
+
+    private func bringIn(_ index: Int, device: BlockDevice, uuid: MirrorUUID, fullCopy: Bool) throws(MirrorError) {
+        if fullCopy { log.markAll() }
+        // The leg's bitmap may be old: it gets every page before it is written.
+        for (page, bytes) in log.allPageImages(bitmapBytes: layout.bitmapBytes) {
+            try MetadataStore.writeBytes(bytes, offset: MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes),
+                                         to: [device], client: client)
+        }
+        legs.set(index, state: .rebuilding, device: device, uuid: uuid)
+        guard log.persist.commitAndWait(), superblocks.commitAndWait() else {
+            throw .metadataIO(leg: "every leg", errno: EIO)
+        }
+        logger.info("leg \(index) (\(device.name)) \(fullCopy ? "replaced: full copy" : "re-added: copying the regions written meanwhile")")
+        wake()
+    }
+
+    private func checkIndex(_ index: Int) throws(MirrorError) {
+        guard (0..<legs.count).contains(index) else { throw .noSuchLeg(index, legCount: legs.count) }
+    }
+}

@@ -1,0 +1,67 @@
+import DMIO
+import Glibc
+
+/// Why a mirror could not be made, opened or changed. Each names the leg
+/// and says what to do; none of them has written to a leg's data.
+public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
+    case tooFewLegs(Int)
+    case tooManyLegs(Int)
+    case invalidRegionSize(UInt32)
+    case legTooSmall(bytes: UInt64, needed: UInt64)
+    case open(DMIOError)
+    case unequalSizes([String: UInt64])
+    /// A leg with no mirror metadata where a mirror was expected.
+    case notAMirror(leg: String)
+    /// A leg that already holds mirror metadata where a new mirror was asked for.
+    case alreadyAMirror(leg: String, mirror: MirrorUUID)
+    case corruptMetadata(String)
+    case corruptLeg(leg: String, reason: String)
+    case foreignLeg(leg: String, belongsTo: MirrorUUID, expected: MirrorUUID)
+    case wrongPosition(leg: String, isLeg: Int, givenAs: Int)
+    case wrongLegCount(mirror: MirrorUUID, has: Int, given: Int)
+    case sizeChanged(leg: String, bytes: UInt64, expected: UInt64)
+    case metadataIO(leg: String, errno: Int32)
+    case noSuchLeg(Int, legCount: Int)
+    case invalidLegChange(String)
+
+    public var description: String {
+        switch self {
+        case .tooFewLegs(let count):
+            "a mirror needs at least 2 legs, \(count) given"
+        case .tooManyLegs(let count):
+            "a mirror has at most \(Superblock.maxLegs) legs, \(count) given"
+        case .invalidRegionSize(let bytes):
+            "region size \(bytes): must be a power of two of at least 4096 bytes"
+        case .legTooSmall(let bytes, let needed):
+            "a leg of \(bytes) bytes is too small: a mirror leg needs at least \(needed)"
+        case .open(let error):
+            "leg \(error)"
+        case .unequalSizes(let sizes):
+            "legs of unequal size: " + sizes.sorted { $0.key < $1.key }.map { "\($0.key) has \($0.value) bytes" }
+                .joined(separator: ", ") + "; every leg of a mirror must have the same size"
+        case .notAMirror(let leg):
+            "leg \(leg) holds no dmio-nbd mirror metadata; to make a new mirror of it, run "
+                + "`dmio-nbd create` (it overwrites the leg's first MiB)"
+        case .alreadyAMirror(let leg, let mirror):
+            "leg \(leg) already belongs to mirror \(mirror); serve it, or pass --force to overwrite it"
+        case .corruptMetadata(let reason):
+            "mirror metadata is inconsistent: \(reason)"
+        case .corruptLeg(let leg, let reason):
+            "leg \(leg): mirror metadata is corrupt (\(reason)); refusing to use it"
+        case .foreignLeg(let leg, let belongsTo, let expected):
+            "leg \(leg) belongs to mirror \(belongsTo), not to mirror \(expected)"
+        case .wrongPosition(let leg, let isLeg, let givenAs):
+            "leg \(leg) is leg \(isLeg) of its mirror but was given as leg \(givenAs); give the legs in their order"
+        case .wrongLegCount(let mirror, let has, let given):
+            "mirror \(mirror) has \(has) legs, \(given) given"
+        case .sizeChanged(let leg, let bytes, let expected):
+            "leg \(leg) has \(bytes) bytes; the mirror was made with legs of \(expected)"
+        case .metadataIO(let leg, let errno):
+            "leg \(leg): cannot read or write mirror metadata: \(errnoDescription(errno))"
+        case .noSuchLeg(let index, let count):
+            "no leg \(index): the mirror has legs 0 to \(count - 1)"
+        case .invalidLegChange(let reason):
+            reason
+        }
+    }
+}

@@ -1,0 +1,173 @@
+import DMIO
+import Glibc
+import NBD
+
+/// The mirror's I/O path: every write goes to every writable leg in one
+/// DMIO request; reads go to the first in-sync leg and move on when it
+/// fails. A request whose legs failed answers only once the superblocks
+/// record those legs as degraded, so that no restart can take a leg that
+/// missed a write for one that has it.
+extension Mirror {
+    /// The calling event loop's own client where it has one.
+    var io: DMIOClient { DMIOClient.current ?? client }
+
+    func dataRegion(_ leg: LegTable.Leg, offset: UInt64, length: UInt64) -> IORegion {
+        IORegion(device: leg.device, sector: (layout.dataOffset + offset) >> 9, count: length >> 9)
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64,
+                     completion: @escaping TargetCompletion) {
+        read(into: buffer, offset: offset, from: legs.snapshot.readable, failures: [], completion: completion)
+    }
+
+    /// Reads from the first of `candidates`; on an error, fails that leg and
+    /// tries the next. When no in-sync leg is left, a rebuilding leg serves
+    /// regions that it already holds (clean ones).
+    private func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, from candidates: [LegTable.Leg],
+                      failures: [LegFailure], completion: @escaping TargetCompletion) {
+        var candidates = candidates
+        if candidates.isEmpty, !failures.isEmpty {
+            let tried = Set(failures.map(\.leg.index))
+            let regions = log.regions(offset: offset, length: UInt64(buffer.count))
+            if !regions.contains(where: log.isDirty) {
+                candidates = legs.snapshot.writable.filter { !tried.contains($0.index) && legs.member($0.index).state == .rebuilding }
+            }
+        }
+        guard let leg = candidates.first else {
+            return completion(everyLegFailed("read", failures))
+        }
+        let rest = Array(candidates.dropFirst())
+        submit(.read, [leg], offset: offset, length: UInt64(buffer.count), memory: .buffer(buffer),
+               completion: completion) { [self] legFailures in
+            guard let failure = legFailures.first else { return completion(.success) }
+            fail(failure, reading: true)
+            read(into: buffer, offset: offset, from: rest,
+                 failures: failures + [failure], completion: completion)
+        }
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool,
+                      completion: @escaping TargetCompletion) {
+        change(.write, offset: offset, length: UInt64(buffer.count), memory: .constant(buffer),
+               flags: fua ? .fua : [], completion: completion)
+    }
+
+    public func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
+        change(.discard, offset: offset, length: length, flags: fua ? .fua : [], completion: completion)
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool,
+                            completion: @escaping TargetCompletion) {
+        var flags: IOFlags = mayUnmap ? [] : .noUnmap
+        if fua { flags.insert(.fua) }
+        change(.writeZeroes, offset: offset, length: length, flags: flags, completion: completion)
+    }
+
+    public func flush(completion: @escaping TargetCompletion) {
+        let targets = legs.snapshot.writable
+        submit(.flush, targets, offset: 0, length: 0, completion: completion) { [self] failures in
+            answer(.flush, targets: targets, failures: failures, completion: completion)
+        }
+    }
+
+    public func cache(offset: UInt64, length: UInt64, completion: @escaping TargetCompletion) {
+        completion(.success)
+    }
+
+    public func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
+        guard let leg = legs.snapshot.readable.first else {
+            throw TargetResult(errno: EIO, message: "no leg in sync")
+        }
+        do {
+            return try leg.device.allocation(offset: layout.dataOffset + offset, length: length, maxExtents: maxExtents)
+                .map { Extent(length: UInt32($0.length), flags: $0.isHole ? Extent.hole | Extent.zero : 0) }
+        } catch {
+            throw TargetResult(errno: EIO, message: "\(error)")
+        }
+    }
+
+    public func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool {
+        guard let leg = legs.snapshot.readable.first else { return false }
+        return leg.device.isHole(offset: layout.dataOffset + offset, length: length)
+    }
+
+    public func beginBatch() { io.plug() }
+    public func endBatch() { io.unplug() }
+
+    /// A write, a discard or a zeroing: bits first, then every writable leg.
+    private func change(_ operation: IOOperation, offset: UInt64, length: UInt64, memory: IOMemory? = nil,
+                        flags: IOFlags, completion: @escaping TargetCompletion) {
+        let regions = log.regions(offset: offset, length: length)
+        log.beginWrite(regions) { [self] durable in
+            guard durable else {
+                log.endWrite(regions)
+                return completion(TargetResult(errno: EIO, message: "the write-intent bitmap could not be written to any leg"))
+            }
+            let targets = legs.snapshot.writable
+            submit(operation, targets, offset: offset, length: length, memory: memory, flags: flags,
+                   completion: { [self] result in
+                       log.endWrite(regions)
+                       completion(result)
+                   }) { [self] failures in
+                log.endWrite(regions)
+                // Discard is a hint: a leg that cannot discard has not failed.
+                let failures = operation == .discard ? failures.filter { $0.errno != EOPNOTSUPP } : failures
+                answer(operation, targets: targets, failures: failures, completion: completion)
+            }
+        }
+    }
+
+    /// Ends a request that went to `targets`: legs that failed are degraded
+    /// (and recorded) before the answer; the request failed only if every
+    /// leg did.
+    private func answer(_ operation: IOOperation, targets: [LegTable.Leg], failures: [LegFailure],
+                        completion: @escaping TargetCompletion) {
+        for failure in failures { fail(failure, reading: false) }
+        if targets.isEmpty || failures.count == targets.count {
+            return completion(everyLegFailed("\(operation)", failures))
+        }
+        let version = legs.snapshot.version
+        if metadata.isDurable(version) { return completion(.success) }
+        superblocks.request { durable in
+            completion(durable ? .success
+                : TargetResult(errno: EIO, message: "no leg could record the failure of another"))
+        }
+    }
+
+    func fail(_ failure: LegFailure, reading: Bool) {
+        let what = reading ? "read" : "write"
+        if legs.fail(failure.leg.index, errno: failure.errno, reading: reading) {
+            logger.error("leg \(failure.leg.index) (\(failure.leg.device.name)) degraded: \(what) failed with \(errnoDescription(failure.errno))")
+            superblocks.request { _ in }
+        } else {
+            logger.warning("leg \(failure.leg.index) (\(failure.leg.device.name)): \(what) failed with \(errnoDescription(failure.errno))")
+        }
+    }
+
+    private func everyLegFailed(_ what: String, _ failures: [LegFailure]) -> TargetResult {
+        guard let first = failures.first else {
+            return TargetResult(errno: EIO, message: "\(what): no leg left to serve it")
+        }
+        let errno = failures.allSatisfy { $0.errno == first.errno } ? first.errno : EIO
+        let legs = failures.map { "leg \($0.leg.index) (\($0.leg.device.name)): \(errnoDescription($0.errno))" }
+        return TargetResult(errno: errno, message: "\(what) failed on every leg: " + legs.joined(separator: "; "))
+    }
+
+    /// One DMIO request to the data area of `targets`; reports the legs that
+    /// failed. A request DMIO refuses (it cannot be, the server checked it
+    /// against the mirror's size) fails no leg: it ends with EINVAL.
+    func submit(_ operation: IOOperation, _ targets: [LegTable.Leg], offset: UInt64, length: UInt64,
+                memory: IOMemory? = nil, flags: IOFlags = [], completion: @escaping TargetCompletion,
+                then done: @escaping ([LegFailure]) -> Void) {
+        guard !targets.isEmpty else { return done([]) }
+        let regions = targets.map { dataRegion($0, offset: offset, length: length) }
+        do {
+            try io.submit(operation, regions: regions, memory: memory, flags: flags) { result, _ in
+                done(result.failures.map { LegFailure(leg: targets[$0.region], errno: $0.errno) })
+            }
+        } catch {
+            logger.error("\(operation) refused: \(error)")
+            completion(TargetResult(errno: EINVAL, message: "\(error)"))
+        }
+    }
+}

@@ -1,0 +1,80 @@
+import DMIO
+
+/// What `dmio-nbd status` shows: the mirror, each leg, the resync.
+public struct MirrorStatus: Sendable, Codable, Hashable {
+    public struct Leg: Sendable, Codable, Hashable {
+        public var index: Int
+        public var device: String
+        public var state: LegState
+        /// What failed the leg (e.g. "No space left on device (ENOSPC)"), if anything.
+        public var error: String?
+        public var readErrors: Int
+        public var writeErrors: Int
+    }
+
+    public struct Resync: Sendable, Codable, Hashable {
+        public var active: Bool
+        public var reason: String
+        public var regionsDone: Int
+        public var regionsTotal: Int
+        public var bytesCopied: UInt64
+        public var bytesPerSecond: Double
+        /// Seconds until the copy ends at the current speed.
+        public var etaSeconds: Double?
+        /// How the last pass ended.
+        public var lastResult: String
+    }
+
+    public var uuid: String
+    public var size: UInt64
+    public var regionBytes: UInt32
+    public var regions: Int
+    public var dirtyRegions: Int
+    /// Regions that every writable leg holds (the dmsetup in-sync count).
+    public var inSyncRegions: Int
+    public var events: UInt64
+    public var legs: [Leg]
+    public var resync: Resync
+
+    /// One line in the style of dm-raid1's `dmsetup status`:
+    /// `<legs> <device>... <in-sync>/<regions> 1 <health>`, where health has
+    /// one letter a leg: A alive, D failed a write, R failed a read, and
+    /// rebuilding legs count as alive while the in-sync count trails.
+    public var dmsetupLine: String {
+        let health = legs.map { leg -> String in
+            switch leg.state {
+            case .inSync, .rebuilding: "A"
+            case .degraded: leg.writeErrors == 0 && leg.readErrors > 0 ? "R" : "D"
+            }
+        }.joined()
+        return "\(legs.count) " + legs.map(\.device).joined(separator: " ")
+            + " \(inSyncRegions)/\(regions) 1 \(health)"
+    }
+}
+
+extension Mirror {
+    public var status: MirrorStatus {
+        let members = legs.all
+        let progress = resync.current
+        let dirty = log.dirtyCount
+        let allInSync = members.allSatisfy { $0.state == .inSync }
+        let left = progress.regionsTotal - progress.regionsDone
+        return MirrorStatus(
+            uuid: "\(uuid)", size: layout.dataBytes, regionBytes: layout.regionBytes, regions: layout.regionCount,
+            dirtyRegions: dirty,
+            inSyncRegions: allInSync && !progress.active ? layout.regionCount : layout.regionCount - (progress.active ? left : dirty),
+            events: metadata.eventCount,
+            legs: members.enumerated().map { index, member in
+                MirrorStatus.Leg(index: index, device: member.device.name, state: member.state,
+                                 error: member.errno == 0 ? nil : errnoDescription(member.errno),
+                                 readErrors: member.readErrors, writeErrors: member.writeErrors)
+            },
+            resync: MirrorStatus.Resync(
+                active: progress.active, reason: progress.reason, regionsDone: progress.regionsDone,
+                regionsTotal: progress.regionsTotal, bytesCopied: progress.bytesCopied,
+                bytesPerSecond: progress.bytesPerSecond,
+                etaSeconds: progress.active && progress.regionsDone > 0
+                    ? progress.elapsed / Double(progress.regionsDone) * Double(left) : nil,
+                lastResult: progress.lastResult))
+    }
+}

@@ -1,0 +1,127 @@
+import DMIO
+import Glibc
+
+/// The copier (dm-kcopyd's job in dm-raid1): copies dirty regions from the
+/// first in-sync leg to the legs that need them, one region at a time, while
+/// client I/O goes on. A region is held while it is copied: writes to it
+/// wait, so that a copy never puts old data over a newer write.
+final class Resync: @unchecked Sendable {
+    /// What the copier is doing, for the status.
+    struct Progress: Sendable {
+        var active = false
+        var reason = ""
+        var regionsDone = 0
+        var regionsTotal = 0
+        var bytesCopied: UInt64 = 0
+        var startedAt: Double = 0
+        var finishedAt: Double = 0
+        /// The last pass's outcome, e.g. "copied 12 regions (6 MiB) in 0.1 s".
+        var lastResult = ""
+
+        var elapsed: Double { (active ? monotonicSeconds() : finishedAt) - startedAt }
+        var bytesPerSecond: Double { elapsed > 0 ? Double(bytesCopied) / elapsed : 0 }
+    }
+
+    private let mirror: Mirror
+    /// Bytes a second at most; 0 for no limit.
+    let rateLimit: UInt64
+    private let lock = ConditionLock()
+    private var progress = Progress()
+
+    init(mirror: Mirror, rateLimit: UInt64) {
+        self.mirror = mirror
+        self.rateLimit = rateLimit
+    }
+
+    var current: Progress { lock.withLock { progress } }
+
+    /// Copies every region dirty now to the legs `targets` (those of them
+    /// still writable, on the same device, at each region: a leg that fails
+    /// or is replaced drops out). Returns whether the pass went through
+    /// every region.
+    func pass(reason: String, targets: LegTable.Targets, stopping: () -> Bool) -> Bool {
+        let regions = mirror.log.dirtyRegions
+        lock.withLock {
+            progress = Progress(active: true, reason: reason, regionsTotal: regions.count, startedAt: monotonicSeconds())
+        }
+        mirror.logger.info("resync (\(reason)): \(regions.count) dirty regions to copy")
+        let buffer = AlignedBytes(count: Int(mirror.layout.regionBytes))
+        var outcome = "done"
+        defer { finish(outcome) }
+        for region in regions {
+            if stopping() {
+                outcome = "stopped"
+                return false
+            }
+            let snapshot = mirror.legs.snapshot
+            let copyTo = snapshot.writable.filter(targets.contains)
+            guard let source = snapshot.readable.first, !copyTo.isEmpty else {
+                outcome = "no leg left to copy to"
+                return false
+            }
+            let offset = UInt64(region) * mirror.log.regionBytes
+            let length = min(mirror.log.regionBytes, mirror.layout.dataBytes - offset)
+            mirror.log.holdForCopy(region)
+            let copied = copy(offset: offset, length: length, from: source, to: copyTo, buffer: buffer)
+            mirror.log.releaseAfterCopy(region)
+            guard copied else {
+                outcome = "source leg \(source.index) failed"
+                return false
+            }
+            lock.withLock {
+                progress.regionsDone += 1
+                progress.bytesCopied += length
+            }
+            throttle()
+        }
+        return true
+    }
+
+    private func copy(offset: UInt64, length: UInt64, from source: LegTable.Leg, to targets: [LegTable.Leg],
+                      buffer: AlignedBytes) -> Bool {
+        let memory = UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[0..<Int(length)])
+        let read = try? mirror.client.sync(.read, regions: [mirror.dataRegion(source, offset: offset, length: length)],
+                                           buffer: memory)
+        guard let read, read.succeeded else {
+            mirror.fail(LegFailure(leg: source, errno: read?.failures.first?.errno ?? EINVAL), reading: true)
+            return false
+        }
+        let regions = targets.map { mirror.dataRegion($0, offset: offset, length: length) }
+        let written = try? mirror.client.sync(.write, regions: regions, buffer: memory)
+        for failure in written?.failures ?? [] {
+            mirror.fail(LegFailure(leg: targets[failure.region], errno: failure.errno), reading: false)
+        }
+        return true
+    }
+
+    /// Sleeps as long as keeps the copy under the rate limit.
+    private func throttle() {
+        guard rateLimit > 0 else { return }
+        let (copied, started) = lock.withLock { (progress.bytesCopied, progress.startedAt) }
+        let due = Double(copied) / Double(rateLimit) - (monotonicSeconds() - started)
+        if due > 0 { usleep(UInt32(min(due, 1) * 1e6)) }
+    }
+
+    private func finish(_ outcome: String) {
+        let summary: String = lock.withLock {
+            progress.active = false
+            progress.finishedAt = monotonicSeconds()
+            let mib = Double(progress.bytesCopied) / 1_048_576
+            progress.lastResult = "\(progress.reason): \(outcome), copied \(progress.regionsDone) of "
+                + "\(progress.regionsTotal) regions (\(formatted(mib)) MiB) in \(formatted(progress.elapsed)) s"
+            return progress.lastResult
+        }
+        mirror.logger.info("resync \(summary)")
+    }
+}
+
+func monotonicSeconds() -> Double {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+}
+
+func formatted(_ value: Double) -> String {
+    let tenths = Int((value * 10).rounded())
+    return "\(tenths / 10).\(tenths % 10)"
+}

@@ -1,0 +1,228 @@
+/// Where a mirror keeps its metadata on each leg. Every leg starts with the
+/// same reserved area: two superblock slots, then the write-intent bitmap;
+/// the mirrored data follows, aligned to a MiB. Like md's v1.2 superblock,
+/// each leg carries the whole mirror's view, so a leg knows which mirror it
+/// belongs to, and a leg that missed updates shows a lower event count.
+public struct MirrorLayout: Sendable, Hashable {
+    public static let slotBytes = 4096
+    public static let bitmapOffset: UInt64 = 2 * UInt64(slotBytes)
+    static let dataAlignment: UInt64 = 1 << 20
+    public static let defaultRegionBytes: UInt32 = 512 << 10
+
+    /// Bytes of every leg (legs of other sizes are refused).
+    public let legBytes: UInt64
+    public let regionBytes: UInt32
+    /// Where the mirrored data starts on each leg, and how much there is.
+    public let dataOffset: UInt64
+    public let dataBytes: UInt64
+    public let bitmapBytes: UInt64
+
+    public var regionCount: Int { Int((dataBytes + UInt64(regionBytes) - 1) / UInt64(regionBytes)) }
+
+    public init(legBytes: UInt64, regionBytes: UInt32 = defaultRegionBytes) throws(MirrorError) {
+        guard regionBytes >= 4096, regionBytes & (regionBytes - 1) == 0 else {
+            throw .invalidRegionSize(regionBytes)
+        }
+        // A bitmap sized for the whole leg is a little larger than needed.
+        let regionsAtMost = (legBytes + UInt64(regionBytes) - 1) / UInt64(regionBytes)
+        let bitmapBytes = roundUp((regionsAtMost + 7) / 8, to: UInt64(Self.slotBytes))
+        let dataOffset = roundUp(Self.bitmapOffset + bitmapBytes, to: Self.dataAlignment)
+        guard legBytes >= dataOffset + UInt64(regionBytes) else {
+            throw .legTooSmall(bytes: legBytes, needed: dataOffset + UInt64(regionBytes))
+        }
+        self.legBytes = legBytes
+        self.regionBytes = regionBytes
+        self.bitmapBytes = bitmapBytes
+        self.dataOffset = dataOffset
+        self.dataBytes = (legBytes - dataOffset) & ~UInt64(Self.slotBytes - 1)
+    }
+
+    init(validating superblock: Superblock) throws(MirrorError) {
+        try self.init(legBytes: superblock.legBytes, regionBytes: superblock.regionBytes)
+        guard dataOffset == superblock.dataOffset, dataBytes == superblock.dataBytes else {
+            throw .corruptMetadata("data area \(superblock.dataOffset)+\(superblock.dataBytes) does not match its leg size")
+        }
+    }
+
+    /// Byte offset of superblock slot `slot` (0 or 1).
+    static func slotOffset(_ slot: Int) -> UInt64 { UInt64(slot * slotBytes) }
+}
+
+func roundUp(_ value: UInt64, to multiple: UInt64) -> UInt64 {
+    (value + multiple - 1) / multiple * multiple
+}
+
+/// A leg's state as the superblock records it.
+public enum LegState: UInt32, Sendable, Hashable, Codable, CustomStringConvertible {
+    /// Holds the mirror's data; read and written.
+    case inSync = 0
+    /// Failed: neither read nor written until re-added. Regions written
+    /// meanwhile stay dirty, so that re-adding copies only those.
+    case degraded = 1
+    /// Being copied to: written, not read, until the copy ends.
+    case rebuilding = 2
+
+    public var description: String {
+        switch self {
+        case .inSync: "in sync"
+        case .degraded: "degraded"
+        case .rebuilding: "rebuilding"
+        }
+    }
+}
+
+/// 16 random bytes that name a mirror or one of its legs.
+public struct MirrorUUID: Sendable, Hashable, CustomStringConvertible {
+    public let high: UInt64
+    public let low: UInt64
+
+    public static func random() -> MirrorUUID {
+        MirrorUUID(high: .random(in: .min ... .max), low: .random(in: .min ... .max))
+    }
+
+    public var description: String {
+        let hex = String(high, radix: 16).leftPadded(to: 16) + String(low, radix: 16).leftPadded(to: 16)
+        let characters = Array(hex)
+        return [0..<8, 8..<12, 12..<16, 16..<20, 20..<32].map { String(characters[$0]) }.joined(separator: "-")
+    }
+}
+
+extension String {
+    fileprivate func leftPadded(to width: Int) -> String {
+        String(repeating: "0", count: max(0, width - count)) + self
+    }
+}
+
+/// One leg's entry in the superblock.
+struct LegRecord: Sendable, Hashable {
+    var uuid: MirrorUUID
+    var state: LegState
+    /// What failed the leg (an errno), 0 if nothing did.
+    var errno: Int32
+}
+
+/// The superblock: one 4 KiB slot, little-endian, CRC32C in its last four
+/// bytes. Two slots per leg are written in turn (the event count picks the
+/// slot), so a torn write leaves the other slot, one event older, intact.
+struct Superblock: Sendable, Hashable {
+    static let magic: [UInt8] = Array("DMIOMIRR".utf8)
+    static let version: UInt32 = 1
+    static let maxLegs = 64
+
+    var mirror: MirrorUUID
+    /// Which leg this copy of the superblock is on.
+    var legIndex: Int
+    var events: UInt64
+    var regionBytes: UInt32
+    /// Set at a clean stop: the in-sync legs are equal. Cleared when the
+    /// mirror starts; a start that finds it cleared resyncs dirty regions.
+    var clean: Bool
+    var legBytes: UInt64
+    var dataOffset: UInt64
+    var dataBytes: UInt64
+    var legs: [LegRecord]
+
+    private enum Field {
+        static let magic = 0, version = 8, mirror = 16, legIndex = 32, legCount = 36, events = 40
+        static let regionBytes = 48, flags = 52, legBytes = 56, dataOffset = 64, dataBytes = 72
+        static let legs = 128, legRecordBytes = 32
+        static let checksum = MirrorLayout.slotBytes - 4
+    }
+
+    func encoded() -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: MirrorLayout.slotBytes)
+        bytes.replaceSubrange(0..<8, with: Self.magic)
+        bytes.store(Self.version, at: Field.version)
+        bytes.store(mirror, at: Field.mirror)
+        bytes.store(UInt32(legIndex), at: Field.legIndex)
+        bytes.store(UInt32(legs.count), at: Field.legCount)
+        bytes.store(events, at: Field.events)
+        bytes.store(regionBytes, at: Field.regionBytes)
+        bytes.store(UInt32(clean ? 1 : 0), at: Field.flags)
+        bytes.store(legBytes, at: Field.legBytes)
+        bytes.store(dataOffset, at: Field.dataOffset)
+        bytes.store(dataBytes, at: Field.dataBytes)
+        for (index, leg) in legs.enumerated() {
+            let at = Field.legs + index * Field.legRecordBytes
+            bytes.store(leg.uuid, at: at)
+            bytes.store(leg.state.rawValue, at: at + 16)
+            bytes.store(UInt32(bitPattern: leg.errno), at: at + 20)
+        }
+        bytes.store(crc32c(bytes[0..<Field.checksum]), at: Field.checksum)
+        return bytes
+    }
+
+    enum Decoded {
+        case superblock(Superblock)
+        /// No magic: never part of a mirror (or overwritten).
+        case none
+        case corrupt(String)
+    }
+
+    static func decode(_ bytes: [UInt8]) -> Decoded {
+        guard bytes.count >= MirrorLayout.slotBytes, Array(bytes[0..<8]) == magic else { return .none }
+        guard bytes.load(UInt32.self, at: Field.checksum) == crc32c(bytes[0..<Field.checksum]) else {
+            return .corrupt("checksum mismatch")
+        }
+        let version: UInt32 = bytes.load(UInt32.self, at: Field.version)
+        guard version == Self.version else { return .corrupt("format version \(version), this build reads \(Self.version)") }
+        let legCount = Int(bytes.load(UInt32.self, at: Field.legCount))
+        let legIndex = Int(bytes.load(UInt32.self, at: Field.legIndex))
+        guard (1...maxLegs).contains(legCount), legIndex < legCount else {
+            return .corrupt("leg \(legIndex) of \(legCount)")
+        }
+        var legs: [LegRecord] = []
+        for index in 0..<legCount {
+            let at = Field.legs + index * Field.legRecordBytes
+            guard let state = LegState(rawValue: bytes.load(UInt32.self, at: at + 16)) else {
+                return .corrupt("leg \(index) has an unknown state")
+            }
+            legs.append(LegRecord(uuid: bytes.loadUUID(at: at), state: state,
+                                  errno: Int32(bitPattern: bytes.load(UInt32.self, at: at + 20))))
+        }
+        return .superblock(Superblock(
+            mirror: bytes.loadUUID(at: Field.mirror), legIndex: legIndex,
+            events: bytes.load(UInt64.self, at: Field.events),
+            regionBytes: bytes.load(UInt32.self, at: Field.regionBytes),
+            clean: bytes.load(UInt32.self, at: Field.flags) & 1 != 0,
+            legBytes: bytes.load(UInt64.self, at: Field.legBytes),
+            dataOffset: bytes.load(UInt64.self, at: Field.dataOffset),
+            dataBytes: bytes.load(UInt64.self, at: Field.dataBytes),
+            legs: legs))
+    }
+}
+
+extension [UInt8] {
+    fileprivate mutating func store<Value: FixedWidthInteger>(_ value: Value, at offset: Int) {
+        withUnsafeMutableBytes { $0.storeBytes(of: value.littleEndian, toByteOffset: offset, as: Value.self) }
+    }
+
+    fileprivate mutating func store(_ uuid: MirrorUUID, at offset: Int) {
+        store(uuid.high.bigEndian, at: offset)
+        store(uuid.low.bigEndian, at: offset + 8)
+    }
+
+    fileprivate func load<Value: FixedWidthInteger>(_: Value.Type, at offset: Int) -> Value {
+        Value(littleEndian: withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: Value.self) })
+    }
+
+    fileprivate func loadUUID(at offset: Int) -> MirrorUUID {
+        MirrorUUID(high: UInt64(bigEndian: load(UInt64.self, at: offset)),
+                   low: UInt64(bigEndian: load(UInt64.self, at: offset + 8)))
+    }
+}
+
+/// CRC-32C (Castagnoli), the checksum of ext4's and btrfs's metadata.
+func crc32c(_ bytes: ArraySlice<UInt8>) -> UInt32 {
+    var crc: UInt32 = 0xFFFF_FFFF
+    for byte in bytes {
+        crc = crc32cTable[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8)
+    }
+    return ~crc
+}
+
+private let crc32cTable: [UInt32] = (0..<256).map { index in
+    var value = UInt32(index)
+    for _ in 0..<8 { value = value & 1 != 0 ? (value >> 1) ^ 0x82F6_3B78 : value >> 1 }
+    return value
+}

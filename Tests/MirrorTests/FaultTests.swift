@@ -1,0 +1,251 @@
+import Foundation
+import LibNBD
+import Mirror
+import TestSupport
+import Testing
+
+/// The mirror under real faults, driven as a user drives it: `dmio-nbd
+/// serve` with legs, libnbd writing and reading, `dmio-nbd status` and the
+/// leg commands. Each checks the bytes the client reads, the legs' states,
+/// and that the legs hold equal data once in sync.
+@Suite(.serialized) struct FaultTests {
+    static let legSize = "64M"
+    static let region = 512 << 10
+
+    /// Writes `count` regions' worth of distinct data from region `first`.
+    private func writeRegions(_ handle: NBDHandle, _ regions: Range<Int>, seed: UInt8) throws -> [Int: [UInt8]] {
+        var written: [Int: [UInt8]] = [:]
+        for region in regions {
+            let bytes = pattern(64 << 10, seed: seed &+ UInt8(truncatingIfNeeded: region))
+            try handle.write(bytes, at: UInt64(region * Self.region))
+            written[region] = bytes
+        }
+        return written
+    }
+
+    private func expectReadBack(_ handle: NBDHandle, _ written: [Int: [UInt8]]) throws {
+        for (region, bytes) in written.sorted(by: { $0.key < $1.key }) {
+            #expect(try handle.read(bytes.count, at: UInt64(region * Self.region)) == bytes, "region \(region)")
+        }
+    }
+
+    @Test func aLegThatFillsUpIsDegradedAndTheClientLosesNothing() throws {
+        let fixture = MirrorFixture()
+        let small = try fixture.smallTmpfs("small", size: "4M")
+        let legs = [fixture.path("leg0.img"), small + "/leg1.img"]
+        let server = try fixture.serve(legs + ["--create", Self.legSize])
+        let handle = try fixture.connect()
+        // 16 regions of 64 KiB each is 1 MiB; the writes go on well past 4 MiB.
+        var written: [Int: [UInt8]] = [:]
+        for round in 0..<7 {
+            written.merge(try writeRegions(handle, (round * 16)..<(round * 16 + 16), seed: UInt8(round))) { $1 }
+            for region in (round * 16)..<(round * 16 + 16) {
+                let more = pattern(448 << 10, seed: UInt8(region & 0xFF))
+                try handle.write(more, at: UInt64(region * Self.region + (64 << 10)))
+            }
+        }
+        let status = try fixture.status()
+        #expect(status.state(0) == .inSync)
+        #expect(status.state(1) == .degraded)
+        #expect(status.legs[1].error?.contains("ENOSPC") == true)
+        #expect(status.dmsetupLine.hasSuffix(" AD"))
+        try expectReadBack(handle, written)
+
+        // Room again: the re-added leg gets the regions written while it was out.
+        try fixture.resize(tmpfs: small, to: "80M")
+        try fixture.control(["readd-leg", "1"])
+        try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
+    @Test func aLegBehindNBDKitErrorsIsDegradedOnWritesThenServesAfterReadd() throws {
+        let fixture = MirrorFixture()
+        let trigger = fixture.path("fail-writes")
+        let remoteFile = fixture.path("leg1.img")
+        try run(["truncate", "-s", Self.legSize, remoteFile])
+        let remote = try NBDKit(["--filter=error", "file", remoteFile, "error-pwrite=EIO",
+                                 "error-pwrite-rate=100%", "error-pwrite-file=\(trigger)"])
+        let leg0 = fixture.path("leg0.img")
+        try run(["truncate", "-s", Self.legSize, leg0])
+        try run([dmioNBDExecutable, "create", leg0, remote.uri])
+        let server = try fixture.serve([leg0, remote.uri])
+        try fixture.waitFor("the first copy") { $0.allInSync }
+        let handle = try fixture.connect()
+
+        var written = try writeRegions(handle, 0..<4, seed: 1)
+        FileManager.default.createFile(atPath: trigger, contents: nil)
+        written.merge(try writeRegions(handle, 4..<12, seed: 2)) { $1 }
+        var status = try fixture.status()
+        #expect(status.state(1) == .degraded)
+        #expect(status.legs[1].error?.contains("EIO") == true)
+        try expectReadBack(handle, written)
+
+        try FileManager.default.removeItem(atPath: trigger)
+        status = try fixture.control(["readd-leg", "1"])
+        status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        #expect(status.resync.regionsTotal >= 8, "\(status.resync)")
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(leg0, remoteFile))
+    }
+
+    @Test func aFirstLegThatFailsReadsIsDegradedAndReadsComeFromTheNext() throws {
+        let fixture = MirrorFixture()
+        let trigger = fixture.path("fail-reads")
+        let remoteFile = fixture.path("leg0.img")
+        let leg1 = fixture.path("leg1.img")
+        try run(["truncate", "-s", Self.legSize, remoteFile, leg1])
+        let remote = try NBDKit(["--filter=error", "file", remoteFile, "error-pread=EIO",
+                                 "error-pread-rate=100%", "error-pread-file=\(trigger)"])
+        try run([dmioNBDExecutable, "create", remote.uri, leg1])
+        let server = try fixture.serve([remote.uri, leg1])
+        try fixture.waitFor("the first copy") { $0.allInSync }
+        let handle = try fixture.connect()
+        let written = try writeRegions(handle, 0..<6, seed: 3)
+        FileManager.default.createFile(atPath: trigger, contents: nil)
+        try expectReadBack(handle, written)
+        let status = try fixture.status()
+        #expect(status.state(0) == .degraded)
+        #expect(status.legs[0].readErrors >= 1)
+        #expect(status.dmsetupLine.hasSuffix(" RA"))
+        handle.shutdown()
+        #expect(server.stop() == 0)
+    }
+
+    @Test func aRemoteLegWhoseServerIsKilledMidWriteIsDegradedAndComesBack() throws {
+        let fixture = MirrorFixture()
+        let remoteFile = fixture.path("leg1.img")
+        let leg0 = fixture.path("leg0.img")
+        try run(["truncate", "-s", Self.legSize, leg0, remoteFile])
+        let remoteSocket = fixture.path("leg1.sock")
+        var remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
+        try run([dmioNBDExecutable, "create", leg0, remote.uri])
+        let server = try fixture.serve([leg0, remote.uri])
+        try fixture.waitFor("the first copy") { $0.allInSync }
+        let handle = try fixture.connect()
+
+        // Writes in flight when the leg's server dies.
+        final class Written: @unchecked Sendable { var regions: [Int: [UInt8]] = [:] }
+        let box = Written()
+        let writer = Thread {
+            box.regions = (try? self.writeRegions(handle, 0..<40, seed: 4)) ?? [:]
+        }
+        writer.start()
+        usleep(20_000)
+        remote.kill()
+        while !writer.isFinished { usleep(10_000) }
+        let written = box.regions
+        #expect(written.count == 40, "every write succeeds on the surviving leg")
+        #expect(try fixture.status().state(1) == .degraded)
+        try expectReadBack(handle, written)
+
+        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
+        try fixture.control(["readd-leg", "1"])
+        try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(leg0, remoteFile))
+    }
+
+    @Test func afterSIGKILLOnlyDirtyRegionsAreResynced() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        var server = try fixture.serve(legs + ["--create", Self.legSize])
+        var handle = try fixture.connect()
+        let written = try writeRegions(handle, 10..<17, seed: 5)
+        handle.shutdown()
+        _ = server.stop(signal: SIGKILL)
+
+        server = try fixture.serve(legs)
+        let status = try fixture.waitFor("recovery") { !$0.resync.lastResult.isEmpty && !$0.resync.active }
+        #expect(status.resync.reason.contains("recovery"))
+        #expect(status.resync.regionsTotal == 7, "only the 7 regions written before the kill: \(status.resync)")
+        #expect(status.resync.regionsDone == 7)
+        handle = try fixture.connect()
+        try expectReadBack(handle, written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
+    @Test func aReaddedLegGetsOnlyTheRegionsWrittenWhileItWasOut() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        let server = try fixture.serve(legs + ["--create", Self.legSize])
+        let handle = try fixture.connect()
+        var written = try writeRegions(handle, 0..<3, seed: 6)
+        try fixture.control(["fail-leg", "1"])
+        written.merge(try writeRegions(handle, 20..<25, seed: 7)) { $1 }
+        #expect(try fixture.status().dmsetupLine.hasSuffix(" AD"))
+        try fixture.control(["readd-leg", "1"])
+        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        // Regions 0-2 may still be dirty (written less than two cleaner ticks before).
+        #expect((5...8).contains(status.resync.regionsTotal), "\(status.resync)")
+        try expectReadBack(handle, written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
+    @Test func aLegReplacedByAnEmptyFileGetsAFullCopyUnderLoad() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        let replacement = fixture.path("new.img")
+        let server = try fixture.serve(legs + ["--create", Self.legSize, "--resync-rate", "64M"])
+        let handle = try fixture.connect()
+        var written = try writeRegions(handle, 0..<32, seed: 8)
+        try run(["truncate", "-s", Self.legSize, replacement])
+        try fixture.control(["fail-leg", "1"])
+        try fixture.control(["replace-leg", "1", replacement])
+        // Writes while the copy runs.
+        written.merge(try writeRegions(handle, 60..<100, seed: 9)) { $1 }
+        let status = try fixture.waitFor("leg 1 in sync", timeout: 20) { $0.allInSync }
+        #expect(status.legs[1].device == replacement)
+        #expect(status.resync.regionsTotal == status.regions, "a full copy: \(status.resync)")
+        try expectReadBack(handle, written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], replacement))
+    }
+
+    @Test func corruptForeignAndUnequalLegsAreRefusedAndUntouched() throws {
+        let fixture = MirrorFixture()
+        let a = fixture.path("a.img"), b = fixture.path("b.img"), c = fixture.path("c.img"), d = fixture.path("d.img")
+        try run([dmioNBDExecutable, "create", "--size", "16M", a, b])
+        try run([dmioNBDExecutable, "create", "--size", "16M", c, d])
+
+        // A leg of another mirror.
+        var said = try fixture.serveRefused([a, c])
+        #expect(said.contains("belongs to mirror"), "\(said)")
+
+        // Both superblock slots damaged: refused, and nothing written.
+        let damaged = fixture.path("damaged.img")
+        try FileManager.default.copyItem(atPath: b, toPath: damaged)
+        let file = try #require(FileHandle(forUpdatingAtPath: damaged))
+        for slot in [100, 4096 + 100] {
+            try file.seek(toOffset: UInt64(slot))
+            file.write(Data([0xFF, 0xFF, 0xFF, 0xFF]))
+        }
+        try file.close()
+        let before = try Data(contentsOf: URL(fileURLWithPath: damaged))
+        said = try fixture.serveRefused([a, damaged])
+        #expect(said.contains("corrupt"), "\(said)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: damaged)) == before)
+
+        // Legs in the wrong order.
+        said = try fixture.serveRefused([b, a])
+        #expect(said.contains("given as leg"), "\(said)")
+
+        // Unequal sizes, when making a mirror.
+        let small = fixture.path("small.img"), large = fixture.path("large.img")
+        try run(["truncate", "-s", "16M", small])
+        try run(["truncate", "-s", "32M", large])
+        let unequal = #expect(throws: CommandFailed.self) { try run([dmioNBDExecutable, "create", small, large]) }
+        #expect(unequal?.output.contains("legs of unequal size") == true, "\(String(describing: unequal))")
+        // A plain file that is no mirror is not taken for one.
+        said = try fixture.serveRefused([small, large])
+        #expect(said.contains("no dmio-nbd mirror metadata"), "\(said)")
+    }
+}

@@ -1,0 +1,76 @@
+@testable import Mirror
+import Testing
+
+/// The on-disk format, byte by byte: what a restart or a torn write finds.
+@Suite struct MetadataTests {
+    private func superblock(events: UInt64, leg: Int = 0) -> Superblock {
+        Superblock(mirror: MirrorUUID(high: 1, low: 2), legIndex: leg, events: events, regionBytes: 512 << 10,
+                   clean: events % 2 == 0, legBytes: 64 << 20, dataOffset: 1 << 20, dataBytes: 63 << 20,
+                   legs: [LegRecord(uuid: MirrorUUID(high: 3, low: 4), state: .inSync, errno: 0),
+                          LegRecord(uuid: MirrorUUID(high: 5, low: 6), state: .degraded, errno: 28)])
+    }
+
+    @Test func aSuperblockReadsBackAsWritten() throws {
+        let written = superblock(events: 7, leg: 1)
+        guard case .superblock(let read) = Superblock.decode(written.encoded()) else {
+            Issue.record("not decoded")
+            return
+        }
+        #expect(read == written)
+    }
+
+    @Test(arguments: [9, 100, 200, 4000, 4095])
+    func anyDamagedByteIsCaught(offset: Int) {
+        var bytes = superblock(events: 3).encoded()
+        bytes[offset] ^= 0x10
+        guard case .corrupt = Superblock.decode(bytes) else {
+            Issue.record("damage at \(offset) not caught")
+            return
+        }
+    }
+
+    @Test func bytesWithoutTheMagicAreNoSuperblock() {
+        guard case .none = Superblock.decode([UInt8](repeating: 0, count: 4096)) else {
+            Issue.record("zeroes taken for a superblock")
+            return
+        }
+    }
+
+    @Test func theLayoutReservesAMiBAndABitmapBitPerRegion() throws {
+        let layout = try MirrorLayout(legBytes: 1 << 30)
+        #expect(layout.dataOffset == 1 << 20)
+        #expect(layout.dataBytes == (1 << 30) - (1 << 20))
+        #expect(layout.regionCount == 2046)
+        #expect(layout.bitmapBytes == 4096)
+        #expect(throws: MirrorError.self) { try MirrorLayout(legBytes: 1 << 20) }
+        #expect(throws: MirrorError.self) { try MirrorLayout(legBytes: 1 << 30, regionBytes: 3000) }
+    }
+
+    @Test func theBitmapKeepsSetBitsUntilCleanedAndWritesWaitForThem() {
+        let log = DirtyLog(regionBytes: 512 << 10, regionCount: 100)
+        nonisolated(unsafe) var commits = 0
+        log.persist = GroupCommit { done in
+            commits += 1
+            log.persisted(log.changedPageImages().map { ($0.page, $0.version) })
+            done(true)
+        }
+        let regions = log.regions(offset: (512 << 10) - 4096, length: 8192)
+        #expect(regions == 0...1)
+        nonisolated(unsafe) var started = false
+        log.beginWrite(regions) { started = $0 }
+        #expect(started && commits == 1)
+        // Set and durable: a second write needs no commit.
+        log.beginWrite(regions) { _ in }
+        #expect(commits == 1)
+        log.endWrite(regions)
+        log.endWrite(regions)
+        #expect(log.dirtyRegions == [0, 1])
+        // Written in the last two ticks: not cleared yet.
+        #expect(log.cleanCandidates().isEmpty)
+        #expect(log.cleanCandidates().isEmpty)
+        let candidates = log.cleanCandidates()
+        #expect(candidates == [0, 1])
+        #expect(log.clear(candidates) == 2)
+        #expect(log.dirtyCount == 0)
+    }
+}

@@ -1,0 +1,99 @@
+import Foundation
+import LibNBD
+import Mirror
+import TestSupport
+import Testing
+
+/// A folder for one test's legs and sockets, and the `dmio-nbd` commands
+/// that serve and steer a mirror of them. Removed when released.
+final class MirrorFixture {
+    let folder: String
+    var socket: String { folder + "/nbd.sock" }
+    var uri: String { "nbd+unix:///?socket=\(socket)" }
+    private var mounts: [String] = []
+
+    init(in base: String = "/tmp") {
+        var template = Array("\(base)/mirror-test-XXXXXX".utf8CString)
+        folder = String(cString: mkdtemp(&template)!)
+    }
+
+    func path(_ name: String) -> String { folder + "/" + name }
+
+    /// Starts `dmio-nbd serve` with these arguments and waits until it listens.
+    func serve(_ arguments: [String]) throws -> ServeProcess {
+        let server = try ServeProcess(arguments: arguments + ["--socket", socket], socket: socket)
+        try server.waitUntilListening()
+        return server
+    }
+
+    /// Runs `dmio-nbd serve` expecting it to refuse; returns what it said.
+    func serveRefused(_ arguments: [String]) throws -> String {
+        let server = try ServeProcess(arguments: arguments + ["--socket", socket], socket: socket)
+        server.process.waitUntilExit()
+        #expect(server.process.terminationStatus != 0)
+        return server.stderr()
+    }
+
+    /// `dmio-nbd <words> --socket S --json`: the mirror's status after the request.
+    @discardableResult
+    func control(_ words: [String]) throws -> MirrorStatus {
+        let output = try run([dmioNBDExecutable] + words + ["--socket", socket, "--json"])
+        return try JSONDecoder().decode(Answer.self, from: Data(output.utf8)).status
+    }
+
+    func status() throws -> MirrorStatus { try control(["status"]) }
+
+    /// Polls the status until `condition` holds (10 s at most).
+    @discardableResult
+    func waitFor(_ what: String, timeout: Double = 10, _ condition: (MirrorStatus) -> Bool) throws -> MirrorStatus {
+        let deadline = Date().addingTimeInterval(timeout)
+        var last = try status()
+        while !condition(last) {
+            guard Date() < deadline else {
+                throw CommandFailed(command: "wait for \(what)", status: -1, output: "\(last)")
+            }
+            usleep(50_000)
+            last = try status()
+        }
+        return last
+    }
+
+    func connect() throws -> NBDHandle {
+        let handle = try NBDHandle()
+        try handle.connect(unixSocket: socket)
+        return handle
+    }
+
+    /// A tmpfs of `size` mounted inside the folder: a leg there fills up.
+    func smallTmpfs(_ name: String, size: String) throws -> String {
+        let mountPoint = path(name)
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        try run(["mount", "-t", "tmpfs", "-o", "size=\(size)", "tmpfs", mountPoint])
+        mounts.append(mountPoint)
+        return mountPoint
+    }
+
+    func resize(tmpfs mountPoint: String, to size: String) throws {
+        try run(["mount", "-o", "remount,size=\(size)", mountPoint])
+    }
+
+    /// Whether the data areas of two leg files hold the same bytes.
+    func legsEqual(_ a: String, _ b: String, dataOffset: UInt64 = 1 << 20) -> Bool {
+        (try? run(["cmp", "-i", "\(dataOffset)", a, b])) != nil
+    }
+
+    deinit {
+        for mountPoint in mounts.reversed() { _ = try? run(["umount", "-l", mountPoint]) }
+        try? FileManager.default.removeItem(atPath: folder)
+    }
+
+    private struct Answer: Decodable {
+        var ok: Bool
+        var status: MirrorStatus
+    }
+}
+
+extension MirrorStatus {
+    func state(_ leg: Int) -> LegState { legs[leg].state }
+    var allInSync: Bool { legs.allSatisfy { $0.state == .inSync } && !resync.active }
+}

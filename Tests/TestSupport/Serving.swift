@@ -1,0 +1,115 @@
+import Foundation
+import Glibc
+import LibNBD
+
+/// The dmio-nbd executable built beside the tests.
+public let dmioNBDExecutable = builtExecutable("dmio-nbd")
+
+/// A `dmio-nbd serve` process, stopped with SIGTERM when released.
+public final class ServeProcess {
+    public let process = Process()
+    public let socket: String
+    private let errors = Pipe()
+
+    public init(arguments: [String], socket: String) throws {
+        self.socket = socket
+        process.executableURL = URL(fileURLWithPath: dmioNBDExecutable)
+        process.arguments = ["serve"] + arguments
+        process.standardError = errors
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+    }
+
+    /// Waits until the server answers on its socket (a stale socket file
+    /// may be there before); throws with the server's words if it exits.
+    public func waitUntilListening() throws {
+        let deadline = Date().addingTimeInterval(20)
+        while (try? NBDHandle().connect(unixSocket: socket)) == nil {
+            guard process.isRunning else { throw CommandFailed(command: "dmio-nbd serve", status: process.terminationStatus, output: stderr()) }
+            guard Date() < deadline else { throw CommandFailed(command: "dmio-nbd serve", status: -1, output: "no socket after 20 s") }
+            usleep(20_000)
+        }
+    }
+
+    public func stop(signal: Int32 = SIGTERM) -> Int32 {
+        kill(process.processIdentifier, signal)
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    public func stderr() -> String {
+        String(decoding: errors.fileHandleForReading.availableData, as: UTF8.self)
+    }
+
+    deinit {
+        if process.isRunning { _ = stop() }
+    }
+}
+
+/// Debian's python3 first on PATH: nbdsh and python libnbd need it.
+public let toolEnvironment = ["PATH": "/usr/bin:/usr/sbin:/bin:/sbin:" + (ProcessInfo.processInfo.environment["PATH"] ?? "")]
+
+/// Bytes with a pattern that differs by seed and position.
+public func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 11 &+ Int(seed) &* 113) }
+}
+
+extension NBDHandle {
+    public func write(_ bytes: [UInt8], at offset: UInt64, flags: NBDCommandFlags = []) throws {
+        try bytes.withUnsafeBytes { try pwrite($0, offset: offset, flags: flags) }
+    }
+
+    public func read(_ count: Int, at offset: UInt64) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0xEE, count: count)
+        try bytes.withUnsafeMutableBytes { try pread(into: $0, offset: offset) }
+        return bytes
+    }
+}
+
+/// An nbdkit server on a unix socket, stopped when released.
+public final class NBDKit {
+    public let socket: String
+    private let process = Process()
+    private let ownFolder: String?
+
+    /// `arguments` follow nbdkit's own options: filters, the plugin, its
+    /// parameters. On `socket` if given (a restarted leg server keeps its
+    /// address), else in a folder of its own.
+    public init(_ arguments: [String], socket: String? = nil) throws {
+        if let socket {
+            self.socket = socket
+            ownFolder = nil
+        } else {
+            var template = Array("/tmp/nbdkit-XXXXXX".utf8CString)
+            let folder = String(cString: mkdtemp(&template)!)
+            self.socket = folder + "/nbd.sock"
+            ownFolder = folder
+        }
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", self.socket] + arguments
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: self.socket) {
+            guard process.isRunning, Date() < deadline else {
+                throw CommandFailed(command: "nbdkit \(arguments.joined(separator: " "))", status: -1,
+                                    output: "did not start")
+            }
+            usleep(10_000)
+        }
+    }
+
+    public var uri: String { "nbd+unix:///?socket=\(socket)" }
+
+    /// Kills the server, as a crash or a lost machine would.
+    public func kill() {
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        unlink(socket)
+    }
+
+    deinit {
+        if process.isRunning { kill() }
+        if let ownFolder { try? FileManager.default.removeItem(atPath: ownFolder) }
+    }
+}
