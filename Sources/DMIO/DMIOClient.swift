@@ -184,7 +184,7 @@ public final class DMIOClient: @unchecked Sendable {
     }
 
     public func unplug() {
-        if Plug.finish() { engine.flushPlugged() }
+        Plug.finish()
     }
 
     // MARK: Issuing I/O

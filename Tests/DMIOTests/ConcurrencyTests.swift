@@ -136,6 +136,24 @@ import Testing
         #expect(done.waitFor(4).allSatisfy { $0 == .success })
         #expect(fileBytes(device.name, offset: 3 * 4096, count: 4096) == data.array)
     }
+
+    /// The plug is the thread's, as in the kernel: I/O the thread sends
+    /// through another client while plugged goes out at the unplug too.
+    @Test func anUnplugHandsOverWhatEveryClientHeldBack() throws {
+        let folder = TemporaryFolder()
+        let plugged = try client(.ioUring)
+        let other = try client(.ioUring)
+        let device = try folder.device("disk", size: 1 << 20)
+        let data = AlignedBuffer(count: 4096, pattern: 4)
+        let done = CompletionCounter()
+        plugged.plug()
+        try other.submit(.write, regions: [IORegion(device: device, sector: 0, count: 8)],
+                         buffer: data.bytes) { result, _ in done.record(result) }
+        plugged.unplug()
+        #expect(done.waitFor(1) == [.success])
+        let landed = fileBytes(device.name, count: 4096) == data.array
+        #expect(landed)
+    }
 }
 
 /// A client driven by its own thread, as an event loop drives it. Each test

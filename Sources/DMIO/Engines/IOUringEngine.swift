@@ -42,10 +42,12 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
     func submit(_ batch: BioBatch) {
         var batch = batch
         let ioctls = batch.removeBlockDeviceIoctls()
+        let plugged = Plug.isPlugged
         lock.withLock {
             backlog.append(contentsOf: batch)
-            feedRingLocked(enterKernel: !onReaper && !Plug.isPlugged)
+            feedRingLocked(enterKernel: !onReaper && !plugged)
         }
+        if plugged && !onReaper { Plug.held(by: self) }
         if !ioctls.isEmpty { ioctlWorker.submit(ioctls) }
     }
 

@@ -41,7 +41,11 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
         backlog.append(contentsOf: batch)
         if !ioctls.isEmpty { ioctlWorker.submit(ioctls) }
         // Completions that submit more I/O are picked up by the reap under way.
-        if !Plug.isPlugged && !reaping { reap() }
+        if Plug.isPlugged {
+            Plug.held(by: self)
+        } else if !reaping {
+            reap()
+        }
     }
 
     func flushPlugged() { reap() }

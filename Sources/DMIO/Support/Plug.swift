@@ -1,27 +1,53 @@
 import Glibc
 
 /// Whether the calling thread has plugged its I/O (the kernel's
-/// `blk_start_plug`): a thread-local depth, so that plugs may nest.
+/// `blk_start_plug`): a thread-local depth, so that plugs may nest, and the
+/// engines that held I/O back meanwhile. Like the kernel's plug it belongs
+/// to the thread, not to one client: the outermost unplug hands over what
+/// every engine queued, whichever client the thread used.
 enum Plug {
+    private final class State {
+        var depth = 0
+        var engines: [IOEngine] = []
+    }
+
     private static let key: pthread_key_t = {
         var key = pthread_key_t()
-        precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create")
+        precondition(pthread_key_create(&key, { state in
+            Unmanaged<State>.fromOpaque(state!).release()
+        }) == 0, "pthread_key_create")
         return key
     }()
 
-    static var isPlugged: Bool { depth > 0 }
-
-    private static var depth: Int {
-        get { Int(bitPattern: pthread_getspecific(key)) }
-        set { pthread_setspecific(key, UnsafeRawPointer(bitPattern: newValue)) }
+    private static var state: State {
+        if let existing = pthread_getspecific(key) {
+            return Unmanaged<State>.fromOpaque(existing).takeUnretainedValue()
+        }
+        let state = State()
+        pthread_setspecific(key, Unmanaged.passRetained(state).toOpaque())
+        return state
     }
 
-    static func start() { depth += 1 }
+    static var isPlugged: Bool {
+        guard let existing = pthread_getspecific(key) else { return false }
+        return Unmanaged<State>.fromOpaque(existing).takeUnretainedValue().depth > 0
+    }
 
-    /// Returns true when the outermost plug ended.
-    static func finish() -> Bool {
-        precondition(depth > 0, "unplug without plug")
-        depth -= 1
-        return depth == 0
+    static func start() { state.depth += 1 }
+
+    /// Called by an engine that held I/O back for the plug: the outermost
+    /// unplug flushes it.
+    static func held(by engine: IOEngine) {
+        let state = state
+        if !state.engines.contains(where: { $0 === engine }) { state.engines.append(engine) }
+    }
+
+    /// Ends a plug; the outermost end hands every held batch to its engine.
+    static func finish() {
+        let state = state
+        precondition(state.depth > 0, "unplug without plug")
+        state.depth -= 1
+        guard state.depth == 0 else { return }
+        while let engine = state.engines.popLast() { engine.flushPlugged() }
     }
 }
