@@ -48,26 +48,46 @@ extension Mirror {
         return uuid
     }
 
-    /// Opens the mirror whose legs are `devices`, given in their order.
-    /// Nothing is written until `start()`.
-    public static func open(_ devices: [BlockDevice], client: DMIOClient, rateLimit: UInt64 = 0,
+    /// Opens the mirror whose legs are `specs` (paths or NBD URIs), given in
+    /// their order. A leg that cannot be opened or read (a dead disk, an
+    /// unreachable server) is served as degraded, so that a mirror that lost
+    /// a leg still starts; a leg whose metadata is corrupt, or belongs
+    /// elsewhere, is refused. Nothing is written until `start()`.
+    public static func open(_ specs: [String], client: DMIOClient, rateLimit: UInt64 = 0,
                             deviceOptions: DeviceOptions = DeviceOptions(),
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
-        try checkCount(devices.count)
-        var found: [Superblock] = []
-        for device in devices {
-            guard let superblock = try readSuperblock(of: device, client: client) else {
-                throw .notAMirror(leg: device.name)
+        try checkCount(specs.count)
+        var found: [Int: (device: BlockDevice, superblock: Superblock)] = [:]
+        var unavailable: [Int: Int32] = [:]
+        for (index, spec) in specs.enumerated() {
+            let device: BlockDevice
+            do {
+                device = try BlockDevice.open(spec, options: deviceOptions)
+            } catch {
+                logger.error("leg \(index): \(error)")
+                if case .openFailed(_, let errno) = error { unavailable[index] = errno } else { unavailable[index] = EIO }
+                continue
             }
-            found.append(superblock)
+            do throws(MirrorError) {
+                guard let superblock = try readSuperblock(of: device, client: client) else {
+                    throw MirrorError.notAMirror(leg: device.name)
+                }
+                found[index] = (device, superblock)
+            } catch {
+                guard case .metadataIO(_, let errno) = error else { throw error }
+                logger.error("leg \(index) (\(spec)): cannot read its metadata: \(errnoDescription(errno))")
+                unavailable[index] = errno
+            }
         }
-        let freshest = found.max { $0.events < $1.events }!
-        for (index, (device, superblock)) in zip(devices, found).enumerated() {
+        guard let freshest = found.values.map(\.superblock).max(by: { $0.events < $1.events }) else {
+            throw .noLegAvailable(specs)
+        }
+        for (index, (device, superblock)) in found {
             guard superblock.mirror == freshest.mirror else {
                 throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
             }
-            guard superblock.legs.count == devices.count else {
-                throw .wrongLegCount(mirror: freshest.mirror, has: superblock.legs.count, given: devices.count)
+            guard superblock.legs.count == specs.count else {
+                throw .wrongLegCount(mirror: freshest.mirror, has: superblock.legs.count, given: specs.count)
             }
             guard superblock.legIndex == index else {
                 throw .wrongPosition(leg: device.name, isLeg: superblock.legIndex, givenAs: index)
@@ -80,15 +100,26 @@ extension Mirror {
             }
         }
         let layout = try MirrorLayout(validating: freshest)
-        let members = devices.indices.map { index in
-            LegTable.Member(device: devices[index], uuid: freshest.legs[index].uuid,
-                            state: freshest.legs[index].state, errno: freshest.legs[index].errno)
+        let members = specs.indices.map { index in
+            let record = freshest.legs[index]
+            guard let device = found[index]?.device else {
+                return LegTable.Member(name: specs[index], device: nil, uuid: record.uuid, state: .degraded,
+                                       errno: unavailable[index] ?? EIO)
+            }
+            return LegTable.Member(name: specs[index], device: device, uuid: record.uuid, state: record.state,
+                                   errno: record.errno)
+        }
+        guard members.contains(where: { $0.state == .inSync }) else {
+            throw .noLegAvailable(specs.indices.filter { freshest.legs[$0].state == .inSync }.map { specs[$0] })
+        }
+        for index in unavailable.keys.sorted() where freshest.legs[index].state != .degraded {
+            logger.warning("leg \(index) (\(specs[index])) is unavailable: serving without it (degraded)")
         }
         // Each leg not degraded has a copy of the bitmap; a crash between
         // their writes leaves them different, and every bit set anywhere counts.
         var bitmap = [UInt8](repeating: 0, count: Int(layout.bitmapBytes))
         for member in members where member.state != .degraded {
-            let bytes = try MetadataStore.readBytes(member.device, offset: MirrorLayout.bitmapOffset,
+            let bytes = try MetadataStore.readBytes(member.device!, offset: MirrorLayout.bitmapOffset,
                                                     count: bitmap.count, client: client)
             for index in bitmap.indices { bitmap[index] |= bytes[index] }
         }
@@ -97,6 +128,12 @@ extension Mirror {
         return Mirror(uuid: freshest.mirror, layout: layout, members: members, bitmap: bitmap,
                       events: freshest.events, recoveryPending: !freshest.clean && inSync > 1, client: client,
                       deviceOptions: deviceOptions, rateLimit: rateLimit, logger: logger)
+    }
+
+    /// The mirror that `device` is a leg of, if any: a device served on its
+    /// own must not be one (its metadata would be overwritten).
+    public static func mirrorOwning(_ device: BlockDevice, client: DMIOClient) throws(MirrorError) -> MirrorUUID? {
+        try readSuperblock(of: device, client: client)?.mirror
     }
 
     /// The newer valid superblock of `device`; nil if it has none; throws

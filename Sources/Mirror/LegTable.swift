@@ -4,10 +4,14 @@ import Glibc
 /// The legs and their health: which are read, which are written, and why a
 /// leg left the mirror. Requests take a snapshot (two arrays, replaced on
 /// every change) so that the I/O path holds the lock only to copy a
-/// reference.
+/// reference. Every change that could leave no in-sync leg is checked and
+/// made under one lock.
 final class LegTable: @unchecked Sendable {
     struct Member {
-        var device: BlockDevice
+        /// The path or URI the leg is opened by.
+        var name: String
+        /// nil when the leg could not be opened (it is then degraded).
+        var device: BlockDevice?
         var uuid: MirrorUUID
         var state: LegState
         /// What failed the leg, or the last error it returned.
@@ -34,11 +38,15 @@ final class LegTable: @unchecked Sendable {
 
         init(_ members: [Member], version: UInt64) {
             self.version = version
-            readable = members.indices.filter { members[$0].state == .inSync }
-                .map { Leg(index: $0, device: members[$0].device) }
-            writable = members.indices.filter { members[$0].state != .degraded }
-                .map { Leg(index: $0, device: members[$0].device) }
+            readable = members.indices.compactMap { index in
+                members[index].state == .inSync ? members[index].device.map { Leg(index: index, device: $0) } : nil
+            }
+            writable = members.indices.compactMap { index in
+                members[index].state != .degraded ? members[index].device.map { Leg(index: index, device: $0) } : nil
+            }
         }
+
+        func isReadable(_ leg: Leg) -> Bool { readable.contains { $0.index == leg.index && $0.device === leg.device } }
     }
 
     private let lock = ConditionLock()
@@ -65,19 +73,24 @@ final class LegTable: @unchecked Sendable {
 
     var allInSync: Bool { lock.withLock { members.allSatisfy { $0.state == .inSync } } }
 
-    /// Records a failed request on leg `index`. The leg becomes degraded
-    /// unless it is the last in-sync leg: like md, a mirror never fails its
-    /// last copy of the data; that leg's errors go to the client instead.
-    /// Returns whether the leg's state changed.
+    private var inSyncCount: Int { members.filter { $0.state == .inSync && $0.device != nil }.count }
+
+    /// Records a failed request on `leg`. The leg becomes degraded unless it
+    /// is the last in-sync leg: like md, a mirror never fails its last copy
+    /// of the data; that leg's errors go to the client instead. A failure
+    /// from a device the leg no longer uses (re-added or replaced since) is
+    /// ignored. Returns whether the leg's state changed.
     @discardableResult
-    func fail(_ index: Int, errno: Int32, reading: Bool) -> Bool {
+    func fail(_ leg: Leg, errno: Int32, reading: Bool) -> Bool {
         lock.withLock {
+            let index = leg.index
+            guard members[index].device === leg.device else { return false }
             if reading { members[index].readErrors += 1 } else { members[index].writeErrors += 1 }
             members[index].errno = errno
             switch members[index].state {
             case .degraded:
                 return false
-            case .inSync where members.filter({ $0.state == .inSync }).count == 1:
+            case .inSync where inSyncCount == 1:
                 return false
             case .inSync, .rebuilding:
                 members[index].state = .degraded
@@ -87,15 +100,35 @@ final class LegTable: @unchecked Sendable {
         }
     }
 
-    /// Moves leg `index` to `state`, optionally on a new device.
-    func set(_ index: Int, state: LegState, device: BlockDevice? = nil, uuid: MirrorUUID? = nil) {
-        lock.withLock {
-            members[index].state = state
-            if state != .degraded { members[index].errno = 0 }
-            if let device { members[index].device = device }
-            if let uuid { members[index].uuid = uuid }
+    /// Degrades leg `index` at an operator's request.
+    func failByOperator(_ index: Int) throws(MirrorError) {
+        lock.lock()
+        defer { lock.unlock() }
+        switch members[index].state {
+        case .degraded:
+            throw .invalidLegChange("leg \(index) is already degraded")
+        case .inSync where inSyncCount == 1:
+            throw .invalidLegChange("leg \(index) is the last in-sync leg; failing it would lose the data")
+        case .inSync, .rebuilding:
+            members[index].state = .degraded
             changed()
         }
+    }
+
+    /// Makes `device` leg `index`, rebuilding; refused if the leg is the
+    /// last in-sync one (its data would be lost).
+    func bringIn(_ index: Int, device: BlockDevice, uuid: MirrorUUID) throws(MirrorError) {
+        lock.lock()
+        defer { lock.unlock() }
+        if members[index].state == .inSync && inSyncCount == 1 {
+            throw .invalidLegChange("leg \(index) is the last in-sync leg; put the new leg in place of another")
+        }
+        members[index].device = device
+        members[index].name = device.name
+        members[index].uuid = uuid
+        members[index].state = .rebuilding
+        members[index].errno = 0
+        changed()
     }
 
     /// Legs a copy goes to, each on the device it had when the copy began:
@@ -109,6 +142,7 @@ final class LegTable: @unchecked Sendable {
 
         func contains(_ leg: Leg) -> Bool { devices[leg.index] == ObjectIdentifier(leg.device) }
         var indices: [Int] { devices.keys.sorted() }
+        var isEmpty: Bool { devices.isEmpty }
     }
 
     /// Ends the rebuild of `targets`: those still rebuilding, on the same
@@ -116,8 +150,8 @@ final class LegTable: @unchecked Sendable {
     func finishRebuilds(_ targets: Targets) -> [Int] {
         lock.withLock {
             let rebuilt = targets.indices.filter { index in
-                members[index].state == .rebuilding
-                    && targets.contains(Leg(index: index, device: members[index].device))
+                guard members[index].state == .rebuilding, let device = members[index].device else { return false }
+                return targets.contains(Leg(index: index, device: device))
             }
             for index in rebuilt { members[index].state = .inSync }
             changed()

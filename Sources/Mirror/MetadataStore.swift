@@ -23,8 +23,6 @@ final class MetadataStore: @unchecked Sendable {
         self.client = client
     }
 
-    private var io: DMIOClient { DMIOClient.current ?? client }
-
     /// Whether the superblocks record every leg change up to `version`.
     func isDurable(_ version: UInt64) -> Bool { lock.withLock { durableVersion >= version } }
 
@@ -75,7 +73,7 @@ final class MetadataStore: @unchecked Sendable {
     }
 
     private func record(_ failures: [LegFailure], reading: Bool) {
-        for failure in failures { legs.fail(failure.leg.index, errno: failure.errno, reading: reading) }
+        for failure in failures { legs.fail(failure.leg, errno: failure.errno, reading: reading) }
     }
 
     /// One FUA write of `bytes` at `offset` on each leg of `targets`.
@@ -84,7 +82,9 @@ final class MetadataStore: @unchecked Sendable {
         let buffer = AlignedBytes(bytes)
         let regions = targets.map { IORegion(device: $0.device, sector: offset >> 9, count: UInt64(bytes.count) >> 9) }
         do {
-            try io.submit(.write, regions: regions, memory: .buffer(buffer.bytes), flags: .fua) { result, _ in
+            // The shared client, not an event loop's: a commit may outlive the
+            // loop that started it (the server stops its loops before the mirror).
+            try client.submit(.write, regions: regions, memory: .buffer(buffer.bytes), flags: .fua) { result, _ in
                 withExtendedLifetime(buffer) {}
                 done(result.failures.map { LegFailure(leg: targets[$0.region], errno: $0.errno) })
             }

@@ -27,10 +27,14 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private(set) var resync: Resync!
 
     private let lock = ConditionLock()
+    /// Held by whatever changes the set of legs or clears dirty bits, so that
+    /// the cleaner never clears a bit that a leg coming in still needs.
+    private let maintenance = ConditionLock()
     /// Set when the last stop was not clean: in-sync legs may differ in the
     /// dirty regions, so they are copied from the first one.
     private var recoveryPending: Bool
     private var stopping = false
+    private var passSpoiled = false
     private var worker: pthread_t?
     /// How often the dirty log's idle bits are cleared.
     static let cleanInterval = 2.0
@@ -58,11 +62,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             }
         }
 
-        let minimum = UInt32(members.map(\.device.blockSize).max() ?? sectorSize)
+        let devices = members.compactMap(\.device)
+        let minimum = UInt32(devices.map(\.blockSize).max() ?? sectorSize)
         blockSizes = BlockSizes(minimum: max(minimum, UInt32(sectorSize)), preferred: max(minimum, 4096),
                                 maximumPayload: 32 << 20)
         var capabilities: TargetCapabilities = [.flush, .fua, .cache, .multiConnection, .trim, .writeZeroes]
-        if members.allSatisfy({ $0.device.kind == .file }) { capabilities.insert(.fastZero) }
+        if devices.allSatisfy({ $0.kind == .file }) { capabilities.insert(.fastZero) }
         self.capabilities = capabilities
         resync = Resync(mirror: self, rateLimit: rateLimit)
     }
@@ -92,9 +97,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         if let worker { pthread_join(worker, nil) }
         worker = nil
         flushLegs()
-        let inSync = legs.allInSync && !lock.withLock { recoveryPending }
-        if inSync { log.clearAll() }
-        metadata.setClean(true)
+        let recovering = lock.withLock { recoveryPending }
+        if legs.allInSync && !recovering { log.clearAll() }
+        // A recovery cut short must run again at the next start.
+        metadata.setClean(!recovering)
         let bitmapWritten = log.persist.commitAndWait()
         let recorded = superblocks.commitAndWait()
         let how = bitmapWritten && recorded ? "cleanly" : "but its metadata could not be written"
@@ -124,20 +130,31 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
     }
 
-    /// A recovery copies the dirty regions from the first in-sync leg to the
-    /// other in-sync legs; a rebuild copies them to the rebuilding legs. A
-    /// leg re-added during a pass waits for the next one.
+    /// A recovery copies the dirty regions from the first in-sync leg (the
+    /// source) to every other writable leg; a rebuild copies them to the
+    /// rebuilding legs. A leg re-added during a pass waits for the next one,
+    /// and so does a pass during which a rebuilding leg took a write that
+    /// the in-sync legs refused.
     private func runResync(recovery: Bool) {
         let snapshot = legs.snapshot
-        let rebuilding = LegTable.Targets(snapshot.writable.filter { leg in !snapshot.readable.contains { $0.index == leg.index } })
-        let targets = recovery ? LegTable.Targets(snapshot.writable.dropFirst()) : rebuilding
+        let source = snapshot.readable.first
+        let rebuilding = LegTable.Targets(snapshot.writable.filter { !snapshot.isReadable($0) })
+        let targets = recovery
+            ? LegTable.Targets(snapshot.writable.filter { $0.index != source?.index })
+            : rebuilding
+        if targets.isEmpty {
+            // Nothing to copy to: the dirty bits stay for the degraded legs.
+            lock.withLock { recoveryPending = false }
+            return
+        }
+        lock.withLock { passSpoiled = false }
         let stopping = { [self] in lock.withLock { self.stopping } }
         let complete = resync.pass(reason: recovery ? "recovery after an unclean stop" : "rebuild",
                                    targets: targets, stopping: stopping)
         if stopping() { return }
-        guard complete else {
-            // The source failed, or every target did: try again later, or
-            // after an operator's change.
+        guard complete, !lock.withLock({ passSpoiled }) else {
+            // The source failed, or a rebuilding leg got ahead of it: try again
+            // later (an operator may change legs meanwhile).
             lock.withLock { if !self.stopping { lock.wait(seconds: 5) } }
             return
         }
@@ -150,13 +167,21 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
     }
 
+    /// A write failed on every in-sync leg but reached a rebuilding one: that
+    /// leg now differs where the pass may have copied already.
+    func spoilResyncPass() {
+        lock.withLock { passSpoiled = true }
+    }
+
     /// Clears the bits of regions idle for a while, once the legs hold their
     /// data durably (a flush first), when every leg is in sync.
     private func cleanIdleRegions() {
-        guard legs.allInSync else { return }
-        let candidates = log.cleanCandidates()
-        guard !candidates.isEmpty, flushLegs() else { return }
-        if log.clear(candidates) > 0 { _ = log.persist.commitAndWait() }
+        maintenance.withLock {
+            guard legs.allInSync else { return }
+            let candidates = log.cleanCandidates()
+            guard !candidates.isEmpty, flushLegs() else { return }
+            if log.clear(candidates) > 0 { _ = log.persist.commitAndWait() }
+        }
     }
 
     /// Flushes every writable leg; returns whether all of them flushed.
@@ -178,13 +203,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// Takes leg `index` out of the mirror, as if it had failed.
     public func failLeg(_ index: Int) throws(MirrorError) {
         try checkIndex(index)
-        let member = legs.member(index)
-        guard member.state != .degraded else { throw .invalidLegChange("leg \(index) is already degraded") }
-        if member.state == .inSync && legs.snapshot.readable.count == 1 {
-            throw .invalidLegChange("leg \(index) is the last in-sync leg; failing it would lose the data")
-        }
-        legs.set(index, state: .degraded)
-        logger.warning("leg \(index) (\(member.device.name)) failed by the operator")
+        maintenance.lock()
+        defer { maintenance.unlock() }
+        try legs.failByOperator(index)
+        logger.warning("leg \(index) (\(legs.member(index).name)) failed by the operator")
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
     }
 
@@ -195,17 +217,20 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let member = legs.member(index)
         guard member.state == .degraded else { throw .invalidLegChange("leg \(index) is \(member.state), not degraded") }
         let device: BlockDevice
-        do { device = try BlockDevice.open(member.device.name, options: deviceOptions) } catch { throw .open(error) }
-        let found = try Mirror.readSuperblock(of: device, client: client)
-        guard let found else { throw .notAMirror(leg: device.name) }
+        do { device = try BlockDevice.open(member.name, options: deviceOptions) } catch { throw .open(error) }
+        guard let found = try Mirror.readSuperblock(of: device, client: client) else {
+            throw .notAMirror(leg: device.name)
+        }
         guard found.mirror == uuid else { throw .foreignLeg(leg: device.name, belongsTo: found.mirror, expected: uuid) }
-        guard found.legs[found.legIndex].uuid == member.uuid, found.legIndex == index else {
+        guard found.legIndex == index, found.legs[index].uuid == member.uuid else {
             throw .invalidLegChange("\(device.name) is not leg \(index) of this mirror any more; use replace-leg")
         }
         try bringIn(index, device: device, uuid: member.uuid, fullCopy: false)
     }
 
     /// Puts the device at `spec` in place of leg `index`; it gets a full copy.
+    /// A device that holds mirror metadata (of this mirror or another) is
+    /// refused: it may be a leg that someone still needs.
     public func replaceLeg(_ index: Int, with spec: String) throws(MirrorError) {
         try checkIndex(index)
         let device: BlockDevice
@@ -213,20 +238,28 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard device.size >= layout.legBytes else {
             throw .sizeChanged(leg: device.name, bytes: device.size, expected: layout.legBytes)
         }
-        if legs.member(index).state == .inSync && legs.snapshot.readable.count == 1 {
-            throw .invalidLegChange("leg \(index) is the last in-sync leg; add the new leg in place of another")
+        if let found = try Mirror.readSuperblock(of: device, client: client) {
+            throw .invalidLegChange("\(device.name) holds the metadata of mirror \(found.mirror) (leg \(found.legIndex)); "
+                                    + "a replacement must be a device no mirror uses")
         }
         try bringIn(index, device: device, uuid: .random(), fullCopy: true)
     }
 
     private func bringIn(_ index: Int, device: BlockDevice, uuid: MirrorUUID, fullCopy: Bool) throws(MirrorError) {
-        if fullCopy { log.markAll() }
+        maintenance.lock()
+        defer { maintenance.unlock() }
+        if fullCopy {
+            log.markAll()
+            // No superblock older than this mirror's may outrank its own.
+            try MetadataStore.writeBytes([UInt8](repeating: 0, count: 2 * MirrorLayout.slotBytes), offset: 0,
+                                         to: [device], client: client)
+        }
         // The leg's bitmap may be old: it gets every page before it is written.
         for (page, bytes) in log.allPageImages(bitmapBytes: layout.bitmapBytes) {
             try MetadataStore.writeBytes(bytes, offset: MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes),
                                          to: [device], client: client)
         }
-        legs.set(index, state: .rebuilding, device: device, uuid: uuid)
+        try legs.bringIn(index, device: device, uuid: uuid)
         guard log.persist.commitAndWait(), superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }

@@ -22,6 +22,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     case sizeChanged(leg: String, bytes: UInt64, expected: UInt64)
     case metadataIO(leg: String, errno: Int32)
     case noSuchLeg(Int, legCount: Int)
+    /// No leg holding the mirror's data could be opened.
+    case noLegAvailable([String])
     case invalidLegChange(String)
 
     public var description: String {
@@ -60,6 +62,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
             "leg \(leg): cannot read or write mirror metadata: \(errnoDescription(errno))"
         case .noSuchLeg(let index, let count):
             "no leg \(index): the mirror has legs 0 to \(count - 1)"
+        case .noLegAvailable(let legs):
+            "no in-sync leg of the mirror could be opened (\(legs.joined(separator: ", "))); see the errors above"
         case .invalidLegChange(let reason):
             reason
         }

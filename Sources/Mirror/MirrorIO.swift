@@ -64,9 +64,9 @@ extension Mirror {
     }
 
     public func flush(completion: @escaping TargetCompletion) {
-        let targets = legs.snapshot.writable
-        submit(.flush, targets, offset: 0, length: 0, completion: completion) { [self] failures in
-            answer(.flush, targets: targets, failures: failures, completion: completion)
+        let snapshot = legs.snapshot
+        submit(.flush, snapshot.writable, offset: 0, length: 0, completion: completion) { [self] failures in
+            answer(.flush, snapshot: snapshot, failures: failures, completion: completion)
         }
     }
 
@@ -103,8 +103,8 @@ extension Mirror {
                 log.endWrite(regions)
                 return completion(TargetResult(errno: EIO, message: "the write-intent bitmap could not be written to any leg"))
             }
-            let targets = legs.snapshot.writable
-            submit(operation, targets, offset: offset, length: length, memory: memory, flags: flags,
+            let snapshot = legs.snapshot
+            submit(operation, snapshot.writable, offset: offset, length: length, memory: memory, flags: flags,
                    completion: { [self] result in
                        log.endWrite(regions)
                        completion(result)
@@ -112,18 +112,21 @@ extension Mirror {
                 log.endWrite(regions)
                 // Discard is a hint: a leg that cannot discard has not failed.
                 let failures = operation == .discard ? failures.filter { $0.errno != EOPNOTSUPP } : failures
-                answer(operation, targets: targets, failures: failures, completion: completion)
+                answer(operation, snapshot: snapshot, failures: failures, completion: completion)
             }
         }
     }
 
-    /// Ends a request that went to `targets`: legs that failed are degraded
-    /// (and recorded) before the answer; the request failed only if every
-    /// leg did.
-    private func answer(_ operation: IOOperation, targets: [LegTable.Leg], failures: [LegFailure],
+    /// Ends a request that went to every writable leg of `snapshot`: legs
+    /// that failed are degraded (and recorded) before the answer. It
+    /// succeeded if an in-sync leg holds it; a rebuilding leg alone is not
+    /// enough, since reads do not come from it.
+    private func answer(_ operation: IOOperation, snapshot: LegTable.Snapshot, failures: [LegFailure],
                         completion: @escaping TargetCompletion) {
         for failure in failures { fail(failure, reading: false) }
-        if targets.isEmpty || failures.count == targets.count {
+        let failed = Set(failures.map(\.leg.index))
+        guard snapshot.readable.contains(where: { !failed.contains($0.index) }) else {
+            if snapshot.writable.contains(where: { !failed.contains($0.index) }) { spoilResyncPass() }
             return completion(everyLegFailed("\(operation)", failures))
         }
         let version = legs.snapshot.version
@@ -136,7 +139,7 @@ extension Mirror {
 
     func fail(_ failure: LegFailure, reading: Bool) {
         let what = reading ? "read" : "write"
-        if legs.fail(failure.leg.index, errno: failure.errno, reading: reading) {
+        if legs.fail(failure.leg, errno: failure.errno, reading: reading) {
             logger.error("leg \(failure.leg.index) (\(failure.leg.device.name)) degraded: \(what) failed with \(errnoDescription(failure.errno))")
             superblocks.request { _ in }
         } else {
@@ -150,7 +153,7 @@ extension Mirror {
         }
         let errno = failures.allSatisfy { $0.errno == first.errno } ? first.errno : EIO
         let legs = failures.map { "leg \($0.leg.index) (\($0.leg.device.name)): \(errnoDescription($0.errno))" }
-        return TargetResult(errno: errno, message: "\(what) failed on every leg: " + legs.joined(separator: "; "))
+        return TargetResult(errno: errno, message: "\(what) failed on every in-sync leg: " + legs.joined(separator: "; "))
     }
 
     /// One DMIO request to the data area of `targets`; reports the legs that

@@ -65,7 +65,7 @@ extension Mirror {
             inSyncRegions: allInSync && !progress.active ? layout.regionCount : layout.regionCount - (progress.active ? left : dirty),
             events: metadata.eventCount,
             legs: members.enumerated().map { index, member in
-                MirrorStatus.Leg(index: index, device: member.device.name, state: member.state,
+                MirrorStatus.Leg(index: index, device: member.name, state: member.state,
                                  error: member.errno == 0 ? nil : errnoDescription(member.errno),
                                  readErrors: member.readErrors, writeErrors: member.writeErrors)
             },

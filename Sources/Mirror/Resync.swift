@@ -80,18 +80,24 @@ final class Resync: @unchecked Sendable {
     private func copy(offset: UInt64, length: UInt64, from source: LegTable.Leg, to targets: [LegTable.Leg],
                       buffer: AlignedBytes) -> Bool {
         let memory = UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[0..<Int(length)])
-        let read = try? mirror.client.sync(.read, regions: [mirror.dataRegion(source, offset: offset, length: length)],
-                                           buffer: memory)
-        guard let read, read.succeeded else {
-            mirror.fail(LegFailure(leg: source, errno: read?.failures.first?.errno ?? EINVAL), reading: true)
+        let regions = targets.map { mirror.dataRegion($0, offset: offset, length: length) }
+        do {
+            let read = try mirror.client.sync(.read, regions: [mirror.dataRegion(source, offset: offset, length: length)],
+                                              buffer: memory)
+            if let failure = read.failures.first {
+                mirror.fail(LegFailure(leg: source, errno: failure.errno), reading: true)
+                return false
+            }
+            let written = try mirror.client.sync(.write, regions: regions, buffer: memory)
+            for failure in written.failures {
+                mirror.fail(LegFailure(leg: targets[failure.region], errno: failure.errno), reading: false)
+            }
+            return true
+        } catch {
+            // DMIO refused the request itself: no leg is to blame.
+            mirror.logger.error("resync: region at \(offset) refused: \(error)")
             return false
         }
-        let regions = targets.map { mirror.dataRegion($0, offset: offset, length: length) }
-        let written = try? mirror.client.sync(.write, regions: regions, buffer: memory)
-        for failure in written?.failures ?? [] {
-            mirror.fail(LegFailure(leg: targets[failure.region], errno: failure.errno), reading: false)
-        }
-        return true
     }
 
     /// Sleeps as long as keeps the copy under the rate limit.

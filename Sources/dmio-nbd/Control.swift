@@ -215,10 +215,12 @@ struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Make a new mirror of two or more legs.",
         discussion: """
-            Writes the mirror's metadata in the first MiB of each leg (what was there is lost; \
-            the mirror's data starts after it). Legs that do not exist are made as sparse files \
-            of --size. When every leg is new, the legs start in sync; otherwise leg 0 holds the \
-            data and the others get a full copy when the mirror is first served.
+            Makes a new, empty mirror: its metadata takes the first MiB of each leg (more on legs \
+            over 4 TiB) and its data starts after it, so whatever the legs held is no longer \
+            readable through the mirror. Legs that do not exist are made as sparse files of \
+            --size. When every leg is new (all zeroes) the legs start in sync; otherwise, at \
+            the first serve, leg 0's bytes are copied to the others so that the legs agree \
+            (--assume-clean skips that copy when they already do).
             """)
 
     @Argument(help: "The legs: files, block devices or NBD URIs, all of one size.")
@@ -238,6 +240,7 @@ struct Create: ParsableCommand {
 
     func validate() throws {
         guard legs.count >= 2 else { throw ValidationError("a mirror needs at least 2 legs") }
+        if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
     }
 
     func run() throws {

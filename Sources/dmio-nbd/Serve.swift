@@ -59,6 +59,9 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Bypass the page cache (O_DIRECT) for files and block devices.")
     var direct = false
 
+    @Flag(help: "Serve one device even if it is a leg of a mirror (writes to it bypass the mirror).")
+    var force = false
+
     @Option(help: "I/O engine: io_uring or threads (default: io_uring where the kernel allows it).")
     var engine: IOEngineKind?
 
@@ -66,6 +69,7 @@ struct Serve: AsyncParsableCommand {
     var verbose = false
 
     func validate() throws {
+        if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
         if readOnly && legs.count != 1 { throw ValidationError("--read-only serves one device; a mirror is always writable") }
     }
 
@@ -126,6 +130,10 @@ struct Serve: AsyncParsableCommand {
 
     private func serveOne(client: DMIOClient, logger: Logger) throws -> ServedTarget {
         let device = try openLeg(legs[0], options: deviceOptions(createSize: create?.bytes))
+        if !force, let mirror = try? Mirror.mirrorOwning(device, client: client) {
+            throw CleanExit.message("\(legs[0]) is a leg of mirror \(mirror): serve the mirror with all its legs "
+                                    + "(or pass --force to serve this leg raw, which can destroy its metadata)", code: 1)
+        }
         return ServedTarget(target: LinearTarget(device: device, client: client), summary: legs[0]) {
             let flushed = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
             if let flushed, !flushed.succeeded { logger.error("final flush failed: \(flushed)") }
@@ -135,11 +143,11 @@ struct Serve: AsyncParsableCommand {
     private func serveMirror(client: DMIOClient, logger: Logger) throws -> ServedTarget {
         let specs = legs.isEmpty ? try DefaultMirror.legPaths() : legs
         let createSize = legs.isEmpty ? DefaultMirror.legBytes : create?.bytes
-        let devices = try openOrCreateMirror(specs, createSize: createSize, regionBytes: regionSize?.bytes,
-                                             options: deviceOptions(createSize: nil), client: client, logger: logger)
+        try createMirrorIfMissing(specs, createSize: createSize, regionBytes: regionSize?.bytes,
+                                  options: deviceOptions(createSize: nil), client: client, logger: logger)
         let mirror: Mirror
         do {
-            mirror = try Mirror.open(devices, client: client, rateLimit: resyncRate?.bytes ?? 0,
+            mirror = try Mirror.open(specs, client: client, rateLimit: resyncRate?.bytes ?? 0,
                                      deviceOptions: deviceOptions(createSize: nil), logger: logger)
             try mirror.start()
         } catch {
@@ -176,24 +184,22 @@ func openLeg(_ spec: String, options: DeviceOptions) throws -> BlockDevice {
     }
 }
 
-/// Opens the legs of a mirror. With `createSize`, missing legs are made as
-/// sparse files; if none existed, they become a new mirror in sync (they are
-/// all zeroes). Some existing and some missing is refused: a new leg joins a
-/// mirror through `replace-leg`, which copies the data to it.
-func openOrCreateMirror(_ specs: [String], createSize: UInt64?, regionBytes: UInt64?, options: DeviceOptions,
-                        client: DMIOClient, logger: Logger) throws -> [BlockDevice] {
+/// With `createSize`, makes missing legs as sparse files and, when none
+/// existed, a new mirror of them, in sync (they are all zeroes). Some
+/// existing and some missing is refused: a new leg joins a mirror through
+/// `replace-leg`, which copies the data to it.
+func createMirrorIfMissing(_ specs: [String], createSize: UInt64?, regionBytes: UInt64?, options: DeviceOptions,
+                           client: DMIOClient, logger: Logger) throws {
     let missing = specs.filter { !$0.contains("://") && access($0, F_OK) != 0 }
-    guard let createSize, !missing.isEmpty else {
-        return try specs.map { try openLeg($0, options: options) }
-    }
+    guard let createSize, !missing.isEmpty else { return }
     guard missing.count == specs.count else {
         throw CleanExit.message("legs \(missing.joined(separator: ", ")) do not exist but the others do; "
-                                + "to add a new leg to a mirror, serve it and run `dmio-nbd replace-leg`", code: 1)
+                                + "to put a new leg in a mirror, serve the mirror and run `dmio-nbd replace-leg`", code: 1)
     }
     var creating = options
     creating.createSize = createSize
-    let devices = try specs.map { try openLeg($0, options: creating) }
     do {
+        let devices = try specs.map { try openLeg($0, options: creating) }
         let uuid = try Mirror.create(devices, client: client,
                                      regionBytes: regionBytes.map { UInt32(clamping: $0) } ?? MirrorLayout.defaultRegionBytes,
                                      fresh: true)
@@ -202,7 +208,19 @@ func openOrCreateMirror(_ specs: [String], createSize: UInt64?, regionBytes: UIn
         for path in specs { unlink(path) }
         throw CleanExit.message("\(error)", code: 1)
     }
-    return devices
+}
+
+/// A leg named twice (the same path, or the same URI).
+func duplicate(in specs: [String]) -> String? {
+    var seen: Set<String> = []
+    for spec in specs {
+        let resolved = spec.contains("://") ? spec : (realpath(spec, nil).map { path in
+            defer { free(path) }
+            return String(cString: path)
+        } ?? spec)
+        if !seen.insert(resolved).inserted { return spec }
+    }
+    return nil
 }
 
 /// The mirror `dmio-nbd` serves when given no legs.

@@ -248,4 +248,72 @@ import Testing
         said = try fixture.serveRefused([small, large])
         #expect(said.contains("no dmio-nbd mirror metadata"), "\(said)")
     }
+
+    @Test func aStopDuringRecoveryLeavesTheRecoveryForTheNextStart() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        var server = try fixture.serve(legs + ["--create", Self.legSize])
+        var handle = try fixture.connect()
+        let written = try writeRegions(handle, 0..<40, seed: 10)
+        handle.shutdown()
+        _ = server.stop(signal: SIGKILL)
+
+        // A slow recovery, stopped at once.
+        server = try fixture.serve(legs + ["--resync-rate", "1M"])
+        try fixture.waitFor("the recovery to start") { $0.resync.active }
+        #expect(server.stop() == 0)
+
+        server = try fixture.serve(legs)
+        let status = try fixture.waitFor("recovery") { !$0.resync.active && !$0.resync.lastResult.isEmpty }
+        #expect(status.resync.reason.contains("recovery"))
+        #expect(status.resync.regionsTotal == 40, "\(status.resync)")
+        handle = try fixture.connect()
+        try expectReadBack(handle, written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
+    @Test func aMirrorWithAnUnreachableLegStartsDegraded() throws {
+        let fixture = MirrorFixture()
+        let leg0 = fixture.path("leg0.img"), remoteFile = fixture.path("leg1.img")
+        try run(["truncate", "-s", Self.legSize, leg0, remoteFile])
+        let remoteSocket = fixture.path("leg1.sock")
+        var remote: NBDKit? = try NBDKit(["file", remoteFile], socket: remoteSocket)
+        let uri = remote!.uri
+        try run([dmioNBDExecutable, "create", "--assume-clean", leg0, uri])
+        remote = nil  // the leg's server is gone before the mirror starts
+
+        let server = try fixture.serve([leg0, uri])
+        let status = try fixture.status()
+        #expect(status.state(0) == .inSync)
+        #expect(status.state(1) == .degraded)
+        let handle = try fixture.connect()
+        let written = try writeRegions(handle, 0..<4, seed: 11)
+        try expectReadBack(handle, written)
+
+        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
+        try fixture.control(["readd-leg", "1"])
+        try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(leg0, remoteFile))
+    }
+
+    @Test func legsInUseAreNotServedAloneNorTakenAsReplacements() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        try run([dmioNBDExecutable, "create", "--size", "16M", legs[0], legs[1]])
+        let said = try fixture.serveRefused([legs[0]])
+        #expect(said.contains("is a leg of mirror"), "\(said)")
+
+        let server = try fixture.serve(legs)
+        try fixture.control(["fail-leg", "1"])
+        let refused = #expect(throws: CommandFailed.self) { try fixture.control(["replace-leg", "1", legs[0]]) }
+        #expect(refused?.output.contains("holds the metadata of mirror") == true, "\(String(describing: refused))")
+        let last = #expect(throws: CommandFailed.self) { try fixture.control(["fail-leg", "0"]) }
+        #expect(last?.output.contains("last in-sync leg") == true, "\(String(describing: last))")
+        #expect(try fixture.status().dmsetupLine.hasSuffix(" AD"))
+        #expect(server.stop() == 0)
+    }
 }
