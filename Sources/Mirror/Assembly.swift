@@ -82,10 +82,12 @@ extension Mirror {
         guard let freshest = found.values.map(\.superblock).max(by: { $0.events < $1.events }) else {
             throw .noLegAvailable(specs)
         }
-        for (index, (device, superblock)) in found {
-            guard superblock.mirror == freshest.mirror else {
-                throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
-            }
+        let legs = found.sorted { $0.key < $1.key }
+        // Legs of two mirrors: say so before anything else about them.
+        for (_, (device, superblock)) in legs where superblock.mirror != freshest.mirror {
+            throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
+        }
+        for (index, (device, superblock)) in legs {
             guard superblock.legs.count == specs.count else {
                 throw .wrongLegCount(mirror: freshest.mirror, has: superblock.legs.count, given: specs.count)
             }

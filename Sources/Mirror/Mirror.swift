@@ -194,6 +194,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         return result.succeeded
     }
 
+    var isRecoveryPending: Bool { lock.withLock { recoveryPending } }
+
     private func wake() {
         lock.broadcast()
     }

@@ -23,6 +23,14 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         public var etaSeconds: Double?
         /// How the last pass ended.
         public var lastResult: String
+
+        /// "40% (820/2048 regions, 410 MiB), 210 MiB/s, ETA 6 s"
+        public var summary: String {
+            let percent = regionsTotal > 0 ? regionsDone * 100 / regionsTotal : 100
+            let eta = etaSeconds.map { ", ETA \(Int($0.rounded(.up))) s" } ?? ""
+            return "\(percent)% (\(regionsDone)/\(regionsTotal) regions, \(bytesCopied >> 20) MiB), "
+                + "\(Int(bytesPerSecond) >> 20) MiB/s\(eta)"
+        }
     }
 
     public var uuid: String
@@ -73,8 +81,7 @@ extension Mirror {
                 active: progress.active, reason: progress.reason, regionsDone: progress.regionsDone,
                 regionsTotal: progress.regionsTotal, bytesCopied: progress.bytesCopied,
                 bytesPerSecond: progress.bytesPerSecond,
-                etaSeconds: progress.active && progress.regionsDone > 0
-                    ? progress.elapsed / Double(progress.regionsDone) * Double(left) : nil,
+                etaSeconds: progress.etaSeconds,
                 lastResult: progress.lastResult))
     }
 }

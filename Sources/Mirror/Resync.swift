@@ -20,7 +20,15 @@ final class Resync: @unchecked Sendable {
 
         var elapsed: Double { (active ? monotonicSeconds() : finishedAt) - startedAt }
         var bytesPerSecond: Double { elapsed > 0 ? Double(bytesCopied) / elapsed : 0 }
+        /// Seconds until the pass ends at the speed so far.
+        var etaSeconds: Double? {
+            guard active, regionsDone > 0 else { return nil }
+            return elapsed / Double(regionsDone) * Double(regionsTotal - regionsDone)
+        }
     }
+
+    /// How often a running pass logs its progress.
+    static let logInterval = 5.0
 
     private let mirror: Mirror
     /// Bytes a second at most; 0 for no limit.
@@ -48,7 +56,12 @@ final class Resync: @unchecked Sendable {
         let buffer = AlignedBytes(count: Int(mirror.layout.regionBytes))
         var outcome = "done"
         defer { finish(outcome) }
+        var loggedAt = monotonicSeconds()
         for region in regions {
+            if monotonicSeconds() - loggedAt >= Self.logInterval {
+                loggedAt = monotonicSeconds()
+                mirror.logger.info("resync (\(reason)): \(mirror.status.resync.summary)")
+            }
             if stopping() {
                 outcome = "stopped"
                 return false

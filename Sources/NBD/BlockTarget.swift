@@ -1,4 +1,5 @@
 import DMIO
+import Glibc
 
 /// The block sizes an export advertises (NBD_INFO_BLOCK_SIZE).
 public struct BlockSizes: Sendable, Hashable {
@@ -88,6 +89,12 @@ public protocol BlockTarget: AnyObject, Sendable {
     /// base:allocation extents from `offset`, covering at most `length`
     /// bytes (at least one extent).
     func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent]
+    /// Meta contexts of the target's own (e.g. "dmio:health"), offered
+    /// besides base:allocation.
+    var metaContexts: [String] { get }
+    /// Extents of one of `metaContexts` from `offset`, covering at most
+    /// `length` bytes (at least one extent).
+    func blockStatus(context: String, offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent]
     /// Whether the range certainly reads as zeroes, found out cheaply (a
     /// large read of it is then answered as a hole without reading).
     func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool
@@ -102,4 +109,8 @@ public protocol BlockTarget: AnyObject, Sendable {
 extension BlockTarget {
     public func beginBatch() {}
     public func endBatch() {}
+    public var metaContexts: [String] { [] }
+    public func blockStatus(context: String, offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
+        throw TargetResult(errno: EINVAL, message: "no meta context \(context)")
+    }
 }

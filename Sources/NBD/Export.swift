@@ -38,23 +38,33 @@ public struct Export: Sendable {
     }
 }
 
-/// The meta contexts this server offers for block status.
-enum MetaContext: String, CaseIterable {
-    case baseAllocation = "base:allocation"
-
-    /// The id a context gets when a client selects it.
-    var id: UInt32 {
-        switch self {
-        case .baseAllocation: 1
+extension Export {
+    /// The meta contexts this export offers for block status:
+    /// base:allocation, then the target's own; ids count from 1.
+    var metaContexts: [MetaContext] {
+        ([MetaContext.baseAllocation] + target.metaContexts).enumerated().map {
+            MetaContext(name: $0.element, id: UInt32($0.offset + 1))
         }
     }
+}
 
-    /// The contexts a query names: "base:" is a wildcard for the namespace
-    /// when listing; unknown namespaces and leaves select nothing.
-    static func matching(_ query: String, listing: Bool) -> [MetaContext] {
+/// A meta context a client may select for block status, and the id its
+/// replies carry.
+struct MetaContext: Hashable {
+    static let baseAllocation = "base:allocation"
+
+    let name: String
+    let id: UInt32
+
+    var isBaseAllocation: Bool { name == Self.baseAllocation }
+
+    /// The contexts of `available` that a query names: "ns:" is a wildcard
+    /// for the namespace when listing; unknown namespaces and leaves select
+    /// nothing.
+    static func matching(_ query: String, listing: Bool, in available: [MetaContext]) -> [MetaContext] {
         if listing, let colon = query.firstIndex(of: ":"), query.index(after: colon) == query.endIndex {
-            return allCases.filter { $0.rawValue.hasPrefix(query) }
+            return available.filter { $0.name.hasPrefix(query) }
         }
-        return allCases.filter { $0.rawValue == query }
+        return available.filter { $0.name == query }
     }
 }

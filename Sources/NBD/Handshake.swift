@@ -203,17 +203,18 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
             if !listing { metaContexts = nil }
             return invalid(context, code, "malformed meta context request")
         }
-        guard export(named: name) != nil else {
+        guard let export = export(named: name) else {
             if !listing { metaContexts = nil }
             reply(context) { $0.writeOptionError(code, .errUnknown, message: "no export named \"\(name)\"") }
             return
         }
+        let available = export.metaContexts
         var found: [MetaContext] = []
         if listing && queries.isEmpty {
-            found = MetaContext.allCases
+            found = available
         } else {
             for query in queries {
-                for match in MetaContext.matching(query, listing: listing) where !found.contains(match) {
+                for match in MetaContext.matching(query, listing: listing, in: available) where !found.contains(match) {
                     found.append(match)
                 }
             }
@@ -223,7 +224,7 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
             for context in found {
                 var entry = ByteBuffer()
                 entry.writeInteger(listing ? 0 : context.id)
-                entry.writeString(context.rawValue)
+                entry.writeString(context.name)
                 buffer.writeOptionReply(code, .metaContext, data: entry)
             }
             buffer.writeOptionReply(code, .ack)

@@ -211,10 +211,19 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     private func blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool, cookie: UInt64) {
         do {
-            let extents = try target.allocation(offset: offset, length: UInt64(length), maxExtents: onlyOne ? 1 : 1 << 16)
-            for (index, context) in session.metaContexts.enumerated() {
-                output.writeBlockStatusChunk(contextID: context.id, extents: extents, cookie: cookie,
-                                             done: index == session.metaContexts.count - 1)
+            let maxExtents = onlyOne ? 1 : 1 << 16
+            // Every context is asked before any chunk goes out: an error then
+            // answers the whole request.
+            let replies = try session.metaContexts.map { context in
+                let extents = context.isBaseAllocation
+                    ? try target.allocation(offset: offset, length: UInt64(length), maxExtents: maxExtents)
+                    : try target.blockStatus(context: context.name, offset: offset, length: UInt64(length),
+                                             maxExtents: maxExtents)
+                return (context.id, extents)
+            }
+            for (index, (id, extents)) in replies.enumerated() {
+                output.writeBlockStatusChunk(contextID: id, extents: extents, cookie: cookie,
+                                             done: index == replies.count - 1)
             }
         } catch {
             appendError(nbdError(for: error as? TargetResult ?? TargetResult(errno: EIO, message: "\(error)"),

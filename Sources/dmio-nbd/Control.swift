@@ -163,10 +163,7 @@ func describe(_ status: MirrorStatus) -> String {
     }
     let resync = status.resync
     if resync.active {
-        let percent = resync.regionsTotal > 0 ? resync.regionsDone * 100 / resync.regionsTotal : 100
-        let eta = resync.etaSeconds.map { ", ETA \(Int($0.rounded(.up))) s" } ?? ""
-        lines.append("resync (\(resync.reason)): \(percent)% (\(resync.regionsDone)/\(resync.regionsTotal) regions, "
-                     + "\(mib(resync.bytesCopied))), \(Int(resync.bytesPerSecond) >> 20) MiB/s\(eta)")
+        lines.append("resync (\(resync.reason)): \(resync.summary)")
     } else if !resync.lastResult.isEmpty {
         lines.append("last resync: \(resync.lastResult)")
     }

@@ -166,6 +166,8 @@ struct Serve: AsyncParsableCommand {
               inspect: nbdinfo 'nbd+unix:///\(export)?socket=\(socketPath)'
               status:  dmio-nbd status --control \(controlPath)
             """)
+        // Whoever reads this through a pipe (a journal, a script) gets it now.
+        fflush(stdout)
     }
 }
 

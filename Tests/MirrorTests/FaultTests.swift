@@ -316,4 +316,40 @@ import Testing
         #expect(try fixture.status().dmsetupLine.hasSuffix(" AD"))
         #expect(server.stop() == 0)
     }
+
+    @Test func clientsSeeDegradedRangesInTheHealthMetaContext() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        let server = try fixture.serve(legs + ["--create", "16M"])
+        let lister = try NBDHandle()
+        try lister.setOptionMode(true)
+        try lister.connect(unixSocket: fixture.socket)
+        #expect(try lister.optListMetaContext() == ["base:allocation", "dmio:health"])
+        try lister.optAbort()
+
+        let handle = try NBDHandle()
+        try handle.addMetaContext("dmio:health")
+        try handle.addMetaContext("base:allocation")
+        try handle.connect(unixSocket: fixture.socket)
+        #expect(try handle.canMetaContext("dmio:health"))
+        let size = try handle.size()
+        #expect(try handle.blockStatus(count: size, offset: 0)["dmio:health"] == [NBDExtent(length: UInt32(size), flags: 0)])
+
+        try fixture.control(["fail-leg", "1"])
+        _ = try writeRegions(handle, 2..<4, seed: 12)
+        let region = UInt32(Self.region)
+        let health = try handle.blockStatus(count: size, offset: 0)
+        #expect(health["dmio:health"] == [NBDExtent(length: 2 * region, flags: 0),
+                                          NBDExtent(length: 2 * region, flags: 1),
+                                          NBDExtent(length: UInt32(size) - 4 * region, flags: 0)])
+        #expect(health["base:allocation"] != nil)
+        let one = try handle.blockStatus(count: size - UInt64(2 * region), offset: UInt64(2 * region), flags: .reqOne)
+        #expect(one["dmio:health"] == [NBDExtent(length: 2 * region, flags: 1)])
+
+        try fixture.control(["readd-leg", "1"])
+        try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        #expect(try handle.blockStatus(count: size, offset: 0)["dmio:health"] == [NBDExtent(length: UInt32(size), flags: 0)])
+        handle.shutdown()
+        #expect(server.stop() == 0)
+    }
 }

@@ -10,13 +10,17 @@ public final class ServeProcess {
     public let process = Process()
     public let socket: String
     private let errors = Pipe()
+    private let output = Pipe()
 
-    public init(arguments: [String], socket: String) throws {
+    /// `dmio-nbd serve ARGUMENTS`, or with `subcommand` nil `dmio-nbd
+    /// ARGUMENTS` (the default command), run in `directory` if given.
+    public init(arguments: [String], socket: String, subcommand: String? = "serve", directory: String? = nil) throws {
         self.socket = socket
         process.executableURL = URL(fileURLWithPath: dmioNBDExecutable)
-        process.arguments = ["serve"] + arguments
+        process.arguments = (subcommand.map { [$0] } ?? []) + arguments
+        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
         process.standardError = errors
-        process.standardOutput = FileHandle.nullDevice
+        process.standardOutput = output
         try process.run()
     }
 
@@ -39,6 +43,11 @@ public final class ServeProcess {
 
     public func stderr() -> String {
         String(decoding: errors.fileHandleForReading.availableData, as: UTF8.self)
+    }
+
+    /// What the server printed so far.
+    public func stdout() -> String {
+        String(decoding: output.fileHandleForReading.availableData, as: UTF8.self)
     }
 
     deinit {
