@@ -1,5 +1,6 @@
 import DMIO
 import Glibc
+import Synchronization
 
 /// Reads and writes the metadata areas of the legs: superblocks and bitmap
 /// pages, through DMIO like the data. A leg that fails a metadata write is
@@ -12,8 +13,9 @@ final class MetadataStore: @unchecked Sendable {
     private let lock = ConditionLock()
     private var events: UInt64
     private var clean = false
-    /// The leg table version that the superblocks on the legs describe.
-    private var durableVersion: UInt64 = 0
+    /// The leg table version that the superblocks on the legs describe
+    /// (read on every write's answer: an atomic, not the lock).
+    private let durableVersion = Atomic<UInt64>(0)
 
     init(layout: MirrorLayout, mirror: MirrorUUID, events: UInt64, legs: LegTable, client: DMIOClient) {
         self.layout = layout
@@ -24,7 +26,7 @@ final class MetadataStore: @unchecked Sendable {
     }
 
     /// Whether the superblocks record every leg change up to `version`.
-    func isDurable(_ version: UInt64) -> Bool { lock.withLock { durableVersion >= version } }
+    func isDurable(_ version: UInt64) -> Bool { durableVersion.load(ordering: .acquiring) >= version }
 
     func setClean(_ value: Bool) { lock.withLock { clean = value } }
 
@@ -43,7 +45,7 @@ final class MetadataStore: @unchecked Sendable {
         let gather = Gather(count: targets.count) { [self] failures in
             record(failures, reading: false)
             let durable = failures.count < targets.count
-            if durable { lock.withLock { durableVersion = max(durableVersion, snapshot.version) } }
+            if durable { durableVersion.max(snapshot.version, ordering: .releasing) }
             done(durable)
         }
         for leg in targets {

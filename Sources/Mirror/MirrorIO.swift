@@ -123,13 +123,19 @@ extension Mirror {
     /// enough, since reads do not come from it.
     private func answer(_ operation: IOOperation, snapshot: LegTable.Snapshot, failures: [LegFailure],
                         completion: @escaping TargetCompletion) {
+        // Every leg took it: a leg degraded before it went out must be on record.
+        if failures.isEmpty { return succeed(once: snapshot.version, completion) }
         for failure in failures { fail(failure, reading: false) }
         let failed = Set(failures.map(\.leg.index))
         guard snapshot.readable.contains(where: { !failed.contains($0.index) }) else {
             if snapshot.writable.contains(where: { !failed.contains($0.index) }) { spoilResyncPass() }
             return completion(everyLegFailed("\(operation)", failures))
         }
-        let version = legs.snapshot.version
+        succeed(once: legs.snapshot.version, completion)
+    }
+
+    /// Answers success once the superblocks record leg table `version`.
+    private func succeed(once version: UInt64, _ completion: @escaping TargetCompletion) {
         if metadata.isDurable(version) { return completion(.success) }
         superblocks.request { durable in
             completion(durable ? .success

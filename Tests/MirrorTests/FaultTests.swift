@@ -29,6 +29,19 @@ import Testing
         }
     }
 
+    /// Re-adds leg 1, waits for the resync, stops the server cleanly and
+    /// checks that the legs hold the same data.
+    @discardableResult
+    private func readdAndCompare(_ fixture: MirrorFixture, _ server: ServeProcess, _ handle: NBDHandle,
+                                 _ leg0: String, _ leg1: String) throws -> MirrorStatus {
+        try fixture.control(["readd-leg", "1"])
+        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(leg0, leg1))
+        return status
+    }
+
     @Test func aLegThatFillsUpIsDegradedAndTheClientLosesNothing() throws {
         let fixture = MirrorFixture()
         let small = try fixture.smallTmpfs("small", size: "4M")
@@ -53,11 +66,7 @@ import Testing
 
         // Room again: the re-added leg gets the regions written while it was out.
         try fixture.resize(tmpfs: small, to: "80M")
-        try fixture.control(["readd-leg", "1"])
-        try fixture.waitFor("leg 1 in sync") { $0.allInSync }
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(legs[0], legs[1]))
+        try readdAndCompare(fixture, server, handle, legs[0], legs[1])
     }
 
     @Test func aLegBehindNBDKitErrorsIsDegradedOnWritesThenServesAfterReadd() throws {
@@ -83,12 +92,8 @@ import Testing
         try expectReadBack(handle, written)
 
         try FileManager.default.removeItem(atPath: trigger)
-        status = try fixture.control(["readd-leg", "1"])
-        status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        status = try readdAndCompare(fixture, server, handle, leg0, remoteFile)
         #expect(status.resync.regionsTotal >= 8, "\(status.resync)")
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(leg0, remoteFile))
     }
 
     @Test func aFirstLegThatFailsReadsIsDegradedAndReadsComeFromTheNext() throws {
@@ -142,11 +147,7 @@ import Testing
         try expectReadBack(handle, written)
 
         remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try fixture.control(["readd-leg", "1"])
-        try fixture.waitFor("leg 1 in sync") { $0.allInSync }
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(leg0, remoteFile))
+        try readdAndCompare(fixture, server, handle, leg0, remoteFile)
     }
 
     @Test func afterSIGKILLOnlyDirtyRegionsAreResynced() throws {
@@ -179,14 +180,10 @@ import Testing
         try fixture.control(["fail-leg", "1"])
         written.merge(try writeRegions(handle, 20..<25, seed: 7)) { $1 }
         #expect(try fixture.status().dmsetupLine.hasSuffix(" AD"))
-        try fixture.control(["readd-leg", "1"])
-        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        try expectReadBack(handle, written)
+        let status = try readdAndCompare(fixture, server, handle, legs[0], legs[1])
         // Regions 0-2 may still be dirty (written less than two cleaner ticks before).
         #expect((5...8).contains(status.resync.regionsTotal), "\(status.resync)")
-        try expectReadBack(handle, written)
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(legs[0], legs[1]))
     }
 
     @Test func aLegReplacedByAnEmptyFileGetsAFullCopyUnderLoad() throws {
@@ -293,11 +290,7 @@ import Testing
         try expectReadBack(handle, written)
 
         remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try fixture.control(["readd-leg", "1"])
-        try fixture.waitFor("leg 1 in sync") { $0.allInSync }
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(leg0, remoteFile))
+        try readdAndCompare(fixture, server, handle, leg0, remoteFile)
     }
 
     @Test func legsInUseAreNotServedAloneNorTakenAsReplacements() throws {

@@ -45,21 +45,7 @@ enum SubmitterIO {
         var bios = BioBatch()
         var running = false
 
-        private static let key: pthread_key_t = {
-            var key = pthread_key_t()
-            precondition(pthread_key_create(&key, { queue in
-                Unmanaged<Queue>.fromOpaque(queue!).release()
-            }) == 0, "pthread_key_create")
-            return key
-        }()
-
-        static var current: Queue {
-            if let existing = pthread_getspecific(key) {
-                return Unmanaged<Queue>.fromOpaque(existing).takeUnretainedValue()
-            }
-            let queue = Queue()
-            pthread_setspecific(key, Unmanaged.passRetained(queue).toOpaque())
-            return queue
-        }
+        private static let queues = ThreadLocal { Queue() }
+        static var current: Queue { queues.value }
     }
 }

@@ -11,27 +11,10 @@ enum Plug {
         var engines: [IOEngine] = []
     }
 
-    private static let key: pthread_key_t = {
-        var key = pthread_key_t()
-        precondition(pthread_key_create(&key, { state in
-            Unmanaged<State>.fromOpaque(state!).release()
-        }) == 0, "pthread_key_create")
-        return key
-    }()
+    private static let states = ThreadLocal { State() }
+    private static var state: State { states.value }
 
-    private static var state: State {
-        if let existing = pthread_getspecific(key) {
-            return Unmanaged<State>.fromOpaque(existing).takeUnretainedValue()
-        }
-        let state = State()
-        pthread_setspecific(key, Unmanaged.passRetained(state).toOpaque())
-        return state
-    }
-
-    static var isPlugged: Bool {
-        guard let existing = pthread_getspecific(key) else { return false }
-        return Unmanaged<State>.fromOpaque(existing).takeUnretainedValue().depth > 0
-    }
+    static var isPlugged: Bool { (states.existing?.depth ?? 0) > 0 }
 
     static func start() { state.depth += 1 }
 
