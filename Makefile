@@ -4,7 +4,7 @@ BENCH_FLAGS ?=
 # Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
 SHARED ?= ../shared
 
-.PHONY: test e2e serve build deps bench bench-nbd example clean
+.PHONY: test e2e serve build deps bench bench-nbd bench-linear example clean
 
 ## Install what is missing, build, and run every test.
 test: deps
@@ -21,6 +21,7 @@ e2e: deps
 	@test -x $(SHARED)/e2e/kernel-nbd-smoke || { echo "e2e: $(SHARED)/e2e/kernel-nbd-smoke not found (set SHARED=)"; exit 2; }
 	$(SWIFT) build --product dmio-nbd
 	$(SHARED)/e2e/kernel-nbd-smoke --server '.build/debug/dmio-nbd serve --socket "$$NBD_SOCKET" --create 256M /tmp/dmio-e2e-leg.img'
+	scripts/e2e-mirror --dmio-nbd .build/debug/dmio-nbd --vm-run $(SHARED)/e2e/vm-run
 
 build: deps
 	$(SWIFT) build
@@ -33,10 +34,16 @@ bench: deps
 	$(SWIFT) build -c release --product dmio-bench
 	.build/release/dmio-bench $(BENCH_FLAGS)
 
-## dmio-nbd against nbdkit and qemu-nbd, one leg (BENCHMARKS.md).
+## The mirror (two legs) against nbdkit file, qemu-nbd and qemu-storage-daemon's quorum (BENCHMARKS.md).
 bench-nbd: deps
 	$(SWIFT) build -c release --product dmio-nbd
-	$(SHARED)/bench/run --legs 1 --name dmio-nbd $(BENCH_FLAGS) \
+	$(SHARED)/bench/run --legs 2 --name dmio-nbd --targets nbdkit-file,qemu-nbd,qsd-quorum,project $(BENCH_FLAGS) \
+		--server '.build/release/dmio-nbd create --force --assume-clean {legs} >/dev/null && exec .build/release/dmio-nbd serve --socket {socket} {legs}'
+
+## One device served as it is, against nbdkit file and qemu-nbd (BENCHMARKS.md).
+bench-linear: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	$(SHARED)/bench/run --legs 1 --name dmio-nbd --targets nbdkit-file,qemu-nbd,project $(BENCH_FLAGS) \
 		--server '.build/release/dmio-nbd serve --socket {socket} {legs}'
 
 ## Copy a region to two files with one DMIO write.

@@ -13,6 +13,9 @@ final class MetadataStore: @unchecked Sendable {
     private let lock = ConditionLock()
     private var events: UInt64
     private var clean = false
+    /// Called for each leg that fails a metadata write: the mirror degrades
+    /// it, and says so in the log.
+    var legFailed: (LegFailure) -> Void = { _ in }
     /// The leg table version that the superblocks on the legs describe
     /// (read on every write's answer: an atomic, not the lock).
     private let durableVersion = Atomic<UInt64>(0)
@@ -43,7 +46,7 @@ final class MetadataStore: @unchecked Sendable {
         let targets = snapshot.writable
         let slot = MirrorLayout.slotOffset(Int(event % 2))
         let gather = Gather(count: targets.count) { [self] failures in
-            record(failures, reading: false)
+            record(failures)
             let durable = failures.count < targets.count
             if durable { durableVersion.max(snapshot.version, ordering: .releasing) }
             done(durable)
@@ -64,7 +67,7 @@ final class MetadataStore: @unchecked Sendable {
         guard !pages.isEmpty else { return done(!targets.isEmpty) }
         let gather = Gather(count: pages.count) { [self] failures in
             let failedLegs = Set(failures.map(\.leg.index))
-            record(failures, reading: false)
+            record(failures)
             done(failedLegs.count < targets.count)
         }
         for (page, bytes) in pages {
@@ -74,8 +77,8 @@ final class MetadataStore: @unchecked Sendable {
         }
     }
 
-    private func record(_ failures: [LegFailure], reading: Bool) {
-        for failure in failures { legs.fail(failure.leg, errno: failure.errno, reading: reading) }
+    private func record(_ failures: [LegFailure]) {
+        for failure in failures { legFailed(failure) }
     }
 
     /// One FUA write of `bytes` at `offset` on each leg of `targets`.

@@ -70,6 +70,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         if devices.allSatisfy({ $0.kind == .file }) { capabilities.insert(.fastZero) }
         self.capabilities = capabilities
         resync = Resync(mirror: self, rateLimit: rateLimit)
+        metadata.legFailed = { [unowned self] failure in fail(failure, reading: false) }
     }
 
     // MARK: Running
@@ -220,6 +221,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard member.state == .degraded else { throw .invalidLegChange("leg \(index) is \(member.state), not degraded") }
         let device: BlockDevice
         do { device = try BlockDevice.open(member.name, options: deviceOptions) } catch { throw .open(error) }
+        // Writes that failed in the page cache while the leg was failing are
+        // reported once more, to the first sync of a new file handle. Those
+        // regions are dirty and get copied again: take that report here.
+        _ = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
         guard let found = try Mirror.readSuperblock(of: device, client: client) else {
             throw .notAMirror(leg: device.name)
         }

@@ -53,7 +53,7 @@ func roundUp(_ value: UInt64, to multiple: UInt64) -> UInt64 {
 }
 
 /// A leg's state as the superblock records it.
-public enum LegState: UInt32, Sendable, Hashable, Codable, CustomStringConvertible {
+public enum LegState: UInt32, Sendable, Hashable, CustomStringConvertible {
     /// Holds the mirror's data; read and written.
     case inSync = 0
     /// Failed: neither read nor written until re-added. Regions written
@@ -68,6 +68,25 @@ public enum LegState: UInt32, Sendable, Hashable, Codable, CustomStringConvertib
         case .degraded: "degraded"
         case .rebuilding: "rebuilding"
         }
+    }
+}
+
+/// In JSON a leg's state is a word ("inSync", "degraded", "rebuilding"); on
+/// disk it is the raw number.
+extension LegState: Codable {
+    private static let words: [LegState: String] = [.inSync: "inSync", .degraded: "degraded", .rebuilding: "rebuilding"]
+
+    public init(from decoder: Decoder) throws {
+        let word = try decoder.singleValueContainer().decode(String.self)
+        guard let state = Self.words.first(where: { $0.value == word })?.key else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "leg state \(word)"))
+        }
+        self = state
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(Self.words[self]!)
     }
 }
 
