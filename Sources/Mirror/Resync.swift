@@ -48,16 +48,17 @@ final class Resync: @unchecked Sendable {
     /// or is replaced drops out). Returns whether the pass went through
     /// every region.
     func pass(reason: String, targets: LegTable.Targets, stopping: () -> Bool) -> Bool {
-        let regions = mirror.log.dirtyRegions
+        let runs = Self.runs(of: mirror.log.dirtyRegions, longest: max(1, Self.copyBytes / Int(mirror.log.regionBytes)))
+        let total = runs.reduce(0) { $0 + $1.count }
         lock.withLock {
-            progress = Progress(active: true, reason: reason, regionsTotal: regions.count, startedAt: monotonicSeconds())
+            progress = Progress(active: true, reason: reason, regionsTotal: total, startedAt: monotonicSeconds())
         }
-        mirror.logger.info("resync (\(reason)): \(regions.count) dirty regions to copy")
-        let buffer = AlignedBytes(count: Int(mirror.layout.regionBytes))
+        mirror.logger.info("resync (\(reason)): \(total) dirty regions to copy")
+        let buffer = AlignedBytes(count: max(Self.copyBytes, Int(mirror.log.regionBytes)))
         var outcome = "done"
         defer { finish(outcome) }
         var loggedAt = monotonicSeconds()
-        for region in regions {
+        for run in runs {
             if monotonicSeconds() - loggedAt >= Self.logInterval {
                 loggedAt = monotonicSeconds()
                 mirror.logger.info("resync (\(reason)): \(mirror.status.resync.summary)")
@@ -72,22 +73,39 @@ final class Resync: @unchecked Sendable {
                 outcome = "no leg left to copy to"
                 return false
             }
-            let offset = UInt64(region) * mirror.log.regionBytes
-            let length = min(mirror.log.regionBytes, mirror.layout.dataBytes - offset)
-            mirror.log.holdForCopy(region)
+            let offset = UInt64(run.lowerBound) * mirror.log.regionBytes
+            let length = min(UInt64(run.count) * mirror.log.regionBytes, mirror.layout.dataBytes - offset)
+            for region in run { mirror.log.holdForCopy(region) }
             let copied = copy(offset: offset, length: length, from: source, to: copyTo, buffer: buffer)
-            mirror.log.releaseAfterCopy(region)
+            for region in run { mirror.log.releaseAfterCopy(region) }
             guard copied else {
                 outcome = "source leg \(source.index) failed"
                 return false
             }
             lock.withLock {
-                progress.regionsDone += 1
+                progress.regionsDone += run.count
                 progress.bytesCopied += length
             }
             throttle()
         }
         return true
+    }
+
+    /// Dirty regions next to each other are copied together, up to this
+    /// many bytes at a time: fewer, larger I/Os.
+    static let copyBytes = 4 << 20
+
+    /// Groups sorted `regions` into runs of neighbours, `longest` at most.
+    static func runs(of regions: [Int], longest: Int) -> [Range<Int>] {
+        var runs: [Range<Int>] = []
+        for region in regions {
+            if let last = runs.last, last.upperBound == region, last.count < longest {
+                runs[runs.count - 1] = last.lowerBound..<(region + 1)
+            } else {
+                runs.append(region..<(region + 1))
+            }
+        }
+        return runs
     }
 
     private func copy(offset: UInt64, length: UInt64, from source: LegTable.Leg, to targets: [LegTable.Leg],
