@@ -61,6 +61,26 @@ final class DirtyLog: @unchecked Sendable {
 
     // MARK: Writes
 
+    /// Starts a write to `regions` if their bits are durable and no copy
+    /// holds them; returns false, having started nothing, otherwise (then
+    /// `beginWrite`). Most writes take this path and need no continuation.
+    func tryBeginWrite(_ regions: ClosedRange<Int>) -> Bool {
+        lock.withLock {
+            if !copying.isEmpty && regions.contains(where: copying.contains) { return false }
+            for region in regions where !isSet(region) || changedPages[region / Self.bitsPerPage] != nil {
+                return false
+            }
+            for region in regions { countStart(region) }
+            return true
+        }
+    }
+
+    /// Counts a write starting in `region`; call with the lock held.
+    private func countStart(_ region: Int) {
+        inFlight[region, default: 0] += 1
+        recentlyWritten.insert(region)
+    }
+
     /// Starts a write to `regions`: once the copier has let go of them and
     /// their bits are durable, `then(true)` runs (perhaps before this
     /// returns); `then(false)` if the bitmap could not be written to any leg.
@@ -74,8 +94,7 @@ final class DirtyLog: @unchecked Sendable {
             }
             var durable = true
             for region in regions {
-                inFlight[region, default: 0] += 1
-                recentlyWritten.insert(region)
+                countStart(region)
                 if !isSet(region) {
                     change(region, set: true)
                     durable = false

@@ -17,33 +17,35 @@ extension Mirror {
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64,
                      completion: @escaping TargetCompletion) {
-        read(into: buffer, offset: offset, from: legs.snapshot.readable, failures: [], completion: completion)
+        read(into: buffer, offset: offset, from: legs.snapshot.readable, next: 0, failures: [], completion: completion)
     }
 
-    /// Reads from the first of `candidates`; on an error, fails that leg and
-    /// tries the next. When no in-sync leg is left, a rebuilding leg serves
+    /// Reads from `candidates[next]`; on an error, fails that leg and tries
+    /// the one after. When no in-sync leg is left, a rebuilding leg serves
     /// regions that it already holds (clean ones).
     private func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, from candidates: [LegTable.Leg],
-                      failures: [LegFailure], completion: @escaping TargetCompletion) {
+                      next: Int, failures: [LegFailure], completion: @escaping TargetCompletion) {
         var candidates = candidates
-        if candidates.isEmpty, !failures.isEmpty {
+        var next = next
+        if next == candidates.count, !failures.isEmpty {
             let tried = Set(failures.map(\.leg.index))
             let regions = log.regions(offset: offset, length: UInt64(buffer.count))
-            if !regions.contains(where: log.isDirty) {
-                candidates = legs.snapshot.writable.filter { !tried.contains($0.index) && legs.member($0.index).state == .rebuilding }
+            candidates = regions.contains(where: log.isDirty) ? [] : legs.snapshot.writable.filter {
+                !tried.contains($0.index) && legs.member($0.index).state == .rebuilding
             }
+            next = 0
         }
-        guard let leg = candidates.first else {
+        guard next < candidates.count else {
             return completion(everyLegFailed("read", failures))
         }
-        let rest = Array(candidates.dropFirst())
-        submit(.read, [leg], offset: offset, length: UInt64(buffer.count), memory: .buffer(buffer),
-               completion: completion) { [self] legFailures in
+        let started = submit(.read, [candidates[next]], offset: offset, length: UInt64(buffer.count),
+                             memory: .buffer(buffer)) { [self] legFailures in
             guard let failure = legFailures.first else { return completion(.success) }
             fail(failure, reading: true)
-            read(into: buffer, offset: offset, from: rest,
+            read(into: buffer, offset: offset, from: candidates, next: next + 1,
                  failures: failures + [failure], completion: completion)
         }
+        if !started { completion(TargetResult(errno: EINVAL, message: "read refused by DMIO")) }
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool,
@@ -65,9 +67,10 @@ extension Mirror {
 
     public func flush(completion: @escaping TargetCompletion) {
         let snapshot = legs.snapshot
-        submit(.flush, snapshot.writable, offset: 0, length: 0, completion: completion) { [self] failures in
+        let started = submit(.flush, snapshot.writable, offset: 0, length: 0) { [self] failures in
             answer(.flush, snapshot: snapshot, failures: failures, completion: completion)
         }
+        if !started { completion(TargetResult(errno: EINVAL, message: "flush refused by DMIO")) }
     }
 
     public func cache(offset: UInt64, length: UInt64, completion: @escaping TargetCompletion) {
@@ -98,22 +101,34 @@ extension Mirror {
     private func change(_ operation: IOOperation, offset: UInt64, length: UInt64, memory: IOMemory? = nil,
                         flags: IOFlags, completion: @escaping TargetCompletion) {
         let regions = log.regions(offset: offset, length: length)
+        // Most writes find their bits durable already: no continuation to make.
+        if log.tryBeginWrite(regions) {
+            return issue(operation, regions, offset: offset, length: length, memory: memory, flags: flags,
+                         completion: completion)
+        }
         log.beginWrite(regions) { [self] durable in
             guard durable else {
                 log.endWrite(regions)
                 return completion(TargetResult(errno: EIO, message: "the write-intent bitmap could not be written to any leg"))
             }
-            let snapshot = legs.snapshot
-            submit(operation, snapshot.writable, offset: offset, length: length, memory: memory, flags: flags,
-                   completion: { [self] result in
-                       log.endWrite(regions)
-                       completion(result)
-                   }) { [self] failures in
-                log.endWrite(regions)
-                // Discard is a hint: a leg that cannot discard has not failed.
-                let failures = operation == .discard ? failures.filter { $0.errno != EOPNOTSUPP } : failures
-                answer(operation, snapshot: snapshot, failures: failures, completion: completion)
-            }
+            issue(operation, regions, offset: offset, length: length, memory: memory, flags: flags,
+                  completion: completion)
+        }
+    }
+
+    private func issue(_ operation: IOOperation, _ regions: ClosedRange<Int>, offset: UInt64, length: UInt64,
+                       memory: IOMemory?, flags: IOFlags, completion: @escaping TargetCompletion) {
+        let snapshot = legs.snapshot
+        let started = submit(operation, snapshot.writable, offset: offset, length: length, memory: memory,
+                             flags: flags) { [self] failures in
+            log.endWrite(regions)
+            // Discard is a hint: a leg that cannot discard has not failed.
+            let failures = operation == .discard ? failures.filter { $0.errno != EOPNOTSUPP } : failures
+            answer(operation, snapshot: snapshot, failures: failures, completion: completion)
+        }
+        if !started {
+            log.endWrite(regions)
+            completion(TargetResult(errno: EINVAL, message: "\(operation) refused by DMIO"))
         }
     }
 
@@ -163,20 +178,25 @@ extension Mirror {
     }
 
     /// One DMIO request to the data area of `targets`; reports the legs that
-    /// failed. A request DMIO refuses (it cannot be, the server checked it
-    /// against the mirror's size) fails no leg: it ends with EINVAL.
+    /// failed. Returns false, and calls nothing, when DMIO refuses the
+    /// request (it cannot: the server checked it against the mirror's size),
+    /// so that no leg is blamed for it.
     func submit(_ operation: IOOperation, _ targets: [LegTable.Leg], offset: UInt64, length: UInt64,
-                memory: IOMemory? = nil, flags: IOFlags = [], completion: @escaping TargetCompletion,
-                then done: @escaping ([LegFailure]) -> Void) {
-        guard !targets.isEmpty else { return done([]) }
+                memory: IOMemory? = nil, flags: IOFlags = [],
+                then done: @escaping ([LegFailure]) -> Void) -> Bool {
+        guard !targets.isEmpty else {
+            done([])
+            return true
+        }
         let regions = targets.map { dataRegion($0, offset: offset, length: length) }
         do {
             try io.submit(operation, regions: regions, memory: memory, flags: flags) { result, _ in
-                done(result.failures.map { LegFailure(leg: targets[$0.region], errno: $0.errno) })
+                done(result.failures.isEmpty ? [] : result.failures.map { LegFailure(leg: targets[$0.region], errno: $0.errno) })
             }
+            return true
         } catch {
             logger.error("\(operation) refused: \(error)")
-            completion(TargetResult(errno: EINVAL, message: "\(error)"))
+            return false
         }
     }
 }
