@@ -1,4 +1,5 @@
 import DMIO
+import Foundation
 
 /// One timed window of one workload on DMIO.
 struct DMIOSample {
@@ -16,7 +17,10 @@ struct DMIOSample {
 func measureDMIO(_ workload: Workload, client: DMIOClient, devices: [BlockDevice],
                  seconds: Int) throws -> DMIOSample {
     let loop = ClosedLoop(client: client, workload: workload, devices: devices)
-    loop.start()
+    // On a thread of its own: I/O to files in memory completes inside
+    // `submit`, so the loop may keep its thread until it is stopped.
+    let starter = Thread { loop.start() }
+    starter.start()
     // Pools in DMIO and the kernel fill up, buffers and files are touched.
     sleep(seconds: warmUpSeconds)
     let (window, mallocs) = MallocCounter.counting {
