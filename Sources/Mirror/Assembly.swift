@@ -50,11 +50,14 @@ extension Mirror {
 
     /// Opens the mirror whose legs are `specs` (paths or NBD URIs), given in
     /// their order. A leg that cannot be opened or read (a dead disk, an
-    /// unreachable server) is served as degraded, so that a mirror that lost
-    /// a leg still starts; a leg whose metadata is corrupt, or belongs
-    /// elsewhere, is refused. Nothing is written until `start()`.
+    /// unreachable server) is served as degraded when the other legs record
+    /// it as degraded already. When they record it in sync it may hold newer
+    /// data than they do (it may have served alone since they last heard of
+    /// it), so the mirror starts without it only if `allowMissingLegs`. A
+    /// leg whose metadata is corrupt, or belongs elsewhere, is refused.
+    /// Nothing is written until `start()`.
     public static func open(_ specs: [String], client: DMIOClient, rateLimit: UInt64 = 0,
-                            deviceOptions: DeviceOptions = DeviceOptions(),
+                            deviceOptions: DeviceOptions = DeviceOptions(), allowMissingLegs: Bool = false,
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
         try checkCount(specs.count)
         var found: [Int: (device: BlockDevice, superblock: Superblock)] = [:]
@@ -87,6 +90,15 @@ extension Mirror {
         for (_, (device, superblock)) in legs where superblock.mirror != freshest.mirror {
             throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
         }
+        // Two legs that each record the other as failed were each used alone:
+        // their data diverged, and no event count can say which to keep.
+        for (first, a) in legs {
+            for (second, b) in legs where first < second
+                && a.superblock.legs.count > second && b.superblock.legs.count > first
+                && a.superblock.legs[second].state == .degraded && b.superblock.legs[first].state == .degraded {
+                throw .diverged(a.device.name, b.device.name)
+            }
+        }
         for (index, (device, superblock)) in legs {
             guard superblock.legs.count == specs.count else {
                 throw .wrongLegCount(mirror: freshest.mirror, has: superblock.legs.count, given: specs.count)
@@ -114,7 +126,11 @@ extension Mirror {
         guard members.contains(where: { $0.state == .inSync }) else {
             throw .noLegAvailable(specs.indices.filter { freshest.legs[$0].state == .inSync }.map { specs[$0] })
         }
-        for index in unavailable.keys.sorted() where freshest.legs[index].state != .degraded {
+        let missingInUse = unavailable.keys.sorted().filter { freshest.legs[$0].state != .degraded }
+        if !missingInUse.isEmpty && !allowMissingLegs {
+            throw .missingLegs(missingInUse.map { specs[$0] })
+        }
+        for index in missingInUse {
             logger.warning("leg \(index) (\(specs[index])) is unavailable: serving without it (degraded)")
         }
         // Each leg not degraded has a copy of the bitmap; a crash between

@@ -178,9 +178,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// data durably (a flush first), when every leg is in sync.
     private func cleanIdleRegions() {
         maintenance.withLock {
+            let before = legs.snapshot
             guard legs.allInSync else { return }
             let candidates = log.cleanCandidates()
             guard !candidates.isEmpty, flushLegs() else { return }
+            // A leg that failed meanwhile was not flushed: it still needs the bits.
+            guard legs.snapshot.version == before.version else { return }
             if log.clear(candidates) > 0 { _ = log.persist.commitAndWait() }
         }
     }
@@ -231,6 +234,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard found.mirror == uuid else { throw .foreignLeg(leg: device.name, belongsTo: found.mirror, expected: uuid) }
         guard found.legIndex == index, found.legs[index].uuid == member.uuid else {
             throw .invalidLegChange("\(device.name) is not leg \(index) of this mirror any more; use replace-leg")
+        }
+        // A leg whose metadata records the legs now in sync as failed was used
+        // without them: it may hold newer data, and a partial copy would mix.
+        let inSyncNow = legs.snapshot.readable.map(\.index)
+        guard !inSyncNow.contains(where: { $0 < found.legs.count && found.legs[$0].state == .degraded }) else {
+            throw .usedAlone(leg: device.name)
         }
         try bringIn(index, device: device, uuid: member.uuid, fullCopy: false)
     }

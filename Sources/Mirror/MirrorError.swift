@@ -24,6 +24,13 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     case noSuchLeg(Int, legCount: Int)
     /// No leg holding the mirror's data could be opened.
     case noLegAvailable([String])
+    /// Legs the others record as in sync could not be opened: they may hold
+    /// newer data.
+    case missingLegs([String])
+    /// Two legs each record the other as failed: each was used alone.
+    case diverged(String, String)
+    /// A leg to re-add was used without the legs now in sync.
+    case usedAlone(leg: String)
     case invalidLegChange(String)
 
     public var description: String {
@@ -64,6 +71,15 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
             "no leg \(index): the mirror has legs 0 to \(count - 1)"
         case .noLegAvailable(let legs):
             "no in-sync leg of the mirror could be opened (\(legs.joined(separator: ", "))); see the errors above"
+        case .missingLegs(let legs):
+            "legs \(legs.joined(separator: ", ")) cannot be opened, and the other legs last saw them in sync: "
+                + "they may hold newer data. Bring them back, or start without them with --allow-missing-legs"
+        case .diverged(let a, let b):
+            "legs \(a) and \(b) were each used without the other, and their data differ; serve the one to keep "
+                + "alone (move the other away, --allow-missing-legs), then put the other back with replace-leg"
+        case .usedAlone(let leg):
+            "leg \(leg) was used without the legs now in sync (its metadata records them as failed) and may hold "
+                + "newer data; restart the mirror with it, or give it a full copy with replace-leg"
         case .invalidLegChange(let reason):
             reason
         }

@@ -62,6 +62,9 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Serve one device even if it is a leg of a mirror (writes to it bypass the mirror).")
     var force = false
 
+    @Flag(help: "Start a mirror without legs that cannot be opened, even those the others last saw in sync.")
+    var allowMissingLegs = false
+
     @Option(help: "I/O engine: io_uring or threads (default: io_uring where the kernel allows it).")
     var engine: IOEngineKind?
 
@@ -148,7 +151,8 @@ struct Serve: AsyncParsableCommand {
         let mirror: Mirror
         do {
             mirror = try Mirror.open(specs, client: client, rateLimit: resyncRate?.bytes ?? 0,
-                                     deviceOptions: deviceOptions(createSize: nil), logger: logger)
+                                     deviceOptions: deviceOptions(createSize: nil),
+                                     allowMissingLegs: allowMissingLegs, logger: logger)
             try mirror.start()
         } catch {
             throw CleanExit.message("\(error)", code: 1)

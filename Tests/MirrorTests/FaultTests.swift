@@ -281,7 +281,10 @@ import Testing
         try run([dmioNBDExecutable, "create", "--assume-clean", leg0, uri])
         remote = nil  // the leg's server is gone before the mirror starts
 
-        let server = try fixture.serve([leg0, uri])
+        // The other leg last saw it in sync: it might be newer, so the operator decides.
+        let refused = try fixture.serveRefused([leg0, uri])
+        #expect(refused.contains("may hold newer data"), "\(refused)")
+        let server = try fixture.serve([leg0, uri, "--allow-missing-legs"])
         let status = try fixture.status()
         #expect(status.state(0) == .inSync)
         #expect(status.state(1) == .degraded)
@@ -344,5 +347,41 @@ import Testing
         #expect(try handle.blockStatus(count: size, offset: 0)["dmio:health"] == [NBDExtent(length: UInt32(size), flags: 0)])
         handle.shutdown()
         #expect(server.stop() == 0)
+    }
+
+    @Test func aStaleLegServedAloneNeverOverwritesANewerOne() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        var server = try fixture.serve(legs + ["--create", Self.legSize])
+        try fixture.control(["fail-leg", "1"])
+        var handle = try fixture.connect()
+        let newer = try writeRegions(handle, 0..<2, seed: 13)  // only leg 0 has these
+        handle.shutdown()
+        #expect(server.stop() == 0)
+
+        // Leg 0 goes missing; leg 1's stale view is all that is left.
+        let away = fixture.path("leg0.away")
+        try FileManager.default.moveItem(atPath: legs[0], toPath: away)
+        server = try fixture.serve(legs + ["--allow-missing-legs"])
+        try FileManager.default.moveItem(atPath: away, toPath: legs[0])
+        let refused = #expect(throws: CommandFailed.self) { try fixture.control(["readd-leg", "0"]) }
+        #expect(refused?.output.contains("was used without the legs now in sync") == true, "\(String(describing: refused))")
+        #expect(server.stop() == 0)
+
+        // Each leg was used without the other: the operator must choose.
+        let said = try fixture.serveRefused(legs)
+        #expect(said.contains("were each used without the other"), "\(said)")
+
+        // Leg 0 kept alone, leg 1 put back as a replacement: the newer data survives.
+        try FileManager.default.moveItem(atPath: legs[1], toPath: fixture.path("leg1.old"))
+        server = try fixture.serve(legs + ["--allow-missing-legs"])
+        try run(["truncate", "-s", Self.legSize, fixture.path("leg1.new")])
+        try fixture.control(["replace-leg", "1", fixture.path("leg1.new")])
+        try fixture.waitFor("the new leg in sync") { $0.allInSync }
+        handle = try fixture.connect()
+        try expectReadBack(handle, newer)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], fixture.path("leg1.new")))
     }
 }
