@@ -233,12 +233,15 @@ func duplicate(in specs: [String]) -> String? {
 enum DefaultMirror {
     static let legBytes: UInt64 = 1 << 30
 
-    /// $XDG_DATA_HOME/dmio-nbd when XDG_DATA_HOME is set, else ./dmio-data.
+    /// $XDG_DATA_HOME/dmio-nbd when XDG_DATA_HOME is set, else ./dmio-data,
+    /// as an absolute path: the status and the log name legs unambiguously.
     static var folder: String {
         if let data = getenv("XDG_DATA_HOME").map({ String(cString: $0) }), !data.isEmpty {
             return data + "/dmio-nbd"
         }
-        return "dmio-data"
+        var directory = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&directory, directory.count) != nil else { return "dmio-data" }
+        return String(cString: directory) + "/dmio-data"
     }
 
     static var folderDescription: String {
