@@ -384,4 +384,30 @@ import Testing
         #expect(server.stop() == 0)
         #expect(fixture.legsEqual(legs[0], fixture.path("leg1.new")))
     }
+
+    @Test func aLegThatFailsDuringItsResyncGoesBackToDegraded() throws {
+        let fixture = MirrorFixture()
+        let trigger = fixture.path("fail-writes")
+        let leg0 = fixture.path("leg0.img"), remoteFile = fixture.path("leg1.img")
+        try run(["truncate", "-s", Self.legSize, leg0, remoteFile])
+        let remote = try NBDKit(["--filter=error", "file", remoteFile, "error-pwrite=EIO",
+                                 "error-pwrite-rate=100%", "error-pwrite-file=\(trigger)"])
+        try run([dmioNBDExecutable, "create", "--assume-clean", leg0, remote.uri])
+        let server = try fixture.serve([leg0, remote.uri, "--resync-rate", "2M"])
+        let handle = try fixture.connect()
+        try fixture.control(["fail-leg", "1"])
+        let written = try writeRegions(handle, 0..<10, seed: 14)
+
+        // A slow rebuild; the leg fails under it.
+        try fixture.control(["readd-leg", "1"])
+        try fixture.waitFor("the rebuild to start") { $0.resync.active }
+        FileManager.default.createFile(atPath: trigger, contents: nil)
+        let status = try fixture.waitFor("leg 1 degraded again") { $0.state(1) == .degraded && !$0.resync.active }
+        #expect(status.state(0) == .inSync)
+        #expect(status.legs[1].error?.contains("EIO") == true)
+        try expectReadBack(handle, written)
+
+        try FileManager.default.removeItem(atPath: trigger)
+        try readdAndCompare(fixture, server, handle, leg0, remoteFile)
+    }
 }
