@@ -91,7 +91,7 @@ final class MetadataStore: @unchecked Sendable {
             // loop that started it (the server stops its loops before the mirror).
             try client.submit(.write, regions: regions, memory: .buffer(buffer.bytes), flags: .fua) { result, _ in
                 withExtendedLifetime(buffer) {}
-                done(result.failures.map { LegFailure(leg: targets[$0.region], errno: $0.errno) })
+                done(result.legFailures(targets))
             }
         } catch {
             done(targets.map { LegFailure(leg: $0, errno: EIO) })
@@ -140,6 +140,13 @@ final class MetadataStore: @unchecked Sendable {
 struct LegFailure: Sendable {
     let leg: LegTable.Leg
     let errno: Int32
+}
+
+extension IOResult {
+    /// The legs that failed a request whose region `i` was on `targets[i]`.
+    func legFailures(_ targets: [LegTable.Leg]) -> [LegFailure] {
+        failures.isEmpty ? [] : failures.map { LegFailure(leg: targets[$0.region], errno: $0.errno) }
+    }
 }
 
 /// Counts the parts of a fan-out and calls back once, with every failure,

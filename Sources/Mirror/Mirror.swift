@@ -194,7 +194,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let targets = legs.snapshot.writable
         let regions = targets.map { IORegion(device: $0.device, sector: 0, count: 0) }
         guard !regions.isEmpty, let result = try? client.sync(.flush, regions: regions) else { return false }
-        for failure in result.failures { fail(LegFailure(leg: targets[failure.region], errno: failure.errno), reading: false) }
+        for failure in result.legFailures(targets) { fail(failure, reading: false) }
         return result.succeeded
     }
 

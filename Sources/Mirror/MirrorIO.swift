@@ -191,7 +191,7 @@ extension Mirror {
         let regions = targets.map { dataRegion($0, offset: offset, length: length) }
         do {
             try io.submit(operation, regions: regions, memory: memory, flags: flags) { result, _ in
-                done(result.failures.isEmpty ? [] : result.failures.map { LegFailure(leg: targets[$0.region], errno: $0.errno) })
+                done(result.legFailures(targets))
             }
             return true
         } catch {

@@ -120,9 +120,7 @@ final class Resync: @unchecked Sendable {
                 return false
             }
             let written = try mirror.client.sync(.write, regions: regions, buffer: memory)
-            for failure in written.failures {
-                mirror.fail(LegFailure(leg: targets[failure.region], errno: failure.errno), reading: false)
-            }
+            for failure in written.legFailures(targets) { mirror.fail(failure, reading: false) }
             return true
         } catch {
             // DMIO refused the request itself: no leg is to blame.
