@@ -33,10 +33,8 @@ extension Mirror {
         }
         let log = DirtyLog(regionBytes: regionBytes, regionCount: layout.regionCount)
         if !fresh { log.markAll() }
-        for (page, bytes) in log.allPageImages(bitmapBytes: layout.bitmapBytes) {
-            try MetadataStore.writeBytes(bytes, offset: MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes),
-                                         to: devices, client: client)
-        }
+        try MetadataStore.writeBytes(log.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
+                                     to: devices, client: client)
         for (index, device) in devices.enumerated() {
             let superblock = Superblock(
                 mirror: uuid, legIndex: index, events: 1, regionBytes: regionBytes, clean: true,

@@ -220,10 +220,13 @@ final class DirtyLog: @unchecked Sendable {
         }
     }
 
-    /// Every page of the bitmap: a new or replaced leg gets all of them.
-    func allPageImages(bitmapBytes: UInt64) -> [(page: Int, bytes: [UInt8])] {
+    /// The whole bitmap as it goes on a leg (`bitmapBytes` long): a new,
+    /// stale or re-added leg gets all of it, in one write.
+    func image(bitmapBytes: UInt64) -> [UInt8] {
         lock.withLock {
-            (0..<Int(bitmapBytes) / MirrorLayout.slotBytes).map { ($0, pageImage($0)) }
+            var bytes = [UInt8](repeating: 0, count: Int(bitmapBytes))
+            for region in 0..<regionCount where isSet(region) { bytes[region / 8] |= 1 << UInt8(region % 8) }
+            return bytes
         }
     }
 

@@ -60,8 +60,9 @@ final class MetadataStore: @unchecked Sendable {
         }
     }
 
-    /// Writes bitmap pages to every leg not degraded: each page is one DMIO
-    /// write to all of them.
+    /// Writes parts of the bitmap, each starting at a page (and as long as
+    /// its bytes), to every leg not degraded: each part is one DMIO write to
+    /// all of them.
     func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])], then done: @escaping @Sendable (Bool) -> Void) {
         let targets = legs.snapshot.writable
         guard !pages.isEmpty else { return done(!targets.isEmpty) }

@@ -81,8 +81,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     public func start() throws(MirrorError) {
         metadata.setClean(false)
         // Legs that were stale or re-added get the whole bitmap.
-        let pages = log.allPageImages(bitmapBytes: layout.bitmapBytes)
-        let wrote = waitForCallback { metadata.writeBitmap(pages, then: $0) }
+        let whole = [(page: 0, bytes: log.image(bitmapBytes: layout.bitmapBytes))]
+        let wrote = waitForCallback { metadata.writeBitmap(whole, then: $0) }
         guard wrote, superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }
@@ -270,11 +270,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             try MetadataStore.writeBytes([UInt8](repeating: 0, count: 2 * MirrorLayout.slotBytes), offset: 0,
                                          to: [device], client: client)
         }
-        // The leg's bitmap may be old: it gets every page before it is written.
-        for (page, bytes) in log.allPageImages(bitmapBytes: layout.bitmapBytes) {
-            try MetadataStore.writeBytes(bytes, offset: MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes),
-                                         to: [device], client: client)
-        }
+        // The leg's bitmap may be old: it gets the whole bitmap before it is written.
+        try MetadataStore.writeBytes(log.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
+                                     to: [device], client: client)
         try legs.bringIn(index, device: device, uuid: uuid)
         guard log.persist.commitAndWait(), superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
