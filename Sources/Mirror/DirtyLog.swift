@@ -67,12 +67,15 @@ final class DirtyLog: @unchecked Sendable {
     func tryBeginWrite(_ regions: ClosedRange<Int>) -> Bool {
         lock.withLock {
             if !copying.isEmpty && regions.contains(where: copying.contains) { return false }
-            for region in regions where !isSet(region) || changedPages[region / Self.bitsPerPage] != nil {
-                return false
-            }
+            guard regions.allSatisfy(isDurablyDirty) else { return false }
             for region in regions { countStart(region) }
             return true
         }
+    }
+
+    /// Whether the region's bit is set and on every leg; lock held.
+    private func isDurablyDirty(_ region: Int) -> Bool {
+        isSet(region) && changedPages[region / Self.bitsPerPage] == nil
     }
 
     /// Counts a write starting in `region`; call with the lock held.
@@ -92,15 +95,10 @@ final class DirtyLog: @unchecked Sendable {
                 heldWrites.append((regions, { [self] in beginWrite(regions, then: then) }))
                 return .held
             }
-            var durable = true
+            let durable = regions.allSatisfy(isDurablyDirty)
             for region in regions {
                 countStart(region)
-                if !isSet(region) {
-                    change(region, set: true)
-                    durable = false
-                } else if changedPages[region / Self.bitsPerPage] != nil {
-                    durable = false
-                }
+                if !isSet(region) { change(region, set: true) }
             }
             return durable ? .go : .waitForCommit
         }
