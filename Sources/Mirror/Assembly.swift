@@ -36,9 +36,8 @@ extension Mirror {
         try MetadataStore.writeBytes(log.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
                                      to: devices, client: client)
         for (index, device) in devices.enumerated() {
-            let superblock = Superblock(
-                mirror: uuid, legIndex: index, events: 1, regionBytes: regionBytes, clean: true,
-                legBytes: legBytes, dataOffset: layout.dataOffset, dataBytes: layout.dataBytes, legs: records)
+            let superblock = Superblock(mirror: uuid, legIndex: index, events: 1, clean: true, layout: layout,
+                                        legs: records)
             // Slot 1 is emptied: an older mirror's superblock must not outrank this one.
             try MetadataStore.writeBytes(superblock.encoded() + [UInt8](repeating: 0, count: MirrorLayout.slotBytes),
                                          offset: 0, to: [device], client: client)

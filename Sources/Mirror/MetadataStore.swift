@@ -52,10 +52,8 @@ final class MetadataStore: @unchecked Sendable {
             done(durable)
         }
         for leg in targets {
-            let superblock = Superblock(
-                mirror: mirror, legIndex: leg.index, events: event, regionBytes: layout.regionBytes,
-                clean: isClean, legBytes: layout.legBytes, dataOffset: layout.dataOffset,
-                dataBytes: layout.dataBytes, legs: records)
+            let superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event, clean: isClean,
+                                        layout: layout, legs: records)
             write(superblock.encoded(), at: slot, to: [leg]) { failures in gather.add(failures) }
         }
     }

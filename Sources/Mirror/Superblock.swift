@@ -211,6 +211,14 @@ struct Superblock: Sendable, Hashable {
     }
 }
 
+extension Superblock {
+    /// Leg `legIndex`'s superblock of a mirror with `layout`.
+    init(mirror: MirrorUUID, legIndex: Int, events: UInt64, clean: Bool, layout: MirrorLayout, legs: [LegRecord]) {
+        self.init(mirror: mirror, legIndex: legIndex, events: events, regionBytes: layout.regionBytes, clean: clean,
+                  legBytes: layout.legBytes, dataOffset: layout.dataOffset, dataBytes: layout.dataBytes, legs: legs)
+    }
+}
+
 extension [UInt8] {
     fileprivate mutating func store<Value: FixedWidthInteger>(_ value: Value, at offset: Int) {
         withUnsafeMutableBytes { $0.storeBytes(of: value.littleEndian, toByteOffset: offset, as: Value.self) }
