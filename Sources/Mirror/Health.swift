@@ -16,17 +16,19 @@ extension Mirror {
             throw TargetResult(errno: EINVAL, message: "no meta context \(context)")
         }
         let everyLegHoldsIt = legs.allInSync && !isRecoveryPending
+        let regionBytes = log.regionBytes
+        func health(at byte: UInt64) -> UInt32 {
+            everyLegHoldsIt || !log.isDirty(Int(byte / regionBytes)) ? 0 : Self.notRedundant
+        }
         let end = offset + length
         var extents: [Extent] = []
         var start = offset
         while start < end && extents.count < maxExtents {
-            let region = Int(start / log.regionBytes)
-            let flags = everyLegHoldsIt || !log.isDirty(region) ? 0 : Self.notRedundant
-            var stop = min(end, UInt64(region + 1) * log.regionBytes)
+            let flags = health(at: start)
+            var stop = min(end, (start / regionBytes + 1) * regionBytes)
             // Whole regions with the same health make one extent.
-            while stop < end, stop - start < UInt64(UInt32.max) - log.regionBytes,
-                  (everyLegHoldsIt || !log.isDirty(Int(stop / log.regionBytes)) ? 0 : Self.notRedundant) == flags {
-                stop = min(end, stop + log.regionBytes)
+            while stop < end, stop - start < UInt64(UInt32.max) - regionBytes, health(at: stop) == flags {
+                stop = min(end, stop + regionBytes)
             }
             extents.append(Extent(length: UInt32(stop - start), flags: flags))
             start = stop
