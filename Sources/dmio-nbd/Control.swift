@@ -23,13 +23,12 @@ final class ControlServer: @unchecked Sendable {
         self.logger = logger
         try claimSocketPath(path)
         listener = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var address = try unixAddress(path)
-        // Only the owner may change the mirror: the socket is made 0600.
-        let mask = umask(0o177)
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        let bound = try withUnixAddress(path) { address, length in
+            // Only the owner may change the mirror: the socket is made 0600.
+            let mask = umask(0o177)
+            defer { umask(mask) }
+            return bind(listener, address, length)
         }
-        umask(mask)
         guard bound == 0, Glibc.listen(listener, 8) == 0 else {
             let error = errno
             close(listener)
@@ -121,10 +120,7 @@ struct ControlOptions: ParsableArguments {
         let path = control ?? controlSocketPath(nextTo: socket ?? defaultSocketPath)
         let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
-        var address = try unixAddress(path)
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let connected = try withUnixAddress(path) { connect(fd, $0, $1) }
         guard connected == 0 else {
             throw CleanExit.message("cannot reach the mirror's control socket \(path): \(errnoDescription(errno)); "
                                     + "is `dmio-nbd serve` running? (--control or --socket tell where)", code: 1)
@@ -262,7 +258,8 @@ struct Create: ParsableCommand {
     }
 }
 
-func unixAddress(_ path: String) throws -> sockaddr_un {
+/// Calls `body` (connect or bind) with the unix socket address of `path`.
+func withUnixAddress(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> Int32) throws -> Int32 {
     var address = sockaddr_un()
     address.sun_family = sa_family_t(AF_UNIX)
     let capacity = MemoryLayout.size(ofValue: address.sun_path)
@@ -272,7 +269,9 @@ func unixAddress(_ path: String) throws -> sockaddr_un {
     withUnsafeMutableBytes(of: &address.sun_path) { raw in
         path.utf8CString.withUnsafeBytes { raw.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(raw.count))) }
     }
-    return address
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
 }
 
 private func readLine(_ fd: Int32) -> String? {

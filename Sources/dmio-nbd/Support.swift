@@ -65,10 +65,7 @@ func claimSocketPath(_ path: String) throws {
     }
     let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
     defer { close(fd) }
-    var address = try unixAddress(path)
-    let connected = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
+    let connected = try withUnixAddress(path) { connect(fd, $0, $1) }
     if connected == 0 {
         let pid = dmio_peer_pid(fd)
         throw CleanExit.message("socket \(path) in use\(pid > 0 ? " by pid \(pid)" : "")", code: 1)
