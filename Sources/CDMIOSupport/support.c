@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -44,4 +45,9 @@ int dmio_file_in_memory(int fd) {
     struct statfs info;
     if (fstatfs(fd, &info) != 0) return -1;
     return info.f_type == TMPFS_MAGIC || info.f_type == RAMFS_MAGIC;
+}
+
+void dmio_keep_freed_buffers(int bytes) {
+    mallopt(M_MMAP_THRESHOLD, bytes);
+    mallopt(M_TRIM_THRESHOLD, bytes);
 }

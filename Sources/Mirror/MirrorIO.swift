@@ -48,9 +48,8 @@ extension Mirror {
         if !started { completion(TargetResult(errno: EINVAL, message: "read refused by DMIO")) }
     }
 
-    public func write(_ buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool,
-                      completion: @escaping TargetCompletion) {
-        change(.write, offset: offset, length: UInt64(buffer.count), memory: .constant(buffer),
+    public func write(_ data: IOMemory, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
+        change(.write, offset: offset, length: UInt64(data.byteCount), memory: data,
                flags: fua ? .fua : [], completion: completion)
     }
 

@@ -74,13 +74,14 @@ public typealias TargetCompletion = @Sendable (TargetResult) -> Void
 /// calls the target, so a target sees only requests it can carry out.
 ///
 /// The memory passed to `read` and `write` stays valid until `completion`.
+/// A write's data is one buffer, or bio vectors when it arrived in pieces.
 public protocol BlockTarget: AnyObject, Sendable {
     var size: UInt64 { get }
     var blockSizes: BlockSizes { get }
     var capabilities: TargetCapabilities { get }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion)
-    func write(_ buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion)
+    func write(_ data: IOMemory, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion)
     func flush(completion: @escaping TargetCompletion)
     func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion)
     func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool,

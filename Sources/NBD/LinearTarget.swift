@@ -42,9 +42,8 @@ public final class LinearTarget: BlockTarget, @unchecked Sendable {
         submit(.read, region(offset, UInt64(buffer.count)), memory: .buffer(buffer), completion: completion)
     }
 
-    public func write(_ buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool,
-                      completion: @escaping TargetCompletion) {
-        submit(.write, region(offset, UInt64(buffer.count)), memory: .constant(buffer),
+    public func write(_ data: IOMemory, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
+        submit(.write, region(offset, UInt64(data.byteCount)), memory: data,
                flags: fua ? .fua : [], completion: completion)
     }
 

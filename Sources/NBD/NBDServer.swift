@@ -95,11 +95,10 @@ public final class NBDServer: @unchecked Sendable {
         let optionDecoder = ByteToMessageHandler(OptionDecoder())
         let handshake = HandshakeHandler(exports: exports, logger: logger) { context, session in
             let transmission = TransmissionHandler(session: session, allocator: context.channel.allocator, logger: logger)
-            let decoder = ByteToMessageHandler(
-                RequestDecoder(maxPayload: session.export.target.blockSizes.maximumPayload))
+            let framer = RequestFramer(maxPayload: session.export.target.blockSizes.maximumPayload)
             let pipeline = context.pipeline.syncOperations
             do {
-                try pipeline.addHandlers([decoder, transmission], position: .after(context.handler))
+                try pipeline.addHandlers([framer, transmission], position: .after(context.handler))
                 // A client may send requests only once it has the reply to
                 // its option (the spec); bytes it sent before that reach the
                 // option decoder as a bad option and close the connection.

@@ -3,7 +3,7 @@ import NIOCore
 /// A request that passed every check, ready to run.
 enum Command {
     case read(offset: UInt64, length: UInt32)
-    case write(offset: UInt64, payload: ByteBuffer, fua: Bool)
+    case write(offset: UInt64, payload: WritePayload, fua: Bool)
     case flush
     case trim(offset: UInt64, length: UInt32, fua: Bool)
     case writeZeroes(offset: UInt64, length: UInt32, mayUnmap: Bool, fua: Bool)

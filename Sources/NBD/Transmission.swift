@@ -162,10 +162,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
         case .read(let offset, let length):
             read(offset: offset, length: length, cookie: cookie)
         case .write(let offset, let payload, let fua):
-            started(bytes: payload.readableBytes)
+            started(bytes: payload.byteCount)
             // The completion keeps the payload alive until the target is done with it.
             let completion = complete("write", cookie, keeping: payload)
-            payload.withUnsafeReadableBytes { target.write($0, offset: offset, fua: fua, completion: completion) }
+            payload.withMemory { target.write($0, offset: offset, fua: fua, completion: completion) }
         case .flush:
             started(bytes: 0)
             target.flush(completion: complete("flush", cookie))
@@ -236,9 +236,9 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// success. `payload` (a write's data) is kept alive until the target
     /// is done with it.
     private func complete(_ command: StaticString, _ cookie: UInt64, reply: ByteBuffer? = nil,
-                          keeping payload: ByteBuffer? = nil) -> TargetCompletion {
+                          keeping payload: WritePayload? = nil) -> TargetCompletion {
         let handler = onLoop!
-        let bytes = (reply?.readableBytes ?? 0) + (payload?.readableBytes ?? 0)
+        let bytes = (reply?.readableBytes ?? 0) + (payload?.byteCount ?? 0)
         return { [inbox] result in
             withExtendedLifetime(payload) {
                 inbox.post(on: handler.eventLoop) {

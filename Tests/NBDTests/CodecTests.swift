@@ -1,3 +1,4 @@
+import DMIO
 import NIOCore
 import NIOEmbedded
 @testable import NBD
@@ -19,7 +20,26 @@ import Testing
     }
 
     private func requestChannel(maxPayload: UInt32 = 1 << 20) -> EmbeddedChannel {
-        EmbeddedChannel(handler: ByteToMessageHandler(RequestDecoder(maxPayload: maxPayload)))
+        EmbeddedChannel(handler: RequestFramer(maxPayload: maxPayload))
+    }
+
+    /// Feeds `input` to the channel in pieces of `pieceBytes`.
+    private func feed(_ channel: EmbeddedChannel, _ input: ByteBuffer, pieceBytes: Int) throws {
+        var input = input
+        while input.readableBytes > 0 {
+            try channel.writeInbound(input.readSlice(length: min(pieceBytes, input.readableBytes))!)
+        }
+    }
+
+    private func bytes(of payload: WritePayload?) -> [UInt8]? {
+        payload.map { payload in
+            payload.withMemory { memory in
+                [UInt8](unsafeUninitializedCapacity: payload.byteCount) { buffer, count in
+                    memory.copy(to: UnsafeMutableRawBufferPointer(buffer))
+                    count = payload.byteCount
+                }
+            }
+        }
     }
 
     @Test func aReadRequestIsDecoded() throws {
@@ -29,16 +49,26 @@ import Testing
         #expect(decoded == NBDRequest(flags: 4, type: 0, cookie: 7, offset: 4096, length: 512, payload: nil))
     }
 
-    @Test func aWriteArrivingInPiecesIsDecodedOnceWhole() throws {
+    @Test(arguments: [1, 5, 27, 28, 97, 1028])
+    func aWriteArrivingInPiecesIsDecodedOnceWhole(pieceBytes: Int) throws {
         let channel = requestChannel()
         let data = (0..<1000).map { UInt8(truncatingIfNeeded: $0) }
-        var whole = request(type: 1, length: 1000, payload: data)
-        while whole.readableBytes > 0 {
-            try channel.writeInbound(whole.readSlice(length: min(97, whole.readableBytes))!)
-        }
-        let decoded = try #require(try channel.readInbound(as: NBDRequest.self))
-        #expect(decoded.payload.map { Array($0.readableBytesView) } == data)
+        var input = request(type: 1, cookie: 1, length: 1000, payload: data)
+        var next = request(type: 0, cookie: 2, length: 512)
+        input.writeBuffer(&next)
+        try feed(channel, input, pieceBytes: pieceBytes)
+        let write = try #require(try channel.readInbound(as: NBDRequest.self))
+        #expect(write.cookie == 1 && write.length == 1000)
+        #expect(bytes(of: write.payload) == data)
+        #expect(try channel.readInbound(as: NBDRequest.self)?.cookie == 2, "the request after it is framed too")
         #expect(try channel.readInbound(as: NBDRequest.self) == nil)
+    }
+
+    @Test func anEmptyWriteHasAnEmptyPayload() throws {
+        let channel = requestChannel()
+        try channel.writeInbound(request(type: 1, length: 0))
+        let write = try #require(try channel.readInbound(as: NBDRequest.self))
+        #expect(bytes(of: write.payload) == [])
     }
 
     @Test func severalRequestsInOneReadAreAllDecoded() throws {
@@ -53,11 +83,13 @@ import Testing
         #expect(cookies == [1, 2, 3])
     }
 
-    @Test func aBadMagicEndsTheConnection() throws {
+    @Test func aBadMagicEndsTheConnectionAndNothingAfterItIsFramed() throws {
         let channel = requestChannel()
         #expect(throws: NBDProtocolError.badRequestMagic(0x1256_0953)) {
             try channel.writeInbound(request(type: 0, length: 512, magic: 0x1256_0953))
         }
+        try channel.writeInbound(request(type: 0, length: 512))
+        #expect(try channel.readInbound(as: NBDRequest.self) == nil)
     }
 
     @Test func anOversizedWriteEndsTheConnectionBeforeItsDataArrives() throws {

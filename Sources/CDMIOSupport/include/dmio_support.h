@@ -38,3 +38,9 @@ int dmio_peer_pid(int fd);
 /// 1 when `fd` is a file whose data lives in memory (tmpfs, ramfs), 0 when
 /// not, -1 with errno set.
 int dmio_file_in_memory(int fd);
+
+/// Lets malloc keep up to `bytes` of freed memory (and serve blocks under
+/// `bytes` from it) instead of handing it back to the kernel at once: I/O
+/// buffers are freed and allocated again all the time, and each round trip
+/// to the kernel costs page faults and zeroing.
+void dmio_keep_freed_buffers(int bytes);

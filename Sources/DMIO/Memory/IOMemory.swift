@@ -22,6 +22,16 @@ public enum IOMemory: @unchecked Sendable {
         }
     }
 
+    /// Copies the memory's first `bytes.count` bytes out.
+    public func copy(to bytes: UnsafeMutableRawBufferPointer) {
+        var iterator = PageIterator(self)
+        var done = 0
+        while done < bytes.count, let segment = iterator.next(maxBytes: bytes.count - done) {
+            (bytes.baseAddress! + done).copyMemory(from: segment.baseAddress!, byteCount: segment.count)
+            done += segment.count
+        }
+    }
+
     func validate() throws(DMIOError) {
         switch self {
         case .pageList(let list, let offset):

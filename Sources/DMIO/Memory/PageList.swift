@@ -18,26 +18,6 @@ public struct PageList: @unchecked Sendable {
     public func byteCount(from offset: Int) -> Int {
         pages.count * pageSize - offset
     }
-
-    /// Copies `bytes` into the list, starting `offset` bytes into the first page.
-    public func copy(from bytes: UnsafeRawBufferPointer, offset: Int = 0) {
-        var iterator = PageIterator(.pageList(self, offset: offset))
-        var done = 0
-        while done < bytes.count, let segment = iterator.next(maxBytes: bytes.count - done) {
-            segment.baseAddress!.copyMemory(from: bytes.baseAddress! + done, byteCount: segment.count)
-            done += segment.count
-        }
-    }
-
-    /// Copies bytes out of the list, starting `offset` bytes into the first page.
-    public func copy(to bytes: UnsafeMutableRawBufferPointer, offset: Int = 0) {
-        var iterator = PageIterator(.pageList(self, offset: offset))
-        var done = 0
-        while done < bytes.count, let segment = iterator.next(maxBytes: bytes.count - done) {
-            (bytes.baseAddress! + done).copyMemory(from: segment.baseAddress!, byteCount: segment.count)
-            done += segment.count
-        }
-    }
 }
 
 /// `struct bio_vec`: `length` bytes at `offset` from `page`. An array of bio

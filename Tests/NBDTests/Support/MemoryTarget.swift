@@ -1,3 +1,4 @@
+import DMIO
 import Glibc
 @testable import NBD
 
@@ -40,8 +41,10 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
         finish(completion) { bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) } }
     }
 
-    func write(_ buffer: UnsafeRawBufferPointer, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
-        finish(completion) { bytes.replaceSubrange(Int(offset)..<Int(offset) + buffer.count, with: buffer) }
+    func write(_ data: IOMemory, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
+        finish(completion) {
+            bytes.withUnsafeMutableBytes { data.copy(to: UnsafeMutableRawBufferPointer(rebasing: $0[Int(offset)...].prefix(data.byteCount))) }
+        }
     }
 
     func flush(completion: @escaping TargetCompletion) { finish(completion) {} }
