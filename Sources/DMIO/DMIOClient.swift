@@ -66,6 +66,15 @@ public final class DMIOClient: @unchecked Sendable {
         return client
     }
 
+    /// Whether writes of 256 KiB or more to files in memory go to the engine
+    /// (its kernel workers, on another core) rather than being copied by the
+    /// submitting thread. Worth it while a core is idle: the submitter, an
+    /// event loop, goes on reading requests meanwhile. A loss when every
+    /// core has a submitter of its own: the workers then only add thread
+    /// switches, and contend with the submitters for the same files. Set it
+    /// on the thread that submits.
+    public var offloadsLargeMemoryWrites = false
+
     /// The thread-driven client of the calling thread, if it made one.
     public static var current: DMIOClient? { CurrentClient.get() }
 
@@ -239,7 +248,9 @@ public final class DMIOClient: @unchecked Sendable {
                 offset += UInt64(filled)
             }
         }
-        let onSubmitter = batch.remove(where: SubmitterIO.shouldRun)
+        let onSubmitter = batch.remove { [offloadsLargeMemoryWrites] in
+            SubmitterIO.shouldRun($0, offloadingLargeWrites: offloadsLargeMemoryWrites)
+        }
         if !batch.isEmpty { engine.submit(batch) }
         // Drop the dispatcher's count: the request ends with its last bio.
         job.endIO(region: 0, errno: 0)

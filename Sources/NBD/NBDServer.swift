@@ -1,3 +1,4 @@
+import DMIO
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -28,6 +29,7 @@ public final class NBDServer: @unchecked Sendable {
     private let connections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
     private let ringPerLoop: Bool
+    private let loopCount: Int
 
     /// `threads` event loops share the connections (one per core by default).
     /// With `ringPerLoop`, each loop drives its own DMIO io_uring (see
@@ -38,6 +40,7 @@ public final class NBDServer: @unchecked Sendable {
         self.exports = exports
         self.logger = logger
         self.ringPerLoop = ringPerLoop
+        loopCount = threads
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
     }
 
@@ -80,13 +83,32 @@ public final class NBDServer: @unchecked Sendable {
 
     private func track(_ channel: Channel) throws {
         let id = ObjectIdentifier(channel)
-        connections.withLockedValue { $0[id] = channel }
-        channel.closeFuture.whenComplete { [connections] _ in
-            _ = connections.withLockedValue { $0.removeValue(forKey: id) }
+        connections.withLockedValue {
+            $0[id] = channel
+            spreadLargeWrites(connections: $0)
+        }
+        channel.closeFuture.whenComplete { [self] _ in
+            connections.withLockedValue {
+                $0.removeValue(forKey: id)
+                spreadLargeWrites(connections: $0)
+            }
         }
         var connectionLogger = logger
         connectionLogger[metadataKey: "connection"] = "\(channel.remoteAddress?.description ?? "unix")"
         try Self.configure(channel, exports: exports, logger: connectionLogger)
+    }
+
+    /// While some event loop has no connection, its core would be idle: the
+    /// loops that have one hand large writes to files in memory to kernel
+    /// workers (see `DMIOClient.offloadsLargeMemoryWrites`). Called under
+    /// the connections' lock, so that each loop gets the settings in order.
+    private func spreadLargeWrites(connections: [ObjectIdentifier: Channel]) {
+        guard ringPerLoop else { return }
+        let busyLoops = Set(connections.values.map { ObjectIdentifier($0.eventLoop) })
+        let offload = busyLoops.count < loopCount
+        for loop in group.makeIterator() {
+            loop.execute { DMIOClient.current?.offloadsLargeMemoryWrites = offload }
+        }
     }
 
     /// Sets up a connection's pipeline: the handshake's decoder and

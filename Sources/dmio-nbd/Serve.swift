@@ -81,7 +81,7 @@ struct Serve: AsyncParsableCommand {
         // Socket reads land in buffers of up to 256 KiB that the writes in
         // them keep alive, so they are freed and allocated all the time;
         // glibc would hand each back to the kernel and fault it in again.
-        dmio_keep_freed_buffers(32 << 20)
+        dmio_keep_freed_buffers(16 << 20)
         let logger = makeLogger(verbose: verbose)
         let client = try DMIOClient(engine: engine.map { .only($0) } ?? .automatic)
         let socketPath = socket ?? (tcp == nil ? defaultSocketPath : nil)

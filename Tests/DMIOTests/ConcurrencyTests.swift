@@ -179,12 +179,31 @@ import Testing
         try onOwnThread(Self.workerWrites)
     }
 
+    @Test(arguments: [false, true])
+    func largeWritesToMemoryLeaveTheSubmitterOnlyWhenOffloaded(offload: Bool) throws {
+        try onOwnThread { try Self.largeMemoryWrite(offload: offload) }
+    }
+
+    /// Reaps the thread-driven client's completions as its eventfd
+    /// announces them, until `done` (at most 10 s).
+    private static func reap(_ client: DMIOClient, until done: () -> Bool) throws {
+        let eventFD = try #require(client.completionEventFD)
+        let deadline = Date().addingTimeInterval(10)
+        while !done() && Date() < deadline {
+            var descriptor = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
+            if poll(&descriptor, 1, 100) == 1 {
+                var counter: UInt64 = 0
+                _ = read(eventFD, &counter, 8)
+            }
+            client.reapCompletions()
+        }
+    }
+
     private static func syncAndAsync() throws {
         let folder = TemporaryFolder()
         let device = try folder.device("disk", size: 4 << 20)
         let client = try DMIOClient.threadDriven(pages: 8)
         #expect(DMIOClient.current === client)
-        let eventFD = try #require(client.completionEventFD)
         let data = AlignedBuffer(count: 64 << 10, pattern: 21)
         let region = IORegion(device: device, sector: 64, count: 128)
         #expect(try client.sync(.write, regions: [region], buffer: data.bytes, flags: .fua) == .success)
@@ -200,14 +219,7 @@ import Testing
         }
         // Reads of the page cache complete while being submitted; whatever
         // is left is announced by the eventfd.
-        let deadline = Date().addingTimeInterval(10)
-        while results.count < backs.count && Date() < deadline {
-            var descriptor = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
-            _ = poll(&descriptor, 1, 100)
-            var counter: UInt64 = 0
-            _ = read(eventFD, &counter, 8)
-            client.reapCompletions()
-        }
+        try reap(client) { results.count == backs.count }
         #expect(results.count == backs.count)
         #expect(results.allSatisfy { $0 == .success })
         #expect(backs.allSatisfy { $0.array == data.array })
@@ -220,7 +232,6 @@ import Testing
         let folder = TemporaryFolder(in: "/tmp")
         let device = try folder.device("disk", size: 4 << 20)
         let client = try DMIOClient.threadDriven()
-        let eventFD = try #require(client.completionEventFD)
         let data = AlignedBuffer(count: 4096, pattern: 5)
         var completed = 0
         for index in 0..<64 {
@@ -230,17 +241,28 @@ import Testing
                 completed += 1
             }
         }
-        var wakeups = 0
-        while completed < 64 && wakeups < 1000 {
-            var descriptor = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
-            if poll(&descriptor, 1, 1000) == 1 {
-                var counter: UInt64 = 0
-                _ = read(eventFD, &counter, 8)
-            }
-            wakeups += 1
-            client.reapCompletions()
-        }
+        try reap(client) { completed == 64 }
         #expect(completed == 64)
         #expect(fileBytes(device.name, offset: 63 * 4096, count: 4096) == data.array)
+    }
+
+    private static func largeMemoryWrite(offload: Bool) throws {
+        let folder = TemporaryFolder(in: "/dev/shm")
+        let device = try folder.device("leg", size: 4 << 20)
+        let client = try DMIOClient.threadDriven()
+        client.offloadsLargeMemoryWrites = offload
+        let data = AlignedBuffer(count: 1 << 20, pattern: 9)
+        var completed = false
+        try client.submit(.write, regions: [IORegion(device: device, sector: 2048, count: 2048)],
+                          buffer: data.bytes) { result, _ in
+            #expect(result == .success)
+            completed = true
+        }
+        // The submitter copies before `submit` returns; an offloaded write is
+        // copied by a kernel worker, and its completion waits for the owner.
+        #expect(completed == !offload)
+        try reap(client) { completed }
+        #expect(completed)
+        #expect(fileBytes(device.name, offset: 1 << 20, count: 1 << 20) == data.array)
     }
 }

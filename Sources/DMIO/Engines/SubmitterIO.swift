@@ -8,6 +8,10 @@ import Glibc
 /// there), so in a ring every write would go to an io-wq worker thread and
 /// come back: two thread switches for a memcpy.
 ///
+/// Large writes may go to the engine instead (`offloadingLargeWrites`):
+/// there a kernel worker copies them on another core while the submitter
+/// goes on with its own work, which pays when a core would be idle.
+///
 /// They run after the dispatcher has dropped its count, so the request's
 /// notify runs on the submitting thread before `submit` returns (which
 /// DMIO's async form allows). Bios that a notify submits are run by the
@@ -17,12 +21,16 @@ enum SubmitterIO {
     /// Larger reads go to the ring: io_uring copies them on a worker thread
     /// while the submitter (an event loop) goes on sending earlier replies.
     static let maxReadBytes: UInt64 = 64 << 10
+    /// Offloaded writes are at least this long: below it the hand-over to a
+    /// worker and back costs more than the copy.
+    static let minOffloadedWriteBytes: UInt64 = 256 << 10
 
-    static func shouldRun(_ bio: Bio) -> Bool {
+    static func shouldRun(_ bio: Bio, offloadingLargeWrites: Bool) -> Bool {
         guard bio.device.isInMemory else { return false }
         switch bio.command {
         case .read: return bio.remaining <= maxReadBytes
-        case .write, .zeroWrite, .allocate, .sync: return true
+        case .write: return !offloadingLargeWrites || bio.remaining < minOffloadedWriteBytes
+        case .zeroWrite, .allocate, .sync: return true
         case .blockDeviceRange: return false
         }
     }
