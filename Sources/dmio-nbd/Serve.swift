@@ -1,7 +1,7 @@
 import ArgumentParser
+import CDMIOSupport
 import DMIO
 import Dispatch
-import CDMIOSupport
 import Glibc
 import Logging
 import Mirror

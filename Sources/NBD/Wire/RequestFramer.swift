@@ -19,15 +19,10 @@ struct NBDRequest: Equatable {
 /// more before the legs copy it again. A slice keeps its whole read buffer
 /// alive: the connection's limit on requests in flight bounds what that holds.
 struct WritePayload: Equatable {
-    private var first: ByteBuffer
+    private var first = ByteBuffer()
     /// Empty unless the write spanned reads (an empty array allocates nothing).
     private var rest: [ByteBuffer] = []
-    private(set) var byteCount: Int
-
-    init(_ first: ByteBuffer) {
-        self.first = first
-        byteCount = first.readableBytes
-    }
+    private(set) var byteCount = 0
 
     mutating func append(_ slice: ByteBuffer) {
         if byteCount == 0 { first = slice } else { rest.append(slice) }
@@ -96,7 +91,7 @@ final class RequestFramer: ChannelInboundHandler {
             guard let header = try nextHeader(from: &input) else { return nil }
             guard header.type == CommandType.write.rawValue else { return header }
             request = header
-            request.payload = WritePayload(ByteBuffer())
+            request.payload = WritePayload()
             missing = Int(header.length)
         }
         let slice = input.readSlice(length: min(missing, input.readableBytes))!
