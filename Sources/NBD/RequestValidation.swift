@@ -47,8 +47,7 @@ func validate(_ request: NBDRequest, session: Session) -> Result<Command, Reject
                                   message: "flags 0x\(String(request.flags, radix: 16)) not valid for \(type)"))
     }
 
-    let writes: Set<CommandType> = [.write, .trim, .writeZeroes]
-    if writes.contains(type) && exportFlags.contains(.readOnly) {
+    if type.changesData && exportFlags.contains(.readOnly) {
         return .failure(Rejection(error: .perm, message: "the export is read-only"))
     }
     switch type {

@@ -87,6 +87,15 @@ enum CommandType: UInt16 {
     case cache = 5
     case writeZeroes = 6
     case blockStatus = 7
+
+    /// Whether the command changes the export's bytes: refused on a
+    /// read-only export.
+    var changesData: Bool {
+        switch self {
+        case .write, .trim, .writeZeroes: true
+        case .read, .disconnect, .flush, .cache, .blockStatus: false
+        }
+    }
 }
 
 /// Command flags.
