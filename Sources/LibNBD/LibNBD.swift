@@ -79,6 +79,24 @@ public final class NBDHandle: @unchecked Sendable {
         try check(nbd_connect_uri(handle, uri))
     }
 
+    /// Starts connecting to `uri`: the connection and the handshake go on
+    /// in `poll(milliseconds:)` while `isConnecting`.
+    public func startConnecting(uri: String) throws(NBDError) {
+        try check(nbd_aio_connect_uri(handle, uri))
+    }
+
+    /// Whether the connection or its handshake is still under way.
+    public var isConnecting: Bool { nbd_aio_is_connecting(handle) == 1 }
+
+    /// Waits up to `milliseconds` for the socket and moves the connection on;
+    /// false when the time ran out first.
+    @discardableResult
+    public func poll(milliseconds: Int32) throws(NBDError) -> Bool {
+        let rc = nbd_poll(handle, milliseconds)
+        try check(rc)
+        return rc == 1
+    }
+
     public func connect(unixSocket path: String, exportName: String = "") throws(NBDError) {
         try check(nbd_set_export_name(handle, exportName))
         try check(nbd_connect_unix(handle, path))

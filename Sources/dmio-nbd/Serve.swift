@@ -66,6 +66,11 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Start a mirror without legs that cannot be opened, even those the others last saw in sync.")
     var allowMissingLegs = false
 
+    @Option(help: ArgumentHelp("Give up on a remote leg that connects, or owes replies, and stays silent this long: "
+                               + "its requests fail with ETIMEDOUT and it is degraded (0: wait for ever).",
+                               valueName: "seconds"))
+    var remoteTimeout = Int(DeviceOptions.defaultRemoteTimeout.components.seconds)
+
     @Option(help: "I/O engine: io_uring or threads (default: io_uring where the kernel allows it).")
     var engine: IOEngineKind?
 
@@ -75,6 +80,7 @@ struct Serve: AsyncParsableCommand {
     func validate() throws {
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
         if readOnly && legs.count != 1 { throw ValidationError("--read-only serves one device; a mirror is always writable") }
+        if remoteTimeout < 0 { throw ValidationError("--remote-timeout: \(remoteTimeout) seconds is negative") }
     }
 
     func run() async throws {
@@ -133,7 +139,8 @@ struct Serve: AsyncParsableCommand {
     }
 
     private func deviceOptions(createSize: UInt64?) -> DeviceOptions {
-        DeviceOptions(readOnly: readOnly, direct: direct, createSize: createSize)
+        DeviceOptions(readOnly: readOnly, direct: direct, createSize: createSize,
+                      remoteTimeout: remoteTimeout == 0 ? nil : .seconds(remoteTimeout))
     }
 
     private func serveOne(client: DMIOClient, logger: Logger) throws -> ServedTarget {

@@ -79,6 +79,39 @@ import Testing
         usleep(500_000)
         #expect(cpuSeconds(ofThreadsNamed: "dmio-nbd-remote") - before < 0.2)
     }
+
+    @Test(arguments: engines)
+    func aServerThatStopsAnsweringFailsItsRegionWithETIMEDOUT(engine: IOEngineKind) throws {
+        let client = try client(engine)
+        let server = try NBDKit(["memory", "size=8M"])
+        let remote = try BlockDevice.open(server.uri, options: DeviceOptions(remoteTimeout: .seconds(1)))
+        let localPath = folder.file("local", size: 8 << 20)
+        let local = try BlockDevice.open(localPath)
+        let data = AlignedBuffer(count: 4096, pattern: 53)
+        let regions = [IORegion(device: local, sector: 0, count: 8), IORegion(device: remote, sector: 0, count: 8)]
+        #expect(try client.sync(.write, regions: regions, buffer: data.bytes) == .success)
+
+        server.freeze()
+        defer { server.thaw() }
+        let started = ContinuousClock.now
+        let result = try client.sync(.write, regions: regions, buffer: data.bytes)
+        let waited = ContinuousClock.now - started
+        #expect(result.errorBits == .region(1))
+        #expect(result.errno(ofRegion: 1) == ETIMEDOUT)
+        #expect(waited >= .milliseconds(900) && waited < .seconds(10), "\(waited)")
+        #expect(fileBytes(localPath, count: 4096) == data.array)
+    }
+
+    @Test func aServerThatAcceptsAndNeverAnswersIsGivenUpAtOpen() throws {
+        let server = try NBDKit(["memory", "size=8M"])
+        server.freeze()
+        defer { server.thaw() }
+        let started = ContinuousClock.now
+        #expect(throws: DMIOError.remoteFailed(device: server.uri, message: "no answer within 1 s")) {
+            try BlockDevice.open(server.uri, options: DeviceOptions(remoteTimeout: .seconds(1)))
+        }
+        #expect(ContinuousClock.now - started < .seconds(10))
+    }
 }
 
 

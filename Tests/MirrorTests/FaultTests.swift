@@ -150,6 +150,57 @@ import Testing
         try readdAndCompare(fixture, server, handle, leg0, remoteFile)
     }
 
+    @Test func aRemoteLegThatStopsAnsweringIsDegradedAfterTheTimeout() throws {
+        let fixture = MirrorFixture()
+        let remoteFile = fixture.path("leg1.img")
+        let leg0 = fixture.path("leg0.img")
+        try run(["truncate", "-s", Self.legSize, leg0, remoteFile])
+        let remote = try NBDKit(["file", remoteFile])
+        try run([dmioNBDExecutable, "create", leg0, remote.uri])
+        let server = try fixture.serve([leg0, remote.uri, "--remote-timeout", "2"])
+        try fixture.waitFor("the first copy") { $0.allInSync }
+        let handle = try fixture.connect()
+        var written = try writeRegions(handle, 0..<4, seed: 5)
+
+        // A hung machine: its socket stays open and nothing answers.
+        remote.freeze()
+        let started = ContinuousClock.now
+        written.merge(try writeRegions(handle, 4..<8, seed: 6)) { $1 }
+        let waited = ContinuousClock.now - started
+        #expect(waited >= .milliseconds(1500) && waited < .seconds(15), "the writes waited \(waited)")
+        let status = try fixture.status()
+        #expect(status.state(1) == .degraded)
+        #expect(status.legs[1].error?.contains("ETIMEDOUT") == true)
+        try expectReadBack(handle, written)
+
+        remote.thaw()
+        try readdAndCompare(fixture, server, handle, leg0, remoteFile)
+    }
+
+    @Test func aRemoteLegThatHangsAtConnectIsGivenUpAtStart() throws {
+        let fixture = MirrorFixture()
+        let remoteFile = fixture.path("leg1.img")
+        let leg0 = fixture.path("leg0.img")
+        try run(["truncate", "-s", Self.legSize, leg0, remoteFile])
+        let remote = try NBDKit(["file", remoteFile])
+        try run([dmioNBDExecutable, "create", "--assume-clean", leg0, remote.uri])
+        remote.freeze()
+        let legs = [leg0, remote.uri, "--remote-timeout", "2"]
+        let refusal = try fixture.serveRefused(legs)
+        #expect(refusal.contains("no answer within 2 s"), "\(refusal)")
+        #expect(refusal.contains("--allow-missing-legs"), "\(refusal)")
+
+        let server = try fixture.serve(legs + ["--allow-missing-legs"])
+        #expect(try fixture.status().state(1) == .degraded)
+        let handle = try fixture.connect()
+        let written = try writeRegions(handle, 0..<4, seed: 7)
+        try expectReadBack(handle, written)
+
+        remote.thaw()
+        let status = try readdAndCompare(fixture, server, handle, leg0, remoteFile)
+        #expect(status.resync.regionsTotal == 4, "only the regions written without the leg: \(status.resync)")
+    }
+
     @Test func afterSIGKILLOnlyDirtyRegionsAreResynced() throws {
         let fixture = MirrorFixture()
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]

@@ -110,6 +110,35 @@ public final class NBDKit {
 
     public var uri: String { "nbd+unix:///?socket=\(socket)" }
 
+    /// Freezes the server (SIGSTOP): its socket stays open and nothing on it
+    /// answers, as on a machine that hangs. Returns once every thread of it
+    /// has stopped (a signal is delivered after kill returns). It thaws by
+    /// itself after `limit` seconds, so that a test of a timeout that does
+    /// not fire fails instead of hanging.
+    public func freeze(limit: Double = 20) {
+        let pid = process.processIdentifier
+        Glibc.kill(pid, SIGSTOP)
+        DispatchQueue.global().asyncAfter(deadline: .now() + limit) { [process] in
+            if process.isRunning { Glibc.kill(pid, SIGCONT) }
+        }
+        let tasks = "/proc/\(pid)/task"
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline {
+            let threads = (try? FileManager.default.contentsOfDirectory(atPath: tasks)) ?? []
+            let stopped = threads.allSatisfy { thread in
+                let stat = (try? String(contentsOfFile: "\(tasks)/\(thread)/stat", encoding: .utf8)) ?? ""
+                // The state follows the command name, which is in brackets.
+                return stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("T") ?? false
+            }
+            if stopped { return }
+            usleep(1_000)
+        }
+    }
+
+    public func thaw() {
+        Glibc.kill(process.processIdentifier, SIGCONT)
+    }
+
     /// Kills the server, as a crash or a lost machine would.
     public func kill() {
         Glibc.kill(process.processIdentifier, SIGKILL)

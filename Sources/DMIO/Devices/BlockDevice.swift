@@ -10,11 +10,21 @@ public struct DeviceOptions: Sendable, Hashable {
     public var direct = false
     /// Create a missing regular file, sparse, of this many bytes.
     public var createSize: UInt64?
+    /// How long a remote device may stay silent, while connecting or while
+    /// it owes replies, before it is given up: its requests then fail with
+    /// ETIMEDOUT. nil waits for ever (until TCP itself gives up).
+    public var remoteTimeout: Duration?
 
-    public init(readOnly: Bool = false, direct: Bool = false, createSize: UInt64? = nil) {
+    /// 30 seconds, the SCSI layer's default command timeout: a mirror whose
+    /// remote leg hangs goes on without it after this long.
+    public static let defaultRemoteTimeout = Duration.seconds(30)
+
+    public init(readOnly: Bool = false, direct: Bool = false, createSize: UInt64? = nil,
+                remoteTimeout: Duration? = defaultRemoteTimeout) {
         self.readOnly = readOnly
         self.direct = direct
         self.createSize = createSize
+        self.remoteTimeout = remoteTimeout
     }
 }
 

@@ -1,6 +1,7 @@
 import CDMIOSupport
 import Glibc
 import LibNBD
+import Synchronization
 
 /// An NBD export on another machine (or another process), reached through
 /// libnbd's asynchronous API with many commands in flight.
@@ -14,11 +15,11 @@ final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
         let minimumBlock: Int
         do {
             handle = try NBDHandle()
-            try handle.connect(uri: uri)
+            try Self.connect(handle, to: uri, within: options.remoteTimeout)
             size = try handle.size()
             readOnly = try options.readOnly || handle.isReadOnly()
             minimumBlock = max(1, Int(try handle.blockSize(.minimum)))
-            connection = try RemoteConnection(handle: handle)
+            connection = try RemoteConnection(handle: handle, timeout: options.remoteTimeout)
         } catch let error as NBDError {
             throw .remoteFailed(device: uri, message: error.message)
         } catch {
@@ -29,6 +30,21 @@ final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
     }
 
     deinit { connection.stop() }
+
+    /// Connects and completes the handshake, or fails with ETIMEDOUT once
+    /// `timeout` has passed: a host that drops packets, or a server that
+    /// accepts and never answers, must not hold up the mirror's start.
+    private static func connect(_ handle: NBDHandle, to uri: String, within timeout: Duration?) throws(NBDError) {
+        guard let timeout else { return try handle.connect(uri: uri) }
+        try handle.startConnecting(uri: uri)
+        let deadline = ContinuousClock.now + timeout
+        while handle.isConnecting {
+            let left = ContinuousClock.now.duration(to: deadline)
+            guard left > .zero else { throw NBDError(errno: ETIMEDOUT, message: "no answer within \(seconds(timeout))") }
+            try handle.poll(milliseconds: milliseconds(left))
+        }
+        if handle.isDead { throw NBDError(errno: ECONNRESET, message: "the server closed the connection during the handshake") }
+    }
 
     override func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
         switch operation {
@@ -51,8 +67,17 @@ final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
 /// and a pipe that submitters write to when they queue commands. Commands
 /// may complete while libnbd holds its handle lock, so completions are only
 /// collected there and finished after the lock is released.
+///
+/// A connection that owes replies and moves no byte either way for
+/// `timeout` is cut off, as the kernel's NBD client does: its commands fail
+/// with ETIMEDOUT rather than hold every mirrored write until TCP gives up
+/// (minutes to hours).
 private final class RemoteConnection: @unchecked Sendable {
     private let handle: NBDHandle
+    private let timeout: Duration?
+    /// Set once the server was cut off for silence: every failure of this
+    /// connection is then reported as ETIMEDOUT.
+    private let timedOut = Atomic<Bool>(false)
     private let canFlush: Bool
     private let canFUA: Bool
     private let canTrim: Bool
@@ -64,8 +89,9 @@ private final class RemoteConnection: @unchecked Sendable {
     private let wakePipe: (read: Int32, write: Int32)
     private var poller = pthread_t()
 
-    init(handle: NBDHandle) throws(NBDError) {
+    init(handle: NBDHandle, timeout: Duration?) throws(NBDError) {
         self.handle = handle
+        self.timeout = timeout
         canFlush = try handle.canFlush()
         canFUA = try handle.canFUA()
         canTrim = try handle.canTrim()
@@ -181,7 +207,7 @@ private final class RemoteConnection: @unchecked Sendable {
     /// list. Runs inside libnbd's completion callback, with the handle's lock
     /// held: it must not call into the handle.
     func partEnded(_ bio: Bio, errno: Int32) {
-        if errno != 0 { record(errno, for: bio) }
+        if errno != 0 { record(timedOut.load(ordering: .relaxed) ? ETIMEDOUT : errno, for: bio) }
         guard bio.openParts.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 else { return }
         completedLock.withLock { completed.append(bio) }
     }
@@ -217,28 +243,57 @@ private final class RemoteConnection: @unchecked Sendable {
         var fds = [pollfd(fd: wakePipe.read, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: -1, events: 0, revents: 0)]
         var drain = [UInt8](repeating: 0, count: 64)
+        // When the connection last moved (bytes in or out), or began to owe replies.
+        var lastMoved = ContinuousClock.now
+        var owedBefore = false
         while true {
             if completedLock.withLock({ stopping }) { return }
             // A dead connection has failed its commands already (libnbd
             // reports the error to each); its socket, if still open, would
             // only report POLLHUP forever, so it is no longer polled.
+            let dead = handle.isDead
+            let owed = !dead && handle.commandsInFlight > 0
+            if owed && !owedBefore { lastMoved = .now }
+            owedBefore = owed
+            var wait: Int32 = -1
+            if owed, let timeout {
+                let left = ContinuousClock.now.duration(to: lastMoved + timeout)
+                if left > .zero {
+                    wait = milliseconds(left)
+                } else {
+                    cutOff()
+                    lastMoved = .now
+                }
+            }
             let direction = handle.direction
-            fds[1].fd = handle.isDead ? -1 : handle.fileDescriptor
+            fds[1].fd = dead ? -1 : handle.fileDescriptor
             fds[1].events = (direction.wantsRead ? Int16(POLLIN) : 0) | (direction.wantsWrite ? Int16(POLLOUT) : 0)
             fds[0].revents = 0
             fds[1].revents = 0
-            if poll(&fds, 2, -1) < 0 && errno != EINTR { return }
+            if poll(&fds, 2, wait) < 0 && errno != EINTR { return }
             if fds[0].revents & Int16(POLLIN) != 0 {
                 while Glibc.read(wakePipe.read, &drain, drain.count) > 0 {}
             }
+            // A hung-up socket goes to whichever side libnbd waits on, so
+            // that libnbd sees the end and the loop does not spin on it.
             let events = fds[1].revents
             if events & Int16(POLLIN | POLLHUP | POLLERR) != 0 && handle.direction.wantsRead {
+                lastMoved = .now
                 _ = try? handle.notifyRead()
-            } else if events & Int16(POLLOUT) != 0 && handle.direction.wantsWrite {
+            } else if events & Int16(POLLOUT | POLLHUP | POLLERR) != 0 && handle.direction.wantsWrite {
+                lastMoved = .now
                 _ = try? handle.notifyWrite()
             }
             finishCompleted()
         }
+    }
+
+    /// Ends a connection that owed replies and did not move for `timeout`:
+    /// with its socket shut down, libnbd sees the end of the stream at the
+    /// next poll and fails every command in flight.
+    private func cutOff() {
+        timedOut.store(true, ordering: .relaxed)
+        Glibc.shutdown(handle.fileDescriptor, Int32(SHUT_RDWR))
     }
 }
 
@@ -247,4 +302,17 @@ private let remoteCompletion: NBDCompletion = { userData, error in
     let bio = Unmanaged<Bio>.fromOpaque(userData!).takeRetainedValue()
     unsafeDowncast(bio.device, to: RemoteNBDDevice.self).connection.partEnded(bio, errno: error?.pointee ?? 0)
     return 1
+}
+
+/// `duration` in whole milliseconds for poll(2), rounded up so that a wait
+/// never ends just before its deadline.
+private func milliseconds(_ duration: Duration) -> Int32 {
+    let (seconds, attoseconds) = duration.components
+    let total = seconds * 1000 + (attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000
+    return Int32(clamping: max(0, total))
+}
+
+private func seconds(_ duration: Duration) -> String {
+    let (seconds, attoseconds) = duration.components
+    return attoseconds == 0 ? "\(seconds) s" : "\(Double(seconds) + Double(attoseconds) / 1e18) s"
 }

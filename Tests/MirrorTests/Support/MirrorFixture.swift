@@ -26,10 +26,17 @@ final class MirrorFixture {
         return server
     }
 
-    /// Runs `dmio-nbd serve` expecting it to refuse; returns what it said.
+    /// Runs `dmio-nbd serve` expecting it to refuse within 30 s; returns what
+    /// it said.
     func serveRefused(_ arguments: [String]) throws -> String {
         let server = try ServeProcess(arguments: arguments + ["--socket", socket], socket: socket)
-        server.process.waitUntilExit()
+        let deadline = Date().addingTimeInterval(30)
+        while server.process.isRunning && Date() < deadline { usleep(20_000) }
+        guard !server.process.isRunning else {
+            _ = server.stop(signal: SIGKILL)
+            Issue.record("dmio-nbd serve \(arguments) did not refuse within 30 s")
+            return server.stderr()
+        }
         #expect(server.process.terminationStatus != 0)
         return server.stderr()
     }
