@@ -121,9 +121,9 @@ public final class NBDServer: @unchecked Sendable {
             let pipeline = context.pipeline.syncOperations
             do {
                 try pipeline.addHandlers([framer, transmission], position: .after(context.handler))
-                // A client may send requests only once it has the reply to
-                // its option (the spec); bytes it sent before that reach the
-                // option decoder as a bad option and close the connection.
+                // Bytes the client sent after its option, before the reply
+                // (which the spec asks it to wait for), go to the framer as
+                // requests when the option decoder leaves.
                 pipeline.removeHandler(optionDecoder, promise: nil)
                 pipeline.removeHandler(context: context, promise: nil)
             } catch {

@@ -10,9 +10,12 @@ import NIOCore
 /// Replies of one batch (one socket read, or one set of completions) go
 /// into one buffer and out in one write and one flush. Target completions
 /// arrive on storage threads and come back to the event loop in batches
-/// (`CompletionInbox`). While too many requests are in flight, or the
-/// client does not read its replies, the handler stops reading from the
-/// socket, so a connection's memory stays bounded.
+/// (`CompletionInbox`). While too many requests or bytes are in flight, or
+/// the client does not read its replies, the handler stops reading from
+/// the socket, and requests already read wait, in order, until replies
+/// make room: one socket read can hold thousands of requests, and a read
+/// request allocates its reply when it starts, so a connection's memory
+/// stays bounded whatever the client sends.
 final class TransmissionHandler: ChannelDuplexHandler {
     typealias InboundIn = NBDRequest
     typealias OutboundIn = ByteBuffer
@@ -41,6 +44,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private var requestsInFlight = 0
     private var bytesInFlight = 0
     private var readHeld = false
+    /// Requests read while the connection was at its limits, in order.
+    private var waiting = CircularBuffer<NBDRequest>()
     /// Whether the target holds this read batch's I/O until channelReadComplete.
     private var inBatch = false
     private var disconnecting = false
@@ -68,6 +73,22 @@ final class TransmissionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let request = unwrapInboundIn(data)
         guard !disconnecting else { return }  // nothing may follow NBD_CMD_DISC
+        if !waiting.isEmpty || !mayStart {
+            waiting.append(request)
+            return
+        }
+        start(request)
+    }
+
+    /// Whether another request may start: the connection is under its
+    /// limits, and the client takes its replies (the replies it leaves in
+    /// the channel count, as they make it unwritable).
+    private var mayStart: Bool {
+        requestsInFlight < Self.maxRequestsInFlight && bytesInFlight < Self.maxBytesInFlight
+            && context.channel.isWritable
+    }
+
+    private func start(_ request: NBDRequest) {
         if !inBatch {
             inBatch = true
             target.beginBatch()
@@ -79,6 +100,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         case .success(let command):
             run(command, cookie: request.cookie)
         }
+        writeOutputIfFull()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -106,7 +128,12 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        releaseHeldRead(context)
+        // This runs inside the write or flush that changed it: starting
+        // requests there would append replies to a batch being written.
+        if context.channel.isWritable {
+            let handler = onLoop!
+            context.eventLoop.execute { handler.value.resume() }
+        }
         context.fireChannelWritabilityChanged()
     }
 
@@ -133,8 +160,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     private func mayRead(_ context: ChannelHandlerContext) -> Bool {
-        !disconnecting && requestsInFlight < Self.maxRequestsInFlight
-            && bytesInFlight < Self.maxBytesInFlight && context.channel.isWritable
+        !disconnecting && waiting.isEmpty && mayStart
     }
 
     private func releaseHeldRead(_ context: ChannelHandlerContext) {
@@ -244,7 +270,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
                 inbox.post(on: handler.eventLoop) {
                     handler.value.finish(command, bytes: bytes, cookie: cookie, result: result, reply: reply)
                 } afterBatch: {
-                    handler.value.afterCompletions()
+                    handler.value.resume()
                 }
             }
         }
@@ -260,6 +286,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         } else {
             appendSuccess(cookie: cookie)
         }
+        writeOutputIfFull()
     }
 
     private func started(bytes: Int) {
@@ -272,8 +299,16 @@ final class TransmissionHandler: ChannelDuplexHandler {
         bytesInFlight -= bytes
     }
 
-    private func afterCompletions() {
+    /// Room was made (replies done, or taken by the client): starts the
+    /// requests that waited, as far as it goes (none after a disconnect),
+    /// sends the replies, and reads on if nothing waits any more.
+    private func resume() {
         guard active else { return }
+        while !disconnecting && mayStart, let request = waiting.popFirst() {
+            start(request)
+        }
+        if disconnecting { waiting.removeAll() }
+        endBatch()
         flushOutput(context)
         releaseHeldRead(context)
         closeIfDisconnectedAndIdle(context)
@@ -329,6 +364,12 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private func keepForReuse(_ buffer: ByteBuffer) {
         let kept = spareReplyBuffers.reduce(0) { $0 + $1.capacity }
         if kept + buffer.capacity <= Self.maxSpareReplyBytes { spareReplyBuffers.append(buffer) }
+    }
+
+    /// The reply batch goes into the channel once it is this long, so that
+    /// the channel's writability counts it.
+    private func writeOutputIfFull() {
+        if output.readableBytes >= Self.directReplyBytes { writeOutput(context) }
     }
 
     private func writeOutput(_ context: ChannelHandlerContext) {

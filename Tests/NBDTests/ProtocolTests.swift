@@ -95,6 +95,67 @@ import Testing
         #expect(!channel.isActive)
     }
 
+    /// Bytes sent with the option that ends the handshake, in one packet,
+    /// are transmission-phase bytes: a request there is served; options
+    /// there make a bad request header, which closes the connection (and
+    /// only it).
+    @Test func bytesSentWithGOAreReadAsRequests() throws {
+        let channel = try connection()
+        target.bytes[0..<512] = ArraySlice(repeating: 0x5A, count: 512)
+        try send(channel) { buffer in
+            buffer.writeInteger(UInt32(1))
+            option(7, goData("mem"))(&buffer)
+            buffer.writeInteger(Magic.request)
+            buffer.writeInteger(UInt16(0))
+            buffer.writeInteger(UInt16(0))              // read
+            buffer.writeInteger(UInt64(9))
+            buffer.writeInteger(UInt64(0))
+            buffer.writeInteger(UInt32(512))
+        }
+        var reply = ByteBuffer()
+        while var buffer = try channel.readOutbound(as: ByteBuffer.self) { reply.writeBuffer(&buffer) }
+        // GO's replies, up to its ACK, then the read's.
+        var optionReply: UInt32?
+        while optionReply != OptionReply.ack.rawValue {
+            #expect(reply.readInteger(as: UInt64.self) == Magic.optionReply)
+            _ = reply.readInteger(as: UInt32.self)
+            optionReply = reply.readInteger(as: UInt32.self)
+            let length = reply.readInteger(as: UInt32.self)
+            reply.moveReaderIndex(forwardBy: Int(try #require(length)))
+        }
+        #expect(reply.readInteger(as: UInt32.self) == Magic.simpleReply)
+        #expect(reply.readInteger(as: UInt32.self) == 0)
+        #expect(reply.readInteger(as: UInt64.self) == 9)
+        #expect(reply.readBytes(length: 512) == [UInt8](repeating: 0x5A, count: 512))
+        #expect(channel.isActive)
+    }
+
+    @Test(arguments: ["GO, STRUCTURED_REPLY", "GO, an oversized option", "EXPORT_NAME, LIST"])
+    func optionsSentAfterTheHandshakeEndsCloseOnlyThatConnection(sequence: String) throws {
+        let channel = try connection()
+        try send(channel) { buffer in
+            buffer.writeInteger(UInt32(1))
+            switch sequence {
+            case "GO, STRUCTURED_REPLY":
+                option(7, goData("mem"))(&buffer)
+                option(8)(&buffer)
+                option(8)(&buffer)
+            case "GO, an oversized option":
+                option(7, goData("mem"))(&buffer)
+                buffer.writeInteger(Magic.option)
+                buffer.writeInteger(UInt32(7))
+                buffer.writeInteger(UInt32(OptionDecoder.maxOptionData + 1))
+                buffer.writeBytes([UInt8](repeating: 0, count: 64))
+            default:
+                option(1, Array("mem".utf8))(&buffer)
+                option(3)(&buffer)
+                option(3)(&buffer)
+            }
+        }
+        channel.embeddedEventLoop.run()
+        #expect(!channel.isActive)
+    }
+
     /// A transmission-phase connection, after NBD_OPT_GO.
     private func transmission(structured: Bool, readOnly: Bool = false) throws -> EmbeddedChannel {
         let channel = try connection(readOnly: readOnly)
@@ -233,6 +294,55 @@ import Testing
             reads += 1
             context.read()
         }
+    }
+
+    /// One socket read can hold far more requests than the limits allow:
+    /// the rest wait, unstarted (a read's reply buffer is not allocated),
+    /// and start in order as replies make room.
+    @Test(arguments: [(count: 300, length: UInt32(512), started: TransmissionHandler.maxRequestsInFlight),
+                      (count: 100, length: UInt32(1 << 20), started: TransmissionHandler.maxBytesInFlight >> 20)])
+    func requestsBeyondTheLimitsInOneReadWaitTheirTurn(count: Int, length: UInt32, started: Int) throws {
+        let channel = try transmission(structured: true)
+        target.holdAllReads = true
+        try send(channel) { buffer in
+            for cookie in 0..<UInt64(count) {
+                buffer.writeInteger(Magic.request)
+                buffer.writeInteger(UInt16(0))
+                buffer.writeInteger(UInt16(0))
+                buffer.writeInteger(cookie)
+                buffer.writeInteger(UInt64(0))
+                buffer.writeInteger(length)
+            }
+        }
+        #expect(target.held.count == started)
+        var answered: [UInt64] = []
+        while answered.count < count {
+            let held = target.held
+            target.held.removeAll()
+            target.holdAllReads = true
+            for release in held { release() }
+            channel.embeddedEventLoop.run()
+            let got = try replies(channel)
+            #expect(!got.isEmpty, "each round of replies starts more of the waiting requests")
+            if got.isEmpty { break }
+            answered += got.map(\.cookie)
+        }
+        #expect(answered == Array(0..<UInt64(count)))
+    }
+
+    /// A client that takes no replies (the channel is not writable) gets
+    /// no more requests started, so their replies cannot pile up.
+    @Test func requestsWaitWhileTheClientTakesNoReplies() throws {
+        let channel = try transmission(structured: true)
+        channel.isWritable = false
+        for cookie in 0..<UInt64(10) {
+            try sendRequest(channel, type: 0, cookie: cookie, offset: 0, length: 512)
+        }
+        #expect(try replies(channel).isEmpty)
+        channel.isWritable = true
+        channel.pipeline.fireChannelWritabilityChanged()
+        channel.embeddedEventLoop.run()
+        #expect(try replies(channel).map(\.cookie) == Array(0..<10))
     }
 
     @Test func aFullQueueStopsReadingFromTheClientUntilRepliesGoOut() throws {

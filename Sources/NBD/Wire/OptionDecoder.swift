@@ -50,6 +50,21 @@ struct OptionDecoder: ByteToMessageDecoder {
         context.fireChannelRead(wrapInboundOut(.option(code: code, data: data)))
         return .continue
     }
+
+    /// Runs when the handshake is over (the decoder leaves the pipeline) or
+    /// the connection ends. Bytes that came after the option that ended the
+    /// handshake belong to the transmission phase: they go on as they are,
+    /// to the request framer, and are never read as options. At the end of
+    /// the connection they are dropped: the handshake handler takes only
+    /// options.
+    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer,
+                             seenEOF: Bool) throws -> DecodingState {
+        if !seenEOF && buffer.readableBytes > 0 {
+            context.fireChannelRead(NIOAny(buffer.readSlice(length: buffer.readableBytes)!))
+        }
+        buffer.moveReaderIndex(to: buffer.writerIndex)
+        return .needMoreData
+    }
 }
 
 extension ByteBuffer {
