@@ -121,7 +121,11 @@ public final class NBDKit {
         DispatchQueue.global().asyncAfter(deadline: .now() + limit) { [process] in
             if process.isRunning { Glibc.kill(pid, SIGCONT) }
         }
-        let tasks = "/proc/\(pid)/task"
+        waitUntilStopped()
+    }
+
+    private func waitUntilStopped() {
+        let tasks = "/proc/\(process.processIdentifier)/task"
         let deadline = Date().addingTimeInterval(5)
         while Date() < deadline {
             let threads = (try? FileManager.default.contentsOfDirectory(atPath: tasks)) ?? []
@@ -133,10 +137,6 @@ public final class NBDKit {
             if stopped { return }
             usleep(1_000)
         }
-    }
-
-    public func thaw() {
-        Glibc.kill(process.processIdentifier, SIGCONT)
     }
 
     /// Kills the server, as a crash or a lost machine would.
