@@ -53,6 +53,10 @@ final class LegTable: @unchecked Sendable {
     private var members: [Member]
     private var current: Snapshot
     private var version: UInt64 = 0
+    /// Set when a rebuilding leg took a change that no in-sync leg holds:
+    /// the rebuild pass under way may have copied that region already, so
+    /// it must not put the leg in sync.
+    private var rebuildSpoiled = false
 
     init(_ members: [Member]) {
         self.members = members
@@ -82,22 +86,58 @@ final class LegTable: @unchecked Sendable {
     /// ignored. Returns whether the leg's state changed.
     @discardableResult
     func fail(_ leg: Leg, errno: Int32, reading: Bool) -> Bool {
-        lock.withLock {
-            let index = leg.index
-            guard members[index].device === leg.device else { return false }
-            if reading { members[index].readErrors += 1 } else { members[index].writeErrors += 1 }
-            members[index].errno = errno
-            switch members[index].state {
-            case .degraded:
-                return false
-            case .inSync where inSyncCount == 1:
-                return false
-            case .inSync, .rebuilding:
-                members[index].state = .degraded
-                changed()
-                return true
-            }
+        lock.withLock { failLocked(leg, errno: errno, reading: reading) }
+    }
+
+    private func failLocked(_ leg: Leg, errno: Int32, reading: Bool) -> Bool {
+        let index = leg.index
+        guard members[index].device === leg.device else { return false }
+        if reading { members[index].readErrors += 1 } else { members[index].writeErrors += 1 }
+        members[index].errno = errno
+        switch members[index].state {
+        case .degraded:
+            return false
+        case .inSync where inSyncCount == 1:
+            return false
+        case .inSync, .rebuilding:
+            members[index].state = .degraded
+            changed()
+            return true
         }
+    }
+
+    /// How a change (a write, a zeroing, a discard, a flush) sent to the
+    /// writable legs of a snapshot ended.
+    struct Settlement {
+        /// The legs that it failed on and that are degraded for it.
+        var degraded: [Leg]
+        /// Whether a leg in sync now holds it: only then did it succeed.
+        var held: Bool
+        /// The leg table's version once the failures are recorded.
+        var version: UInt64
+    }
+
+    /// Records the legs that failed a change sent to `snapshot`'s writable
+    /// legs, then says whether a leg that took it is in sync now. Both
+    /// under one lock: the legs may have changed since the change went out
+    /// (a leg failed by the operator or by another request, a rebuild
+    /// finished), and a leg whose failure is refused (the last in-sync leg)
+    /// stays in sync without the change, whose error must then reach the
+    /// client.
+    func settle(_ failures: [LegFailure], sentTo snapshot: Snapshot) -> Settlement {
+        lock.withLock {
+            let degraded = failures.filter { failLocked($0.leg, errno: $0.errno, reading: false) }.map(\.leg)
+            let failed = Set(failures.map(\.leg.index))
+            let holders = snapshot.writable.filter { !failed.contains($0.index) && members[$0.index].device === $0.device }
+            let held = holders.contains { members[$0.index].state == .inSync }
+            if !held && holders.contains(where: { members[$0.index].state == .rebuilding }) { rebuildSpoiled = true }
+            return Settlement(degraded: degraded, held: held, version: version)
+        }
+    }
+
+    /// A rebuild pass begins: only changes from now on can spoil it.
+    func beginRebuildPass() {
+        lock.withLock { rebuildSpoiled = false }
     }
 
     /// Degrades leg `index` at an operator's request.
@@ -146,9 +186,11 @@ final class LegTable: @unchecked Sendable {
     }
 
     /// Ends the rebuild of `targets`: those still rebuilding, on the same
-    /// device, are in sync.
-    func finishRebuilds(_ targets: Targets) -> [Int] {
+    /// device, are in sync. nil, and nothing changes, when a change the
+    /// in-sync legs refused reached a rebuilding leg during the pass.
+    func finishRebuilds(_ targets: Targets) -> [Int]? {
         lock.withLock {
+            guard !rebuildSpoiled else { return nil }
             let rebuilt = targets.indices.filter { index in
                 guard members[index].state == .rebuilding, let device = members[index].device else { return false }
                 return targets.contains(Leg(index: index, device: device))

@@ -34,7 +34,6 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// dirty regions, so they are copied from the first one.
     private var recoveryPending: Bool
     private var stopping = false
-    private var passSpoiled = false
     private var worker: pthread_t?
     /// How often the dirty log's idle bits are cleared.
     static let cleanInterval = 2.0
@@ -148,30 +147,26 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             lock.withLock { recoveryPending = false }
             return
         }
-        lock.withLock { passSpoiled = false }
+        legs.beginRebuildPass()
         let stopping = { [self] in lock.withLock { self.stopping } }
         let complete = resync.pass(reason: recovery ? "recovery after an unclean stop" : "rebuild",
                                    targets: targets, stopping: stopping)
         if stopping() { return }
-        guard complete, !lock.withLock({ passSpoiled }) else {
-            // The source failed, or a rebuilding leg got ahead of it: try again
-            // later (an operator may change legs meanwhile).
-            lock.withLock { if !self.stopping { lock.wait(seconds: 5) } }
-            return
+        if complete {
+            flushLegs()
+            // nil: a rebuilding leg got ahead of the in-sync legs during the pass.
+            if let rebuilt = legs.finishRebuilds(rebuilding) {
+                if recovery { lock.withLock { recoveryPending = false } }
+                if !rebuilt.isEmpty {
+                    logger.info("legs \(rebuilt) are in sync")
+                    _ = superblocks.commitAndWait()
+                }
+                return
+            }
         }
-        flushLegs()
-        if recovery { lock.withLock { recoveryPending = false } }
-        let rebuilt = legs.finishRebuilds(rebuilding)
-        if !rebuilt.isEmpty {
-            logger.info("legs \(rebuilt) are in sync")
-            _ = superblocks.commitAndWait()
-        }
-    }
-
-    /// A write failed on every in-sync leg but reached a rebuilding one: that
-    /// leg now differs where the pass may have copied already.
-    func spoilResyncPass() {
-        lock.withLock { passSpoiled = true }
+        // The source failed, or the pass was spoiled: try again later (an
+        // operator may change legs meanwhile).
+        lock.withLock { if !self.stopping { lock.wait(seconds: 5) } }
     }
 
     /// Clears the bits of regions idle for a while, once the legs hold their

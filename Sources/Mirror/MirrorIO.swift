@@ -120,10 +120,12 @@ extension Mirror {
         let snapshot = legs.snapshot
         let started = submit(operation, snapshot.writable, offset: offset, length: length, memory: memory,
                              flags: flags) { [self] failures in
-            log.endWrite(regions)
             // Discard is a hint: a leg that cannot discard has not failed.
             let failures = operation == .discard ? failures.filter { $0.errno != EOPNOTSUPP } : failures
             answer(operation, snapshot: snapshot, failures: failures, completion: completion)
+            // Only now, with the failed legs degraded: the cleaner must not
+            // clear these bits while a leg that missed the write looks in sync.
+            log.endWrite(regions)
         }
         if !started {
             log.endWrite(regions)
@@ -133,19 +135,18 @@ extension Mirror {
 
     /// Ends a request that went to every writable leg of `snapshot`: legs
     /// that failed are degraded (and recorded) before the answer. It
-    /// succeeded if an in-sync leg holds it; a rebuilding leg alone is not
-    /// enough, since reads do not come from it.
+    /// succeeded if a leg in sync now holds it; a rebuilding leg alone is
+    /// not enough, since reads do not come from it.
     private func answer(_ operation: IOOperation, snapshot: LegTable.Snapshot, failures: [LegFailure],
                         completion: @escaping TargetCompletion) {
         // Every leg took it: a leg degraded before it went out must be on record.
         if failures.isEmpty { return succeed(once: snapshot.version, completion) }
-        for failure in failures { fail(failure, reading: false) }
-        let failed = Set(failures.map(\.leg.index))
-        guard snapshot.readable.contains(where: { !failed.contains($0.index) }) else {
-            if snapshot.writable.contains(where: { !failed.contains($0.index) }) { spoilResyncPass() }
-            return completion(everyLegFailed("\(operation)", failures))
+        let settlement = legs.settle(failures, sentTo: snapshot)
+        for failure in failures {
+            report(failure, reading: false, degraded: settlement.degraded.contains { $0.index == failure.leg.index })
         }
-        succeed(once: legs.snapshot.version, completion)
+        guard settlement.held else { return completion(everyLegFailed("\(operation)", failures)) }
+        succeed(once: settlement.version, completion)
     }
 
     /// Answers success once the superblocks record leg table `version`.
@@ -158,8 +159,13 @@ extension Mirror {
     }
 
     func fail(_ failure: LegFailure, reading: Bool) {
+        report(failure, reading: reading, degraded: legs.fail(failure.leg, errno: failure.errno, reading: reading))
+    }
+
+    /// Logs a leg's failure; one that degraded the leg goes on record.
+    private func report(_ failure: LegFailure, reading: Bool, degraded: Bool) {
         let what = reading ? "read" : "write"
-        if legs.fail(failure.leg, errno: failure.errno, reading: reading) {
+        if degraded {
             logger.error("leg \(failure.leg.index) (\(failure.leg.device.name)) degraded: \(what) failed with \(errnoDescription(failure.errno))")
             superblocks.request { _ in }
         } else {
