@@ -38,8 +38,11 @@ extension Mirror {
         for (index, device) in devices.enumerated() {
             let superblock = Superblock(mirror: uuid, legIndex: index, events: 1, clean: true, layout: layout,
                                         legs: records)
-            // Slot 1 is emptied: an older mirror's superblock must not outrank this one.
-            try MetadataStore.writeBytes(superblock.encoded() + [UInt8](repeating: 0, count: MirrorLayout.slotBytes),
+            // Event 1 goes in slot 1, where the store keeps odd events, so
+            // that event 2 (the first start) does not overwrite it: a torn
+            // write there leaves this one. Slot 0 is emptied: an older
+            // mirror's superblock must not outrank this one.
+            try MetadataStore.writeBytes([UInt8](repeating: 0, count: MirrorLayout.slotBytes) + superblock.encoded(),
                                          offset: 0, to: [device], client: client)
         }
         return uuid

@@ -48,6 +48,9 @@ public final class LinearTarget: BlockTarget, @unchecked Sendable {
     }
 
     public func flush(completion: @escaping TargetCompletion) {
+        // Nothing was written through a read-only device: nothing to make
+        // durable (and DMIO refuses flushes there, as writes).
+        if device.isReadOnly { return completion(.success) }
         submit(.flush, region(0, 0), completion: completion)
     }
 

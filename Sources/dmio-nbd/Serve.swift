@@ -91,6 +91,9 @@ struct Serve: AsyncParsableCommand {
         let logger = makeLogger(verbose: verbose)
         let client = try DMIOClient(engine: engine.map { .only($0) } ?? .automatic)
         let socketPath = socket ?? (tcp == nil ? defaultSocketPath : nil)
+        // Before the mirror starts (which writes its metadata): a start
+        // refused here must leave the legs as they were.
+        if let socketPath { try claimSocketPath(socketPath) }
         let served: ServedTarget
         if legs.count == 1 {
             served = try serveOne(client: client, logger: logger)
@@ -103,10 +106,7 @@ struct Serve: AsyncParsableCommand {
 
         var addresses: [ListenAddress] = []
         if let tcp { addresses.append(.tcp(host: tcp.host, port: tcp.port)) }
-        if let socketPath {
-            try claimSocketPath(socketPath)
-            addresses.append(.unix(path: socketPath))
-        }
+        if let socketPath { addresses.append(.unix(path: socketPath)) }
         for address in addresses {
             do {
                 let bound = try await server.listen(on: address)
@@ -145,9 +145,18 @@ struct Serve: AsyncParsableCommand {
 
     private func serveOne(client: DMIOClient, logger: Logger) throws -> ServedTarget {
         let device = try openLeg(legs[0], options: deviceOptions(createSize: create?.bytes))
-        if !force, let mirror = try? Mirror.mirrorOwning(device, client: client) {
-            throw CleanExit.message("\(legs[0]) is a leg of mirror \(mirror): serve the mirror with all its legs "
-                                    + "(or pass --force to serve this leg raw, which can destroy its metadata)", code: 1)
+        if !force {
+            let owner: MirrorUUID?
+            do {
+                owner = try Mirror.mirrorOwning(device, client: client)
+            } catch {
+                throw CleanExit.message("\(error): it may be a leg of a mirror; serve it raw only if it is not, "
+                                        + "with --force (which can destroy that metadata)", code: 1)
+            }
+            if let owner {
+                throw CleanExit.message("\(legs[0]) is a leg of mirror \(owner): serve the mirror with all its legs "
+                                        + "(or pass --force to serve this leg raw, which can destroy its metadata)", code: 1)
+            }
         }
         return ServedTarget(target: LinearTarget(device: device, client: client), summary: legs[0]) {
             let flushed = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])

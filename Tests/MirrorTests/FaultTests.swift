@@ -301,6 +301,37 @@ import Testing
         // A plain file that is no mirror is not taken for one.
         said = try fixture.serveRefused([small, large])
         #expect(said.contains("no dmio-nbd mirror metadata"), "\(said)")
+
+        // A leg with damaged metadata is not served alone as a plain device.
+        said = try fixture.serveRefused([damaged])
+        #expect(said.contains("may be a leg of a mirror"), "\(said)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: damaged)) == before)
+
+        // A start refused for its socket (another server on it) writes nothing.
+        let server = try fixture.serve([a, b])
+        let legsBefore = try [c, d].map { try Data(contentsOf: URL(fileURLWithPath: $0)) }
+        said = try fixture.serveRefused([c, d])
+        #expect(said.contains("in use by pid"), "\(said)")
+        #expect(try [c, d].map { try Data(contentsOf: URL(fileURLWithPath: $0)) } == legsBefore)
+        #expect(server.stop() == 0)
+    }
+
+    /// The first start after `create` writes the superblocks' second event:
+    /// a write torn there (a crash, a power cut) must leave the first.
+    @Test func aTornFirstSuperblockWriteLeavesTheMirrorStartable() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("a.img"), fixture.path("b.img")]
+        try run([dmioNBDExecutable, "create", "--size", "16M"] + legs)
+        for leg in legs {
+            // Event 2 goes to slot 0; half of it arrived.
+            let file = try #require(FileHandle(forUpdatingAtPath: leg))
+            try file.seek(toOffset: 0)
+            file.write(Data(Array("DMIOMIRR".utf8) + [UInt8](repeating: 0xA5, count: 504)))
+            try file.close()
+        }
+        let server = try fixture.serve(legs)
+        #expect(try fixture.status().allInSync)
+        #expect(server.stop() == 0)
     }
 
     @Test func aStopDuringRecoveryLeavesTheRecoveryForTheNextStart() throws {

@@ -55,6 +55,23 @@ import Testing
         #expect(try { let h = try NBDHandle(); try h.connect(unixSocket: socket); return try h.size() }() == 1 << 20)
     }
 
+    /// A file served read-only: reads, and flushes (which clients send on
+    /// close), succeed; writes get EPERM.
+    @Test func aReadOnlyFileServesReadsAndFlushes() throws {
+        let dir = folder()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/nbd.sock"
+        try run(["truncate", "-s", "1M", dir + "/ro.img"])
+        let serve = try ServeProcess(arguments: ["--socket", socket, "--read-only", dir + "/ro.img"], socket: socket)
+        try serve.waitUntilListening()
+        let nbd = try NBDHandle()
+        try nbd.connect(unixSocket: socket)
+        #expect(try nbd.isReadOnly())
+        #expect(try nbd.read(4096, at: 0) == [UInt8](repeating: 0, count: 4096))
+        try nbd.flush()
+        #expect(throws: NBDError.self) { try nbd.write(pattern(4096, seed: 2), at: 0) }
+    }
+
     @Test func servesOverTCP() throws {
         let dir = folder()
         defer { try? FileManager.default.removeItem(atPath: dir) }
