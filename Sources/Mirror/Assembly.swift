@@ -114,14 +114,26 @@ extension Mirror {
             }
         }
         let layout = try MirrorLayout(validating: freshest)
+        // A leg whose superblock is older than the freshest, which records it
+        // as in use, missed changes the others have: it is an old copy put
+        // back (a restored backup or snapshot), or a crash fell between the
+        // legs' superblock writes. It may hold older data anywhere, and no
+        // bitmap says where: it is rebuilt in full from the legs in sync.
+        let stale = Set(legs.filter { index, leg in
+            leg.superblock.events < freshest.events && freshest.legs[index].state != .degraded
+        }.map(\.key))
+        for index in stale.sorted() {
+            let events = found[index]!.superblock.events
+            logger.warning("leg \(index) (\(specs[index])) is older than the others (event \(events), theirs \(freshest.events)): it may be an old copy; it gets a full copy from the legs in sync")
+        }
         let members = specs.indices.map { index in
             let record = freshest.legs[index]
             guard let device = found[index]?.device else {
                 return LegTable.Member(name: specs[index], device: nil, uuid: record.uuid, state: .degraded,
                                        errno: unavailable[index] ?? EIO)
             }
-            return LegTable.Member(name: specs[index], device: device, uuid: record.uuid, state: record.state,
-                                   errno: record.errno)
+            return LegTable.Member(name: specs[index], device: device, uuid: record.uuid,
+                                   state: stale.contains(index) ? .rebuilding : record.state, errno: record.errno)
         }
         guard members.contains(where: { $0.state == .inSync }) else {
             throw .noLegAvailable(specs.indices.filter { freshest.legs[$0].state == .inSync }.map { specs[$0] })
@@ -141,6 +153,7 @@ extension Mirror {
                                                     count: bitmap.count, client: client)
             for index in bitmap.indices { bitmap[index] |= bytes[index] }
         }
+        if !stale.isEmpty { bitmap = [UInt8](repeating: 0xFF, count: bitmap.count) }
         let inSync = members.filter { $0.state == .inSync }.count
         if !freshest.clean { logger.warning("mirror \(freshest.mirror) was not stopped cleanly: its dirty regions will be resynced") }
         return Mirror(uuid: freshest.mirror, layout: layout, members: members, bitmap: bitmap,

@@ -316,6 +316,38 @@ import Testing
         #expect(server.stop() == 0)
     }
 
+    /// A leg put back from an old copy (a restored backup or VM snapshot)
+    /// while the other leg went on: its superblock is older. It must not be
+    /// read from, and it gets a full copy.
+    @Test func anOldCopyOfALegPutBackIsRebuiltNotRead() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("a.img"), fixture.path("b.img")]
+        var server = try fixture.serve(legs + ["--create", "16M"])
+        var handle = try fixture.connect()
+        try handle.write(pattern(64 << 10, seed: 10), at: 0)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        let oldCopy = fixture.path("a.old")
+        try FileManager.default.copyItem(atPath: legs[0], toPath: oldCopy)
+
+        server = try fixture.serve(legs)
+        handle = try fixture.connect()
+        let newer = pattern(64 << 10, seed: 11)
+        try handle.write(newer, at: 0)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        try FileManager.default.removeItem(atPath: legs[0])
+        try FileManager.default.moveItem(atPath: oldCopy, toPath: legs[0])
+
+        server = try fixture.serve(legs)
+        handle = try fixture.connect()
+        #expect(try handle.read(newer.count, at: 0) == newer)
+        try fixture.waitFor("the rebuild of leg 0") { $0.allInSync }
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
     /// The first start after `create` writes the superblocks' second event:
     /// a write torn there (a crash, a power cut) must leave the first.
     @Test func aTornFirstSuperblockWriteLeavesTheMirrorStartable() throws {
