@@ -19,12 +19,15 @@ extension Mirror {
         guard sizes.count == 1, let legBytes = sizes.first else {
             throw .unequalSizes(Dictionary(devices.map { ($0.name, $0.size) }, uniquingKeysWith: { first, _ in first }))
         }
-        if !force {
-            for device in devices {
-                if let existing = try readSuperblock(of: device, client: client) {
-                    throw .alreadyAMirror(leg: device.name, mirror: existing.mirror)
-                }
+        for device in devices {
+            // With force, damaged metadata is there to be overwritten.
+            let existing = force ? (try? readSuperblock(of: device, client: client)) ?? nil
+                                 : try readSuperblock(of: device, client: client)
+            guard let existing else { continue }
+            if MirrorLock.isHeld(existing.mirror) {
+                throw .inUse(mirror: existing.mirror, lock: MirrorLock.path(for: existing.mirror))
             }
+            if !force { throw .alreadyAMirror(leg: device.name, mirror: existing.mirror) }
         }
         let layout = try MirrorLayout(legBytes: legBytes, regionBytes: regionBytes)
         let uuid = MirrorUUID.random()
@@ -90,6 +93,7 @@ extension Mirror {
         for (_, (device, superblock)) in legs where superblock.mirror != freshest.mirror {
             throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
         }
+        let exclusive = try MirrorLock(freshest.mirror)
         // Two legs that each record the other as failed were each used alone:
         // their data diverged, and no event count can say which to keep.
         for (first, a) in legs {
@@ -157,8 +161,8 @@ extension Mirror {
         let inSync = members.filter { $0.state == .inSync }.count
         if !freshest.clean { logger.warning("mirror \(freshest.mirror) was not stopped cleanly: its dirty regions will be resynced") }
         return Mirror(uuid: freshest.mirror, layout: layout, members: members, bitmap: bitmap,
-                      events: freshest.events, recoveryPending: !freshest.clean && inSync > 1, client: client,
-                      deviceOptions: deviceOptions, rateLimit: rateLimit, logger: logger)
+                      events: freshest.events, recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
+                      client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, logger: logger)
     }
 
     /// The mirror that `device` is a leg of, if any: a device served on its

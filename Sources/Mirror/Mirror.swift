@@ -24,6 +24,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// Group commits of the superblocks and of the bitmap pages.
     let superblocks: GroupCommit
     private let deviceOptions: DeviceOptions
+    /// Held while the mirror is open: no other process may open it.
+    private let exclusive: MirrorLock
     private(set) var resync: Resync!
 
     private let lock = ConditionLock()
@@ -39,9 +41,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     static let cleanInterval = 2.0
 
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
-         events: UInt64, recoveryPending: Bool, client: DMIOClient, deviceOptions: DeviceOptions,
-         rateLimit: UInt64, logger: Logger) {
+         events: UInt64, recoveryPending: Bool, exclusive: MirrorLock, client: DMIOClient,
+         deviceOptions: DeviceOptions, rateLimit: UInt64, logger: Logger) {
         self.uuid = uuid
+        self.exclusive = exclusive
         self.layout = layout
         self.client = client
         self.logger = logger

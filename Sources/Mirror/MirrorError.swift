@@ -32,6 +32,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     /// A leg to re-add was used without the legs now in sync.
     case usedAlone(leg: String)
     case invalidLegChange(String)
+    /// Another process has the mirror open (it serves it).
+    case inUse(mirror: MirrorUUID, lock: String)
 
     public var description: String {
         switch self {
@@ -82,6 +84,9 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
                 + "newer data; restart the mirror with it, or give it a full copy with replace-leg"
         case .invalidLegChange(let reason):
             reason
+        case .inUse(let mirror, let lock):
+            "mirror \(mirror) is in use by another process (it holds \(lock)): two servers on the same legs "
+                + "would overwrite each other's writes; stop the other one first"
         }
     }
 }

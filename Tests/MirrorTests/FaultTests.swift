@@ -424,6 +424,13 @@ import Testing
         #expect(said.contains("is a leg of mirror"), "\(said)")
 
         let server = try fixture.serve(legs)
+        // A second server of the same legs, and a new mirror over them, while they are served.
+        let second = try fixture.serveRefused(legs, socket: fixture.path("other.sock"))
+        #expect(second.contains("is in use by another process"), "\(second)")
+        let recreate = #expect(throws: CommandFailed.self) { try run([dmioNBDExecutable, "create", "--force"] + legs) }
+        #expect(recreate?.output.contains("is in use by another process") == true, "\(String(describing: recreate))")
+        #expect(try fixture.status().dmsetupLine.hasSuffix(" AA"))
+
         try fixture.control(["fail-leg", "1"])
         let refused = #expect(throws: CommandFailed.self) { try fixture.control(["replace-leg", "1", legs[0]]) }
         #expect(refused?.output.contains("holds the metadata of mirror") == true, "\(String(describing: refused))")

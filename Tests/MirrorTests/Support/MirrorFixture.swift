@@ -26,9 +26,10 @@ final class MirrorFixture {
         return server
     }
 
-    /// Runs `dmio-nbd serve` expecting it to refuse within 30 s; returns what
-    /// it said.
-    func serveRefused(_ arguments: [String]) throws -> String {
+    /// Runs `dmio-nbd serve` (on `socket` unless given another) expecting it
+    /// to refuse within 30 s; returns what it said.
+    func serveRefused(_ arguments: [String], socket: String? = nil) throws -> String {
+        let socket = socket ?? self.socket
         let server = try ServeProcess(arguments: arguments + ["--socket", socket], socket: socket)
         let deadline = Date().addingTimeInterval(30)
         while server.process.isRunning && Date() < deadline { usleep(20_000) }
