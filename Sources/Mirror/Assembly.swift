@@ -56,15 +56,18 @@ extension Mirror {
     /// unreachable server) is served as degraded when the other legs record
     /// it as degraded already. When they record it in sync it may hold newer
     /// data than they do (it may have served alone since they last heard of
-    /// it), so the mirror starts without it only if `allowMissingLegs`. A
-    /// leg whose metadata is corrupt, or belongs elsewhere, is refused.
-    /// Nothing is written until `start()`.
+    /// it), so the mirror starts without it only if `allowMissingLegs`. So
+    /// does a leg whose metadata is missing or damaged (it is not touched;
+    /// it needs a replacement). A leg of another mirror is refused. Nothing
+    /// is written until `start()`.
     public static func open(_ specs: [String], client: DMIOClient, rateLimit: UInt64 = 0,
                             deviceOptions: DeviceOptions = DeviceOptions(), allowMissingLegs: Bool = false,
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
         try checkCount(specs.count)
         var found: [Int: (device: BlockDevice, superblock: Superblock)] = [:]
         var unavailable: [Int: Int32] = [:]
+        /// Legs with no usable metadata (none, or both copies damaged).
+        var unusable: [Int: MirrorError] = [:]
         for (index, spec) in specs.enumerated() {
             let device: BlockDevice
             do {
@@ -80,13 +83,30 @@ extension Mirror {
                 }
                 found[index] = (device, superblock)
             } catch {
-                guard case .metadataIO(_, let errno) = error else { throw error }
-                logger.error("leg \(index) (\(spec)): cannot read its metadata: \(errnoDescription(errno))")
-                unavailable[index] = errno
+                switch error {
+                case .metadataIO(_, let errno):
+                    logger.error("leg \(index) (\(spec)): cannot read its metadata: \(errnoDescription(errno))")
+                    unavailable[index] = errno
+                case .notAMirror, .corruptLeg:
+                    unusable[index] = error
+                default:
+                    throw error
+                }
             }
         }
-        guard let freshest = found.values.map(\.superblock).max(by: { $0.events < $1.events }) else {
+        // The mirror most legs belong to (the freshest among equals): a
+        // foreign leg is then the odd one out, whatever its event count.
+        let mirrors = Dictionary(grouping: found.values.map(\.superblock), by: \.mirror).values
+            .map { superblocks in (legs: superblocks.count, newest: superblocks.max { $0.events < $1.events }!) }
+        guard let freshest = mirrors.max(by: { ($0.legs, $0.newest.events) < ($1.legs, $1.newest.events) })?.newest else {
+            if let (_, error) = unusable.min(by: { $0.key < $1.key }) { throw error }
             throw .noLegAvailable(specs)
+        }
+        // A leg without usable metadata is left out like one that cannot be
+        // opened (and is not touched): it needs a replacement.
+        for (index, error) in unusable {
+            logger.error("leg \(index): \(error)")
+            unavailable[index] = EIO
         }
         let legs = found.sorted { $0.key < $1.key }
         // Legs of two mirrors: say so before anything else about them.
@@ -144,6 +164,9 @@ extension Mirror {
         }
         let missingInUse = unavailable.keys.sorted().filter { freshest.legs[$0].state != .degraded }
         if !missingInUse.isEmpty && !allowMissingLegs {
+            if let index = missingInUse.first(where: { unusable[$0] != nil }) {
+                throw .unusableLeg(leg: specs[index], index: index, mirror: freshest.mirror, reason: "\(unusable[index]!)")
+            }
             throw .missingLegs(missingInUse.map { specs[$0] })
         }
         for index in missingInUse {

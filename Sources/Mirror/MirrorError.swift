@@ -32,6 +32,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     /// A leg to re-add was used without the legs now in sync.
     case usedAlone(leg: String)
     case invalidLegChange(String)
+    /// A leg with no usable metadata, which the other legs say is `index`.
+    case unusableLeg(leg: String, index: Int, mirror: MirrorUUID, reason: String)
     /// Another process has the mirror open (it serves it).
     case inUse(mirror: MirrorUUID, lock: String)
 
@@ -84,6 +86,10 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
                 + "newer data; restart the mirror with it, or give it a full copy with replace-leg"
         case .invalidLegChange(let reason):
             reason
+        case .unusableLeg(_, let index, let mirror, let reason):
+            "\(reason); the other legs say it is leg \(index) of mirror \(mirror). Start the mirror without it "
+                + "with --allow-missing-legs (it is not touched), then put a device in its place with "
+                + "`dmio-nbd replace-leg \(index) DEVICE`"
         case .inUse(let mirror, let lock):
             "mirror \(mirror) is in use by another process (it holds \(lock)): two servers on the same legs "
                 + "would overwrite each other's writes; stop the other one first"

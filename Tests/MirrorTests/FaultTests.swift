@@ -286,7 +286,21 @@ import Testing
         let before = try Data(contentsOf: URL(fileURLWithPath: damaged))
         said = try fixture.serveRefused([a, damaged])
         #expect(said.contains("corrupt"), "\(said)")
+        #expect(said.contains("--allow-missing-legs") && said.contains("replace-leg 1"), "\(said)")
         #expect(try Data(contentsOf: URL(fileURLWithPath: damaged)) == before)
+        // As told: the mirror starts without it, and it is left alone.
+        let degraded = try fixture.serve([a, damaged, "--allow-missing-legs"])
+        #expect(try fixture.status().dmsetupLine.hasSuffix(" AD"))
+        #expect(degraded.stop() == 0)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: damaged)) == before)
+
+        // A leg of another mirror among the legs of one is named as the odd
+        // one out, even when its own mirror has seen more events.
+        let e = fixture.path("e.img"), f = fixture.path("f.img"), g = fixture.path("g.img")
+        try run([dmioNBDExecutable, "create", "--size", "16M", e, f, g])
+        for _ in 0..<2 { #expect(try fixture.serve([c, d]).stop() == 0) }
+        said = try fixture.serveRefused([e, f, d])
+        #expect(said.contains("leg \(d) belongs to mirror"), "\(said)")
 
         // Legs in the wrong order.
         said = try fixture.serveRefused([b, a])
