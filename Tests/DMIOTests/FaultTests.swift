@@ -9,6 +9,17 @@ import Testing
 @Suite struct FaultTests {
     let folder = TemporaryFolder()
 
+    /// The first 4 KiB of a new local file and of `remote` as two regions,
+    /// after `data` was written to both.
+    private func mirroredOnce(_ data: AlignedBuffer, to remote: BlockDevice,
+                              client: DMIOClient) throws -> (localPath: String, regions: [IORegion]) {
+        let localPath = folder.file("local", size: 8 << 20)
+        let local = try BlockDevice.open(localPath)
+        let regions = [IORegion(device: local, sector: 0, count: 8), IORegion(device: remote, sector: 0, count: 8)]
+        #expect(try client.sync(.write, regions: regions, buffer: data.bytes) == .success)
+        return (localPath, regions)
+    }
+
     @Test(arguments: engines)
     func aFullFileSystemFailsOnlyItsRegion(engine: IOEngineKind) throws {
         let client = try client(engine)
@@ -61,12 +72,8 @@ import Testing
     func aKilledServerFailsItsRegionAndNothingHangs(engine: IOEngineKind) throws {
         let client = try client(engine)
         let server = try NBDKit(["memory", "size=8M"])
-        let remote = try BlockDevice.open(server.uri)
-        let localPath = folder.file("local", size: 8 << 20)
-        let local = try BlockDevice.open(localPath)
         let data = AlignedBuffer(count: 4096, pattern: 51)
-        let regions = [IORegion(device: local, sector: 0, count: 8), IORegion(device: remote, sector: 0, count: 8)]
-        #expect(try client.sync(.write, regions: regions, buffer: data.bytes) == .success)
+        let (localPath, regions) = try mirroredOnce(data, to: try BlockDevice.open(server.uri), client: client)
 
         server.kill()
         let result = try client.sync(.write, regions: regions, buffer: data.bytes)
@@ -85,11 +92,8 @@ import Testing
         let client = try client(engine)
         let server = try NBDKit(["memory", "size=8M"])
         let remote = try BlockDevice.open(server.uri, options: DeviceOptions(remoteTimeout: .seconds(1)))
-        let localPath = folder.file("local", size: 8 << 20)
-        let local = try BlockDevice.open(localPath)
         let data = AlignedBuffer(count: 4096, pattern: 53)
-        let regions = [IORegion(device: local, sector: 0, count: 8), IORegion(device: remote, sector: 0, count: 8)]
-        #expect(try client.sync(.write, regions: regions, buffer: data.bytes) == .success)
+        let (localPath, regions) = try mirroredOnce(data, to: remote, client: client)
 
         server.freeze()
         let started = ContinuousClock.now

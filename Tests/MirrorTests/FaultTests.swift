@@ -36,10 +36,17 @@ import Testing
                                  _ leg0: String, _ leg1: String) throws -> MirrorStatus {
         try fixture.control(["readd-leg", "1"])
         let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        stopAndCompare(fixture, server, handle, leg0, leg1)
+        return status
+    }
+
+    /// Lets the client go, stops the server cleanly and checks that the two
+    /// legs hold the same data.
+    private func stopAndCompare(_ fixture: MirrorFixture, _ server: ServeProcess, _ handle: NBDHandle,
+                                _ leg0: String, _ leg1: String) {
         handle.shutdown()
         #expect(server.stop() == 0)
         #expect(fixture.legsEqual(leg0, leg1))
-        return status
     }
 
     @Test func aLegThatFillsUpIsDegradedAndTheClientLosesNothing() throws {
@@ -223,9 +230,7 @@ import Testing
         #expect(status.resync.regionsDone == 7)
         handle = try fixture.connect()
         try expectReadBack(handle, written)
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(legs[0], legs[1]))
+        stopAndCompare(fixture, server, handle, legs[0], legs[1])
     }
 
     @Test func aReaddedLegGetsOnlyTheRegionsWrittenWhileItWasOut() throws {
@@ -259,9 +264,7 @@ import Testing
         #expect(status.legs[1].device == replacement)
         #expect(status.resync.regionsTotal == status.regions, "a full copy: \(status.resync)")
         try expectReadBack(handle, written)
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(legs[0], replacement))
+        stopAndCompare(fixture, server, handle, legs[0], replacement)
     }
 
     @Test func corruptForeignAndUnequalLegsAreRefusedAndUntouched() throws {
@@ -357,9 +360,7 @@ import Testing
         handle = try fixture.connect()
         #expect(try handle.read(newer.count, at: 0) == newer)
         try fixture.waitFor("the rebuild of leg 0") { $0.allInSync }
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(legs[0], legs[1]))
+        stopAndCompare(fixture, server, handle, legs[0], legs[1])
     }
 
     /// The first start after `create` writes the superblocks' second event:
@@ -400,9 +401,7 @@ import Testing
         #expect(status.resync.regionsTotal == 40, "\(status.resync)")
         handle = try fixture.connect()
         try expectReadBack(handle, written)
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(legs[0], legs[1]))
+        stopAndCompare(fixture, server, handle, legs[0], legs[1])
     }
 
     @Test func aMirrorWithAnUnreachableLegStartsDegraded() throws {
