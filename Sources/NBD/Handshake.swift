@@ -16,9 +16,16 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HandshakeMessage
     typealias OutboundOut = ByteBuffer
 
+    /// A client that has not finished its handshake by then is dropped: an
+    /// idle or stuck connection would hold its socket for ever (qemu-nbd's
+    /// --handshake-limit, 10 s there; longer here for clients in option mode
+    /// driven by hand).
+    static let timeLimit = TimeAmount.seconds(30)
+
     private let exports: [Export]
     private let logger: Logger
     private let startTransmission: (ChannelHandlerContext, Session) -> Void
+    private var timeLimitTask: Scheduled<Void>?
     private var noZeroes = false
     private var structuredReplies = false
     /// Set by NBD_OPT_SET_META_CONTEXT, for the export it named.
@@ -36,7 +43,19 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
         var greeting = context.channel.allocator.buffer(capacity: 18)
         greeting.writeGreeting()
         context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        let channel = context.channel
+        let logger = logger
+        timeLimitTask = context.eventLoop.scheduleTask(in: Self.timeLimit) {
+            logger.notice("handshake: not finished within \(Self.timeLimit.nanoseconds / 1_000_000_000) s; closing connection")
+            channel.close(promise: nil)
+        }
         context.fireChannelActive()
+    }
+
+    /// The handshake is over (the transmission phase took the connection)
+    /// or the connection is gone: no time limit any more.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timeLimitTask?.cancel()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

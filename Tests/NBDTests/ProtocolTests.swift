@@ -88,6 +88,20 @@ import Testing
         #expect(channel.isActive, "errors during the handshake do not end it")
     }
 
+    @Test func aClientThatDoesNotFinishItsHandshakeIsDropped() throws {
+        let idle = try connection()
+        try send(idle) { $0.writeInteger(UInt32(1)) }
+        idle.embeddedEventLoop.advanceTime(by: HandshakeHandler.timeLimit - .seconds(1))
+        #expect(idle.isActive)
+        idle.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(!idle.isActive)
+
+        // Once in the transmission phase, a quiet client stays.
+        let served = try transmission(structured: true)
+        served.embeddedEventLoop.advanceTime(by: HandshakeHandler.timeLimit * 2)
+        #expect(served.isActive)
+    }
+
     @Test func exportNameToAnUnknownExportDropsTheConnection() throws {
         let channel = try connection()
         try send(channel) { $0.writeInteger(UInt32(1)) }
