@@ -143,9 +143,17 @@ extension Mirror {
         // back (a restored backup or snapshot), or a crash fell between the
         // legs' superblock writes. It may hold older data anywhere, and no
         // bitmap says where: it is rebuilt in full from the legs in sync.
-        let stale = Set(legs.filter { index, leg in
+        var stale = Set(legs.filter { index, leg in
             leg.superblock.events < freshest.events && freshest.legs[index].state != .degraded
         }.map(\.key))
+        // Never the last copy: when no in-sync leg is up to date (a crash
+        // between writes that reached only a rebuilding leg), the newest
+        // in-sync one stays in sync and the others are copied from it.
+        let recordedInSync = legs.filter { index, _ in freshest.legs[index].state == .inSync }
+        if recordedInSync.allSatisfy({ stale.contains($0.key) }),
+           let newest = recordedInSync.max(by: { $0.value.superblock.events < $1.value.superblock.events }) {
+            stale.remove(newest.key)
+        }
         for index in stale.sorted() {
             let events = found[index]!.superblock.events
             logger.warning("leg \(index) (\(specs[index])) is older than the others (event \(events), theirs \(freshest.events)): it may be an old copy; it gets a full copy from the legs in sync")

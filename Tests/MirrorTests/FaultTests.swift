@@ -363,6 +363,30 @@ import Testing
         stopAndCompare(fixture, server, handle, legs[0], legs[1])
     }
 
+    /// A crash between the legs' superblock writes, while leg 1 is being
+    /// rebuilt from leg 0, leaves leg 0 an event behind: leg 0 is still the
+    /// only in-sync copy, and the mirror must open on it.
+    @Test func aCrashBetweenSuperblockWritesKeepsTheLastInSyncLeg() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("a.img"), fixture.path("b.img")]
+        try run(["dd", "if=/dev/urandom", "of=\(legs[0])", "bs=1M", "count=16", "status=none"])
+        try run(["truncate", "-s", "16M", legs[1]])
+        try run([dmioNBDExecutable, "create"] + legs)  // leg 1 gets a copy of leg 0's data
+        var server = try fixture.serve(legs + ["--resync-rate", "1M"])
+        _ = server.stop(signal: SIGKILL)
+        // The start's event 2 (slot 0) reached leg 1 only.
+        let file = try #require(FileHandle(forUpdatingAtPath: legs[0]))
+        try file.seek(toOffset: 0)
+        file.write(Data(count: 4096))
+        try file.close()
+
+        server = try fixture.serve(legs)
+        #expect(try fixture.status().state(0) == .inSync)
+        try fixture.waitFor("the rebuild of leg 1") { $0.allInSync }
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
     /// The first start after `create` writes the superblocks' second event:
     /// a write torn there (a crash, a power cut) must leave the first.
     @Test func aTornFirstSuperblockWriteLeavesTheMirrorStartable() throws {
