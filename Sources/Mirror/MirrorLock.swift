@@ -8,22 +8,43 @@ import Glibc
 final class MirrorLock: @unchecked Sendable {
     private let descriptor: Int32
 
-    /// /run/lock where it is writable (every user may lock there on Debian),
-    /// else the temporary folder.
+    /// /run/lock where every user may lock (a sticky, world-writable folder,
+    /// as on Debian), else the temporary folder: the same for every user of
+    /// a machine, so that no two servers look in different places.
     static func path(for mirror: MirrorUUID) -> String {
-        let folder = access("/run/lock", W_OK) == 0 ? "/run/lock" : "/tmp"
-        return "\(folder)/dmio-nbd-\(mirror).lock"
+        var info = stat()
+        let shared = stat("/run/lock", &info) == 0 && info.st_mode & 0o1777 == 0o1777
+        return "\(shared ? "/run/lock" : "/tmp")/dmio-nbd-\(mirror).lock"
     }
 
     init(_ mirror: MirrorUUID) throws(MirrorError) {
         let path = Self.path(for: mirror)
-        // Read-only: a lock file another user made first can still be locked.
-        descriptor = open(path, O_RDONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o644)
+        descriptor = Self.openLockFile(path)
         guard descriptor >= 0 else { throw .metadataIO(leg: path, errno: errno) }
         guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
             close(descriptor)
             throw .inUse(mirror: mirror, lock: path)
         }
+    }
+
+    /// Opens the lock file read-only (a file another user made is locked
+    /// as well), making it if missing; a non-regular file there (a planted
+    /// FIFO or device) is refused rather than opened for good.
+    private static func openLockFile(_ path: String) -> Int32 {
+        let flags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK
+        var descriptor = open(path, flags)
+        if descriptor < 0 && errno == ENOENT {
+            descriptor = open(path, flags | O_CREAT | O_EXCL, 0o644)
+            if descriptor < 0 && errno == EEXIST { descriptor = open(path, flags) }
+        }
+        guard descriptor >= 0 else { return -1 }
+        var info = stat()
+        guard fstat(descriptor, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
+            close(descriptor)
+            errno = EINVAL
+            return -1
+        }
+        return descriptor
     }
 
     /// Whether some process holds `mirror` open now.
