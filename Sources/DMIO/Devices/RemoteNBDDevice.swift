@@ -260,6 +260,10 @@ private final class RemoteConnection: @unchecked Sendable {
                 let left = ContinuousClock.now.duration(to: lastMoved + timeout)
                 if left > .zero {
                     wait = milliseconds(left)
+                } else if socketReady(direction: handle.direction) {
+                    // This thread was held up (a paused machine), not the
+                    // server: what it sent is waiting.
+                    wait = 0
                 } else {
                     cutOff()
                     lastMoved = .now
@@ -286,6 +290,14 @@ private final class RemoteConnection: @unchecked Sendable {
             }
             finishCompleted()
         }
+    }
+
+    /// Whether the socket can move now, in the direction libnbd waits on.
+    private func socketReady(direction: (wantsRead: Bool, wantsWrite: Bool)) -> Bool {
+        var probe = pollfd(fd: handle.fileDescriptor,
+                           events: (direction.wantsRead ? Int16(POLLIN) : 0) | (direction.wantsWrite ? Int16(POLLOUT) : 0),
+                           revents: 0)
+        return poll(&probe, 1, 0) > 0
     }
 
     /// Ends a connection that owed replies and did not move for `timeout`:
