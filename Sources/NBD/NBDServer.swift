@@ -61,6 +61,10 @@ public final class NBDServer: @unchecked Sendable {
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // The end of the client's stream (its half-close, or ours when
+            // the server stops) is an event, not a close: the requests read
+            // so far are still answered.
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             // Large replies (1 MiB reads) go out in fewer system calls.
             .childChannelOption(.socketOption(.so_sndbuf), value: 4 << 20)
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 << 10, maximum: 256 << 10))
@@ -136,6 +140,9 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Stops accepting, lets every connection finish the requests it has
     /// in flight (they are closed for reading, not cut), and waits for them.
+    /// How long a stop waits for the connections to answer what they read.
+    static let stopGrace = TimeAmount.seconds(30)
+
     public func shutdown() async {
         for listener in listeners.withLockedValue({ $0 }) {
             try? await listener.close()
@@ -144,9 +151,15 @@ public final class NBDServer: @unchecked Sendable {
         for channel in open {
             try? await channel.close(mode: .input)
         }
+        // Each connection answers what it has read, then closes; one whose
+        // client takes no replies is closed after a while all the same.
+        let forced = open.map { channel in
+            channel.eventLoop.scheduleTask(in: Self.stopGrace) { channel.close(promise: nil) }
+        }
         for channel in open {
             try? await channel.closeFuture.get()
         }
+        for task in forced { task.cancel() }
         for channel in loopIO.withLockedValue({ $0 ?? [] }) {
             try? await channel.close()
         }

@@ -34,6 +34,9 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// fresh megabyte per reply costs its page faults every time), up to
     /// this many bytes a connection: enough for 8 reads of 1 MiB in flight.
     static let maxSpareReplyBytes = 8 << 20
+    /// How long a closing connection waits for its client to take the last
+    /// replies.
+    static let closeGrace = TimeAmount.seconds(10)
 
     private let session: Session
     private let target: BlockTarget
@@ -48,7 +51,11 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private var waiting = CircularBuffer<NBDRequest>()
     /// Whether the target holds this read batch's I/O until channelReadComplete.
     private var inBatch = false
+    /// NBD_CMD_DISC came: nothing after it runs.
     private var disconnecting = false
+    /// The server is stopping: nothing more is read, but every request read
+    /// is answered.
+    private var inputEnded = false
     private var active = true
     /// This connection's context, and the handler as storage threads may
     /// hold it: it is only ever used back on the event loop.
@@ -66,6 +73,17 @@ final class TransmissionHandler: ChannelDuplexHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         onLoop = NIOLoopBound(self, eventLoop: context.eventLoop)
+    }
+
+    /// Breaks the handler's references to itself and to its context, so
+    /// that it and its buffers go with the connection (completions still
+    /// in flight hold it until they come).
+    func handlerRemoved(context: ChannelHandlerContext) {
+        active = false
+        self.context = nil
+        onLoop = nil
+        waiting.removeAll()
+        spareReplyBuffers.removeAll()
     }
 
     // MARK: Inbound
@@ -121,8 +139,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// The server is stopping: answer what is in flight, then close.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, case .inputClosed = event {
-            disconnecting = true
-            closeIfDisconnectedAndIdle(context)
+            inputEnded = true
+            closeIfDone(context)
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -160,7 +178,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     private func mayRead(_ context: ChannelHandlerContext) -> Bool {
-        !disconnecting && waiting.isEmpty && mayStart
+        !disconnecting && !inputEnded && waiting.isEmpty && mayStart
     }
 
     private func releaseHeldRead(_ context: ChannelHandlerContext) {
@@ -184,7 +202,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         case .disconnect:
             logger.debug("client disconnects")
             disconnecting = true
-            closeIfDisconnectedAndIdle(context)
+            closeIfDone(context)
         case .read(let offset, let length):
             read(offset: offset, length: length, cookie: cookie)
         case .write(let offset, let payload, let fua):
@@ -311,14 +329,25 @@ final class TransmissionHandler: ChannelDuplexHandler {
         endBatch()
         flushOutput(context)
         releaseHeldRead(context)
-        closeIfDisconnectedAndIdle(context)
+        closeIfDone(context)
     }
 
-    private func closeIfDisconnectedAndIdle(_ context: ChannelHandlerContext) {
-        guard disconnecting && requestsInFlight == 0 && active else { return }
+    /// After NBD_CMD_DISC, or once the server stops reading, the connection
+    /// closes when every request read has been answered and the replies
+    /// have gone out (a close drops replies still queued in the channel):
+    /// or after `closeGrace`, for a client that does not take them.
+    private func closeIfDone(_ context: ChannelHandlerContext) {
+        guard (disconnecting || inputEnded) && requestsInFlight == 0 && waiting.isEmpty && active else { return }
         active = false
-        flushOutput(context)
-        context.close(promise: nil)
+        writeOutput(context)
+        let sent = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: sent)
+        let channel = context.channel
+        let grace = context.eventLoop.scheduleTask(in: Self.closeGrace) { channel.close(promise: nil) }
+        sent.futureResult.whenComplete { _ in
+            grace.cancel()
+            channel.close(promise: nil)
+        }
     }
 
     // MARK: Replies

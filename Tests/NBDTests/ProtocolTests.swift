@@ -141,7 +141,21 @@ import Testing
         #expect(reply.readInteger(as: UInt32.self) == 0)
         #expect(reply.readInteger(as: UInt64.self) == 9)
         #expect(reply.readBytes(length: 512) == [UInt8](repeating: 0x5A, count: 512))
+        #expect(target.openBatches == 0, "the request's batch ended: a real target holds its I/O until then")
         #expect(channel.isActive)
+    }
+
+    /// A closed connection's handler goes, with its buffers: nothing keeps
+    /// it (it once kept itself, through its event-loop-bound reference).
+    @Test func aClosedConnectionsHandlerIsFreed() throws {
+        weak var handler: TransmissionHandler?
+        do {
+            let channel = try transmission(structured: true)
+            try sendRequest(channel, type: 0, cookie: 1, offset: 0, length: 4096)
+            handler = try channel.pipeline.syncOperations.handler(type: TransmissionHandler.self)
+            _ = try channel.finish(acceptAlreadyClosed: true)
+        }
+        #expect(handler == nil)
     }
 
     @Test(arguments: ["GO, STRUCTURED_REPLY", "GO, an oversized option", "EXPORT_NAME, LIST"])

@@ -61,6 +61,9 @@ struct OptionDecoder: ByteToMessageDecoder {
                              seenEOF: Bool) throws -> DecodingState {
         if !seenEOF && buffer.readableBytes > 0 {
             context.fireChannelRead(NIOAny(buffer.readSlice(length: buffer.readableBytes)!))
+            // As a socket read does: the transmission handler ends the batch
+            // of requests there (it holds their I/O until then) and replies.
+            context.fireChannelReadComplete()
         }
         buffer.moveReaderIndex(to: buffer.writerIndex)
         return .needMoreData

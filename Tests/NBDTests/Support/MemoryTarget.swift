@@ -16,6 +16,10 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
     /// Every read waits in `held`.
     var holdAllReads = false
     var held: [() -> Void] = []
+    /// Batches begun and not yet ended. As a real target may, reads and
+    /// writes issued inside a batch start only when it ends.
+    var openBatches = 0
+    private var heldByBatch: [() -> Void] = []
 
     init(size: Int) { bytes = [UInt8](repeating: 0, count: size) }
 
@@ -30,10 +34,14 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion) {
+        afterBatch { [self] in readNow(into: buffer, offset: offset, completion: completion) }
+    }
+
+    private func readNow(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion) {
         if offset == holdReadsAt || holdAllReads {
             held.append { [self] in
                 holdAllReads = false
-                read(into: buffer, offset: offset, completion: completion)
+                readNow(into: buffer, offset: offset, completion: completion)
             }
             holdReadsAt = nil
             return
@@ -42,12 +50,28 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
     }
 
     func write(_ data: IOMemory, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
-        finish(completion) {
-            bytes.withUnsafeMutableBytes { data.copy(to: UnsafeMutableRawBufferPointer(rebasing: $0[Int(offset)...].prefix(data.byteCount))) }
+        afterBatch { [self] in
+            finish(completion) {
+                bytes.withUnsafeMutableBytes { data.copy(to: UnsafeMutableRawBufferPointer(rebasing: $0[Int(offset)...].prefix(data.byteCount))) }
+            }
         }
     }
 
     func flush(completion: @escaping TargetCompletion) { finish(completion) {} }
+
+    func beginBatch() { openBatches += 1 }
+
+    func endBatch() {
+        openBatches -= 1
+        guard openBatches == 0 else { return }
+        let started = heldByBatch
+        heldByBatch.removeAll()
+        for start in started { start() }
+    }
+
+    private func afterBatch(_ start: @escaping () -> Void) {
+        if openBatches > 0 { heldByBatch.append(start) } else { start() }
+    }
 
     func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
         writeZeroes(offset: offset, length: length, mayUnmap: true, fua: fua, completion: completion)
