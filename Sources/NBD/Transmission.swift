@@ -53,8 +53,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private var inBatch = false
     /// NBD_CMD_DISC came: nothing after it runs.
     private var disconnecting = false
-    /// The server is stopping: nothing more is read, but every request read
-    /// is answered.
+    /// The input ended (the server stops, or the client half-closed):
+    /// nothing more is read, but every request read is answered.
     private var inputEnded = false
     private var active = true
     /// This connection's context, and the handler as storage threads may
@@ -136,7 +136,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
         context.fireChannelInactive()
     }
 
-    /// The server is stopping: answer what is in flight, then close.
+    /// The input ended (the server is stopping, or the client half-closed):
+    /// answer every request read, then close.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, case .inputClosed = event {
             inputEnded = true
