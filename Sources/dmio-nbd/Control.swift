@@ -250,7 +250,8 @@ struct Create: ParsableCommand {
                                          fresh: inSync, force: force)
             let layout = try MirrorLayout(legBytes: devices[0].size)
             print("made mirror \(uuid): \(legs.count) legs, \(layout.dataBytes >> 20) MiB of data"
-                  + (inSync ? ", in sync" : "; legs 1 to \(legs.count - 1) get a copy of leg 0 when served"))
+                  + (inSync ? ", in sync" : "; " + (legs.count == 2 ? "leg 1 gets" : "legs 1 to \(legs.count - 1) get")
+                     + " a copy of leg 0 when served"))
         } catch {
             for path in missing { unlink(path) }
             throw CleanExit.message("\(error)", code: 1)
