@@ -99,7 +99,9 @@ public final class NBDKit {
         process.standardError = FileHandle.nullDevice
         try process.run()
         let deadline = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: self.socket) {
+        // The socket file appears at bind, before nbdkit listens: wait
+        // until it answers.
+        while (try? NBDHandle().connect(unixSocket: self.socket)) == nil {
             guard process.isRunning, Date() < deadline else {
                 throw CommandFailed(command: "nbdkit \(arguments.joined(separator: " "))", status: -1,
                                     output: "did not start")
