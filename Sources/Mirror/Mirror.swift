@@ -68,8 +68,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let minimum = UInt32(devices.map(\.blockSize).max() ?? sectorSize)
         blockSizes = BlockSizes(minimum: max(minimum, UInt32(sectorSize)), preferred: max(minimum, 4096),
                                 maximumPayload: 32 << 20)
-        var capabilities: TargetCapabilities = [.flush, .fua, .cache, .multiConnection, .trim, .writeZeroes]
+        var capabilities: TargetCapabilities = [.flush, .fua, .cache, .multiConnection, .writeZeroes]
         if devices.allSatisfy({ $0.kind == .file }) { capabilities.insert(.fastZero) }
+        if devices.allSatisfy(\.canDiscard) { capabilities.insert(.trim) }
         self.capabilities = capabilities
         resync = Resync(mirror: self, rateLimit: rateLimit)
         metadata.legFailed = { [unowned self] failure in fail(failure, reading: false) }

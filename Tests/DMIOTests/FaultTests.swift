@@ -134,6 +134,19 @@ import Testing
         #expect(back.array.allSatisfy { $0 == 0 })
     }
 
+    @Test func discardSupportIsReportedPerDevice() throws {
+        let folder = TemporaryFolder()
+        let image = folder.file("image", size: 8 << 20)
+        let withTrim = try NBDKit(["memory", "size=8M"])
+        let withoutTrim = try NBDKit([
+            "eval", "get_size=echo \(8 << 20)",
+            "pread=dd if=\(image) skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+            "pwrite=dd of=\(image) seek=$4 oflag=seek_bytes conv=notrunc status=none", "can_write=exit 0"])
+        #expect(try BlockDevice.open(image).canDiscard)
+        #expect(try BlockDevice.open(withTrim.uri).canDiscard)
+        #expect(try !BlockDevice.open(withoutTrim.uri).canDiscard)
+    }
+
     @Test(arguments: engines)
     func aFUAWriteToAServerWithoutFUAIsFlushedAndCompletes(engine: IOEngineKind) throws {
         let client = try client(engine)

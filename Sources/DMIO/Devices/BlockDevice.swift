@@ -85,6 +85,12 @@ public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// copy into the page cache that never waits for storage.
     var isInMemory: Bool { false }
 
+    /// Whether a discard can free the device's blocks. Where it cannot, a
+    /// discard fails with EOPNOTSUPP and the blocks keep their data: a
+    /// mirror offers discard only when every leg can (as dm-raid1 does),
+    /// so that no leg keeps data where another reads as zeroes.
+    public var canDiscard: Bool { true }
+
     /// Called when fallocate with `mode` cannot zero here; later requests
     /// write zeroes instead.
     func fallocateRefused(mode: Int32) {}

@@ -17,6 +17,7 @@ let BLKZEROOUT: UInt = 0x127f
 final class LocalDevice: BlockDevice, @unchecked Sendable {
     let isBlockDevice: Bool
     private let inMemory: Bool
+    private let discards: Bool
     /// fallocate modes this file system refused (EOPNOTSUPP), as a bit mask.
     private let refusedModes = Atomic<Int32>(0)
 
@@ -47,6 +48,7 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
         case S_IFREG:
             isBlockDevice = false
             inMemory = !options.direct && dmio_file_in_memory(fd) == 1
+            discards = true
             size = UInt64(info.st_size)
             // O_DIRECT on a file needs the underlying disk's alignment, which
             // a file cannot tell; a page is right on every Linux disk.
@@ -54,6 +56,7 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
         case S_IFBLK:
             isBlockDevice = true
             inMemory = false
+            discards = Self.queueLimit("discard_max_bytes", of: info.st_rdev).map { $0 > 0 } ?? true
             var bytes: UInt64 = 0
             var logical: Int32 = 0
             guard ioctl(fd, BLKGETSIZE64, &bytes) == 0, ioctl(fd, BLKSSZGET, &logical) == 0 else {
@@ -74,6 +77,21 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
     deinit { Glibc.close(fileDescriptor) }
 
     override var isInMemory: Bool { inMemory }
+    override var canDiscard: Bool { discards }
+
+    /// A block device's queue limit from sysfs, nil where it cannot be read.
+    private static func queueLimit(_ name: String, of device: dev_t) -> UInt64? {
+        // glibc's encoding of major and minor numbers in a dev_t.
+        let major = (device >> 32) & 0xFFFF_F000 | (device >> 8) & 0xFFF
+        let minor = (device >> 12) & 0xFFFF_FF00 | device & 0xFF
+        let fd = Glibc.open("/sys/dev/block/\(major):\(minor)/queue/\(name)", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        var text = [UInt8](repeating: 0, count: 32)
+        let count = Glibc.read(fd, &text, text.count)
+        guard count > 0 else { return nil }
+        return UInt64(String(decoding: text[0..<count].prefix { $0 >= 0x30 && $0 <= 0x39 }, as: UTF8.self))
+    }
 
     override func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
         switch operation {

@@ -31,6 +31,8 @@ final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
 
     deinit { connection.stop() }
 
+    override var canDiscard: Bool { connection.canTrim }
+
     /// Connects and completes the handshake, or fails with ETIMEDOUT once
     /// `timeout` has passed: a host that drops packets, or a server that
     /// accepts and never answers, must not hold up the mirror's start.
@@ -80,7 +82,7 @@ private final class RemoteConnection: @unchecked Sendable {
     private let timedOut = Atomic<Bool>(false)
     private let canFlush: Bool
     private let canFUA: Bool
-    private let canTrim: Bool
+    let canTrim: Bool
     let canZero: Bool
 
     private let completedLock = ConditionLock()
