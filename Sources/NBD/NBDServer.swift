@@ -118,7 +118,8 @@ public final class NBDServer: @unchecked Sendable {
     /// Sets up a connection's pipeline: the handshake's decoder and
     /// handler, which hand over to the transmission phase's after NBD_OPT_GO.
     static func configure(_ channel: Channel, exports: [Export], logger: Logger) throws {
-        let optionDecoder = ByteToMessageHandler(OptionDecoder())
+        let handover = OptionDecoder.Handover()
+        let optionDecoder = ByteToMessageHandler(OptionDecoder(handover: handover))
         let handshake = HandshakeHandler(exports: exports, logger: logger) { context, session in
             let transmission = TransmissionHandler(session: session, allocator: context.channel.allocator, logger: logger)
             let framer = RequestFramer(maxPayload: session.export.target.blockSizes.maximumPayload)
@@ -128,8 +129,9 @@ public final class NBDServer: @unchecked Sendable {
                 // Bytes the client sent after its option, before the reply
                 // (which the spec asks it to wait for), go to the framer as
                 // requests when the option decoder leaves.
-                pipeline.removeHandler(optionDecoder, promise: nil)
                 pipeline.removeHandler(context: context, promise: nil)
+                handover.done = true
+                pipeline.removeHandler(optionDecoder, promise: nil)
             } catch {
                 logger.error("cannot start transmission: \(error)")
                 context.close(promise: nil)
@@ -138,11 +140,11 @@ public final class NBDServer: @unchecked Sendable {
         try channel.pipeline.syncOperations.addHandlers([optionDecoder, handshake])
     }
 
-    /// Stops accepting, lets every connection finish the requests it has
-    /// in flight (they are closed for reading, not cut), and waits for them.
     /// How long a stop waits for the connections to answer what they read.
     static let stopGrace = TimeAmount.seconds(30)
 
+    /// Stops accepting, lets every connection finish the requests it has
+    /// in flight (they are closed for reading, not cut), and waits for them.
     public func shutdown() async {
         for listener in listeners.withLockedValue({ $0 }) {
             try? await listener.close()

@@ -57,6 +57,11 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// nothing more is read, but every request read is answered.
     private var inputEnded = false
     private var active = true
+    /// Once the input has ended or NBD_CMD_DISC came: closes a connection
+    /// whose client takes no reply for `closeGrace`.
+    private var stallWatch: RepeatedTask?
+    /// Whether replies moved since the watch last looked.
+    private var progressed = false
     /// This connection's context, and the handler as storage threads may
     /// hold it: it is only ever used back on the event loop.
     private var context: ChannelHandlerContext!
@@ -80,6 +85,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// in flight hold it until they come).
     func handlerRemoved(context: ChannelHandlerContext) {
         active = false
+        stallWatch?.cancel()
         self.context = nil
         onLoop = nil
         waiting.removeAll()
@@ -141,6 +147,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, case .inputClosed = event {
             inputEnded = true
+            watchForStall(context)
             closeIfDone(context)
         }
         context.fireUserInboundEventTriggered(event)
@@ -203,6 +210,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         case .disconnect:
             logger.debug("client disconnects")
             disconnecting = true
+            watchForStall(context)
             closeIfDone(context)
         case .read(let offset, let length):
             read(offset: offset, length: length, cookie: cookie)
@@ -323,6 +331,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// sends the replies, and reads on if nothing waits any more.
     private func resume() {
         guard active else { return }
+        progressed = true
         while !disconnecting && mayStart, let request = waiting.popFirst() {
             start(request)
         }
@@ -331,6 +340,26 @@ final class TransmissionHandler: ChannelDuplexHandler {
         flushOutput(context)
         releaseHeldRead(context)
         closeIfDone(context)
+    }
+
+    /// With nothing more to read, only the client's taking its replies lets
+    /// the connection finish: one that takes none for `closeGrace` is let
+    /// go (a half-closed client that never reads would hold it for ever).
+    private func watchForStall(_ context: ChannelHandlerContext) {
+        guard stallWatch == nil else { return }
+        progressed = false
+        let handler = onLoop!
+        stallWatch = context.eventLoop.scheduleRepeatedTask(initialDelay: Self.closeGrace, delay: Self.closeGrace) { _ in
+            handler.value.closeIfStalled()
+        }
+    }
+
+    private func closeIfStalled() {
+        defer { progressed = false }
+        guard active, !progressed else { return }
+        logger.notice("closing connection: its input ended and it took no reply for \(Self.closeGrace.nanoseconds / 1_000_000_000) s")
+        active = false
+        context.close(promise: nil)
     }
 
     /// After NBD_CMD_DISC, or once the server stops reading, the connection

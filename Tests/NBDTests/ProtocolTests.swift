@@ -110,22 +110,25 @@ import Testing
     }
 
     /// Bytes sent with the option that ends the handshake, in one packet,
-    /// are transmission-phase bytes: a request there is served; options
-    /// there make a bad request header, which closes the connection (and
-    /// only it).
-    @Test func bytesSentWithGOAreReadAsRequests() throws {
+    /// are transmission-phase bytes: a request there is served, also when
+    /// the client's input ends right after it (a half-close); options there
+    /// make a bad request header, which closes the connection (and only it).
+    @Test(arguments: [false, true])
+    func bytesSentWithGOAreReadAsRequests(inputEnds: Bool) throws {
         let channel = try connection()
         target.bytes[0..<512] = ArraySlice(repeating: 0x5A, count: 512)
-        try send(channel) { buffer in
-            buffer.writeInteger(UInt32(1))
-            option(7, goData("mem"))(&buffer)
-            buffer.writeInteger(Magic.request)
-            buffer.writeInteger(UInt16(0))
-            buffer.writeInteger(UInt16(0))              // read
-            buffer.writeInteger(UInt64(9))
-            buffer.writeInteger(UInt64(0))
-            buffer.writeInteger(UInt32(512))
-        }
+        var packet = ByteBuffer()
+        packet.writeInteger(UInt32(1))
+        option(7, goData("mem"))(&packet)
+        packet.writeInteger(Magic.request)
+        packet.writeInteger(UInt16(0))
+        packet.writeInteger(UInt16(0))              // read
+        packet.writeInteger(UInt64(9))
+        packet.writeInteger(UInt64(0))
+        packet.writeInteger(UInt32(512))
+        try channel.writeInbound(packet)
+        if inputEnds { channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        channel.embeddedEventLoop.run()
         var reply = ByteBuffer()
         while var buffer = try channel.readOutbound(as: ByteBuffer.self) { reply.writeBuffer(&buffer) }
         // GO's replies, up to its ACK, then the read's.
@@ -142,7 +145,22 @@ import Testing
         #expect(reply.readInteger(as: UInt64.self) == 9)
         #expect(reply.readBytes(length: 512) == [UInt8](repeating: 0x5A, count: 512))
         #expect(target.openBatches == 0, "the request's batch ended: a real target holds its I/O until then")
+        #expect(channel.isActive != inputEnds, "a half-closed connection closes once it has answered")
+    }
+
+    /// A client whose input has ended and that takes no replies is let go
+    /// after a while, not kept with its replies for ever.
+    @Test func aHalfClosedClientThatTakesNoRepliesIsLetGo() throws {
+        let channel = try transmission(structured: true)
+        channel.isWritable = false
+        for cookie in 0..<UInt64(3) {
+            try sendRequest(channel, type: 0, cookie: cookie, offset: 0, length: 512)
+        }
+        channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        channel.embeddedEventLoop.advanceTime(by: TransmissionHandler.closeGrace - .seconds(1))
         #expect(channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: TransmissionHandler.closeGrace)
+        #expect(!channel.isActive)
     }
 
     /// A closed connection's handler goes, with its buffers: nothing keeps

@@ -20,8 +20,19 @@ struct OptionDecoder: ByteToMessageDecoder {
     /// Longer option data is skipped and answered NBD_REP_ERR_TOO_BIG.
     static let maxOptionData = 64 * 1024
 
+    /// Set when the handshake ends: what the decoder still holds then
+    /// belongs to the transmission phase.
+    final class Handover {
+        var done = false
+    }
+
+    private let handover: Handover
     private var sawClientFlags = false
     private var bytesToSkip = 0
+
+    init(handover: Handover = Handover()) {
+        self.handover = handover
+    }
 
     mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
         if bytesToSkip > 0 {
@@ -52,14 +63,15 @@ struct OptionDecoder: ByteToMessageDecoder {
     }
 
     /// Runs when the handshake is over (the decoder leaves the pipeline) or
-    /// the connection ends. Bytes that came after the option that ended the
-    /// handshake belong to the transmission phase: they go on as they are,
-    /// to the request framer, and are never read as options. At the end of
-    /// the connection they are dropped: the handshake handler takes only
-    /// options.
+    /// the client's input ends. Bytes that came after the option that ended
+    /// the handshake belong to the transmission phase: they go on as they
+    /// are, to the request framer, and are never read as options (even when
+    /// the input ends in the same read: they are requests to answer). Bytes
+    /// left at the end of an unfinished handshake are dropped: the handshake
+    /// handler takes only options.
     mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer,
                              seenEOF: Bool) throws -> DecodingState {
-        if !seenEOF && buffer.readableBytes > 0 {
+        if handover.done && buffer.readableBytes > 0 {
             context.fireChannelRead(NIOAny(buffer.readSlice(length: buffer.readableBytes)!))
             // As a socket read does: the transmission handler ends the batch
             // of requests there (it holds their I/O until then) and replies.
