@@ -128,13 +128,8 @@ import Testing
 
     @Test func aRemoteLegWhoseServerIsKilledMidWriteIsDegradedAndComesBack() throws {
         let fixture = MirrorFixture()
-        let remoteFile = fixture.path("leg1.img")
-        let leg0 = fixture.path("leg0.img")
-        try run(["truncate", "-s", Self.legSize, leg0, remoteFile])
-        let remoteSocket = fixture.path("leg1.sock")
-        var remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try run([dmioNBDExecutable, "create", leg0, remote.uri])
-        let server = try fixture.serve([leg0, remote.uri])
+        var legs = try RemoteLegMirror(fixture)
+        let server = try fixture.serve([legs.leg0, legs.remote.uri])
         try fixture.waitFor("the first copy") { $0.allInSync }
         let handle = try fixture.connect()
 
@@ -146,32 +141,27 @@ import Testing
         }
         writer.start()
         usleep(20_000)
-        remote.kill()
+        legs.remote.kill()
         while !writer.isFinished { usleep(10_000) }
         let written = box.regions
         #expect(written.count == 40, "every write succeeds on the surviving leg")
         #expect(try fixture.status().state(1) == .degraded)
         try expectReadBack(handle, written)
 
-        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try readdAndCompare(fixture, server, handle, leg0, remoteFile)
+        try legs.restartRemote()
+        try readdAndCompare(fixture, server, handle, legs.leg0, legs.remoteFile)
     }
 
     @Test func aRemoteLegThatStopsAnsweringIsDegradedAfterTheTimeout() throws {
         let fixture = MirrorFixture()
-        let remoteFile = fixture.path("leg1.img")
-        let leg0 = fixture.path("leg0.img")
-        try run(["truncate", "-s", Self.legSize, leg0, remoteFile])
-        let remoteSocket = fixture.path("leg1.sock")
-        var remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try run([dmioNBDExecutable, "create", leg0, remote.uri])
-        let server = try fixture.serve([leg0, remote.uri, "--remote-timeout", "2"])
+        var legs = try RemoteLegMirror(fixture)
+        let server = try fixture.serve([legs.leg0, legs.remote.uri, "--remote-timeout", "2"])
         try fixture.waitFor("the first copy") { $0.allInSync }
         let handle = try fixture.connect()
         var written = try writeRegions(handle, 0..<4, seed: 5)
 
         // A hung machine: its socket stays open and nothing answers.
-        remote.freeze()
+        legs.remote.freeze()
         let started = ContinuousClock.now
         written.merge(try writeRegions(handle, 4..<8, seed: 6)) { $1 }
         let waited = ContinuousClock.now - started
@@ -183,34 +173,27 @@ import Testing
 
         // The machine is restarted (nbdkit 1.32 may abort when thawed under
         // a connection cut off mid-reply).
-        remote.kill()
-        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try readdAndCompare(fixture, server, handle, leg0, remoteFile)
+        try legs.restartRemote()
+        try readdAndCompare(fixture, server, handle, legs.leg0, legs.remoteFile)
     }
 
     @Test func aRemoteLegThatHangsAtConnectIsGivenUpAtStart() throws {
         let fixture = MirrorFixture()
-        let remoteFile = fixture.path("leg1.img")
-        let leg0 = fixture.path("leg0.img")
-        try run(["truncate", "-s", Self.legSize, leg0, remoteFile])
-        let remoteSocket = fixture.path("leg1.sock")
-        var remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try run([dmioNBDExecutable, "create", "--assume-clean", leg0, remote.uri])
-        remote.freeze()
-        let legs = [leg0, remote.uri, "--remote-timeout", "2"]
-        let refusal = try fixture.serveRefused(legs)
+        var legs = try RemoteLegMirror(fixture, assumeClean: true)
+        legs.remote.freeze()
+        let arguments = [legs.leg0, legs.remote.uri, "--remote-timeout", "2"]
+        let refusal = try fixture.serveRefused(arguments)
         #expect(refusal.contains("no answer within 2 s"), "\(refusal)")
         #expect(refusal.contains("--allow-missing-legs"), "\(refusal)")
 
-        let server = try fixture.serve(legs + ["--allow-missing-legs"])
+        let server = try fixture.serve(arguments + ["--allow-missing-legs"])
         #expect(try fixture.status().state(1) == .degraded)
         let handle = try fixture.connect()
         let written = try writeRegions(handle, 0..<4, seed: 7)
         try expectReadBack(handle, written)
 
-        remote.kill()
-        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        let status = try readdAndCompare(fixture, server, handle, leg0, remoteFile)
+        try legs.restartRemote()
+        let status = try readdAndCompare(fixture, server, handle, legs.leg0, legs.remoteFile)
         #expect(status.resync.regionsTotal == 4, "only the regions written without the leg: \(status.resync)")
     }
 
@@ -594,5 +577,29 @@ import Testing
 
         try FileManager.default.removeItem(atPath: trigger)
         try readdAndCompare(fixture, server, handle, leg0, remoteFile)
+    }
+}
+
+/// A mirror of a local leg 0 and a leg 1 that nbdkit serves from a file, on
+/// a socket that a restarted nbdkit takes again.
+private struct RemoteLegMirror {
+    let leg0: String
+    let remoteFile: String
+    let remoteSocket: String
+    private(set) var remote: NBDKit
+
+    init(_ fixture: MirrorFixture, assumeClean: Bool = false) throws {
+        leg0 = fixture.path("leg0.img")
+        remoteFile = fixture.path("leg1.img")
+        remoteSocket = fixture.path("leg1.sock")
+        try run(["truncate", "-s", FaultTests.legSize, leg0, remoteFile])
+        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
+        try run([dmioNBDExecutable, "create"] + (assumeClean ? ["--assume-clean"] : []) + [leg0, remote.uri])
+    }
+
+    /// The leg's machine comes back: nbdkit serves its file again.
+    mutating func restartRemote() throws {
+        remote.kill()
+        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
     }
 }
