@@ -258,25 +258,22 @@ private final class RemoteConnection: @unchecked Sendable {
             if owed && !owedBefore { lastMoved = .now }
             owedBefore = owed
             var wait: Int32 = -1
+            var overdue = false
             if owed, let timeout {
                 let left = ContinuousClock.now.duration(to: lastMoved + timeout)
-                if left > .zero {
-                    wait = milliseconds(left)
-                } else if socketReady(direction: handle.direction) {
-                    // This thread was held up (a paused machine), not the
-                    // server: what it sent is waiting.
-                    wait = 0
-                } else {
-                    cutOff()
-                    lastMoved = .now
-                }
+                // Overdue: one more look, without waiting, before giving up;
+                // this thread may have been held up (a paused machine), not
+                // the server, and what it sent may be waiting.
+                overdue = left <= .zero
+                wait = overdue ? 0 : milliseconds(left)
             }
             let direction = handle.direction
             fds[1].fd = dead ? -1 : handle.fileDescriptor
             fds[1].events = (direction.wantsRead ? Int16(POLLIN) : 0) | (direction.wantsWrite ? Int16(POLLOUT) : 0)
             fds[0].revents = 0
             fds[1].revents = 0
-            if poll(&fds, 2, wait) < 0 && errno != EINTR { return }
+            let ready = poll(&fds, 2, wait)
+            if ready < 0 && errno != EINTR { return }
             if fds[0].revents & Int16(POLLIN) != 0 {
                 while Glibc.read(wakePipe.read, &drain, drain.count) > 0 {}
             }
@@ -289,17 +286,12 @@ private final class RemoteConnection: @unchecked Sendable {
             } else if events & Int16(POLLOUT | POLLHUP | POLLERR) != 0 && handle.direction.wantsWrite {
                 lastMoved = .now
                 _ = try? handle.notifyWrite()
+            } else if overdue && ready >= 0 {
+                cutOff()
+                lastMoved = .now
             }
             finishCompleted()
         }
-    }
-
-    /// Whether the socket can move now, in the direction libnbd waits on.
-    private func socketReady(direction: (wantsRead: Bool, wantsWrite: Bool)) -> Bool {
-        var probe = pollfd(fd: handle.fileDescriptor,
-                           events: (direction.wantsRead ? Int16(POLLIN) : 0) | (direction.wantsWrite ? Int16(POLLOUT) : 0),
-                           revents: 0)
-        return poll(&probe, 1, 0) > 0
     }
 
     /// Ends a connection that owed replies and did not move for `timeout`:
