@@ -31,6 +31,7 @@ extension Mirror {
         }
         let layout = try MirrorLayout(legBytes: legBytes, regionBytes: regionBytes)
         let uuid = MirrorUUID.random()
+        let generation = Superblock.newGeneration()
         let records = devices.indices.map { index in
             LegRecord(uuid: .random(), state: fresh || index == 0 ? .inSync : .rebuilding, errno: 0)
         }
@@ -39,8 +40,8 @@ extension Mirror {
         try MetadataStore.writeBytes(log.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
                                      to: devices, client: client)
         for (index, device) in devices.enumerated() {
-            let superblock = Superblock(mirror: uuid, legIndex: index, events: 1, clean: true, layout: layout,
-                                        legs: records)
+            let superblock = Superblock(mirror: uuid, legIndex: index, events: 1, generation: generation, clean: true,
+                                        layout: layout, legs: records)
             // Event 1 goes in slot 1, where the store keeps odd events, so
             // that event 2 (the first start) does not overwrite it: a torn
             // write there leaves this one. Slot 0 is emptied: an older
@@ -114,13 +115,20 @@ extension Mirror {
             throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
         }
         let exclusive = try MirrorLock(freshest.mirror)
-        // Two legs that each record the other as failed were each used alone:
-        // their data diverged, and no event count can say which to keep.
+        // Two legs that each record the other as failed, and were each written
+        // after the other failed them, were each used alone: their data
+        // diverged, and no event count can say which to keep. (One that
+        // recorded the other's failure and was then failed itself is only
+        // behind: the other's generation moved on, its own did not.)
         for (first, a) in legs {
             for (second, b) in legs where first < second
-                && a.superblock.legs.count > second && b.superblock.legs.count > first
-                && a.superblock.legs[second].state == .degraded && b.superblock.legs[first].state == .degraded {
-                throw .diverged(a.device.name, b.device.name)
+                && a.superblock.legs.count > second && b.superblock.legs.count > first {
+                let aRecordsB = a.superblock.legs[second], bRecordsA = b.superblock.legs[first]
+                guard aRecordsB.state == .degraded && bRecordsA.state == .degraded else { continue }
+                let bMovedOn = b.superblock.movedOn(sinceFailedIn: aRecordsB.failedGeneration)
+                let aMovedOn = a.superblock.movedOn(sinceFailedIn: bRecordsA.failedGeneration)
+                // Metadata too old to tell: each was used alone, as far as anyone knows.
+                if bMovedOn ?? true && aMovedOn ?? true { throw .diverged(a.device.name, b.device.name) }
             }
         }
         for (index, (device, superblock)) in legs {
@@ -161,11 +169,16 @@ extension Mirror {
         let members = specs.indices.map { index in
             let record = freshest.legs[index]
             guard let device = found[index]?.device else {
+                // A leg last seen in use has the freshest leg's generation,
+                // as far as anyone knows; a degraded one keeps its record.
                 return LegTable.Member(name: specs[index], device: nil, uuid: record.uuid, state: .degraded,
-                                       errno: unavailable[index] ?? EIO)
+                                       errno: unavailable[index] ?? EIO,
+                                       failedGeneration: record.state == .degraded ? record.failedGeneration
+                                                                                   : freshest.generation)
             }
             return LegTable.Member(name: specs[index], device: device, uuid: record.uuid,
-                                   state: stale.contains(index) ? .rebuilding : record.state, errno: record.errno)
+                                   state: stale.contains(index) ? .rebuilding : record.state, errno: record.errno,
+                                   failedGeneration: record.failedGeneration)
         }
         guard members.contains(where: { $0.state == .inSync }) else {
             throw .noLegAvailable(specs.indices.filter { freshest.legs[$0].state == .inSync }.map { specs[$0] })
@@ -191,8 +204,11 @@ extension Mirror {
         if !stale.isEmpty { bitmap = [UInt8](repeating: 0xFF, count: bitmap.count) }
         let inSync = members.filter { $0.state == .inSync }.count
         if !freshest.clean { logger.warning("mirror \(freshest.mirror) was not stopped cleanly: its dirty regions will be resynced") }
+        // Legs that leave the mirror here start a new generation, as a failure does.
+        let generation = freshest.generation == 0 || !missingInUse.isEmpty ? Superblock.newGeneration()
+                                                                            : freshest.generation
         return Mirror(uuid: freshest.mirror, layout: layout, members: members, bitmap: bitmap,
-                      events: freshest.events, recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
+                      events: freshest.events, generation: generation, recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
                       client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, logger: logger)
     }
 

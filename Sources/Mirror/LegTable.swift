@@ -16,6 +16,8 @@ final class LegTable: @unchecked Sendable {
         var state: LegState
         /// What failed the leg, or the last error it returned.
         var errno: Int32 = 0
+        /// The generation a degraded leg was failed in (see `Superblock.generation`).
+        var failedGeneration: UInt64 = 0
         var readErrors = 0
         var writeErrors = 0
     }
@@ -53,13 +55,16 @@ final class LegTable: @unchecked Sendable {
     private var members: [Member]
     private var current: Snapshot
     private var version: UInt64 = 0
+    /// The mirror's generation: a new one each time a leg leaves.
+    private var generation: UInt64
     /// Set when a rebuilding leg took a change that no in-sync leg holds:
     /// the rebuild pass under way may have copied that region already, so
     /// it must not put the leg in sync.
     private var rebuildSpoiled = false
 
-    init(_ members: [Member]) {
+    init(_ members: [Member], generation: UInt64) {
         self.members = members
+        self.generation = generation
         current = Snapshot(members, version: 0)
     }
 
@@ -100,10 +105,19 @@ final class LegTable: @unchecked Sendable {
         case .inSync where inSyncCount == 1:
             return false
         case .inSync, .rebuilding:
-            members[index].state = .degraded
-            changed()
+            degradeLocked(index)
             return true
         }
+    }
+
+    /// The leg keeps the generation it has; the legs that go on get a new
+    /// one, so that the leg shows, when it comes back, whether a server
+    /// wrote to it meanwhile.
+    private func degradeLocked(_ index: Int) {
+        members[index].state = .degraded
+        members[index].failedGeneration = generation
+        generation = Superblock.newGeneration()
+        changed()
     }
 
     /// How a change (a write, a zeroing, a discard, a flush) sent to the
@@ -150,8 +164,7 @@ final class LegTable: @unchecked Sendable {
         case .inSync where inSyncCount == 1:
             throw .invalidLegChange("leg \(index) is the last in-sync leg; failing it would lose the data")
         case .inSync, .rebuilding:
-            members[index].state = .degraded
-            changed()
+            degradeLocked(index)
         }
     }
 
@@ -168,6 +181,7 @@ final class LegTable: @unchecked Sendable {
         members[index].uuid = uuid
         members[index].state = .rebuilding
         members[index].errno = 0
+        members[index].failedGeneration = 0
         changed()
     }
 
@@ -201,7 +215,11 @@ final class LegTable: @unchecked Sendable {
         }
     }
 
-    var records: [LegRecord] {
-        lock.withLock { members.map { LegRecord(uuid: $0.uuid, state: $0.state, errno: $0.errno) } }
+    /// What the superblocks record: every leg, and the generation.
+    var recorded: (legs: [LegRecord], generation: UInt64) {
+        lock.withLock {
+            (members.map { LegRecord(uuid: $0.uuid, state: $0.state, errno: $0.errno,
+                                     failedGeneration: $0.failedGeneration) }, generation)
+        }
     }
 }

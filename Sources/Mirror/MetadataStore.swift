@@ -38,7 +38,7 @@ final class MetadataStore: @unchecked Sendable {
     /// Writes a new superblock (the next event) to every leg not degraded.
     func writeSuperblocks(then done: @escaping @Sendable (Bool) -> Void) {
         let snapshot = legs.snapshot
-        let records = legs.records
+        let recorded = legs.recorded
         let (event, isClean): (UInt64, Bool) = lock.withLock {
             self.events += 1
             return (self.events, self.clean)
@@ -52,8 +52,9 @@ final class MetadataStore: @unchecked Sendable {
             done(durable)
         }
         for leg in targets {
-            let superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event, clean: isClean,
-                                        layout: layout, legs: records)
+            let superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event,
+                                        generation: recorded.generation, clean: isClean, layout: layout,
+                                        legs: recorded.legs)
             write(superblock.encoded(), at: slot, to: [leg]) { failures in gather.add(failures) }
         }
     }

@@ -41,7 +41,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     static let cleanInterval = 2.0
 
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
-         events: UInt64, recoveryPending: Bool, exclusive: MirrorLock, client: DMIOClient,
+         events: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock, client: DMIOClient,
          deviceOptions: DeviceOptions, rateLimit: UInt64, logger: Logger) {
         self.uuid = uuid
         self.exclusive = exclusive
@@ -50,7 +50,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.logger = logger
         self.deviceOptions = deviceOptions
         self.recoveryPending = recoveryPending
-        legs = LegTable(members)
+        legs = LegTable(members, generation: generation)
         log = DirtyLog(regionBytes: layout.regionBytes, regionCount: layout.regionCount, bitmap: bitmap)
         let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, legs: legs, client: client)
         self.metadata = metadata
@@ -234,12 +234,14 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard found.legIndex == index, found.legs[index].uuid == member.uuid else {
             throw .invalidLegChange("\(device.name) is not leg \(index) of this mirror any more; use replace-leg")
         }
-        // A leg whose metadata records the legs now in sync as failed was used
-        // without them: it may hold newer data, and a partial copy would mix.
+        // A leg written since it was failed was used without the legs now in
+        // sync: it may hold newer data, and a partial copy would mix. Where
+        // the metadata is too old to say, a leg that records the legs now in
+        // sync as failed is taken for one.
         let inSyncNow = legs.snapshot.readable.map(\.index)
-        guard !inSyncNow.contains(where: { $0 < found.legs.count && found.legs[$0].state == .degraded }) else {
-            throw .usedAlone(leg: device.name)
-        }
+        let usedAlone = found.movedOn(sinceFailedIn: member.failedGeneration)
+            ?? inSyncNow.contains { $0 < found.legs.count && found.legs[$0].state == .degraded }
+        guard !usedAlone else { throw .usedAlone(leg: device.name) }
         try bringIn(index, device: device, uuid: member.uuid, fullCopy: false)
     }
 

@@ -118,6 +118,10 @@ struct LegRecord: Sendable, Hashable {
     var state: LegState
     /// What failed the leg (an errno), 0 if nothing did.
     var errno: Int32
+    /// For a degraded leg, the generation it was failed in: the one its own
+    /// superblock still carries unless a server wrote to it since. 0 when
+    /// not known (metadata written before generations were recorded).
+    var failedGeneration: UInt64 = 0
 }
 
 /// The superblock: one 4 KiB slot, little-endian, CRC32C in its last four
@@ -132,6 +136,11 @@ struct Superblock: Sendable, Hashable {
     /// Which leg this copy of the superblock is on.
     var legIndex: Int
     var events: UInt64
+    /// Changes, to a new random value, whenever a leg leaves the mirror
+    /// (DRBD's current data-generation UUID): a leg that is failed keeps the
+    /// one it had, and a leg written by a server that ran without the
+    /// others gets one of its own. 0 in metadata written before it existed.
+    var generation: UInt64
     var regionBytes: UInt32
     /// Set at a clean stop: the in-sync legs are equal. Cleared when the
     /// mirror starts; a start that finds it cleared resyncs dirty regions.
@@ -143,7 +152,7 @@ struct Superblock: Sendable, Hashable {
 
     private enum Field {
         static let magic = 0, version = 8, mirror = 16, legIndex = 32, legCount = 36, events = 40
-        static let regionBytes = 48, flags = 52, legBytes = 56, dataOffset = 64, dataBytes = 72
+        static let regionBytes = 48, flags = 52, legBytes = 56, dataOffset = 64, dataBytes = 72, generation = 80
         static let legs = 128, legRecordBytes = 32
         static let checksum = MirrorLayout.slotBytes - 4
     }
@@ -161,11 +170,13 @@ struct Superblock: Sendable, Hashable {
         bytes.store(legBytes, at: Field.legBytes)
         bytes.store(dataOffset, at: Field.dataOffset)
         bytes.store(dataBytes, at: Field.dataBytes)
+        bytes.store(generation, at: Field.generation)
         for (index, leg) in legs.enumerated() {
             let at = Field.legs + index * Field.legRecordBytes
             bytes.store(leg.uuid, at: at)
             bytes.store(leg.state.rawValue, at: at + 16)
             bytes.store(UInt32(bitPattern: leg.errno), at: at + 20)
+            bytes.store(leg.failedGeneration, at: at + 24)
         }
         bytes.store(crc32c(bytes[0..<Field.checksum]), at: Field.checksum)
         return bytes
@@ -197,11 +208,13 @@ struct Superblock: Sendable, Hashable {
                 return .corrupt("leg \(index) has an unknown state")
             }
             legs.append(LegRecord(uuid: bytes.loadUUID(at: at), state: state,
-                                  errno: Int32(bitPattern: bytes.load(UInt32.self, at: at + 20))))
+                                  errno: Int32(bitPattern: bytes.load(UInt32.self, at: at + 20)),
+                                  failedGeneration: bytes.load(UInt64.self, at: at + 24)))
         }
         return .superblock(Superblock(
             mirror: bytes.loadUUID(at: Field.mirror), legIndex: legIndex,
             events: bytes.load(UInt64.self, at: Field.events),
+            generation: bytes.load(UInt64.self, at: Field.generation),
             regionBytes: bytes.load(UInt32.self, at: Field.regionBytes),
             clean: bytes.load(UInt32.self, at: Field.flags) & 1 != 0,
             legBytes: bytes.load(UInt64.self, at: Field.legBytes),
@@ -213,10 +226,24 @@ struct Superblock: Sendable, Hashable {
 
 extension Superblock {
     /// Leg `legIndex`'s superblock of a mirror with `layout`.
-    init(mirror: MirrorUUID, legIndex: Int, events: UInt64, clean: Bool, layout: MirrorLayout, legs: [LegRecord]) {
-        self.init(mirror: mirror, legIndex: legIndex, events: events, regionBytes: layout.regionBytes, clean: clean,
-                  legBytes: layout.legBytes, dataOffset: layout.dataOffset, dataBytes: layout.dataBytes, legs: legs)
+    init(mirror: MirrorUUID, legIndex: Int, events: UInt64, generation: UInt64, clean: Bool, layout: MirrorLayout,
+         legs: [LegRecord]) {
+        self.init(mirror: mirror, legIndex: legIndex, events: events, generation: generation,
+                  regionBytes: layout.regionBytes, clean: clean, legBytes: layout.legBytes,
+                  dataOffset: layout.dataOffset, dataBytes: layout.dataBytes, legs: legs)
     }
+
+    /// Whether this leg was written after the mirror failed it in
+    /// `failedGeneration` (a server ran it without the legs that recorded
+    /// its failure): then it may hold data they lack. nil when the
+    /// metadata is too old to tell.
+    func movedOn(sinceFailedIn failedGeneration: UInt64) -> Bool? {
+        guard failedGeneration != 0, generation != 0 else { return nil }
+        return generation != failedGeneration
+    }
+
+    /// A new generation: random, never 0 (which means "not recorded").
+    static func newGeneration() -> UInt64 { .random(in: 1 ... .max) }
 }
 
 extension [UInt8] {

@@ -10,24 +10,6 @@ import Testing
 /// and that the legs hold equal data once in sync.
 @Suite(.serialized) struct FaultTests {
     static let legSize = "64M"
-    static let region = 512 << 10
-
-    /// Writes `count` regions' worth of distinct data from region `first`.
-    private func writeRegions(_ handle: NBDHandle, _ regions: Range<Int>, seed: UInt8) throws -> [Int: [UInt8]] {
-        var written: [Int: [UInt8]] = [:]
-        for region in regions {
-            let bytes = pattern(64 << 10, seed: seed &+ UInt8(truncatingIfNeeded: region))
-            try handle.write(bytes, at: UInt64(region * Self.region))
-            written[region] = bytes
-        }
-        return written
-    }
-
-    private func expectReadBack(_ handle: NBDHandle, _ written: [Int: [UInt8]]) throws {
-        for (region, bytes) in written.sorted(by: { $0.key < $1.key }) {
-            #expect(try handle.read(bytes.count, at: UInt64(region * Self.region)) == bytes, "region \(region)")
-        }
-    }
 
     /// Re-adds leg 1, waits for the resync, stops the server cleanly and
     /// checks that the legs hold the same data.
@@ -58,10 +40,10 @@ import Testing
         // 16 regions of 64 KiB each is 1 MiB; the writes go on well past 4 MiB.
         var written: [Int: [UInt8]] = [:]
         for round in 0..<7 {
-            written.merge(try writeRegions(handle, (round * 16)..<(round * 16 + 16), seed: UInt8(round))) { $1 }
+            written.merge(try handle.writeRegions((round * 16)..<(round * 16 + 16), seed: UInt8(round))) { $1 }
             for region in (round * 16)..<(round * 16 + 16) {
                 let more = pattern(448 << 10, seed: UInt8(region & 0xFF))
-                try handle.write(more, at: UInt64(region * Self.region + (64 << 10)))
+                try handle.write(more, at: UInt64(region * testRegionBytes + (64 << 10)))
             }
         }
         let status = try fixture.status()
@@ -69,7 +51,7 @@ import Testing
         #expect(status.state(1) == .degraded)
         #expect(status.legs[1].error?.contains("ENOSPC") == true)
         #expect(status.dmsetupLine.hasSuffix(" AD"))
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
 
         // Room again: the re-added leg gets the regions written while it was out.
         try fixture.resize(tmpfs: small, to: "80M")
@@ -90,13 +72,13 @@ import Testing
         try fixture.waitFor("the first copy") { $0.allInSync }
         let handle = try fixture.connect()
 
-        var written = try writeRegions(handle, 0..<4, seed: 1)
+        var written = try handle.writeRegions(0..<4, seed: 1)
         FileManager.default.createFile(atPath: trigger, contents: nil)
-        written.merge(try writeRegions(handle, 4..<12, seed: 2)) { $1 }
+        written.merge(try handle.writeRegions(4..<12, seed: 2)) { $1 }
         var status = try fixture.status()
         #expect(status.state(1) == .degraded)
         #expect(status.legs[1].error?.contains("EIO") == true)
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
 
         try FileManager.default.removeItem(atPath: trigger)
         status = try readdAndCompare(fixture, server, handle, leg0, remoteFile)
@@ -115,9 +97,9 @@ import Testing
         let server = try fixture.serve([remote.uri, leg1])
         try fixture.waitFor("the first copy") { $0.allInSync }
         let handle = try fixture.connect()
-        let written = try writeRegions(handle, 0..<6, seed: 3)
+        let written = try handle.writeRegions(0..<6, seed: 3)
         FileManager.default.createFile(atPath: trigger, contents: nil)
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
         let status = try fixture.status()
         #expect(status.state(0) == .degraded)
         #expect(status.legs[0].readErrors >= 1)
@@ -137,7 +119,7 @@ import Testing
         final class Written: @unchecked Sendable { var regions: [Int: [UInt8]] = [:] }
         let box = Written()
         let writer = Thread {
-            box.regions = (try? self.writeRegions(handle, 0..<40, seed: 4)) ?? [:]
+            box.regions = (try? handle.writeRegions(0..<40, seed: 4)) ?? [:]
         }
         writer.start()
         usleep(20_000)
@@ -146,7 +128,7 @@ import Testing
         let written = box.regions
         #expect(written.count == 40, "every write succeeds on the surviving leg")
         #expect(try fixture.status().state(1) == .degraded)
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
 
         try legs.restartRemote()
         try readdAndCompare(fixture, server, handle, legs.leg0, legs.remoteFile)
@@ -158,18 +140,18 @@ import Testing
         let server = try fixture.serve([legs.leg0, legs.remote.uri, "--remote-timeout", "2"])
         try fixture.waitFor("the first copy") { $0.allInSync }
         let handle = try fixture.connect()
-        var written = try writeRegions(handle, 0..<4, seed: 5)
+        var written = try handle.writeRegions(0..<4, seed: 5)
 
         // A hung machine: its socket stays open and nothing answers.
         legs.remote.freeze()
         let started = ContinuousClock.now
-        written.merge(try writeRegions(handle, 4..<8, seed: 6)) { $1 }
+        written.merge(try handle.writeRegions(4..<8, seed: 6)) { $1 }
         let waited = ContinuousClock.now - started
         #expect(waited >= .milliseconds(1500) && waited < .seconds(15), "the writes waited \(waited)")
         let status = try fixture.status()
         #expect(status.state(1) == .degraded)
         #expect(status.legs[1].error?.contains("ETIMEDOUT") == true)
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
 
         // The machine is restarted (nbdkit 1.32 may abort when thawed under
         // a connection cut off mid-reply).
@@ -189,8 +171,8 @@ import Testing
         let server = try fixture.serve(arguments + ["--allow-missing-legs"])
         #expect(try fixture.status().state(1) == .degraded)
         let handle = try fixture.connect()
-        let written = try writeRegions(handle, 0..<4, seed: 7)
-        try expectReadBack(handle, written)
+        let written = try handle.writeRegions(0..<4, seed: 7)
+        try handle.expectReadBack(written)
 
         try legs.restartRemote()
         let status = try readdAndCompare(fixture, server, handle, legs.leg0, legs.remoteFile)
@@ -202,7 +184,7 @@ import Testing
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
         var server = try fixture.serve(legs + ["--create", Self.legSize])
         var handle = try fixture.connect()
-        let written = try writeRegions(handle, 10..<17, seed: 5)
+        let written = try handle.writeRegions(10..<17, seed: 5)
         handle.shutdown()
         _ = server.stop(signal: SIGKILL)
 
@@ -212,7 +194,7 @@ import Testing
         #expect(status.resync.regionsTotal == 7, "only the 7 regions written before the kill: \(status.resync)")
         #expect(status.resync.regionsDone == 7)
         handle = try fixture.connect()
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
         stopAndCompare(fixture, server, handle, legs[0], legs[1])
     }
 
@@ -221,11 +203,11 @@ import Testing
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
         let server = try fixture.serve(legs + ["--create", Self.legSize])
         let handle = try fixture.connect()
-        var written = try writeRegions(handle, 0..<3, seed: 6)
+        var written = try handle.writeRegions(0..<3, seed: 6)
         try fixture.control(["fail-leg", "1"])
-        written.merge(try writeRegions(handle, 20..<25, seed: 7)) { $1 }
+        written.merge(try handle.writeRegions(20..<25, seed: 7)) { $1 }
         #expect(try fixture.status().dmsetupLine.hasSuffix(" AD"))
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
         let status = try readdAndCompare(fixture, server, handle, legs[0], legs[1])
         // Regions 0-2 may still be dirty (written less than two cleaner ticks before).
         #expect((5...8).contains(status.resync.regionsTotal), "\(status.resync)")
@@ -237,16 +219,16 @@ import Testing
         let replacement = fixture.path("new.img")
         let server = try fixture.serve(legs + ["--create", Self.legSize, "--resync-rate", "64M"])
         let handle = try fixture.connect()
-        var written = try writeRegions(handle, 0..<32, seed: 8)
+        var written = try handle.writeRegions(0..<32, seed: 8)
         try run(["truncate", "-s", Self.legSize, replacement])
         try fixture.control(["fail-leg", "1"])
         try fixture.control(["replace-leg", "1", replacement])
         // Writes while the copy runs.
-        written.merge(try writeRegions(handle, 60..<100, seed: 9)) { $1 }
+        written.merge(try handle.writeRegions(60..<100, seed: 9)) { $1 }
         let status = try fixture.waitFor("leg 1 in sync", timeout: 20) { $0.allInSync }
         #expect(status.legs[1].device == replacement)
         #expect(status.resync.regionsTotal == status.regions, "a full copy: \(status.resync)")
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
         stopAndCompare(fixture, server, handle, legs[0], replacement)
     }
 
@@ -393,7 +375,7 @@ import Testing
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
         var server = try fixture.serve(legs + ["--create", Self.legSize])
         var handle = try fixture.connect()
-        let written = try writeRegions(handle, 0..<40, seed: 10)
+        let written = try handle.writeRegions(0..<40, seed: 10)
         handle.shutdown()
         _ = server.stop(signal: SIGKILL)
 
@@ -407,7 +389,7 @@ import Testing
         #expect(status.resync.reason.contains("recovery"))
         #expect(status.resync.regionsTotal == 40, "\(status.resync)")
         handle = try fixture.connect()
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
         stopAndCompare(fixture, server, handle, legs[0], legs[1])
     }
 
@@ -429,8 +411,8 @@ import Testing
         #expect(status.state(0) == .inSync)
         #expect(status.state(1) == .degraded)
         let handle = try fixture.connect()
-        let written = try writeRegions(handle, 0..<4, seed: 11)
-        try expectReadBack(handle, written)
+        let written = try handle.writeRegions(0..<4, seed: 11)
+        try handle.expectReadBack(written)
 
         remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
         try readdAndCompare(fixture, server, handle, leg0, remoteFile)
@@ -500,8 +482,8 @@ import Testing
         #expect(try handle.blockStatus(count: size, offset: 0)["dmio:health"] == [NBDExtent(length: UInt32(size), flags: 0)])
 
         try fixture.control(["fail-leg", "1"])
-        _ = try writeRegions(handle, 2..<4, seed: 12)
-        let region = UInt32(Self.region)
+        _ = try handle.writeRegions(2..<4, seed: 12)
+        let region = UInt32(testRegionBytes)
         let health = try handle.blockStatus(count: size, offset: 0)
         #expect(health["dmio:health"] == [NBDExtent(length: 2 * region, flags: 0),
                                           NBDExtent(length: 2 * region, flags: 1),
@@ -523,7 +505,7 @@ import Testing
         var server = try fixture.serve(legs + ["--create", Self.legSize])
         try fixture.control(["fail-leg", "1"])
         var handle = try fixture.connect()
-        let newer = try writeRegions(handle, 0..<2, seed: 13)  // only leg 0 has these
+        let newer = try handle.writeRegions(0..<2, seed: 13)  // only leg 0 has these
         handle.shutdown()
         #expect(server.stop() == 0)
 
@@ -547,7 +529,7 @@ import Testing
         try fixture.control(["replace-leg", "1", fixture.path("leg1.new")])
         try fixture.waitFor("the new leg in sync") { $0.allInSync }
         handle = try fixture.connect()
-        try expectReadBack(handle, newer)
+        try handle.expectReadBack(newer)
         handle.shutdown()
         #expect(server.stop() == 0)
         #expect(fixture.legsEqual(legs[0], fixture.path("leg1.new")))
@@ -564,7 +546,7 @@ import Testing
         let server = try fixture.serve([leg0, remote.uri, "--resync-rate", "2M"])
         let handle = try fixture.connect()
         try fixture.control(["fail-leg", "1"])
-        let written = try writeRegions(handle, 0..<10, seed: 14)
+        let written = try handle.writeRegions(0..<10, seed: 14)
 
         // A slow rebuild; the leg fails under it.
         try fixture.control(["readd-leg", "1"])
@@ -573,7 +555,7 @@ import Testing
         let status = try fixture.waitFor("leg 1 degraded again") { $0.state(1) == .degraded && !$0.resync.active }
         #expect(status.state(0) == .inSync)
         #expect(status.legs[1].error?.contains("EIO") == true)
-        try expectReadBack(handle, written)
+        try handle.expectReadBack(written)
 
         try FileManager.default.removeItem(atPath: trigger)
         try readdAndCompare(fixture, server, handle, leg0, remoteFile)

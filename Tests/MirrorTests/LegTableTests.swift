@@ -17,11 +17,31 @@ import Testing
     private func table(_ states: [LegState]) -> LegTable {
         LegTable(states.enumerated().map { index, state in
             LegTable.Member(name: devices[index].name, device: devices[index], uuid: .random(), state: state)
-        })
+        }, generation: 1)
     }
 
     private func failure(_ snapshot: LegTable.Snapshot, leg: Int) -> LegFailure {
         LegFailure(leg: snapshot.writable.first { $0.index == leg }!, errno: EIO)
+    }
+
+    /// The generation is what tells a leg that is behind from one used
+    /// alone: a failed leg keeps the one it was failed in, and the legs that
+    /// go on get a new one each time a leg leaves.
+    @Test func aFailedLegKeepsItsGenerationAndTheOthersGetANewOne() throws {
+        let legs = table([.inSync, .inSync, .inSync])
+        let first = legs.recorded.generation
+        try legs.failByOperator(0)
+        let second = legs.recorded
+        #expect(second.legs[0].failedGeneration == first)
+        #expect(second.generation != first && second.generation != 0)
+        legs.fail(legs.snapshot.writable.first { $0.index == 2 }!, errno: EIO, reading: false)
+        let third = legs.recorded
+        #expect(third.legs[2].failedGeneration == second.generation)
+        #expect(third.legs[0].failedGeneration == first)
+        #expect(third.generation != second.generation)
+        try legs.bringIn(0, device: devices[0], uuid: .random())
+        #expect(legs.recorded.legs[0].failedGeneration == 0)
+        #expect(legs.recorded.generation == third.generation)
     }
 
     @Test func aChangeOnlyALegDegradedSinceTookIsNotHeld() throws {

@@ -4,10 +4,12 @@ import Testing
 /// The on-disk format, byte by byte: what a restart or a torn write finds.
 @Suite struct MetadataTests {
     private func superblock(events: UInt64, leg: Int = 0) -> Superblock {
-        Superblock(mirror: MirrorUUID(high: 1, low: 2), legIndex: leg, events: events, regionBytes: 512 << 10,
+        Superblock(mirror: MirrorUUID(high: 1, low: 2), legIndex: leg, events: events, generation: 0x1234_5678_9abc,
+                   regionBytes: 512 << 10,
                    clean: events % 2 == 0, legBytes: 64 << 20, dataOffset: 1 << 20, dataBytes: 63 << 20,
                    legs: [LegRecord(uuid: MirrorUUID(high: 3, low: 4), state: .inSync, errno: 0),
-                          LegRecord(uuid: MirrorUUID(high: 5, low: 6), state: .degraded, errno: 28)])
+                          LegRecord(uuid: MirrorUUID(high: 5, low: 6), state: .degraded, errno: 28,
+                                    failedGeneration: 0xfeed)])
     }
 
     @Test func aSuperblockReadsBackAsWritten() throws {

@@ -101,6 +101,30 @@ final class MirrorFixture {
     }
 }
 
+/// The region size of the mirrors the tests make (the default).
+let testRegionBytes = 512 << 10
+
+extension NBDHandle {
+    /// Writes 64 KiB of distinct data at the start of each region of
+    /// `regions`; returns what went where.
+    func writeRegions(_ regions: Range<Int>, seed: UInt8) throws -> [Int: [UInt8]] {
+        var written: [Int: [UInt8]] = [:]
+        for region in regions {
+            let bytes = pattern(64 << 10, seed: seed &+ UInt8(truncatingIfNeeded: region))
+            try write(bytes, at: UInt64(region * testRegionBytes))
+            written[region] = bytes
+        }
+        return written
+    }
+
+    /// Expects each region's data, as `writeRegions` wrote it, to read back.
+    func expectReadBack(_ written: [Int: [UInt8]]) throws {
+        for (region, bytes) in written.sorted(by: { $0.key < $1.key }) {
+            #expect(try read(bytes.count, at: UInt64(region * testRegionBytes)) == bytes, "region \(region)")
+        }
+    }
+}
+
 extension MirrorStatus {
     func state(_ leg: Int) -> LegState { legs[leg].state }
     var allInSync: Bool { legs.allSatisfy { $0.state == .inSync } && !resync.active }
