@@ -13,7 +13,6 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     public let uuid: MirrorUUID
     public let layout: MirrorLayout
     public let blockSizes: BlockSizes
-    public let capabilities: TargetCapabilities
     public var size: UInt64 { layout.dataBytes }
 
     let client: DMIOClient
@@ -68,12 +67,20 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let minimum = UInt32(devices.map(\.blockSize).max() ?? sectorSize)
         blockSizes = BlockSizes(minimum: max(minimum, UInt32(sectorSize)), preferred: max(minimum, 4096),
                                 maximumPayload: 32 << 20)
-        var capabilities: TargetCapabilities = [.flush, .fua, .cache, .multiConnection, .writeZeroes]
-        if devices.allSatisfy({ $0.kind == .file }) { capabilities.insert(.fastZero) }
-        if devices.allSatisfy(\.canDiscard) { capabilities.insert(.trim) }
-        self.capabilities = capabilities
         resync = Resync(mirror: self, rateLimit: rateLimit)
         metadata.legFailed = { [unowned self] failure in fail(failure, reading: false) }
+    }
+
+    /// Decided from the legs written now, for each new connection: a leg
+    /// replaced or re-added may zero less cheaply than the one before it
+    /// (connections that were offered trim keep it, and their trims still
+    /// zero every leg).
+    public var capabilities: TargetCapabilities {
+        let devices = legs.snapshot.writable.map(\.device)
+        var capabilities: TargetCapabilities = [.flush, .fua, .cache, .multiConnection, .writeZeroes]
+        if devices.allSatisfy({ $0.kind == .file }) { capabilities.insert(.fastZero) }
+        if devices.allSatisfy(\.zeroesCheaply) { capabilities.insert(.trim) }
+        return capabilities
     }
 
     // MARK: Running
@@ -263,6 +270,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     }
 
     private func bringIn(_ index: Int, device: BlockDevice, uuid: MirrorUUID, fullCopy: Bool) throws(MirrorError) {
+        // Clients were told the block size when they connected.
+        guard device.blockSize <= blockSizes.minimum else {
+            throw .invalidLegChange("\(device.name) needs I/O aligned to \(device.blockSize) bytes; "
+                                    + "the mirror's clients were told \(blockSizes.minimum)")
+        }
         maintenance.lock()
         defer { maintenance.unlock() }
         if fullCopy {

@@ -53,8 +53,11 @@ extension Mirror {
                flags: fua ? .fua : [], completion: completion)
     }
 
+    /// A trim zeroes, unmapping where a leg can: a discard promises nothing
+    /// about what the range reads afterwards, and legs that kept different
+    /// bytes there would answer reads differently (see `zeroesCheaply`).
     public func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
-        change(.discard, offset: offset, length: length, flags: fua ? .fua : [], completion: completion)
+        change(.writeZeroes, offset: offset, length: length, flags: fua ? .fua : [], completion: completion)
     }
 
     public func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool,
@@ -96,7 +99,7 @@ extension Mirror {
     public func beginBatch() { io.plug() }
     public func endBatch() { io.unplug() }
 
-    /// A write, a discard or a zeroing: bits first, then every writable leg.
+    /// A write or a zeroing: bits first, then every writable leg.
     private func change(_ operation: IOOperation, offset: UInt64, length: UInt64, memory: IOMemory? = nil,
                         flags: IOFlags, completion: @escaping TargetCompletion) {
         let regions = log.regions(offset: offset, length: length)
@@ -120,8 +123,6 @@ extension Mirror {
         let snapshot = legs.snapshot
         let started = submit(operation, snapshot.writable, offset: offset, length: length, memory: memory,
                              flags: flags) { [self] failures in
-            // Discard is a hint: a leg that cannot discard has not failed.
-            let failures = operation == .discard ? failures.filter { $0.errno != EOPNOTSUPP } : failures
             answer(operation, snapshot: snapshot, failures: failures, completion: completion)
             // Only now, with the failed legs degraded: the cleaner must not
             // clear these bits while a leg that missed the write looks in sync.

@@ -6,7 +6,16 @@ struct Session {
     let export: Export
     let structuredReplies: Bool
     let metaContexts: [MetaContext]
-    var flags: TransmissionFlags { export.transmissionFlags(structuredReplies: structuredReplies) }
+    /// What the client was told the export can do, fixed for the
+    /// connection even if the target's capabilities change later.
+    let flags: TransmissionFlags
+
+    init(export: Export, structuredReplies: Bool, metaContexts: [MetaContext]) {
+        self.export = export
+        self.structuredReplies = structuredReplies
+        self.metaContexts = metaContexts
+        flags = export.transmissionFlags(structuredReplies: structuredReplies)
+    }
 }
 
 /// The fixed newstyle handshake: greets the client, answers its options,

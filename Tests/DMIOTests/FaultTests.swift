@@ -134,17 +134,19 @@ import Testing
         #expect(back.array.allSatisfy { $0 == 0 })
     }
 
-    @Test func discardSupportIsReportedPerDevice() throws {
+    /// What a mirror offers trim by: zeroing that may unmap is cheap on a
+    /// file, on a block device with a write-zeroes command, and on an NBD
+    /// server that has WRITE_ZEROES.
+    @Test func cheapZeroingIsReportedPerDevice() throws {
         let folder = TemporaryFolder()
         let image = folder.file("image", size: 8 << 20)
-        let withTrim = try NBDKit(["memory", "size=8M"])
-        let withoutTrim = try NBDKit([
-            "eval", "get_size=echo \(8 << 20)",
-            "pread=dd if=\(image) skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-            "pwrite=dd of=\(image) seek=$4 oflag=seek_bytes conv=notrunc status=none", "can_write=exit 0"])
-        #expect(try BlockDevice.open(image).canDiscard)
-        #expect(try BlockDevice.open(withTrim.uri).canDiscard)
-        #expect(try !BlockDevice.open(withoutTrim.uri).canDiscard)
+        let loop = try LoopDevice(file: folder.file("backing", size: 1 << 20))
+        let withZero = try NBDKit(["memory", "size=8M"])
+        let withoutZero = try NBDKit(["--filter=nozero", "memory", "size=8M"])
+        #expect(try BlockDevice.open(image).zeroesCheaply)
+        #expect(try BlockDevice.open(loop.path).zeroesCheaply)
+        #expect(try BlockDevice.open(withZero.uri).zeroesCheaply)
+        #expect(try !BlockDevice.open(withoutZero.uri).zeroesCheaply)
     }
 
     @Test(arguments: engines)

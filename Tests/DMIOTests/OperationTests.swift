@@ -80,6 +80,7 @@ import Testing
 
         expectZeroedMiddle(try apply(.discard, device: device, client: client))
         expectZeroedMiddle(try apply(.writeZeroes, device: device, client: client))
+        expectZeroedMiddle(try apply(.writeZeroes, flags: .noUnmap, device: device, client: client))
         let data = AlignedBuffer(count: 8192, pattern: 12)
         let region = IORegion(device: device, sector: 100, count: 16)
         #expect(try client.sync(.write, regions: [region], buffer: data.bytes, flags: .fua) == .success)

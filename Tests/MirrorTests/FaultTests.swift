@@ -442,27 +442,6 @@ import Testing
         #expect(server.stop() == 0)
     }
 
-    /// A mirror offers discard only when every leg can discard (as
-    /// dm-raid1): otherwise the legs would differ where it punched holes.
-    @Test func discardIsOfferedOnlyWhenEveryLegCanDiscard() throws {
-        let fixture = MirrorFixture()
-        let leg0 = fixture.path("leg0.img"), remoteFile = fixture.path("leg1.img")
-        try run(["truncate", "-s", "16M", leg0, remoteFile])
-        let remote = try NBDKit([
-            "eval", "get_size=echo \(16 << 20)",
-            "pread=dd if=\(remoteFile) skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-            "pwrite=dd of=\(remoteFile) seek=$4 oflag=seek_bytes conv=notrunc status=none", "can_write=exit 0"])
-        try run([dmioNBDExecutable, "create", "--assume-clean", leg0, remote.uri])
-        var server = try fixture.serve([leg0, remote.uri])
-        #expect(try !fixture.connect().canTrim())
-        #expect(server.stop() == 0)
-
-        let legs = [fixture.path("a.img"), fixture.path("b.img")]
-        server = try fixture.serve(legs + ["--create", "16M"])
-        #expect(try fixture.connect().canTrim())
-        #expect(server.stop() == 0)
-    }
-
     @Test func clientsSeeDegradedRangesInTheHealthMetaContext() throws {
         let fixture = MirrorFixture()
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]

@@ -75,36 +75,37 @@ extension NBDHandle {
     }
 }
 
-/// An nbdkit server on a unix socket, stopped when released.
-public final class NBDKit {
+/// An NBD server process on a unix socket (nbdkit, qemu-nbd), killed when
+/// released.
+public class NBDServerProcess {
     public let socket: String
     private let process = Process()
     private let ownFolder: String?
 
-    /// `arguments` follow nbdkit's own options: filters, the plugin, its
-    /// parameters. On `socket` if given (a restarted leg server keeps its
-    /// address), else in a folder of its own.
-    public init(_ arguments: [String], socket: String? = nil) throws {
+    /// Runs `command(socket)`, on `socket` if given (a restarted leg server
+    /// keeps its address), else in a folder of its own, and waits until it
+    /// answers.
+    init(socket: String?, command: (String) -> [String]) throws {
         if let socket {
             self.socket = socket
             ownFolder = nil
         } else {
-            var template = Array("/tmp/nbdkit-XXXXXX".utf8CString)
+            var template = Array("/tmp/nbd-server-XXXXXX".utf8CString)
             let folder = String(cString: mkdtemp(&template)!)
             self.socket = folder + "/nbd.sock"
             ownFolder = folder
         }
+        let arguments = command(self.socket)
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", self.socket] + arguments
+        process.arguments = arguments
         process.standardError = FileHandle.nullDevice
         try process.run()
         let deadline = Date().addingTimeInterval(10)
-        // The socket file appears at bind, before nbdkit listens: wait
+        // The socket file appears at bind, before the server listens: wait
         // until it answers.
         while (try? NBDHandle().connect(unixSocket: self.socket)) == nil {
             guard process.isRunning, Date() < deadline else {
-                throw CommandFailed(command: "nbdkit \(arguments.joined(separator: " "))", status: -1,
-                                    output: "did not start")
+                throw CommandFailed(command: arguments.joined(separator: " "), status: -1, output: "did not start")
             }
             usleep(10_000)
         }
@@ -151,5 +152,22 @@ public final class NBDKit {
     deinit {
         if process.isRunning { kill() }
         if let ownFolder { try? FileManager.default.removeItem(atPath: ownFolder) }
+    }
+}
+
+/// An nbdkit server: `arguments` follow nbdkit's own options (filters, the
+/// plugin, its parameters).
+public final class NBDKit: NBDServerProcess {
+    public init(_ arguments: [String], socket: String? = nil) throws {
+        try super.init(socket: socket) { ["nbdkit", "--foreground", "--exit-with-parent", "--unix", $0] + arguments }
+    }
+}
+
+/// qemu-nbd serving a raw file to any number of clients, with its defaults
+/// (trim requests are ignored: `--discard=ignore`) unless `arguments` say
+/// otherwise.
+public final class QemuNBD: NBDServerProcess {
+    public init(file: String, arguments: [String] = [], socket: String? = nil) throws {
+        try super.init(socket: socket) { ["qemu-nbd", "--persistent", "--format=raw", "--socket=\($0)"] + arguments + [file] }
     }
 }

@@ -85,11 +85,14 @@ public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// copy into the page cache that never waits for storage.
     var isInMemory: Bool { false }
 
-    /// Whether a discard can free the device's blocks. Where it cannot, a
-    /// discard fails with EOPNOTSUPP and the blocks keep their data: a
-    /// mirror offers discard only when every leg can (as dm-raid1 does),
-    /// so that no leg keeps data where another reads as zeroes.
-    public var canDiscard: Bool { true }
+    /// Whether write-zeroes that may unmap is cheap here (a hole punched in
+    /// a file, a block device's own write-zeroes command, an NBD server's
+    /// WRITE_ZEROES) rather than a write of zeroes from memory. A discard
+    /// promises nothing about what the range reads afterwards (NBD's trim,
+    /// BLKDISCARD, a server that ignores it): a mirror trims its legs with
+    /// write-zeroes instead, so that they read the same, and offers trim
+    /// only where every leg zeroes cheaply.
+    public var zeroesCheaply: Bool { true }
 
     /// Called when fallocate with `mode` cannot zero here; later requests
     /// write zeroes instead.

@@ -13,11 +13,13 @@ let BLKZEROOUT: UInt = 0x127f
 /// Files: discard punches a hole, write-zeroes punches a hole (or, with
 /// `noUnmap`, uses Linux.zeroRange) and falls back to writing zeroes
 /// where the file system cannot. Block devices: size by BLKGETSIZE64, block
-/// size by BLKSSZGET, discard by BLKDISCARD, zeroing by BLKZEROOUT.
+/// size by BLKSSZGET, discard by BLKDISCARD, zeroing by a punched hole
+/// (the device's write-zeroes command, which may unmap) or, with
+/// `noUnmap`, BLKZEROOUT.
 final class LocalDevice: BlockDevice, @unchecked Sendable {
     let isBlockDevice: Bool
     private let inMemory: Bool
-    private let discards: Bool
+    private let zeroes: Bool
     /// fallocate modes this file system refused (EOPNOTSUPP), as a bit mask.
     private let refusedModes = Atomic<Int32>(0)
 
@@ -48,7 +50,7 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
         case S_IFREG:
             isBlockDevice = false
             inMemory = !options.direct && dmio_file_in_memory(fd) == 1
-            discards = true
+            zeroes = true
             size = UInt64(info.st_size)
             // O_DIRECT on a file needs the underlying disk's alignment, which
             // a file cannot tell; a page is right on every Linux disk.
@@ -56,7 +58,7 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
         case S_IFBLK:
             isBlockDevice = true
             inMemory = false
-            discards = Self.queueLimit("discard_max_bytes", of: info.st_rdev).map { $0 > 0 } ?? true
+            zeroes = Self.queueLimit("write_zeroes_max_bytes", of: info.st_rdev).map { $0 > 0 } ?? false
             var bytes: UInt64 = 0
             var logical: Int32 = 0
             guard ioctl(fd, BLKGETSIZE64, &bytes) == 0, ioctl(fd, BLKSSZGET, &logical) == 0 else {
@@ -77,7 +79,7 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
     deinit { Glibc.close(fileDescriptor) }
 
     override var isInMemory: Bool { inMemory }
-    override var canDiscard: Bool { discards }
+    override var zeroesCheaply: Bool { zeroes }
 
     /// A block device's queue limit from sysfs, nil where it cannot be read.
     private static func queueLimit(_ name: String, of device: dev_t) -> UInt64? {
@@ -103,7 +105,9 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
                 ? .blockDeviceRange(request: BLKDISCARD)
                 : .allocate(mode: Linux.punchHole)
         case .writeZeroes:
-            if isBlockDevice { return .blockDeviceRange(request: BLKZEROOUT) }
+            // A hole punched in a block device is its write-zeroes command,
+            // which may unmap, and fails (EOPNOTSUPP) where it has none.
+            if isBlockDevice && flags.contains(.noUnmap) { return .blockDeviceRange(request: BLKZEROOUT) }
             let mode = flags.contains(.noUnmap)
                 ? Linux.zeroRange
                 : Linux.punchHole

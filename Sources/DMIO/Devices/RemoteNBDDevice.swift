@@ -31,7 +31,7 @@ final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
 
     deinit { connection.stop() }
 
-    override var canDiscard: Bool { connection.canTrim }
+    override var zeroesCheaply: Bool { connection.canZero }
 
     /// Connects and completes the handshake, or fails with ETIMEDOUT once
     /// `timeout` has passed: a host that drops packets, or a server that
