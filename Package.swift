@@ -28,7 +28,7 @@ let package = Package(
     ],
     targets: [
         // C libraries from Debian's -dev packages, each wrapped by a Swift
-        // module of its own (URing, LibNBD). Their shim headers import
+        // module of its own (URing, LibNBD; libblkid by DMIO's signature probe). Their shim headers import
         // Glibc's module first, so that their glibc declarations (fd_set)
         // do not clash with Glibc's in files that import both.
         .systemLibrary(
@@ -37,10 +37,13 @@ let package = Package(
         .systemLibrary(
             name: "CLibNBD", pkgConfig: "libnbd",
             providers: [.apt(["libnbd-dev"])]),
+        .systemLibrary(
+            name: "CLibBlkid", pkgConfig: "blkid",
+            providers: [.apt(["libblkid-dev"])]),
         .target(name: "URing", dependencies: ["CLibURing"], swiftSettings: hotPath),
         .target(name: "LibNBD", dependencies: ["CLibNBD"], swiftSettings: hotPath),
         .target(name: "CDMIOSupport"),
-        .target(name: "DMIO", dependencies: ["URing", "LibNBD", "CDMIOSupport"], swiftSettings: hotPath),
+        .target(name: "DMIO", dependencies: ["URing", "LibNBD", "CLibBlkid", "CDMIOSupport"], swiftSettings: hotPath),
         .target(
             name: "NBD",
             dependencies: [

@@ -4,6 +4,7 @@
 #include <malloc.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/statfs.h>
 #include <sys/uio.h>
@@ -51,3 +52,5 @@ void dmio_keep_freed_buffers(int bytes) {
     mallopt(M_MMAP_THRESHOLD, bytes);
     mallopt(M_TRIM_THRESHOLD, bytes);
 }
+
+int dmio_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }

@@ -6,6 +6,9 @@ public enum DMIOError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The device could not be opened (no such file, permission, not a file
     /// or block device...).
     case openFailed(device: String, errno: Int32)
+    /// A block device that something else uses (EBUSY to an exclusive
+    /// open): `holder` says what, where it can be told.
+    case busy(device: String, holder: String?)
     /// A remote NBD export could not be reached or refused the connection.
     case remoteFailed(device: String, message: String)
     /// A device spec that is neither a path nor an `nbd://` / `nbd+unix://` URI.
@@ -28,10 +31,15 @@ public enum DMIOError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The requested I/O engine cannot run here.
     case engineUnavailable(engine: IOEngineKind, errno: Int32)
 
+    private static let usedBySystem =
+        "by the system: mounted, part of an md array or a device-mapper device, or claimed by another program"
+
     public var description: String {
         switch self {
         case .openFailed(let device, let errno):
             "\(device): \(errnoDescription(errno))"
+        case .busy(let device, let holder):
+            "\(device) is in use (\(holder ?? Self.usedBySystem)): a device can serve one purpose at a time"
         case .remoteFailed(let device, let message):
             "\(device): \(message)"
         case .invalidDeviceSpec(let spec):

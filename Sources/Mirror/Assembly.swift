@@ -8,12 +8,14 @@ extension Mirror {
     /// Writes the metadata of a new mirror on `devices`. When `fresh` (the
     /// legs are new, all zeroes) they start in sync; otherwise leg 0's data
     /// is the mirror's and the other legs get a full copy at the first start.
-    /// Refuses legs of unequal size, and legs that already belong to a
-    /// mirror unless `force`.
+    /// Refuses legs of unequal size, and unless `force` legs that already
+    /// belong to a mirror or hold something else (a file system, a
+    /// partition table).
     @discardableResult
     public static func create(_ devices: [BlockDevice], client: DMIOClient,
                               regionBytes: UInt32 = MirrorLayout.defaultRegionBytes,
-                              fresh: Bool, force: Bool = false) throws(MirrorError) -> MirrorUUID {
+                              fresh: Bool, force: Bool = false,
+                              logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> MirrorUUID {
         try checkCount(devices.count)
         let sizes = Set(devices.map(\.size))
         guard sizes.count == 1, let legBytes = sizes.first else {
@@ -23,11 +25,12 @@ extension Mirror {
             // With force, damaged metadata is there to be overwritten.
             let existing = force ? (try? readSuperblock(of: device, client: client)) ?? nil
                                  : try readSuperblock(of: device, client: client)
-            guard let existing else { continue }
-            if MirrorLock.isHeld(existing.mirror) {
-                throw .inUse(mirror: existing.mirror, lock: MirrorLock.path(for: existing.mirror))
+            if let existing {
+                try MirrorLock.checkFree(existing.mirror)
+                if !force { throw .alreadyAMirror(leg: device.name, mirror: existing.mirror) }
+            } else {
+                try checkNothingIsLost(on: device, client: client, force: force, logger: logger)
             }
-            if !force { throw .alreadyAMirror(leg: device.name, mirror: existing.mirror) }
         }
         let layout = try MirrorLayout(legBytes: legBytes, regionBytes: regionBytes)
         let uuid = MirrorUUID.random()
@@ -50,6 +53,18 @@ extension Mirror {
                                          offset: 0, to: [device], client: client)
         }
         return uuid
+    }
+
+    /// Refuses a device that holds a file system, a partition table, an
+    /// LVM or md member (what libblkid finds), naming it, unless `force`.
+    static func checkNothingIsLost(on device: BlockDevice, client: DMIOClient, force: Bool,
+                                   logger: Logger) throws(MirrorError) {
+        let found: [DeviceSignature]
+        do { found = try device.signatures(client: client) } catch { throw .open(error) }
+        guard !found.isEmpty else { return }
+        let what = found.map(\.description)
+        guard force else { throw .holdsData(leg: device.name, what: what) }
+        logger.warning("\(device.name): overwriting \(what.joined(separator: " and ")) (--force)")
     }
 
     /// Opens the mirror whose legs are `specs` (paths or NBD URIs), given in

@@ -168,6 +168,20 @@ final class LegTable: @unchecked Sendable {
         }
     }
 
+    /// Lets degraded leg `index`'s device go (its file is closed once no
+    /// request holds it any more), so that it can be opened again: a block
+    /// device is claimed by one open file at a time. Returns the leg as it
+    /// is now; refused for a leg that is not degraded.
+    func releaseDevice(of index: Int) throws(MirrorError) -> Member {
+        lock.lock()
+        defer { lock.unlock() }
+        guard members[index].state == .degraded else {
+            throw .invalidLegChange("leg \(index) is \(members[index].state), not degraded")
+        }
+        members[index].device = nil
+        return members[index]
+    }
+
     /// Makes `device` leg `index`, rebuilding; refused if the leg is the
     /// last in-sync one (its data would be lost).
     func bringIn(_ index: Int, device: BlockDevice, uuid: MirrorUUID) throws(MirrorError) {

@@ -116,6 +116,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let recorded = superblocks.commitAndWait()
         let how = bitmapWritten && recorded ? "cleanly" : "but its metadata could not be written"
         logger.info("mirror \(uuid) stopped \(how); \(log.dirtyCount) dirty regions")
+        exclusive.release()
     }
 
     private func background() {
@@ -226,10 +227,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// regions written while it was away.
     public func readdLeg(_ index: Int) throws(MirrorError) {
         try checkIndex(index)
-        let member = legs.member(index)
-        guard member.state == .degraded else { throw .invalidLegChange("leg \(index) is \(member.state), not degraded") }
-        let device: BlockDevice
-        do { device = try BlockDevice.open(member.name, options: deviceOptions) } catch { throw .open(error) }
+        let member = try legs.releaseDevice(of: index)
+        let device = try reopen(member.name)
         // Writes that failed in the page cache while the leg was failing are
         // reported once more, to the first sync of a new file handle. Those
         // regions are dirty and get copied again: take that report here.
@@ -252,10 +251,26 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         try bringIn(index, device: device, uuid: member.uuid, fullCopy: false)
     }
 
+    /// Opens a degraded leg's device again. Its old file closes once the
+    /// last request on it has ended: until then a block device refuses a
+    /// second claim (EBUSY), for a moment.
+    private func reopen(_ name: String) throws(MirrorError) -> BlockDevice {
+        let deadline = monotonicSeconds() + 2
+        while true {
+            do {
+                return try BlockDevice.open(name, options: deviceOptions)
+            } catch {
+                guard case .busy = error, monotonicSeconds() < deadline else { throw .open(error) }
+                usleep(50_000)
+            }
+        }
+    }
+
     /// Puts the device at `spec` in place of leg `index`; it gets a full copy.
     /// A device that holds mirror metadata (of this mirror or another) is
-    /// refused: it may be a leg that someone still needs.
-    public func replaceLeg(_ index: Int, with spec: String) throws(MirrorError) {
+    /// refused: it may be a leg that someone still needs. So is one that
+    /// holds a file system or a partition table, unless `force`.
+    public func replaceLeg(_ index: Int, with spec: String, force: Bool = false) throws(MirrorError) {
         try checkIndex(index)
         let device: BlockDevice
         do { device = try BlockDevice.open(spec, options: deviceOptions) } catch { throw .open(error) }
@@ -266,6 +281,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             throw .invalidLegChange("\(device.name) holds the metadata of mirror \(found.mirror) (leg \(found.legIndex)); "
                                     + "a replacement must be a device no mirror uses")
         }
+        try Mirror.checkNothingIsLost(on: device, client: client, force: force, logger: logger)
         try bringIn(index, device: device, uuid: .random(), fullCopy: true)
     }
 

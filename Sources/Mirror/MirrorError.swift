@@ -14,6 +14,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     case notAMirror(leg: String)
     /// A leg that already holds mirror metadata where a new mirror was asked for.
     case alreadyAMirror(leg: String, mirror: MirrorUUID)
+    /// A device that holds a file system, a partition table... (`what`).
+    case holdsData(leg: String, what: [String])
     case corruptMetadata(String)
     case corruptLeg(leg: String, reason: String)
     case foreignLeg(leg: String, belongsTo: MirrorUUID, expected: MirrorUUID)
@@ -34,8 +36,9 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     case invalidLegChange(String)
     /// A leg with no usable metadata, which the other legs say is `index`.
     case unusableLeg(leg: String, index: Int, mirror: MirrorUUID, reason: String)
-    /// Another process has the mirror open (it serves it).
-    case inUse(mirror: MirrorUUID, lock: String)
+    /// Another process has the mirror open (it serves it); its pid where
+    /// the lock file tells.
+    case inUse(mirror: MirrorUUID, lock: String, pid: Int32?)
 
     public var description: String {
         switch self {
@@ -57,6 +60,9 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
                 + "`dmio-nbd create` (it overwrites the leg's first MiB)"
         case .alreadyAMirror(let leg, let mirror):
             "leg \(leg) already belongs to mirror \(mirror); serve it, or pass --force to overwrite it"
+        case .holdsData(let leg, let what):
+            "\(leg) appears to contain \(what.joined(separator: " and ")): making it a leg would destroy it; "
+                + "if nothing on it is needed, pass --force to overwrite it"
         case .corruptMetadata(let reason):
             "mirror metadata is inconsistent: \(reason)"
         case .corruptLeg(let leg, let reason):
@@ -90,9 +96,9 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
             "\(reason); the other legs say it is leg \(index) of mirror \(mirror). Start the mirror without it "
                 + "with --allow-missing-legs (it is not touched), then put a device in its place with "
                 + "`dmio-nbd replace-leg \(index) DEVICE`"
-        case .inUse(let mirror, let lock):
-            "mirror \(mirror) is in use by another process (it holds \(lock)): two servers on the same legs "
-                + "would overwrite each other's writes; stop the other one first"
+        case .inUse(let mirror, let lock, let pid):
+            "mirror \(mirror) is in use by \(pid.map { "pid \($0)" } ?? "another process") (it holds \(lock)): "
+                + "two servers on the same legs would overwrite each other's writes; stop the other one first"
         }
     }
 }

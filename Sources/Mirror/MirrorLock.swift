@@ -1,12 +1,17 @@
+import DMIO
 import Glibc
 
-/// Keeps one mirror from being opened by two processes at once: two servers
-/// on the same legs would each write data and metadata under the other. An
-/// exclusive flock on a file named after the mirror's UUID, held while the
-/// mirror is open; the kernel releases it when the process ends, however it
-/// ends, so a crash leaves no stale lock.
-final class MirrorLock: @unchecked Sendable {
-    private let descriptor: Int32
+/// Keeps one mirror from being used by two processes at once: two servers
+/// on the same legs (or a server of the mirror and one of a leg served
+/// raw) would each write data and metadata under the other. An exclusive
+/// flock on a file named after the mirror's UUID, which holds the holder's
+/// pid. The kernel drops the lock when the process ends, however it ends;
+/// the file is removed when the holder lets go, so that only a crash leaves
+/// one behind (and the next holder takes it over).
+public final class MirrorLock: @unchecked Sendable {
+    private var descriptor: Int32
+    private let path: String
+    private let lock = ConditionLock()
 
     /// /run/lock where every user may lock (a sticky, world-writable folder,
     /// as on Debian), else the temporary folder: the same for every user of
@@ -17,25 +22,57 @@ final class MirrorLock: @unchecked Sendable {
         return "\(shared ? "/run/lock" : "/tmp")/dmio-nbd-\(mirror).lock"
     }
 
-    init(_ mirror: MirrorUUID) throws(MirrorError) {
-        let path = Self.path(for: mirror)
-        descriptor = Self.openLockFile(path)
-        guard descriptor >= 0 else { throw .metadataIO(leg: path, errno: errno) }
-        guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
+    /// Takes the lock of `mirror`, or throws `inUse` naming the holder.
+    public init(_ mirror: MirrorUUID) throws(MirrorError) {
+        path = Self.path(for: mirror)
+        while true {
+            let descriptor = Self.openLockFile(path, create: true)
+            guard descriptor >= 0 else { throw .metadataIO(leg: path, errno: errno) }
+            guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
+                let holder = Self.holder(descriptor)
+                close(descriptor)
+                throw .inUse(mirror: mirror, lock: path, pid: holder)
+            }
+            // The last holder may have removed the file between our open and
+            // our lock: a lock on a file no longer there protects nothing.
+            if Self.isStillAt(path, descriptor) {
+                self.descriptor = descriptor
+                break
+            }
             close(descriptor)
-            throw .inUse(mirror: mirror, lock: path)
         }
+        let pid = Array("\(getpid())\n".utf8)
+        if ftruncate(descriptor, 0) == 0 { _ = pwrite(descriptor, pid, pid.count, 0) }
     }
 
-    /// Opens the lock file read-only (a file another user made is locked
-    /// as well), making it if missing; a non-regular file there (a planted
-    /// FIFO or device) is refused rather than opened for good.
-    private static func openLockFile(_ path: String) -> Int32 {
-        let flags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK
-        var descriptor = open(path, flags)
-        if descriptor < 0 && errno == ENOENT {
-            descriptor = open(path, flags | O_CREAT | O_EXCL, 0o644)
-            if descriptor < 0 && errno == EEXIST { descriptor = open(path, flags) }
+    /// Throws `inUse` when another process holds `mirror`; takes the lock
+    /// for a moment (and makes no file) to tell.
+    static func checkFree(_ mirror: MirrorUUID) throws(MirrorError) {
+        let path = path(for: mirror)
+        let descriptor = openLockFile(path, create: false)
+        guard descriptor >= 0 else { return }
+        defer { close(descriptor) }
+        guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
+            throw .inUse(mirror: mirror, lock: path, pid: holder(descriptor))
+        }
+        // A crashed holder's file: nobody needs it.
+        if isStillAt(path, descriptor) { unlink(path) }
+    }
+
+    /// Opens the lock file for writing its pid where this user may (read-only
+    /// otherwise: another user's file is locked as well), making it if
+    /// missing and `create`; a non-regular file there (a planted FIFO or
+    /// device) is refused rather than opened for good.
+    private static func openLockFile(_ path: String, create: Bool) -> Int32 {
+        let flags = O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK
+        func openExisting() -> Int32 {
+            let descriptor = open(path, flags | O_RDWR)
+            return descriptor < 0 && errno == EACCES ? open(path, flags | O_RDONLY) : descriptor
+        }
+        var descriptor = openExisting()
+        if descriptor < 0 && errno == ENOENT && create {
+            descriptor = open(path, flags | O_RDWR | O_CREAT | O_EXCL, 0o644)
+            if descriptor < 0 && errno == EEXIST { descriptor = openExisting() }
         }
         guard descriptor >= 0 else { return -1 }
         var info = stat()
@@ -47,16 +84,31 @@ final class MirrorLock: @unchecked Sendable {
         return descriptor
     }
 
-    /// Whether some process holds `mirror` open now.
-    static func isHeld(_ mirror: MirrorUUID) -> Bool {
-        do {
-            _ = try MirrorLock(mirror)
-            return false
-        } catch {
-            if case .inUse = error { return true }
-            return false
+    private static func isStillAt(_ path: String, _ descriptor: Int32) -> Bool {
+        var held = stat(), named = stat()
+        return fstat(descriptor, &held) == 0 && stat(path, &named) == 0
+            && held.st_dev == named.st_dev && held.st_ino == named.st_ino
+    }
+
+    /// The pid a lock file holds (nil if it holds none yet).
+    private static func holder(_ descriptor: Int32) -> Int32? {
+        var bytes = [UInt8](repeating: 0, count: 16)
+        let count = pread(descriptor, &bytes, bytes.count, 0)
+        guard count > 0 else { return nil }
+        return Int32(String(decoding: bytes[0..<count].prefix { $0 != UInt8(ascii: "\n") }, as: UTF8.self))
+    }
+
+    /// Removes the file (while the lock is still held, so that no one who
+    /// opened it meanwhile takes it for a lock) and lets go. At a clean
+    /// stop; later calls do nothing.
+    public func release() {
+        lock.withLock {
+            guard descriptor >= 0 else { return }
+            if Self.isStillAt(path, descriptor) { unlink(path) }
+            close(descriptor)
+            descriptor = -1
         }
     }
 
-    deinit { close(descriptor) }
+    deinit { release() }
 }

@@ -74,6 +74,8 @@ final class ControlServer: @unchecked Sendable {
                 try mirror.readdLeg(try legIndex(words[1]))
             case ("replace-leg", 3):
                 try mirror.replaceLeg(try legIndex(words[1]), with: words[2])
+            case ("replace-leg-force", 3):
+                try mirror.replaceLeg(try legIndex(words[1]), with: words[2], force: true)
             default:
                 throw CleanExit.message("unknown request \"\(line)\"", code: 1)
             }
@@ -200,8 +202,9 @@ struct ReplaceLeg: ParsableCommand {
         commandName: "replace-leg", abstract: "Put a new device in place of a leg; it gets a full copy, online.")
     @Argument(help: "The leg's number (0 is the first).") var leg: Int
     @Argument(help: "The new leg: a file, a block device or an NBD URI, at least as large as the others.") var device: String
+    @Flag(help: "Overwrite a device that holds a file system or a partition table.") var force = false
     @OptionGroup var options: ControlOptions
-    func run() throws { try options.send("replace-leg \(leg) \(device)") }
+    func run() throws { try options.send("replace-leg\(force ? "-force" : "") \(leg) \(device)") }
 }
 
 struct Create: ParsableCommand {
@@ -225,7 +228,7 @@ struct Create: ParsableCommand {
     @Option(help: ArgumentHelp("Bytes of data per bit of the write-intent bitmap (default 512K).", valueName: "size"))
     var regionSize: ByteSize?
 
-    @Flag(help: "Overwrite legs that already belong to a mirror.")
+    @Flag(help: "Overwrite legs that already belong to a mirror, or hold a file system or a partition table.")
     var force = false
 
     @Flag(help: "The legs already hold the same data (all zeroes, or copies): skip the first copy.")
@@ -247,7 +250,7 @@ struct Create: ParsableCommand {
         do {
             let uuid = try Mirror.create(devices, client: client,
                                          regionBytes: regionSize.map { UInt32(clamping: $0.bytes) } ?? MirrorLayout.defaultRegionBytes,
-                                         fresh: inSync, force: force)
+                                         fresh: inSync, force: force, logger: makeLogger(verbose: false))
             let layout = try MirrorLayout(legBytes: devices[0].size)
             print("made mirror \(uuid): \(legs.count) legs, \(layout.dataBytes >> 20) MiB of data"
                   + (inSync ? ", in sync" : "; " + (legs.count == 2 ? "leg 1 gets" : "legs 1 to \(legs.count - 1) get")

@@ -145,22 +145,29 @@ struct Serve: AsyncParsableCommand {
 
     private func serveOne(client: DMIOClient, logger: Logger) throws -> ServedTarget {
         let device = try openLeg(legs[0], options: deviceOptions(createSize: create?.bytes))
-        if !force {
-            let owner: MirrorUUID?
-            do {
-                owner = try Mirror.mirrorOwning(device, client: client)
-            } catch {
+        let owner: MirrorUUID?
+        do {
+            owner = try Mirror.mirrorOwning(device, client: client)
+        } catch {
+            guard force else {
                 throw CleanExit.message("\(error): it may be a leg of a mirror; serve it raw only if it is not, "
                                         + "with --force (which can destroy that metadata)", code: 1)
             }
-            if let owner {
+            owner = nil
+        }
+        // A leg served raw takes its mirror's lock: never while the mirror runs.
+        var mirrorLock: MirrorLock?
+        if let owner {
+            guard force else {
                 throw CleanExit.message("\(legs[0]) is a leg of mirror \(owner): serve the mirror with all its legs "
                                         + "(or pass --force to serve this leg raw, which can destroy its metadata)", code: 1)
             }
+            do { mirrorLock = try MirrorLock(owner) } catch { throw CleanExit.message("\(error)", code: 1) }
         }
         return ServedTarget(target: LinearTarget(device: device, client: client), summary: legs[0]) {
             let flushed = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
             if let flushed, !flushed.succeeded { logger.error("final flush failed: \(flushed)") }
+            mirrorLock?.release()
         }
     }
 

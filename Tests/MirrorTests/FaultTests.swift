@@ -428,9 +428,10 @@ import Testing
         let server = try fixture.serve(legs)
         // A second server of the same legs, and a new mirror over them, while they are served.
         let second = try fixture.serveRefused(legs, socket: fixture.path("other.sock"))
-        #expect(second.contains("is in use by another process"), "\(second)")
+        #expect(second.contains("is in use by pid \(server.process.processIdentifier)"), "\(second)")
         let recreate = #expect(throws: CommandFailed.self) { try run([dmioNBDExecutable, "create", "--force"] + legs) }
-        #expect(recreate?.output.contains("is in use by another process") == true, "\(String(describing: recreate))")
+        #expect(recreate?.output.contains("is in use by pid \(server.process.processIdentifier)") == true,
+                "\(String(describing: recreate))")
         #expect(try fixture.status().dmsetupLine.hasSuffix(" AA"))
 
         try fixture.control(["fail-leg", "1"])

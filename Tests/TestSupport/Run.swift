@@ -47,3 +47,14 @@ public func builtExecutable(_ name: String) -> String {
     }
     return folder.appendingPathComponent(name).path
 }
+
+/// A loop device over a file: a real block device, detached when released.
+public final class LoopDevice {
+    public let path: String
+
+    public init(file: String, direct: Bool = false) throws {
+        path = try run(["losetup", "--find", "--show", "--direct-io=\(direct ? "on" : "off")", file])
+    }
+
+    deinit { _ = try? run(["losetup", "--detach", path]) }
+}

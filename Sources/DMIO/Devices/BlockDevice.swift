@@ -10,6 +10,11 @@ public struct DeviceOptions: Sendable, Hashable {
     public var direct = false
     /// Create a missing regular file, sparse, of this many bytes.
     public var createSize: UInt64?
+    /// Claim a block device for this process alone (O_EXCL), as md and dm
+    /// claim their legs: refused while anything else uses it, and nothing
+    /// else (a mount, mkfs, another server) can take it while it is open.
+    /// Off to look at a device that is in use (`dmio-nbd examine`).
+    public var exclusive = true
     /// How long a remote device may stay silent, while connecting or while
     /// it owes replies, before it is given up: its requests then fail with
     /// ETIMEDOUT. nil waits for ever (until TCP itself gives up).
@@ -19,11 +24,12 @@ public struct DeviceOptions: Sendable, Hashable {
     /// remote leg hangs goes on without it after this long.
     public static let defaultRemoteTimeout = Duration.seconds(30)
 
-    public init(readOnly: Bool = false, direct: Bool = false, createSize: UInt64? = nil,
+    public init(readOnly: Bool = false, direct: Bool = false, createSize: UInt64? = nil, exclusive: Bool = true,
                 remoteTimeout: Duration? = defaultRemoteTimeout) {
         self.readOnly = readOnly
         self.direct = direct
         self.createSize = createSize
+        self.exclusive = exclusive
         self.remoteTimeout = remoteTimeout
     }
 }

@@ -26,7 +26,16 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
     init(path: String, options: DeviceOptions) throws(DMIOError) {
         var flags = O_CLOEXEC | (options.readOnly ? O_RDONLY : O_RDWR)
         if options.direct { flags |= dmio_o_direct() }
+        // On a block device O_EXCL claims it: the kernel refuses it while it
+        // is mounted or part of an md array or a dm device, and refuses all
+        // of those (and mkfs) while it is open here.
+        var existing = stat()
+        let isBlock = stat(path, &existing) == 0 && existing.st_mode & S_IFMT == S_IFBLK
+        if isBlock && options.exclusive { flags |= O_EXCL }
         var fd = Glibc.open(path, flags)
+        if fd < 0 && errno == EBUSY && isBlock {
+            throw .busy(device: path, holder: DeviceHolders.describe(existing.st_rdev))
+        }
         if fd < 0 && errno == ENOENT, let createSize = options.createSize, !options.readOnly {
             fd = Glibc.open(path, flags | O_CREAT | O_EXCL, 0o644)
             if fd >= 0 && ftruncate(fd, off_t(createSize)) != 0 {
@@ -83,16 +92,7 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
 
     /// A block device's queue limit from sysfs, nil where it cannot be read.
     private static func queueLimit(_ name: String, of device: dev_t) -> UInt64? {
-        // glibc's encoding of major and minor numbers in a dev_t.
-        let major = (device >> 32) & 0xFFFF_F000 | (device >> 8) & 0xFFF
-        let minor = (device >> 12) & 0xFFFF_FF00 | device & 0xFF
-        let fd = Glibc.open("/sys/dev/block/\(major):\(minor)/queue/\(name)", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { Glibc.close(fd) }
-        var text = [UInt8](repeating: 0, count: 32)
-        let count = Glibc.read(fd, &text, text.count)
-        guard count > 0 else { return nil }
-        return UInt64(String(decoding: text[0..<count].prefix { $0 >= 0x30 && $0 <= 0x39 }, as: UTF8.self))
+        readText("/sys/dev/block/\(sysfsNumber(device))/queue/\(name)").flatMap { UInt64($0.prefix { $0.isNumber }) }
     }
 
     override func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {

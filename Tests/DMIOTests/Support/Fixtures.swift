@@ -103,17 +103,6 @@ final class ReadOnlyView {
     }
 }
 
-/// A loop device over a file: a real block device.
-final class LoopDevice {
-    let path: String
-
-    init(file: String, direct: Bool = false) throws {
-        path = try run(["losetup", "--find", "--show", "--direct-io=\(direct ? "on" : "off")", file])
-    }
-
-    deinit { _ = try? run(["losetup", "--detach", path]) }
-}
-
 /// Both engines: parameterised tests run every case on each.
 let engines = IOEngineKind.allCases
 

@@ -81,6 +81,15 @@ final class MirrorFixture {
         return mountPoint
     }
 
+    /// Mounts `device` (a file system on it) inside the folder, until released.
+    func mount(_ device: String, at name: String) throws -> String {
+        let mountPoint = path(name)
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        try run(["mount", device, mountPoint])
+        mounts.append(mountPoint)
+        return mountPoint
+    }
+
     func resize(tmpfs mountPoint: String, to size: String) throws {
         try run(["mount", "-o", "remount,size=\(size)", mountPoint])
     }
