@@ -11,7 +11,7 @@ test: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
 
-## Serve the default mirror: two sparse 1 GiB legs in ./dmio-data (made on first use), on the default socket.
+## Serve the default mirror: two sparse 1 GiB legs in ~/.local/share/dmio-nbd (made on first use), on the default socket.
 serve: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	.build/release/dmio-nbd

@@ -85,9 +85,12 @@ extension Mirror {
         /// Legs with no usable metadata (none, or both copies damaged).
         var unusable: [Int: MirrorError] = [:]
         for (index, spec) in specs.enumerated() {
+            // A remote leg may take its time (up to the remote timeout): say so first.
+            if spec.contains("://") { logger.info("leg \(index): connecting to \(spec)") }
             let device: BlockDevice
             do {
                 device = try BlockDevice.open(spec, options: deviceOptions)
+                logger.info("leg \(index): \(spec) opened (\(device.kind), \(device.size >> 20) MiB)")
             } catch {
                 logger.error("leg \(index): \(error)")
                 if case .openFailed(_, let errno) = error { unavailable[index] = errno } else { unavailable[index] = EIO }

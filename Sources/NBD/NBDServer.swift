@@ -30,6 +30,8 @@ public final class NBDServer: @unchecked Sendable {
 
     private let ringPerLoop: Bool
     private let loopCount: Int
+    /// Requests started and not yet answered, per event loop.
+    private let loopRequests: [ObjectIdentifier: RequestsInFlight]
 
     /// `threads` event loops share the connections (one per core by default).
     /// With `ringPerLoop`, each loop drives its own DMIO io_uring (see
@@ -42,12 +44,33 @@ public final class NBDServer: @unchecked Sendable {
         self.ringPerLoop = ringPerLoop
         loopCount = threads
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+        loopRequests = Dictionary(uniqueKeysWithValues: group.makeIterator().map { (ObjectIdentifier($0), RequestsInFlight()) })
     }
 
     /// Starts listening; returns the address bound (with the real port for
     /// a TCP port of 0).
     @discardableResult
     public func listen(on address: ListenAddress) async throws -> ListenAddress {
+        let bootstrap = try await bootstrap()
+        let channel: Channel
+        switch address {
+        case .unix(let path):
+            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: false).get()
+        case .tcp(let host, let port):
+            channel = try await bootstrap.bind(host: host, port: port).get()
+        }
+        return accepted(channel, address)
+    }
+
+    /// Serves on a socket that is already bound and listening (bound before
+    /// anything else started, or handed over by systemd), which the server
+    /// then owns; `address` is what it is bound to.
+    public func serve(listening socket: Int32, address: ListenAddress) async throws {
+        let channel = try await bootstrap().withBoundSocket(socket).get()
+        _ = accepted(channel, address)
+    }
+
+    private func bootstrap() async throws -> ServerBootstrap {
         if ringPerLoop && loopIO.withLockedValue({ $0 == nil }) {
             do {
                 let channels = try await EventLoopIO.attach(to: group)
@@ -57,7 +80,7 @@ public final class NBDServer: @unchecked Sendable {
                 loopIO.withLockedValue { $0 = [] }
             }
         }
-        let bootstrap = ServerBootstrap(group: group)
+        return ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -71,13 +94,9 @@ public final class NBDServer: @unchecked Sendable {
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture { try track(channel) }
             }
-        let channel: Channel
-        switch address {
-        case .unix(let path):
-            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: false).get()
-        case .tcp(let host, let port):
-            channel = try await bootstrap.bind(host: host, port: port).get()
-        }
+    }
+
+    private func accepted(_ channel: Channel, _ address: ListenAddress) -> ListenAddress {
         listeners.withLockedValue { $0.append(channel) }
         if case .tcp(let host, _) = address, let port = channel.localAddress?.port {
             return .tcp(host: host, port: port)
@@ -99,7 +118,8 @@ public final class NBDServer: @unchecked Sendable {
         }
         var connectionLogger = logger
         connectionLogger[metadataKey: "connection"] = "\(channel.remoteAddress?.description ?? "unix")"
-        try Self.configure(channel, exports: exports, logger: connectionLogger)
+        try Self.configure(channel, exports: exports, inFlight: loopRequests[ObjectIdentifier(channel.eventLoop)]!,
+                           logger: connectionLogger)
     }
 
     /// While some event loop has no connection, its core would be idle: the
@@ -117,11 +137,13 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Sets up a connection's pipeline: the handshake's decoder and
     /// handler, which hand over to the transmission phase's after NBD_OPT_GO.
-    static func configure(_ channel: Channel, exports: [Export], logger: Logger) throws {
+    static func configure(_ channel: Channel, exports: [Export], inFlight: RequestsInFlight = RequestsInFlight(),
+                          logger: Logger) throws {
         let handover = OptionDecoder.Handover()
         let optionDecoder = ByteToMessageHandler(OptionDecoder(handover: handover))
         let handshake = HandshakeHandler(exports: exports, logger: logger) { context, session in
-            let transmission = TransmissionHandler(session: session, allocator: context.channel.allocator, logger: logger)
+            let transmission = TransmissionHandler(session: session, allocator: context.channel.allocator,
+                                                   inFlight: inFlight, logger: logger)
             let framer = RequestFramer(maxPayload: session.export.target.blockSizes.maximumPayload)
             let pipeline = context.pipeline.syncOperations
             do {
@@ -140,31 +162,52 @@ public final class NBDServer: @unchecked Sendable {
         try channel.pipeline.syncOperations.addHandlers([optionDecoder, handshake])
     }
 
-    /// How long a stop waits for the connections to answer what they read.
-    static let stopGrace = TimeAmount.seconds(30)
-
-    /// Stops accepting, lets every connection finish the requests it has
-    /// in flight (they are closed for reading, not cut), and waits for them.
+    /// Stops accepting, and lets every connection answer the requests it has
+    /// read, however long the target takes (they are closed for reading,
+    /// not cut): a stop never fails a request in flight. A connection whose
+    /// client takes no replies is let go by its own stall watch. Says every
+    /// few seconds what it waits for.
     public func shutdown() async {
         for listener in listeners.withLockedValue({ $0 }) {
             try? await listener.close()
         }
-        let open = connections.withLockedValue { Array($0.values) }
-        for channel in open {
+        for channel in connections.withLockedValue({ Array($0.values) }) {
             try? await channel.close(mode: .input)
         }
-        // Each connection answers what it has read, then closes; one whose
-        // client takes no replies is closed after a while all the same.
-        let forced = open.map { channel in
-            channel.eventLoop.scheduleTask(in: Self.stopGrace) { channel.close(promise: nil) }
+        let started = ContinuousClock.now
+        var nextReport = started + .seconds(1)
+        while true {
+            let open = connections.withLockedValue { $0.count }
+            let requests = await requestsInFlight()
+            // Requests of a connection that went away are still at the target,
+            // and answer on their loop: it must not stop before them.
+            if open == 0 && requests == 0 { break }
+            if ContinuousClock.now >= nextReport {
+                logger.info("stopping: waiting for \(requests) requests in flight on \(open) connections")
+                nextReport = ContinuousClock.now + .seconds(5)
+            }
+            try? await Task.sleep(for: .milliseconds(50))
         }
-        for channel in open {
-            try? await channel.closeFuture.get()
-        }
-        for task in forced { task.cancel() }
         for channel in loopIO.withLockedValue({ $0 ?? [] }) {
             try? await channel.close()
         }
         try? await group.shutdownGracefully()
     }
+
+    /// The requests started and not yet answered, on every loop.
+    private func requestsInFlight() async -> Int {
+        var total = 0
+        for loop in group.makeIterator() {
+            let requests = loopRequests[ObjectIdentifier(loop)]!
+            total += (try? await loop.submit { requests.count }.get()) ?? 0
+        }
+        return total
+    }
+}
+
+/// The requests one event loop's connections have started and not yet
+/// answered. Touched only on that loop: counting costs the request path
+/// no atomic operation.
+final class RequestsInFlight: @unchecked Sendable {
+    var count = 0
 }

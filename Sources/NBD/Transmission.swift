@@ -42,6 +42,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private let target: BlockTarget
     private let logger: Logger
     private let inbox = CompletionInbox()
+    /// This loop's count of requests in flight, which a stop waits for.
+    private let loopRequests: RequestsInFlight
     private var output: ByteBuffer
     private var pendingFlush = false
     private var requestsInFlight = 0
@@ -68,9 +70,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private var onLoop: NIOLoopBound<TransmissionHandler>!
     private var spareReplyBuffers: [ByteBuffer] = []
 
-    init(session: Session, allocator: ByteBufferAllocator, logger: Logger) {
+    init(session: Session, allocator: ByteBufferAllocator, inFlight: RequestsInFlight, logger: Logger) {
         self.session = session
         self.target = session.export.target
+        self.loopRequests = inFlight
         self.logger = logger
         output = allocator.buffer(capacity: 64 << 10)
     }
@@ -319,11 +322,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private func started(bytes: Int) {
         requestsInFlight += 1
         bytesInFlight += bytes
+        loopRequests.count += 1
     }
 
     private func finished(bytes: Int) {
         requestsInFlight -= 1
         bytesInFlight -= bytes
+        loopRequests.count -= 1
     }
 
     /// Room was made (replies done, or taken by the client): starts the
@@ -343,8 +348,9 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     /// With nothing more to read, only the client's taking its replies lets
-    /// the connection finish: one that takes none for `closeGrace` is let
-    /// go (a half-closed client that never reads would hold it for ever).
+    /// the connection finish once the target has answered: one that takes
+    /// none for `closeGrace` is let go (a half-closed client that never reads
+    /// would hold it for ever). A slow target is waited for, however long.
     private func watchForStall(_ context: ChannelHandlerContext) {
         guard stallWatch == nil else { return }
         progressed = false
@@ -356,7 +362,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     private func closeIfStalled() {
         defer { progressed = false }
-        guard active, !progressed else { return }
+        guard active, !progressed, requestsInFlight == 0 else { return }
         logger.notice("closing connection: its input ended and it took no reply for \(Self.closeGrace.nanoseconds / 1_000_000_000) s")
         active = false
         context.close(promise: nil)

@@ -18,8 +18,11 @@ struct Serve: AsyncParsableCommand {
 
             A LEG is a file, a block device, or an NBD URI (nbd://host:port/name, \
             nbd+unix:///name?socket=PATH). With neither --socket nor --tcp the server \
-            listens on \(defaultSocketPath). It stays in the foreground; SIGTERM or \
-            SIGINT stop it once the requests in flight are done and flushed.
+            listens on \(defaultSocketPath). A mirror's control socket is \
+            \(ControlFolder.path)/UUID.ctl unless --control says otherwise. It stays in the \
+            foreground; SIGTERM, SIGINT or SIGHUP stop it once every request in flight is \
+            answered and flushed, however long that takes; a second signal stops it at once \
+            (a mirror then resyncs its dirty regions at its next start).
 
             Attach it with:  nbd-client -unix \(defaultSocketPath) /dev/nbd0
             Inspect it with: nbdinfo 'nbd+unix:///?socket=\(defaultSocketPath)'
@@ -34,7 +37,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Listen on TCP: host:port, host (port 10809) or :port.", valueName: "host:port"))
     var tcp: TCPAddress?
 
-    @Option(help: ArgumentHelp("The mirror's control socket (default: next to the NBD socket).", valueName: "path"))
+    @Option(help: ArgumentHelp("The mirror's control socket (default: \(ControlFolder.path)/UUID.ctl).",
+                               valueName: "path"))
     var control: String?
 
     @Option(help: "The export's name.")
@@ -84,58 +88,83 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // Before anything is opened: a signal during a long start-up (remote
+        // legs that take their time) is a clean stop too.
+        let stops = StopSignals()
         // Socket reads land in buffers of up to 256 KiB that the writes in
         // them keep alive, so they are freed and allocated all the time;
         // glibc would hand each back to the kernel and fault it in again.
         dmio_keep_freed_buffers(16 << 20)
         let logger = makeLogger(verbose: verbose)
-        let client = try DMIOClient(engine: engine.map { .only($0) } ?? .automatic)
-        let socketPath = socket ?? (tcp == nil ? defaultSocketPath : nil)
-        // Before the mirror starts (which writes its metadata): a start
-        // refused here must leave the legs as they were.
-        if let socketPath { try claimSocketPath(socketPath) }
+        stops.whenForced { signal in
+            logger.warning("\(signal) again: stopping now, without answering the requests in flight; a mirror resyncs its dirty regions at its next start")
+        }
+        // The sockets first: a refusal there (a port in use, a missing
+        // folder) comes before any leg is opened, and no metadata is written.
+        let listeners = try bindListeners()
+        var controlListener: Listener?
         let served: ServedTarget
-        if legs.count == 1 {
-            served = try serveOne(client: client, logger: logger)
-        } else {
-            served = try serveMirror(client: client, logger: logger)
+        do {
+            if legs.count != 1 { controlListener = try bindControl() }
+            let client = try DMIOClient(engine: engine.map { .only($0) } ?? .automatic)
+            served = legs.count == 1
+                ? try serveOne(client: client, logger: logger)
+                : try serveMirror(client: client, control: &controlListener, stops: stops, logger: logger)
+        } catch {
+            for listener in listeners + [controlListener].compactMap({ $0 }) { listener.close() }
+            if case StartInterrupted.before(let signal) = error {
+                logger.info("\(signal) during start-up: stopped before the mirror started (nothing was written)")
+                return
+            }
+            throw error
         }
         let server = NBDServer(
             exports: [Export(name: export, description: description, readOnly: readOnly, target: served.target)],
-            ringPerLoop: client.engineKind == .ioUring, logger: logger)
-
-        var addresses: [ListenAddress] = []
-        if let tcp { addresses.append(.tcp(host: tcp.host, port: tcp.port)) }
-        if let socketPath { addresses.append(.unix(path: socketPath)) }
-        for address in addresses {
-            do {
-                let bound = try await server.listen(on: address)
-                logger.info("serving \(served.summary) (\(served.target.size) bytes, engine \(client.engineKind)) on \(bound)")
-            } catch {
-                served.stop()
-                throw CleanExit.message("cannot listen on \(address): \(error)", code: 1)
-            }
+            ringPerLoop: served.engineKind == .ioUring, logger: logger)
+        for listener in listeners {
+            try await server.serve(listening: listener.socket, address: listener.address)
+            logger.info("serving \(served.summary) (\(served.target.size) bytes, engine \(served.engineKind)) on \(listener.address)")
         }
-        var controlServer: ControlServer?
-        if let mirror = served.target as? Mirror {
-            let path = control ?? controlSocketPath(nextTo: socketPath ?? defaultSocketPath)
-            do {
-                controlServer = try ControlServer(path: path, mirror: mirror, logger: logger)
-            } catch {
-                await server.shutdown()
-                served.stop()
-                throw error
-            }
-            if legs.isEmpty, let socketPath { printAttachLines(socketPath: socketPath, controlPath: path) }
+        let controlServer = controlListener.map { listener in
+            ControlServer(listener: listener, mirror: served.target as! Mirror,
+                          served: listeners.map { "\($0.address)" }, logger: logger)
         }
+        if legs.isEmpty, case .unix(let path) = listeners.last?.address { printAttachLines(socketPath: path) }
 
-        let signal = await waitForStopSignal()
-        logger.info("\(signal): finishing requests in flight")
+        let signal = await stops.wait()
+        logger.info("\(signal): answering the requests in flight, then stopping")
         await server.shutdown()
         controlServer?.stop()
         served.stop()
-        for case .unix(let path) in addresses { unlink(path) }
+        for listener in listeners { listener.removeFile() }
         logger.info("stopped")
+    }
+
+    /// The NBD sockets, bound and listening: --tcp, --socket, or the default socket.
+    private func bindListeners() throws -> [Listener] {
+        var listeners: [Listener] = []
+        do {
+            if let tcp { listeners.append(try Listener.tcp(tcp)) }
+            if let socket {
+                listeners.append(try Listener.unix(absolutePath(socket)))
+            } else if tcp == nil {
+                listeners.append(try Listener.unix(defaultSocketPath, hint: "use --socket or set XDG_RUNTIME_DIR"))
+            }
+        } catch {
+            for listener in listeners { listener.close() }
+            throw error
+        }
+        return listeners
+    }
+
+    /// The mirror's control socket, mode 0600 (only its owner may change the
+    /// mirror): at --control, or under a name of its own in the control
+    /// folder until the mirror's UUID is known.
+    private func bindControl() throws -> Listener {
+        if let control { return try Listener.unix(absolutePath(control), mode: 0o600) }
+        let folder = try ControlFolder.make()
+        return try Listener.unix("\(folder)/.starting-\(getpid()).ctl", mode: 0o600,
+                                 hint: "use --control or set XDG_RUNTIME_DIR")
     }
 
     private func deviceOptions(createSize: UInt64?) -> DeviceOptions {
@@ -164,15 +193,20 @@ struct Serve: AsyncParsableCommand {
             }
             do { mirrorLock = try MirrorLock(owner) } catch { throw CleanExit.message("\(error)", code: 1) }
         }
-        return ServedTarget(target: LinearTarget(device: device, client: client), summary: legs[0]) {
+        return ServedTarget(target: LinearTarget(device: device, client: client), summary: legs[0],
+                            engineKind: client.engineKind) {
             let flushed = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
             if let flushed, !flushed.succeeded { logger.error("final flush failed: \(flushed)") }
             mirrorLock?.release()
         }
     }
 
-    private func serveMirror(client: DMIOClient, logger: Logger) throws -> ServedTarget {
-        let specs = legs.isEmpty ? try DefaultMirror.legPaths() : legs
+    /// Opens the mirror (which writes nothing), names its control socket
+    /// after it, and starts it. A signal before the start stops there; one
+    /// during it, once the start is done.
+    private func serveMirror(client: DMIOClient, control: inout Listener?, stops: StopSignals,
+                             logger: Logger) throws -> ServedTarget {
+        let specs = legs.isEmpty ? try DefaultMirror.legPaths() : legs.map(absolutePath)
         let createSize = legs.isEmpty ? DefaultMirror.legBytes : create?.bytes
         try createMirrorIfMissing(specs, createSize: createSize, regionBytes: regionSize?.bytes,
                                   options: deviceOptions(createSize: nil), client: client, logger: logger)
@@ -181,32 +215,43 @@ struct Serve: AsyncParsableCommand {
             mirror = try Mirror.open(specs, client: client, rateLimit: resyncRate?.bytes ?? 0,
                                      deviceOptions: deviceOptions(createSize: nil),
                                      allowMissingLegs: allowMissingLegs, logger: logger)
+            if let signal = stops.received { throw StartInterrupted.before(signal) }
+            // The mirror's lock is held now: a socket of its name is a dead server's.
+            if self.control == nil { try control?.move(to: ControlFolder.socket(for: mirror.uuid)) }
             try mirror.start()
-        } catch {
+        } catch let error as MirrorError {
             throw CleanExit.message("\(error)", code: 1)
         }
-        return ServedTarget(target: mirror, summary: "mirror \(mirror.uuid) of \(specs.joined(separator: " "))") {
+        return ServedTarget(target: mirror, summary: "mirror \(mirror.uuid) of \(specs.joined(separator: " "))",
+                            engineKind: client.engineKind) {
             mirror.stop()
         }
     }
 
-    private func printAttachLines(socketPath: String, controlPath: String) {
+    private func printAttachLines(socketPath: String) {
         let name = export.isEmpty ? "" : " -N \(export)"
         print("""
-            dmio-nbd: serving the default mirror (\(DefaultMirror.folderDescription)) on \(socketPath)
+            dmio-nbd: serving the default mirror (\(DefaultMirror.folder)) on \(socketPath)
               attach:  nbd-client -unix \(socketPath) /dev/nbd0\(name)
               inspect: nbdinfo 'nbd+unix:///\(export)?socket=\(socketPath)'
-              status:  dmio-nbd status --control \(controlPath)
+              status:  \(commandPath) status
             """)
         // Whoever reads this through a pipe (a journal, a script) gets it now.
         fflush(stdout)
     }
 }
 
+/// A stop signal that came while the mirror was being opened: nothing was
+/// written, and nothing more is done.
+enum StartInterrupted: Error {
+    case before(String)
+}
+
 /// What `serve` serves, and what it does at a stop once no request is left.
 struct ServedTarget {
     let target: any BlockTarget
     let summary: String
+    let engineKind: IOEngineKind
     let stop: () -> Void
 }
 
@@ -257,36 +302,36 @@ func duplicate(in specs: [String]) -> String? {
     return nil
 }
 
-/// The mirror `dmio-nbd` serves when given no legs.
+/// The mirror `dmio-nbd` serves when given no legs: in the user's data
+/// folder (XDG's base directories), not in whatever folder one stands in.
 enum DefaultMirror {
     static let legBytes: UInt64 = 1 << 30
 
-    /// $XDG_DATA_HOME/dmio-nbd when XDG_DATA_HOME is set, else ./dmio-data,
-    /// as an absolute path: the status and the log name legs unambiguously.
+    /// $XDG_DATA_HOME/dmio-nbd, else ~/.local/share/dmio-nbd.
     static var folder: String {
-        if let data = getenv("XDG_DATA_HOME").map({ String(cString: $0) }), !data.isEmpty {
-            return data + "/dmio-nbd"
-        }
-        var directory = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        guard getcwd(&directory, directory.count) != nil else { return "dmio-data" }
-        return String(cString: directory) + "/dmio-data"
+        if let data = environment("XDG_DATA_HOME") { return data + "/dmio-nbd" }
+        let home = environment("HOME") ?? getpwuid(getuid()).flatMap { $0.pointee.pw_dir.map { String(cString: $0) } } ?? "/"
+        return (home == "/" ? "" : home) + "/.local/share/dmio-nbd"
     }
 
-    static var folderDescription: String {
-        getenv("XDG_DATA_HOME") == nil ? "./dmio-data" : "$XDG_DATA_HOME/dmio-nbd"
-    }
+    static let folderDescription = "$XDG_DATA_HOME/dmio-nbd (~/.local/share/dmio-nbd)"
 
+    /// The legs' paths, with their folder made (and its parents) if missing.
     static func legPaths() throws -> [String] {
-        if mkdir(folder, 0o755) != 0 && errno != EEXIST {
-            throw CleanExit.message("cannot make \(folder): \(errnoDescription(errno))", code: 1)
+        var made = ""
+        for part in folder.split(separator: "/") {
+            made += "/" + part
+            if mkdir(made, 0o755) != 0 && errno != EEXIST {
+                throw CleanExit.message("cannot make \(made): \(errnoDescription(errno))", code: 1)
+            }
         }
         return ["\(folder)/leg0.img", "\(folder)/leg1.img"]
     }
-}
 
-/// The control socket that goes with an NBD socket: x.sock → x.ctl.
-func controlSocketPath(nextTo socket: String) -> String {
-    (socket.hasSuffix(".sock") ? String(socket.dropLast(5)) : socket) + ".ctl"
+    private static func environment(_ name: String) -> String? {
+        guard let value = getenv(name).map({ String(cString: $0) }), !value.isEmpty else { return nil }
+        return value
+    }
 }
 
 /// An exit with a message for the person who ran the command.

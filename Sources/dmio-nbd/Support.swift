@@ -3,12 +3,40 @@ import Dispatch
 import Glibc
 import Logging
 
+/// $XDG_RUNTIME_DIR, or /run: where a server's sockets go by default.
+let runtimeFolder: String = {
+    if let runtime = getenv("XDG_RUNTIME_DIR").map({ String(cString: $0) }), !runtime.isEmpty { return runtime }
+    return "/run"
+}()
+
 /// $XDG_RUNTIME_DIR/dmio-nbd.sock, or /run/dmio-nbd.sock.
-let defaultSocketPath: String = {
-    if let runtime = getenv("XDG_RUNTIME_DIR").map({ String(cString: $0) }), !runtime.isEmpty {
-        return runtime + "/dmio-nbd.sock"
+let defaultSocketPath = runtimeFolder + "/dmio-nbd.sock"
+
+/// A leg or socket as an absolute path (a URI as it is), so that status,
+/// the log and a server in another folder name the same file.
+func absolutePath(_ spec: String) -> String {
+    guard !spec.hasPrefix("/"), !spec.contains("://") else { return spec }
+    var folder = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    guard getcwd(&folder, folder.count) != nil else { return spec }
+    let base = String(cString: folder)
+    let relative = spec.hasPrefix("./") ? String(spec.dropFirst(2)) : spec
+    return (base == "/" ? "" : base) + "/" + relative
+}
+
+/// How to run this program again, for the lines it prints: `dmio-nbd`
+/// when that is what PATH finds, else the executable's own path.
+let commandPath: String = {
+    var bytes = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let count = readlink("/proc/self/exe", &bytes, bytes.count - 1)
+    guard count > 0 else { return "dmio-nbd" }
+    let executable = String(cString: bytes)
+    let folders = (getenv("PATH").map { String(cString: $0) } ?? "").split(separator: ":")
+    let onPath = folders.first { access("\($0)/dmio-nbd", X_OK) == 0 }.map { folder -> String in
+        let found = realpath("\(folder)/dmio-nbd", nil)
+        defer { free(found) }
+        return found.map { String(cString: $0) } ?? ""
     }
-    return "/run/dmio-nbd.sock"
+    return onPath == executable ? "dmio-nbd" : executable
 }()
 
 func makeLogger(verbose: Bool) -> Logger {
@@ -55,41 +83,53 @@ struct TCPAddress {
     }
 }
 
-/// Makes `path` free for a new socket: a stale socket left by a crash is
-/// removed; one that a live server answers on is an error naming its pid.
-func claimSocketPath(_ path: String) throws {
-    var info = stat()
-    guard lstat(path, &info) == 0 else { return }
-    guard info.st_mode & S_IFMT == S_IFSOCK else {
-        throw CleanExit.message("\(path) exists and is not a socket", code: 1)
-    }
-    let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    let connected = try withUnixAddress(path) { connect(fd, $0, $1) }
-    if connected == 0 {
-        let pid = dmio_peer_pid(fd)
-        throw CleanExit.message("socket \(path) in use\(pid > 0 ? " by pid \(pid)" : "")", code: 1)
-    }
-    unlink(path)
-}
+/// SIGTERM, SIGINT and SIGHUP (an ssh session that closes, as qemu-nbd
+/// takes it) each ask for a clean stop. Installed before anything is
+/// opened, so that a signal during a long start-up is a clean stop too:
+/// the start-up looks at `received` between its steps. A second signal
+/// forces the stop: `onSecond` runs, then the process exits with 1.
+final class StopSignals: @unchecked Sendable {
+    private let queue = DispatchQueue(label: "signals")
+    private var sources: [DispatchSourceSignal] = []
+    /// Touched on `queue` only.
+    private var first: String?
+    private var waiting: CheckedContinuation<String, Never>?
+    private var onSecond: (String) -> Void = { _ in }
 
-/// Waits for SIGTERM or SIGINT and returns its name.
-func waitForStopSignal() async -> String {
-    await withCheckedContinuation { continuation in
-        let queue = DispatchQueue(label: "signals")
-        var sources: [DispatchSourceSignal] = []
-        var resumed = false
-        for (number, name) in [(SIGTERM, "SIGTERM"), (SIGINT, "SIGINT")] {
+    init() {
+        for (number, name) in [(SIGTERM, "SIGTERM"), (SIGINT, "SIGINT"), (SIGHUP, "SIGHUP")] {
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-            source.setEventHandler {
-                guard !resumed else { return }
-                resumed = true
-                sources.forEach { $0.cancel() }
-                continuation.resume(returning: name)
-            }
+            source.setEventHandler { [unowned self] in arrived(name) }
             source.resume()
             sources.append(source)
+        }
+    }
+
+    private func arrived(_ name: String) {
+        guard first == nil else {
+            onSecond(name)
+            exit(1)
+        }
+        first = name
+        waiting?.resume(returning: name)
+        waiting = nil
+    }
+
+    /// The first signal, if one came.
+    var received: String? { queue.sync { first } }
+
+    /// What a second signal does before the process exits: say so.
+    func whenForced(_ body: @escaping (String) -> Void) {
+        queue.sync { onSecond = body }
+    }
+
+    /// Waits for the first signal (returns at once if it came) and returns its name.
+    func wait() async -> String {
+        await withCheckedContinuation { continuation in
+            queue.async { [self] in
+                if let first { continuation.resume(returning: first) } else { waiting = continuation }
+            }
         }
     }
 }

@@ -6,11 +6,15 @@ import Testing
 
 /// `dmio-nbd` with no arguments: the product's one command.
 @Suite struct DefaultMirrorTests {
+    /// Legs go in $XDG_DATA_HOME/dmio-nbd, made with the folders above it,
+    /// whatever folder the command runs in.
     @Test func noArgumentsServeATwoLegMirrorThatSurvivesARestart() throws {
         let fixture = MirrorFixture()
+        let data = fixture.path("fresh/data")
         let start = { () throws -> ServeProcess in
             let server = try ServeProcess(arguments: ["--socket", fixture.socket], socket: fixture.socket,
-                                          subcommand: nil, directory: fixture.folder)
+                                          subcommand: nil, directory: fixture.folder,
+                                          environment: ["XDG_DATA_HOME": data])
             try server.waitUntilListening()
             return server
         }
@@ -18,10 +22,12 @@ import Testing
         let printed = server.stdout()
         #expect(printed.contains("nbd-client -unix \(fixture.socket) /dev/nbd0"), "\(printed)")
         #expect(printed.contains("nbdinfo 'nbd+unix:///?socket=\(fixture.socket)'"), "\(printed)")
+        #expect(printed.contains("status:  \(dmioNBDExecutable) status"), "\(printed)")
         for leg in ["leg0.img", "leg1.img"] {
-            let attributes = try FileManager.default.attributesOfItem(atPath: fixture.path("dmio-data/\(leg)"))
+            let attributes = try FileManager.default.attributesOfItem(atPath: "\(data)/dmio-nbd/\(leg)")
             #expect(attributes[.size] as? Int == 1 << 30)
         }
+        #expect(!FileManager.default.fileExists(atPath: fixture.path("dmio-data")))
         let status = try fixture.status()
         #expect(status.legs.map(\.state) == [.inSync, .inSync])
         #expect(status.size == (1 << 30) - (1 << 20))
@@ -38,6 +44,19 @@ import Testing
         #expect(try handle.read(bytes.count, at: 100 << 20) == bytes)
         handle.shutdown()
         #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(fixture.path("dmio-data/leg0.img"), fixture.path("dmio-data/leg1.img")))
+        #expect(fixture.legsEqual("\(data)/dmio-nbd/leg0.img", "\(data)/dmio-nbd/leg1.img"))
+    }
+
+    /// Without XDG_DATA_HOME the legs go in ~/.local/share/dmio-nbd.
+    @Test func withoutXDGDataHomeTheLegsGoInTheHomeFolder() throws {
+        let fixture = MirrorFixture()
+        let home = fixture.path("home")
+        try FileManager.default.createDirectory(atPath: home, withIntermediateDirectories: false)
+        let server = try ServeProcess(arguments: ["--socket", fixture.socket], socket: fixture.socket,
+                                      subcommand: nil, directory: fixture.folder,
+                                      environment: ["XDG_DATA_HOME": "", "HOME": home])
+        try server.waitUntilListening()
+        #expect(FileManager.default.fileExists(atPath: "\(home)/.local/share/dmio-nbd/leg0.img"))
+        #expect(server.stop() == 0)
     }
 }

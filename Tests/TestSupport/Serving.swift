@@ -14,10 +14,14 @@ public final class ServeProcess {
 
     /// `dmio-nbd serve ARGUMENTS`, or with `subcommand` nil `dmio-nbd
     /// ARGUMENTS` (the default command), run in `directory` if given.
-    public init(arguments: [String], socket: String, subcommand: String? = "serve", directory: String? = nil) throws {
+    /// `environment` adds to the test's own (an empty value unsets one, as
+    /// far as dmio-nbd is concerned).
+    public init(arguments: [String], socket: String, subcommand: String? = "serve", directory: String? = nil,
+                environment: [String: String] = [:]) throws {
         self.socket = socket
         process.executableURL = URL(fileURLWithPath: dmioNBDExecutable)
         process.arguments = (subcommand.map { [$0] } ?? []) + arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
         process.standardError = errors
         process.standardOutput = output

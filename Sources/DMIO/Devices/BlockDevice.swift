@@ -35,8 +35,16 @@ public struct DeviceOptions: Sendable, Hashable {
 }
 
 /// What kind of device a `BlockDevice` is.
-public enum DeviceKind: Sendable, Hashable {
+public enum DeviceKind: Sendable, Hashable, CustomStringConvertible {
     case file, blockDevice, remote
+
+    public var description: String {
+        switch self {
+        case .file: "file"
+        case .blockDevice: "block device"
+        case .remote: "NBD export"
+        }
+    }
 }
 
 /// A device that regions point at: a regular file, a block device, or a

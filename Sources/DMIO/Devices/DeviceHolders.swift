@@ -54,19 +54,7 @@ enum DeviceHolders {
 
     /// "open by pid 4242 (dmio-nbd)" for each process with `device` open.
     private static func openers(of device: dev_t) -> [String] {
-        var openers: [String] = []
-        for pid in directoryEntries("/proc") where pid.allSatisfy(\.isNumber) {
-            let holds = directoryEntries("/proc/\(pid)/fd").contains { fd in
-                var info = stat()
-                return stat("/proc/\(pid)/fd/\(fd)", &info) == 0 && info.st_mode & S_IFMT == S_IFBLK
-                    && info.st_rdev == device
-            }
-            if holds {
-                let command = readText("/proc/\(pid)/comm")?.trimmed ?? "?"
-                openers.append("open by pid \(pid) (\(command))")
-            }
-        }
-        return openers
+        OpenFiles.holders { _, info in info.st_mode & S_IFMT == S_IFBLK && info.st_rdev == device }.map { "open by \($0)" }
     }
 
     /// Mount points in mountinfo escape spaces and the like as \040.
@@ -96,37 +84,4 @@ func sysfsNumber(_ device: dev_t) -> String {
 private func makeDevice(major: UInt32, minor: UInt32) -> dev_t {
     let (major, minor) = (dev_t(major), dev_t(minor))
     return (major & 0xFFF) << 8 | (major & ~0xFFF) << 32 | (minor & 0xFF) | (minor & ~0xFF) << 12
-}
-
-/// The whole of a small file (sysfs, procfs), nil where it cannot be read.
-func readText(_ path: String) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let count = read(fd, &chunk, chunk.count)
-        if count < 0 && errno == EINTR { continue }
-        if count <= 0 { break }
-        bytes += chunk[0..<count]
-    }
-    return String(decoding: bytes, as: UTF8.self)
-}
-
-private func directoryEntries(_ path: String) -> [String] {
-    guard let directory = opendir(path) else { return [] }
-    defer { closedir(directory) }
-    var names: [String] = []
-    while let entry = readdir(directory) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name != "." && name != ".." { names.append(name) }
-    }
-    return names
-}
-
-extension String {
-    fileprivate var trimmed: String {
-        String(self.drop { $0 == " " || $0 == "\n" }.reversed().drop { $0 == " " || $0 == "\n" }.reversed())
-    }
 }

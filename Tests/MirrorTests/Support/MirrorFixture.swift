@@ -46,7 +46,10 @@ final class MirrorFixture {
     @discardableResult
     func control(_ words: [String]) throws -> MirrorStatus {
         let output = try run([dmioNBDExecutable] + words + ["--socket", socket, "--json"])
-        return try JSONDecoder().decode(Answer.self, from: Data(output.utf8)).status
+        let printed = try JSONDecoder().decode(StatusOutput.self, from: Data(output.utf8))
+        #expect(printed.version == 1)
+        #expect(printed.mirrors.count == 1)
+        return printed.mirrors[0].mirror
     }
 
     func status() throws -> MirrorStatus { try control(["status"]) }
@@ -104,9 +107,14 @@ final class MirrorFixture {
         try? FileManager.default.removeItem(atPath: folder)
     }
 
-    private struct Answer: Decodable {
-        var ok: Bool
-        var status: MirrorStatus
+    /// What `--json` prints (the README lists its fields).
+    struct StatusOutput: Decodable {
+        struct Report: Decodable {
+            var mirror: MirrorStatus
+            var served: [String]
+        }
+        var version: Int
+        var mirrors: [Report]
     }
 }
 

@@ -1,0 +1,178 @@
+import ArgumentParser
+import DMIO
+import FoundationEssentials
+import Glibc
+import Mirror
+
+/// What the control subcommands share: which mirror they talk to. With
+/// none of --control, --mirror and --socket, every mirror served on this
+/// machine (its control socket in `ControlFolder`): `status` shows them
+/// all, the leg commands need there to be one.
+struct ControlOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("The mirror's control socket.", valueName: "path"))
+    var control: String?
+
+    @Option(help: ArgumentHelp("The mirror's UUID (or its first characters).", valueName: "uuid"))
+    var mirror: String?
+
+    @Option(help: ArgumentHelp("The mirror served on this NBD socket.", valueName: "path"))
+    var socket: String?
+
+    @Flag(help: "Print the answer as JSON (its fields are in the README).")
+    var json = false
+
+    /// The mirrors named, each with its control socket.
+    func reports() throws -> [(control: String, report: MirrorReport)] {
+        let controls = control.map { [$0] } ?? ControlFolder.sockets
+        var found: [(control: String, report: MirrorReport)] = []
+        var forbidden: [String] = []
+        for path in controls {
+            do {
+                found.append((path, try exchange(ControlRequest(command: .status), with: path).report))
+            } catch {
+                // With --control the one socket named must answer; in the
+                // folder, a socket no server answers is a crashed server's,
+                // and one this user may not open is another user's.
+                if control != nil { throw error }
+                if case .some(EACCES) = (error as? ControlUnreachable)?.errno { forbidden.append(path) }
+            }
+        }
+        let matching = found.filter { _, report in
+            (mirror.map { report.mirror.uuid.hasPrefix($0.lowercased()) } ?? true)
+                && (socket.map { report.served.contains("unix:\(absolutePath($0))") } ?? true)
+        }
+        guard !matching.isEmpty else {
+            if !forbidden.isEmpty {
+                throw CleanExit.message("the control sockets in \(ControlFolder.path) are another user's: "
+                                        + "run this as the user who serves the mirror", code: 1)
+            }
+            let which = [mirror.map { "mirror \($0)" }, socket.map { "on socket \($0)" }].compactMap { $0 }
+            throw CleanExit.message(
+                "no mirror \(which.isEmpty ? "is served here" : which.joined(separator: " ") + " is served here") "
+                + "(no control socket in \(ControlFolder.path) answers\(found.isEmpty ? "" : " for it")); "
+                + "is `dmio-nbd serve` running? --control PATH names its socket", code: 1)
+        }
+        return matching
+    }
+
+    /// Sends `request` to the one mirror named and prints the mirror as it
+    /// is after it; fails when the request did.
+    func send(_ request: ControlRequest) throws {
+        let named = try reports()
+        guard named.count == 1 else {
+            throw CleanExit.message("\(named.count) mirrors are served here: name one with --mirror UUID ("
+                                    + named.map { "\($0.report.mirror.uuid) on \($0.report.served.joined(separator: ", "))" }
+                                        .joined(separator: "; ") + ")", code: 1)
+        }
+        let answer = try exchange(request, with: named[0].control)
+        guard answer.ok else { throw CleanExit.message(answer.error ?? "refused", code: 1) }
+        print([answer.report])
+    }
+
+    /// Prints mirrors' reports: as JSON, or for a person.
+    func print(_ reports: [MirrorReport]) {
+        if json {
+            Swift.print(encodeJSON(StatusOutput(mirrors: reports)))
+        } else {
+            Swift.print(reports.map { describe($0) }.joined(separator: "\n\n"))
+        }
+    }
+
+    private func exchange(_ request: ControlRequest, with path: String) throws -> ControlAnswer {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(fd) }
+        let connected = try withUnixAddress(path) { connect(fd, $0, $1) }
+        guard connected == 0 else { throw ControlUnreachable(path: path, errno: errno) }
+        writeAll(fd, encodeJSON(request) + "\n")
+        var reply: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = read(fd, &chunk, chunk.count)
+            if count < 0 && errno == EINTR { continue }
+            if count <= 0 { break }
+            reply += chunk[0..<count]
+        }
+        guard let answer = try? JSONDecoder().decode(ControlAnswer.self, from: Data(reply)) else {
+            throw CleanExit.message("the answer on \(path) could not be read (is the server another version of dmio-nbd?)",
+                                    code: 1)
+        }
+        return answer
+    }
+}
+
+/// A mirror for a person: the dmsetup line, then a table.
+func describe(_ report: MirrorReport) -> String {
+    let status = report.mirror
+    func mib(_ bytes: UInt64) -> String { "\(bytes >> 20) MiB" }
+    var lines = [status.dmsetupLine, ""]
+    lines.append("mirror \(status.uuid): \(mib(status.size)), \(status.regions) regions of \(status.regionBytes >> 10) KiB, "
+                 + "\(status.dirtyRegions) dirty, event \(status.events)")
+    lines.append("served on \(report.served.joined(separator: ", "))")
+    let width = max(6, status.legs.map(\.device.count).max() ?? 0)
+    lines.append("leg  state       " + "device".padding(width) + "  read/write errors  last error")
+    for leg in status.legs {
+        lines.append("\(leg.index)".padding(5) + leg.state.description.padding(12) + leg.device.padding(width)
+                     + "  " + "\(leg.readErrors)/\(leg.writeErrors)".padding(19) + (leg.error ?? "-"))
+    }
+    let resync = status.resync
+    if resync.active {
+        lines.append("resync (\(resync.reason)): \(resync.summary)")
+    } else if !resync.lastResult.isEmpty {
+        lines.append("last resync: \(resync.lastResult)")
+    }
+    return lines.joined(separator: "\n")
+}
+
+extension String {
+    fileprivate func padding(_ width: Int) -> String {
+        self + String(repeating: " ", count: max(1, width - count))
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show each mirror's legs, their health and the resync's progress.",
+        discussion: "With no mirror named, every mirror served on this machine.")
+    @OptionGroup var options: ControlOptions
+    func run() throws { options.print(try options.reports().map(\.report)) }
+}
+
+struct FailLeg: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fail-leg", abstract: "Take a leg out of the mirror (it is no longer read or written).")
+    @Argument(help: "The leg's number (0 is the first).") var leg: Int
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.send(ControlRequest(command: .failLeg, leg: leg)) }
+}
+
+struct ReaddLeg: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "readd-leg", abstract: "Bring a degraded leg back; only the regions written meanwhile are copied.")
+    @Argument(help: "The leg's number (0 is the first).") var leg: Int
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.send(ControlRequest(command: .readdLeg, leg: leg)) }
+}
+
+struct ReplaceLeg: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "replace-leg", abstract: "Put a new device in place of a leg; it gets a full copy, online.")
+    @Argument(help: "The leg's number (0 is the first).") var leg: Int
+    @Argument(help: "The new leg: a file, a block device or an NBD URI, at least as large as the others.") var device: String
+    @Flag(help: "Overwrite a device that holds a file system or a partition table.") var force = false
+    @OptionGroup var options: ControlOptions
+    func run() throws {
+        // The server resolves nothing: it may stand in another folder.
+        try options.send(ControlRequest(command: .replaceLeg, leg: leg, device: absolutePath(device), force: force))
+    }
+}
+
+/// A control socket that could not be reached.
+struct ControlUnreachable: Error, CustomStringConvertible {
+    let path: String
+    let errno: Int32
+
+    var description: String {
+        "cannot reach the mirror's control socket \(path): \(errnoDescription(errno))"
+            + (errno == EACCES ? "; run this as the user who serves the mirror" : "")
+    }
+}

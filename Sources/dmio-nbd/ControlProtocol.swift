@@ -1,0 +1,105 @@
+import DMIO
+import FoundationEssentials
+import Glibc
+import Mirror
+
+/// The control socket's protocol: a client connects, sends one request as
+/// one line of JSON, and reads one answer, a JSON object, until the server
+/// closes. Client and server are the same program; the JSON output of the
+/// commands (`--json`) is documented in the README.
+struct ControlRequest: Codable, Equatable {
+    enum Command: String, Codable { case status, failLeg = "fail-leg", readdLeg = "readd-leg", replaceLeg = "replace-leg" }
+
+    var command: Command
+    var leg: Int?
+    /// replace-leg: the new device, as an absolute path or a URI.
+    var device: String?
+    /// replace-leg: overwrite what the device holds.
+    var force: Bool?
+
+    /// The request in `line`, or nil when it is not one.
+    static func parse(_ line: String) -> ControlRequest? {
+        guard let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line.utf8)) else { return nil }
+        switch request.command {
+        case .status: return request
+        case .failLeg, .readdLeg: return request.leg == nil ? nil : request
+        case .replaceLeg: return request.leg == nil || request.device == nil ? nil : request
+        }
+    }
+}
+
+/// One mirror as a control socket reports it: its status, and where it is
+/// served (`unix:/run/dmio-nbd.sock`, `127.0.0.1:10809`).
+struct MirrorReport: Codable {
+    var mirror: MirrorStatus
+    var served: [String]
+}
+
+/// The answer to a request: whether it was done (and why not), and the
+/// mirror as it is after it.
+struct ControlAnswer: Codable {
+    var ok: Bool
+    var error: String?
+    var report: MirrorReport
+}
+
+/// What `status --json` and the leg commands print with `--json`.
+struct StatusOutput: Codable {
+    /// Changes when a field changes meaning or goes away (new fields may come).
+    static let currentVersion = 1
+    var version = currentVersion
+    var mirrors: [MirrorReport]
+}
+
+func encodeJSON<Value: Encodable>(_ value: Value) -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    return (try? String(decoding: encoder.encode(value), as: UTF8.self)) ?? "{}"
+}
+
+/// One line from `fd` (4 KiB at most), without its newline.
+func readLine(_ fd: Int32) -> String? {
+    var bytes: [UInt8] = []
+    var byte: UInt8 = 0
+    while bytes.count < 4096, read(fd, &byte, 1) == 1 {
+        if byte == UInt8(ascii: "\n") { return String(decoding: bytes, as: UTF8.self) }
+        bytes.append(byte)
+    }
+    return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
+}
+
+func writeAll(_ fd: Int32, _ text: String) {
+    var bytes = Array(text.utf8)[...]
+    while !bytes.isEmpty {
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if written < 0 && errno == EINTR { continue }
+        if written <= 0 { return }
+        bytes = bytes.dropFirst(written)
+    }
+}
+
+/// Where the control sockets of the mirrors served on this machine are,
+/// one per mirror, named after its UUID: `status` finds every running
+/// mirror there. $XDG_RUNTIME_DIR/dmio-nbd, or /run/dmio-nbd.
+enum ControlFolder {
+    static var path: String { runtimeFolder + "/dmio-nbd" }
+
+    static func socket(for mirror: MirrorUUID) -> String { "\(path)/\(mirror).ctl" }
+
+    /// Makes the folder if missing.
+    static func make() throws -> String {
+        if mkdir(path, 0o755) != 0 && errno != EEXIST {
+            let error = errno
+            if error == EACCES || error == EROFS || error == EPERM {
+                throw CleanExit.message("\(runtimeFolder) is not writable: use --control or set XDG_RUNTIME_DIR", code: 1)
+            }
+            throw CleanExit.message("cannot make \(path): \(errnoDescription(error))", code: 1)
+        }
+        return path
+    }
+
+    /// The control sockets there (not those of servers still starting).
+    static var sockets: [String] {
+        directoryEntries(path).filter { $0.hasSuffix(".ctl") && !$0.hasPrefix(".") }.sorted().map { "\(path)/\($0)" }
+    }
+}

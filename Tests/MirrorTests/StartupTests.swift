@@ -1,0 +1,102 @@
+import Foundation
+import Glibc
+import LibNBD
+import Mirror
+import TestSupport
+import Testing
+
+/// The start-up: sockets are bound before any leg is opened, refusals say
+/// what to fix, and every mirror has a control socket of its own.
+@Suite(.serialized) struct StartupTests {
+    /// A TCP port of 127.0.0.1 that nothing listens on now.
+    private func freePort() -> Int {
+        let listener = TCPListener()
+        defer { listener.close() }
+        return listener.port
+    }
+
+    /// A listening TCP socket on 127.0.0.1, held by the test process.
+    private struct TCPListener {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var port: Int {
+            var address = sockaddr_in()
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+            }
+            return Int(UInt16(bigEndian: address.sin_port))
+        }
+
+        init() {
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+            _ = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            listen(fd, 1)
+        }
+
+        func close() { Glibc.close(fd) }
+    }
+
+    private func metadata(_ leg: String) -> Data? { FileManager.default.contents(atPath: leg)?.prefix(1 << 20) }
+
+    @Test func aPortInUseIsRefusedBeforeAnyLegIsTouched() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        try run([dmioNBDExecutable, "create", "--size", "16M"] + legs)
+        let before = legs.map(metadata)
+        let busy = TCPListener()
+        defer { busy.close() }
+        let said = try fixture.serveRefused(legs + ["--tcp", "127.0.0.1:\(busy.port)"])
+        #expect(said.contains("port \(busy.port) is in use (by pid \(getpid()) ("), "\(said)")
+        #expect(!said.contains("leg 0"), "no leg was opened: \(said)")
+        #expect(legs.map(metadata) == before)
+    }
+
+    @Test func socketPathsThatCannotBeBoundAreRefusedPlainly() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        try run([dmioNBDExecutable, "create", "--size", "16M"] + legs)
+        let before = legs.map(metadata)
+        let missing = try fixture.serveRefused(legs, socket: fixture.path("no/such/folder/nbd.sock"))
+        #expect(missing.contains("directory \(fixture.path("no/such/folder")) does not exist"), "\(missing)")
+        let long = fixture.path(String(repeating: "x", count: 120) + ".sock")
+        let tooLong = try fixture.serveRefused(legs, socket: long)
+        #expect(tooLong.contains("socket path \(long) is \(long.utf8.count) bytes, at most 107"), "\(tooLong)")
+        let control = try fixture.serveRefused(legs + ["--control", fixture.path("gone/x.ctl")])
+        #expect(control.contains("directory \(fixture.path("gone")) does not exist"), "\(control)")
+        #expect(legs.map(metadata) == before)
+    }
+
+    /// Two mirrors served on TCP only: each has its own control socket,
+    /// `status` lists both, and a leg command names one of them.
+    @Test func mirrorsServedOnTCPOnlyHaveAControlSocketEach() throws {
+        let fixture = MirrorFixture()
+        let ports = [freePort(), freePort()]
+        var servers: [ServeProcess] = []
+        for (index, port) in ports.enumerated() {
+            let legs = [fixture.path("m\(index)-leg0.img"), fixture.path("m\(index)-leg1.img")]
+            servers.append(try ServeProcess(arguments: legs + ["--create", "16M", "--tcp", "127.0.0.1:\(port)"],
+                                            socket: ""))
+            let deadline = Date().addingTimeInterval(20)
+            while (try? NBDHandle().connect(uri: "nbd://127.0.0.1:\(port)")) == nil, Date() < deadline {
+                guard servers[index].process.isRunning else {
+                    Issue.record("mirror \(index) did not start: \(servers[index].stderr())")
+                    return
+                }
+                usleep(20_000)
+            }
+        }
+        let output = try run([dmioNBDExecutable, "status", "--json"])
+        let printed = try JSONDecoder().decode(MirrorFixture.StatusOutput.self, from: Data(output.utf8))
+        let uuids = ports.map { port in printed.mirrors.first { $0.served == ["127.0.0.1:\(port)"] }?.mirror.uuid }
+        #expect(uuids.allSatisfy { $0 != nil }, "\(output)")
+        guard let first = uuids[0] else { return }
+        try run([dmioNBDExecutable, "fail-leg", "1", "--mirror", String(first.prefix(8))])
+        let after = try run([dmioNBDExecutable, "status", "--mirror", first])
+        #expect(after.hasPrefix("2 ") && after.contains(" AD\n"), "\(after)")
+        for server in servers { #expect(server.stop() == 0) }
+    }
+}
