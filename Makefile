@@ -4,7 +4,8 @@ BENCH_FLAGS ?=
 # Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
 SHARED ?= ../shared
 
-.PHONY: test e2e serve build deps bench bench-nbd bench-linear example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear example clean
+PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
 test: deps
@@ -25,6 +26,11 @@ e2e: deps
 
 build: deps
 	$(SWIFT) build
+
+## Install dmio-nbd as $(PREFIX)/bin/dmio-nbd (DESTDIR for a staging root).
+install: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	install -D -m 755 .build/release/dmio-nbd $(DESTDIR)$(PREFIX)/bin/dmio-nbd
 
 deps:
 	@scripts/install-deps

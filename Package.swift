@@ -65,7 +65,9 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
-            swiftSettings: hotPath),
+            swiftSettings: hotPath,
+            plugins: ["BuildInfo"]),
+        .plugin(name: "BuildInfo", capability: .buildTool()),
 
         .executableTarget(
             name: "dmio-bench",

@@ -73,6 +73,9 @@ public func errnoDescription(_ code: Int32) -> String {
     return text
 }
 
+/// "ENOSPC" for an errno (its number where it has no name here).
+public func errnoName(_ code: Int32) -> String { errnoNames[code] ?? "errno \(code)" }
+
 private let errnoNames: [Int32: String] = [
     EPERM: "EPERM", ENOENT: "ENOENT", EIO: "EIO", ENXIO: "ENXIO", EBADF: "EBADF",
     EAGAIN: "EAGAIN", ENOMEM: "ENOMEM", EACCES: "EACCES", EBUSY: "EBUSY",

@@ -36,7 +36,8 @@ extension Mirror {
         let uuid = MirrorUUID.random()
         let generation = Superblock.newGeneration()
         let records = devices.indices.map { index in
-            LegRecord(uuid: .random(), state: fresh || index == 0 ? .inSync : .rebuilding, errno: 0)
+            LegRecord(uuid: .random(), state: fresh || index == 0 ? .inSync : .rebuilding, errno: 0,
+                      name: devices[index].name)
         }
         let log = DirtyLog(regionBytes: regionBytes, regionCount: layout.regionCount)
         if !fresh { log.markAll() }
@@ -157,7 +158,8 @@ extension Mirror {
                 throw .wrongPosition(leg: device.name, isLeg: superblock.legIndex, givenAs: index)
             }
             guard superblock.legs[index].uuid == freshest.legs[index].uuid else {
-                throw .invalidLegChange("\(device.name) was replaced in mirror \(freshest.mirror) and is no longer leg \(index)")
+                throw .replacedLeg(leg: device.name, index: index, mirror: freshest.mirror,
+                                   now: freshest.legs[index].name)
             }
             guard device.size >= freshest.legBytes else {
                 throw .sizeChanged(leg: device.name, bytes: device.size, expected: freshest.legBytes)
@@ -189,14 +191,18 @@ extension Mirror {
             guard let device = found[index]?.device else {
                 // A leg last seen in use has the freshest leg's generation,
                 // as far as anyone knows; a degraded one keeps its record.
+                guard record.state == .degraded else {
+                    return LegTable.Member(name: specs[index], device: nil, uuid: record.uuid, state: .degraded,
+                                           errno: unavailable[index] ?? EIO,
+                                           cause: unusable[index] == nil ? .open : .metadata,
+                                           failedGeneration: freshest.generation)
+                }
                 return LegTable.Member(name: specs[index], device: nil, uuid: record.uuid, state: .degraded,
-                                       errno: unavailable[index] ?? EIO,
-                                       failedGeneration: record.state == .degraded ? record.failedGeneration
-                                                                                   : freshest.generation)
+                                       errno: record.errno, cause: record.cause, failedGeneration: record.failedGeneration)
             }
             return LegTable.Member(name: specs[index], device: device, uuid: record.uuid,
                                    state: stale.contains(index) ? .rebuilding : record.state, errno: record.errno,
-                                   failedGeneration: record.failedGeneration)
+                                   cause: record.cause, failedGeneration: record.failedGeneration)
         }
         guard members.contains(where: { $0.state == .inSync }) else {
             throw .noLegAvailable(specs.indices.filter { freshest.legs[$0].state == .inSync }.map { specs[$0] })

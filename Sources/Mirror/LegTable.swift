@@ -16,6 +16,8 @@ final class LegTable: @unchecked Sendable {
         var state: LegState
         /// What failed the leg, or the last error it returned.
         var errno: Int32 = 0
+        /// Why a degraded leg left.
+        var cause: LegCause = .unknown
         /// The generation a degraded leg was failed in (see `Superblock.generation`).
         var failedGeneration: UInt64 = 0
         var readErrors = 0
@@ -105,7 +107,7 @@ final class LegTable: @unchecked Sendable {
         case .inSync where inSyncCount == 1:
             return false
         case .inSync, .rebuilding:
-            degradeLocked(index)
+            degradeLocked(index, cause: reading ? .read : .write)
             return true
         }
     }
@@ -113,8 +115,9 @@ final class LegTable: @unchecked Sendable {
     /// The leg keeps the generation it has; the legs that go on get a new
     /// one, so that the leg shows, when it comes back, whether a server
     /// wrote to it meanwhile.
-    private func degradeLocked(_ index: Int) {
+    private func degradeLocked(_ index: Int, cause: LegCause) {
         members[index].state = .degraded
+        members[index].cause = cause
         members[index].failedGeneration = generation
         generation = Superblock.newGeneration()
         changed()
@@ -164,7 +167,8 @@ final class LegTable: @unchecked Sendable {
         case .inSync where inSyncCount == 1:
             throw .invalidLegChange("leg \(index) is the last in-sync leg; failing it would lose the data")
         case .inSync, .rebuilding:
-            degradeLocked(index)
+            members[index].errno = 0
+            degradeLocked(index, cause: .operator)
         }
     }
 
@@ -195,6 +199,7 @@ final class LegTable: @unchecked Sendable {
         members[index].uuid = uuid
         members[index].state = .rebuilding
         members[index].errno = 0
+        members[index].cause = .unknown
         members[index].failedGeneration = 0
         changed()
     }
@@ -232,8 +237,8 @@ final class LegTable: @unchecked Sendable {
     /// What the superblocks record: every leg, and the generation.
     var recorded: (legs: [LegRecord], generation: UInt64) {
         lock.withLock {
-            (members.map { LegRecord(uuid: $0.uuid, state: $0.state, errno: $0.errno,
-                                     failedGeneration: $0.failedGeneration) }, generation)
+            (members.map { LegRecord(uuid: $0.uuid, state: $0.state, cause: $0.cause, errno: $0.errno,
+                                     failedGeneration: $0.failedGeneration, name: $0.name) }, generation)
         }
     }
 }

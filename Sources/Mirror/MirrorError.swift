@@ -20,6 +20,9 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     case corruptLeg(leg: String, reason: String)
     case foreignLeg(leg: String, belongsTo: MirrorUUID, expected: MirrorUUID)
     case wrongPosition(leg: String, isLeg: Int, givenAs: Int)
+    /// A leg that was replaced; `now` is the leg in its place, as the mirror
+    /// last served it ("" if not known).
+    case replacedLeg(leg: String, index: Int, mirror: MirrorUUID, now: String)
     case wrongLegCount(mirror: MirrorUUID, has: Int, given: Int)
     case sizeChanged(leg: String, bytes: UInt64, expected: UInt64)
     case metadataIO(leg: String, errno: Int32)
@@ -71,6 +74,10 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
             "leg \(leg) belongs to mirror \(belongsTo), not to mirror \(expected)"
         case .wrongPosition(let leg, let isLeg, let givenAs):
             "leg \(leg) is leg \(isLeg) of its mirror but was given as leg \(givenAs); give the legs in their order"
+        case .replacedLeg(let leg, let index, let mirror, let now):
+            "\(leg) was replaced in mirror \(mirror) and is no longer leg \(index)"
+                + (now.isEmpty ? "" : "; leg \(index) is now \(now)")
+                + " (give that instead; `dmio-nbd examine` tells what a device is, `dmio-nbd wipe` frees an old leg)"
         case .wrongLegCount(let mirror, let has, let given):
             "mirror \(mirror) has \(has) legs, \(given) given"
         case .sizeChanged(let leg, let bytes, let expected):

@@ -6,10 +6,21 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         public var index: Int
         public var device: String
         public var state: LegState
-        /// What failed the leg (e.g. "No space left on device (ENOSPC)"), if anything.
+        /// What failed the leg (e.g. "No space left on device (ENOSPC)"), if
+        /// anything; for a leg in sync, the last error it returned.
         public var error: String?
+        /// Why a degraded leg is out; nil when not recorded (or in use).
+        public var cause: LegCause?
+        /// The errno of `error`, by name ("ENOSPC").
+        public var errno: String?
         public var readErrors: Int
         public var writeErrors: Int
+
+        /// "write: ENOSPC", "operator", "open: EROFS": why a degraded leg is out.
+        public var why: String? {
+            guard state == .degraded, let cause else { return nil }
+            return [cause.word, errno].compactMap { $0 }.joined(separator: ": ")
+        }
     }
 
     public struct Resync: Sendable, Codable, Hashable {
@@ -75,6 +86,8 @@ extension Mirror {
             legs: members.enumerated().map { index, member in
                 MirrorStatus.Leg(index: index, device: member.name, state: member.state,
                                  error: member.errno == 0 ? nil : errnoDescription(member.errno),
+                                 cause: member.state == .degraded && member.cause != .unknown ? member.cause : nil,
+                                 errno: member.errno == 0 ? nil : errnoName(member.errno),
                                  readErrors: member.readErrors, writeErrors: member.writeErrors)
             },
             resync: MirrorStatus.Resync(

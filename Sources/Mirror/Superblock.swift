@@ -112,16 +112,61 @@ extension String {
     }
 }
 
+/// Why a leg left the mirror, as the superblock records it with the errno.
+/// In JSON a word ("operator", "open"...).
+public enum LegCause: UInt32, Sendable, Hashable {
+    /// Not recorded (metadata from before causes were), or nothing failed.
+    case unknown = 0
+    /// `fail-leg`.
+    case `operator` = 1
+    /// It could not be opened, or its metadata read, at start.
+    case open = 2
+    case read = 3
+    case write = 4
+    /// It holds no usable metadata (none, or both slots damaged).
+    case metadata = 5
+
+    public var word: String {
+        switch self {
+        case .unknown: "unknown"
+        case .operator: "operator"
+        case .open: "open"
+        case .read: "read"
+        case .write: "write"
+        case .metadata: "metadata"
+        }
+    }
+}
+
+extension LegCause: Codable {
+    public init(from decoder: Decoder) throws {
+        let word = try decoder.singleValueContainer().decode(String.self)
+        guard let cause = (0...5).compactMap({ LegCause(rawValue: $0) }).first(where: { $0.word == word }) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "leg cause \(word)"))
+        }
+        self = cause
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(word)
+    }
+}
+
 /// One leg's entry in the superblock.
 struct LegRecord: Sendable, Hashable {
     var uuid: MirrorUUID
     var state: LegState
+    var cause: LegCause = .unknown
     /// What failed the leg (an errno), 0 if nothing did.
     var errno: Int32
     /// For a degraded leg, the generation it was failed in: the one its own
     /// superblock still carries unless a server wrote to it since. 0 when
     /// not known (metadata written before generations were recorded).
     var failedGeneration: UInt64 = 0
+    /// The path or URI the leg was last served by, "" if not known: a hint
+    /// for the person who gives an old command line.
+    var name = ""
 }
 
 /// The superblock: one 4 KiB slot, little-endian, CRC32C in its last four
@@ -154,6 +199,9 @@ struct Superblock: Sendable, Hashable {
         static let magic = 0, version = 8, mirror = 16, legIndex = 32, legCount = 36, events = 40
         static let regionBytes = 48, flags = 52, legBytes = 56, dataOffset = 64, dataBytes = 72, generation = 80
         static let legs = 128, legRecordBytes = 32
+        /// Each leg's name (a 2-byte length, then UTF-8), in leg order, after
+        /// the largest leg table; one that does not fit is left out (length 0).
+        static let names = legs + maxLegs * legRecordBytes
         static let checksum = MirrorLayout.slotBytes - 4
     }
 
@@ -174,9 +222,19 @@ struct Superblock: Sendable, Hashable {
         for (index, leg) in legs.enumerated() {
             let at = Field.legs + index * Field.legRecordBytes
             bytes.store(leg.uuid, at: at)
-            bytes.store(leg.state.rawValue, at: at + 16)
+            // The state's low byte, the cause in the next (0 in older metadata).
+            bytes.store(leg.state.rawValue | leg.cause.rawValue << 8, at: at + 16)
             bytes.store(UInt32(bitPattern: leg.errno), at: at + 20)
             bytes.store(leg.failedGeneration, at: at + 24)
+        }
+        var at = Field.names
+        for (index, leg) in legs.enumerated() {
+            let name = Array(leg.name.utf8)
+            // Room for this name and an empty one for each leg after it.
+            let fits = at + 2 + name.count + 2 * (legs.count - index - 1) <= Field.checksum && name.count <= 0xFFFF
+            bytes.store(UInt16(fits ? name.count : 0), at: at)
+            if fits { bytes.replaceSubrange(at + 2..<at + 2 + name.count, with: name) }
+            at += 2 + (fits ? name.count : 0)
         }
         bytes.store(crc32c(bytes[0..<Field.checksum]), at: Field.checksum)
         return bytes
@@ -202,14 +260,19 @@ struct Superblock: Sendable, Hashable {
             return .corrupt("leg \(legIndex) of \(legCount)")
         }
         var legs: [LegRecord] = []
+        var nameAt = Field.names
         for index in 0..<legCount {
             let at = Field.legs + index * Field.legRecordBytes
-            guard let state = LegState(rawValue: bytes.load(UInt32.self, at: at + 16)) else {
-                return .corrupt("leg \(index) has an unknown state")
-            }
+            let word = bytes.load(UInt32.self, at: at + 16)
+            guard let state = LegState(rawValue: word & 0xFF) else { return .corrupt("leg \(index) has an unknown state") }
+            let nameLength = Int(bytes.load(UInt16.self, at: nameAt))
+            guard nameAt + 2 + nameLength <= Field.checksum else { return .corrupt("leg \(index)'s name runs past the slot") }
             legs.append(LegRecord(uuid: bytes.loadUUID(at: at), state: state,
+                                  cause: LegCause(rawValue: word >> 8 & 0xFF) ?? .unknown,
                                   errno: Int32(bitPattern: bytes.load(UInt32.self, at: at + 20)),
-                                  failedGeneration: bytes.load(UInt64.self, at: at + 24)))
+                                  failedGeneration: bytes.load(UInt64.self, at: at + 24),
+                                  name: String(decoding: bytes[nameAt + 2..<nameAt + 2 + nameLength], as: UTF8.self)))
+            nameAt += 2 + nameLength
         }
         return .superblock(Superblock(
             mirror: bytes.loadUUID(at: Field.mirror), legIndex: legIndex,

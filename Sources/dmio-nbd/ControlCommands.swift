@@ -108,11 +108,12 @@ func describe(_ report: MirrorReport) -> String {
     lines.append("mirror \(status.uuid): \(mib(status.size)), \(status.regions) regions of \(status.regionBytes >> 10) KiB, "
                  + "\(status.dirtyRegions) dirty, event \(status.events)")
     lines.append("served on \(report.served.joined(separator: ", "))")
-    let width = max(6, status.legs.map(\.device.count).max() ?? 0)
-    lines.append("leg  state       " + "device".padding(width) + "  read/write errors  last error")
+    // One column wider than the longest name: `padded` adds a space at least.
+    let width = max(6, status.legs.map(\.device.count).max() ?? 0) + 1
+    lines.append("leg  state       " + "device".padded(width) + "  read/write errors  why out, or last error")
     for leg in status.legs {
-        lines.append("\(leg.index)".padding(5) + leg.state.description.padding(12) + leg.device.padding(width)
-                     + "  " + "\(leg.readErrors)/\(leg.writeErrors)".padding(19) + (leg.error ?? "-"))
+        lines.append("\(leg.index)".padded(5) + leg.state.description.padded(12) + leg.device.padded(width)
+                     + "  " + "\(leg.readErrors)/\(leg.writeErrors)".padded(19) + (leg.why ?? leg.error ?? "-"))
     }
     let resync = status.resync
     if resync.active {
@@ -123,11 +124,6 @@ func describe(_ report: MirrorReport) -> String {
     return lines.joined(separator: "\n")
 }
 
-extension String {
-    fileprivate func padding(_ width: Int) -> String {
-        self + String(repeating: " ", count: max(1, width - count))
-    }
-}
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(

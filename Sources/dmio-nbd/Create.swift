@@ -18,10 +18,12 @@ struct Create: ParsableCommand {
     @Argument(help: "The legs: files, block devices or NBD URIs, all of one size.")
     var legs: [String]
 
-    @Option(help: ArgumentHelp("Make missing legs as sparse files of this size (e.g. 1G).", valueName: "size"))
+    @Option(help: ArgumentHelp("Make missing legs as sparse files of this size (e.g. 1G).", valueName: "size"),
+            transform: ByteSize.parse)
     var size: ByteSize?
 
-    @Option(help: ArgumentHelp("Bytes of data per bit of the write-intent bitmap (default 512K).", valueName: "size"))
+    @Option(help: ArgumentHelp("Bytes of data per bit of the write-intent bitmap (default 512K).", valueName: "size"),
+            transform: ByteSize.parse)
     var regionSize: ByteSize?
 
     @Flag(help: "Overwrite legs that already belong to a mirror, or hold a file system or a partition table.")
@@ -37,23 +39,54 @@ struct Create: ParsableCommand {
 
     func run() throws {
         let client = try DMIOClient()
-        let missing = legs.filter { !$0.contains("://") && access($0, F_OK) != 0 }
+        let specs = legs.map(absolutePath)
+        let missing = specs.filter { !$0.contains("://") && access($0, F_OK) != 0 }
         if !missing.isEmpty && size == nil {
             throw CleanExit.message("\(missing.joined(separator: ", ")) do not exist; --size makes them", code: 1)
         }
-        let devices = try legs.map { try openLeg($0, options: DeviceOptions(createSize: size?.bytes)) }
-        let inSync = missing.count == legs.count || assumeClean
+        let regionBytes = try checkedRegionBytes(regionSize)
+        if let size, !missing.isEmpty { try checkLegSize(size, regionBytes: regionBytes) }
+        // A create that fails leaves no file it made behind.
+        var made: [String] = []
         do {
-            let uuid = try Mirror.create(devices, client: client,
-                                         regionBytes: regionSize.map { UInt32(clamping: $0.bytes) } ?? MirrorLayout.defaultRegionBytes,
-                                         fresh: inSync, force: force, logger: makeLogger(verbose: false))
-            let layout = try MirrorLayout(legBytes: devices[0].size)
-            print("made mirror \(uuid): \(legs.count) legs, \(layout.dataBytes >> 20) MiB of data"
-                  + (inSync ? ", in sync" : "; " + (legs.count == 2 ? "leg 1 gets" : "legs 1 to \(legs.count - 1) get")
+            var devices: [BlockDevice] = []
+            for spec in specs {
+                devices.append(try openLeg(spec, options: DeviceOptions(createSize: size?.bytes)))
+                if missing.contains(spec) { made.append(spec) }
+            }
+            let inSync = missing.count == specs.count || assumeClean
+            let uuid = try Mirror.create(devices, client: client, regionBytes: regionBytes, fresh: inSync, force: force,
+                                         logger: makeLogger(verbose: false))
+            let layout = try MirrorLayout(legBytes: devices[0].size, regionBytes: regionBytes)
+            print("made mirror \(uuid): \(specs.count) legs, \(layout.dataBytes >> 20) MiB of data"
+                  + (inSync ? ", in sync" : "; " + (specs.count == 2 ? "leg 1 gets" : "legs 1 to \(specs.count - 1) get")
                      + " a copy of leg 0 when served"))
         } catch {
-            for path in missing { unlink(path) }
-            throw CleanExit.message("\(error)", code: 1)
+            for path in made { unlink(path) }
+            throw error is CleanExit ? error : CleanExit.message("\(error)", code: 1)
         }
+    }
+}
+
+/// The region size asked for (the default when none), refused as typed
+/// when it cannot be one.
+func checkedRegionBytes(_ size: ByteSize?) throws -> UInt32 {
+    guard let size else { return MirrorLayout.defaultRegionBytes }
+    guard size.bytes <= UInt64(UInt32.max), (try? MirrorLayout(legBytes: .max / 2, regionBytes: UInt32(size.bytes))) != nil else {
+        throw CleanExit.message("--region-size \(size): a region is a power of two of at least 4 KiB (4K, 64K, 512K...)",
+                                code: 1)
+    }
+    return UInt32(size.bytes)
+}
+
+/// Refuses, before any file is made, a leg size that cannot hold a mirror
+/// leg, saying the size as it was typed.
+func checkLegSize(_ size: ByteSize, regionBytes: UInt32) throws {
+    do {
+        _ = try MirrorLayout(legBytes: size.bytes & ~511, regionBytes: regionBytes)
+    } catch {
+        guard case .legTooSmall(_, let needed) = error else { throw CleanExit.message("\(error)", code: 1) }
+        throw CleanExit.message("--size \(size) is too small for a leg: a mirror leg needs at least \(needed) bytes "
+                                + "(its metadata and one region)", code: 1)
     }
 }

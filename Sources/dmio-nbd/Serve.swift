@@ -51,14 +51,17 @@ struct Serve: AsyncParsableCommand {
     var readOnly = false
 
     @Option(help: ArgumentHelp("Create missing legs as sparse files of this size (e.g. 512M, 1G); "
-                               + "a new mirror when none of them exists.", valueName: "size"))
+                               + "a new mirror when none of them exists.", valueName: "size"),
+            transform: ByteSize.parse)
     var create: ByteSize?
 
-    @Option(help: ArgumentHelp("Region size of a mirror made by --create (default 512K).", valueName: "size"))
+    @Option(help: ArgumentHelp("Region size of a mirror made by --create (default 512K).", valueName: "size"),
+            transform: ByteSize.parse)
     var regionSize: ByteSize?
 
     @Option(help: ArgumentHelp("Copy at most this many bytes a second when resyncing (e.g. 100M; default: no limit).",
-                               valueName: "size"))
+                               valueName: "size"),
+            transform: ByteSize.parse)
     var resyncRate: ByteSize?
 
     @Flag(help: "Bypass the page cache (O_DIRECT) for files and block devices.")
@@ -207,8 +210,8 @@ struct Serve: AsyncParsableCommand {
     private func serveMirror(client: DMIOClient, control: inout Listener?, stops: StopSignals,
                              logger: Logger) throws -> ServedTarget {
         let specs = legs.isEmpty ? try DefaultMirror.legPaths() : legs.map(absolutePath)
-        let createSize = legs.isEmpty ? DefaultMirror.legBytes : create?.bytes
-        try createMirrorIfMissing(specs, createSize: createSize, regionBytes: regionSize?.bytes,
+        let createSize = legs.isEmpty ? ByteSize("1G") : create
+        try createMirrorIfMissing(specs, createSize: createSize, regionBytes: try checkedRegionBytes(regionSize),
                                   options: deviceOptions(createSize: nil), client: client, logger: logger)
         let mirror: Mirror
         do {
@@ -267,21 +270,20 @@ func openLeg(_ spec: String, options: DeviceOptions) throws -> BlockDevice {
 /// existed, a new mirror of them, in sync (they are all zeroes). Some
 /// existing and some missing is refused: a new leg joins a mirror through
 /// `replace-leg`, which copies the data to it.
-func createMirrorIfMissing(_ specs: [String], createSize: UInt64?, regionBytes: UInt64?, options: DeviceOptions,
+func createMirrorIfMissing(_ specs: [String], createSize: ByteSize?, regionBytes: UInt32, options: DeviceOptions,
                            client: DMIOClient, logger: Logger) throws {
     let missing = specs.filter { !$0.contains("://") && access($0, F_OK) != 0 }
     guard let createSize, !missing.isEmpty else { return }
+    try checkLegSize(createSize, regionBytes: regionBytes)
     guard missing.count == specs.count else {
         throw CleanExit.message("legs \(missing.joined(separator: ", ")) do not exist but the others do; "
                                 + "to put a new leg in a mirror, serve the mirror and run `dmio-nbd replace-leg`", code: 1)
     }
     var creating = options
-    creating.createSize = createSize
+    creating.createSize = createSize.bytes
     do {
         let devices = try specs.map { try openLeg($0, options: creating) }
-        let uuid = try Mirror.create(devices, client: client,
-                                     regionBytes: regionBytes.map { UInt32(clamping: $0) } ?? MirrorLayout.defaultRegionBytes,
-                                     fresh: true)
+        let uuid = try Mirror.create(devices, client: client, regionBytes: regionBytes, fresh: true)
         logger.info("made mirror \(uuid) of \(specs.joined(separator: " "))")
     } catch {
         for path in specs { unlink(path) }
@@ -305,8 +307,6 @@ func duplicate(in specs: [String]) -> String? {
 /// The mirror `dmio-nbd` serves when given no legs: in the user's data
 /// folder (XDG's base directories), not in whatever folder one stands in.
 enum DefaultMirror {
-    static let legBytes: UInt64 = 1 << 30
-
     /// $XDG_DATA_HOME/dmio-nbd, else ~/.local/share/dmio-nbd.
     static var folder: String {
         if let data = environment("XDG_DATA_HOME") { return data + "/dmio-nbd" }
@@ -340,8 +340,10 @@ enum CleanExit: Error, CustomStringConvertible {
     var description: String {
         switch self { case .message(let text, _): text }
     }
+    var code: Int32 {
+        switch self { case .message(_, let code): code }
+    }
 }
 
 extension IOEngineKind: ExpressibleByArgument {}
-extension ByteSize: ExpressibleByArgument {}
 extension TCPAddress: ExpressibleByArgument {}

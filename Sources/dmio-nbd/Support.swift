@@ -1,3 +1,4 @@
+import ArgumentParser
 import CDMIOSupport
 import Dispatch
 import Glibc
@@ -46,23 +47,38 @@ func makeLogger(verbose: Bool) -> Logger {
     return logger
 }
 
-/// Sizes such as 4096, 512K, 1G (powers of 1024).
-struct ByteSize {
+/// A size as given on the command line: 4096, 512K, 512KiB, 512KB, 1G...
+/// Every unit is a power of 1024, as in qemu-img and mdadm. Keeps the text
+/// as typed, for messages about it.
+struct ByteSize: CustomStringConvertible {
     let bytes: UInt64
+    let text: String
 
-    init?(argument text: String) {
-        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
-        var digits = Substring(text.uppercased())
-        var scale: UInt64 = 1
-        if let last = digits.last, let unit = units[last] {
-            scale = unit
-            digits = digits.dropLast()
+    static let accepted = "a number of bytes, or with a unit: K, M, G or T (also KiB, KB, k...), "
+        + "powers of 1024, e.g. 512K or 10G"
+
+    /// For `@Option(transform:)`: an unreadable size is refused with what is accepted.
+    @Sendable static func parse(_ text: String) throws -> ByteSize {
+        guard let size = ByteSize(text) else {
+            throw ValidationError("'\(text)' is not a size: give \(accepted)")
         }
-        guard let value = UInt64(digits), value > 0 else { return nil }
+        return size
+    }
+
+    init?(_ text: String) {
+        let units: [String: UInt64] = ["": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        let digits = text.prefix { $0.isASCII && $0.isNumber }
+        var unit = text.dropFirst(digits.count).uppercased()
+        if unit.hasSuffix("IB") { unit.removeLast(2) } else if unit.count == 2 && unit.hasSuffix("B") { unit.removeLast() }
+        guard let value = UInt64(digits), value > 0, let scale = units[unit] else { return nil }
         let (bytes, overflow) = value.multipliedReportingOverflow(by: scale)
         if overflow { return nil }
         self.bytes = bytes
+        self.text = text
     }
+
+    /// "100 (100 bytes)", "1G (1073741824 bytes)".
+    var description: String { "\(text) (\(bytes) bytes)" }
 }
 
 /// host:port, host (port 10809) or :port (all addresses).

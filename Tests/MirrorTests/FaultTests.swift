@@ -50,6 +50,7 @@ import Testing
         #expect(status.state(0) == .inSync)
         #expect(status.state(1) == .degraded)
         #expect(status.legs[1].error?.contains("ENOSPC") == true)
+        #expect(status.legs[1].why == "write: ENOSPC")
         #expect(status.dmsetupLine.hasSuffix(" AD"))
         try handle.expectReadBack(written)
 
@@ -410,6 +411,7 @@ import Testing
         let status = try fixture.status()
         #expect(status.state(0) == .inSync)
         #expect(status.state(1) == .degraded)
+        #expect(status.legs[1].why?.hasPrefix("open") == true, "\(status.legs[1])")
         let handle = try fixture.connect()
         let written = try handle.writeRegions(0..<4, seed: 11)
         try handle.expectReadBack(written)

@@ -87,6 +87,9 @@ import Testing
         let said = server.stderr()
         #expect(said.contains("SIGTERM again: stopping now"), "\(said)")
         #expect(write.outcome() != nil, "the write was not answered")
+        // Not stopped cleanly: the next start recovers the dirty regions.
+        let examined = try run([dmioNBDExecutable, "examine", legs[0], "--json"])
+        #expect(try JSONDecoder().decode(LegMetadata.self, from: Data(examined.utf8)).clean == false)
     }
 
     /// SIGHUP (an ssh session that closes) stops the server cleanly.

@@ -1,13 +1,14 @@
 import Foundation
 
-/// Runs a program found on PATH; returns its standard output, or throws
-/// with its output when it exits non-zero.
+/// Runs a program found on PATH (in `directory` if given); returns its
+/// standard output, or throws with its output when it exits non-zero.
 @discardableResult
-public func run(_ arguments: [String], environment: [String: String] = [:]) throws -> String {
+public func run(_ arguments: [String], environment: [String: String] = [:], directory: String? = nil) throws -> String {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     process.arguments = arguments
     process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
     let output = Pipe()
     let errors = Pipe()
     process.standardOutput = output
