@@ -84,15 +84,7 @@ struct ControlOptions: ParsableArguments {
         let connected = try withUnixAddress(path) { connect(fd, $0, $1) }
         guard connected == 0 else { throw ControlUnreachable(path: path, errno: errno) }
         writeAll(fd, encodeJSON(request) + "\n")
-        var reply: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = read(fd, &chunk, chunk.count)
-            if count < 0 && errno == EINTR { continue }
-            if count <= 0 { break }
-            reply += chunk[0..<count]
-        }
-        guard let answer = try? JSONDecoder().decode(ControlAnswer.self, from: Data(reply)) else {
+        guard let answer = try? JSONDecoder().decode(ControlAnswer.self, from: Data(readAll(fd))) else {
             throw CleanExit.message("the answer on \(path) could not be read (is the server another version of dmio-nbd?)",
                                     code: 1)
         }

@@ -10,70 +10,75 @@ import Testing
     /// Legs 0 and 1 are files; leg 2 is served by nbdkit, on a socket that a
     /// restarted nbdkit takes again. Leg 0 is failed by the operator, then
     /// leg 2's server dies: leg 2's metadata records leg 0 as failed, and
-    /// leg 2 itself is failed afterwards. Neither was ever used alone.
+    /// leg 2 itself is failed afterwards. Neither was ever used alone. Leg
+    /// 0 is re-added; leg 2's server comes back.
+    private struct Turns {
+        let leg0: String, leg1: String, remoteFile: String
+        let legs: [String]
+        let remote: NBDKit
+        let server: ServeProcess
+        let handle: NBDHandle
+        let written: [Int: [UInt8]]
+
+        init(_ fixture: MirrorFixture, seed: UInt8) throws {
+            leg0 = fixture.path("leg0.img")
+            leg1 = fixture.path("leg1.img")
+            remoteFile = fixture.path("leg2.img")
+            try run(["truncate", "-s", "32M", leg0, leg1, remoteFile])
+            let remoteSocket = fixture.path("leg2.sock")
+            let first = try NBDKit(["file", remoteFile], socket: remoteSocket)
+            legs = [leg0, leg1, first.uri]
+            try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
+            server = try fixture.serve(legs)
+            handle = try fixture.connect()
+
+            try fixture.control(["fail-leg", "0"])
+            var written = try handle.writeRegions(0..<3, seed: seed)
+            first.kill()
+            written.merge(try handle.writeRegions(3..<6, seed: seed + 1)) { $1 }
+            #expect(try fixture.status().legs.map(\.state) == [.degraded, .inSync, .degraded])
+            remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
+            try fixture.control(["readd-leg", "0"])
+            try fixture.waitFor("leg 0 in sync") { $0.state(0) == .inSync && !$0.resync.active }
+            self.written = written
+        }
+
+        func stopAndCompare(_ fixture: MirrorFixture, _ server: ServeProcess, _ handle: NBDHandle) {
+            handle.shutdown()
+            #expect(server.stop() == 0)
+            #expect(fixture.legsEqual(leg0, leg1))
+            #expect(fixture.legsEqual(leg0, remoteFile))
+        }
+    }
+
+    /// After a clean stop, a start with every leg: leg 2 is behind, not
+    /// diverged, and its re-add copies only the regions written meanwhile.
     @Test func aLegFailedAfterItRecordedAnotherLegsFailureComesBack() throws {
         let fixture = MirrorFixture()
-        let leg0 = fixture.path("leg0.img"), leg1 = fixture.path("leg1.img"), remoteFile = fixture.path("leg2.img")
-        try run(["truncate", "-s", "32M", leg0, leg1, remoteFile])
-        let remoteSocket = fixture.path("leg2.sock")
-        var remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        let legs = [leg0, leg1, remote.uri]
-        try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
-        var server = try fixture.serve(legs)
-        var handle = try fixture.connect()
+        let turns = try Turns(fixture, seed: 21)
+        var written = turns.written
+        written.merge(try turns.handle.writeRegions(6..<8, seed: 23)) { $1 }
+        turns.handle.shutdown()
+        #expect(turns.server.stop() == 0)
 
-        try fixture.control(["fail-leg", "0"])
-        var written = try handle.writeRegions(0..<3, seed: 21)
-        remote.kill()
-        written.merge(try handle.writeRegions(3..<6, seed: 22)) { $1 }
-        #expect(try fixture.status().legs.map(\.state) == [.degraded, .inSync, .degraded])
-        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try fixture.control(["readd-leg", "0"])
-        try fixture.waitFor("leg 0 in sync") { $0.state(0) == .inSync && !$0.resync.active }
-        written.merge(try handle.writeRegions(6..<8, seed: 23)) { $1 }
-        handle.shutdown()
-        #expect(server.stop() == 0)
-
-        // A clean stop and a start with every leg: leg 2 is behind, not diverged.
-        server = try fixture.serve(legs)
+        let server = try fixture.serve(turns.legs)
         #expect(try fixture.status().legs.map(\.state) == [.inSync, .inSync, .degraded])
         try fixture.control(["readd-leg", "2"])
         let status = try fixture.waitFor("every leg in sync") { $0.allInSync }
         #expect(status.resync.lastResult.contains("copied 8 of 8 regions"), "\(status.resync.lastResult)")
-        handle = try fixture.connect()
+        let handle = try fixture.connect()
         try handle.expectReadBack(written)
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(leg0, leg1))
-        #expect(fixture.legsEqual(leg0, remoteFile))
+        turns.stopAndCompare(fixture, server, handle)
     }
 
-    /// The same turns without a restart between them: leg 2 is re-added
-    /// while the server that failed it still runs.
+    /// The same turns, and leg 2 re-added while the server that failed it
+    /// still runs.
     @Test func aLegFailedAfterItRecordedAnotherLegsFailureIsReaddedOnline() throws {
         let fixture = MirrorFixture()
-        let leg0 = fixture.path("leg0.img"), leg1 = fixture.path("leg1.img"), remoteFile = fixture.path("leg2.img")
-        try run(["truncate", "-s", "32M", leg0, leg1, remoteFile])
-        let remoteSocket = fixture.path("leg2.sock")
-        var remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        let legs = [leg0, leg1, remote.uri]
-        try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
-        let server = try fixture.serve(legs)
-        let handle = try fixture.connect()
-
-        try fixture.control(["fail-leg", "0"])
-        var written = try handle.writeRegions(0..<3, seed: 24)
-        remote.kill()
-        written.merge(try handle.writeRegions(3..<6, seed: 25)) { $1 }
-        remote = try NBDKit(["file", remoteFile], socket: remoteSocket)
-        try fixture.control(["readd-leg", "0"])
-        try fixture.waitFor("leg 0 in sync") { $0.state(0) == .inSync && !$0.resync.active }
+        let turns = try Turns(fixture, seed: 24)
         try fixture.control(["readd-leg", "2"])
         try fixture.waitFor("every leg in sync") { $0.allInSync }
-        try handle.expectReadBack(written)
-        handle.shutdown()
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(leg0, leg1))
-        #expect(fixture.legsEqual(leg0, remoteFile))
+        try turns.handle.expectReadBack(turns.written)
+        turns.stopAndCompare(fixture, turns.server, turns.handle)
     }
 }

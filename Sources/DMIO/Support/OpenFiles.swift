@@ -31,15 +31,19 @@ public func readText(_ path: String) -> String? {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { close(fd) }
+    return String(decoding: readAll(fd), as: UTF8.self)
+}
+
+/// What `fd` gives until its end (or an error).
+public func readAll(_ fd: Int32) -> [UInt8] {
     var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 4096)
+    var chunk = [UInt8](repeating: 0, count: 65536)
     while true {
         let count = read(fd, &chunk, chunk.count)
         if count < 0 && errno == EINTR { continue }
-        if count <= 0 { break }
+        if count <= 0 { return bytes }
         bytes += chunk[0..<count]
     }
-    return String(decoding: bytes, as: UTF8.self)
 }
 
 /// The names in a folder (not . and ..); none where it cannot be read.
