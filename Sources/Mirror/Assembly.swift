@@ -21,12 +21,16 @@ extension Mirror {
         guard sizes.count == 1, let legBytes = sizes.first else {
             throw .unequalSizes(Dictionary(devices.map { ($0.name, $0.size) }, uniquingKeysWith: { first, _ in first }))
         }
+        // The mirrors the legs belong to stay locked until their metadata is
+        // gone: none of them may start meanwhile.
+        var overwritten: [MirrorUUID: MirrorLock] = [:]
+        defer { overwritten.values.forEach { $0.release() } }
         for device in devices {
             // With force, damaged metadata is there to be overwritten.
             let existing = force ? (try? readSuperblock(of: device, client: client)) ?? nil
                                  : try readSuperblock(of: device, client: client)
             if let existing {
-                try MirrorLock.checkFree(existing.mirror)
+                if overwritten[existing.mirror] == nil { overwritten[existing.mirror] = try MirrorLock(existing.mirror) }
                 if !force { throw .alreadyAMirror(leg: device.name, mirror: existing.mirror) }
             } else {
                 try checkNothingIsLost(on: device, client: client, force: force, logger: logger)
@@ -94,7 +98,11 @@ extension Mirror {
                 logger.info("leg \(index): \(spec) opened (\(device.kind), \(device.size >> 20) MiB)")
             } catch {
                 logger.error("leg \(index): \(error)")
-                if case .openFailed(_, let errno) = error { unavailable[index] = errno } else { unavailable[index] = EIO }
+                switch error {
+                case .openFailed(_, let errno): unavailable[index] = errno
+                case .busy: unavailable[index] = EBUSY
+                default: unavailable[index] = EIO
+                }
                 continue
             }
             do throws(MirrorError) {
@@ -117,7 +125,7 @@ extension Mirror {
         // The mirror most legs belong to (the freshest among equals): a
         // foreign leg is then the odd one out, whatever its event count.
         let mirrors = Dictionary(grouping: found.values.map(\.superblock), by: \.mirror).values
-            .map { superblocks in (legs: superblocks.count, newest: superblocks.max { $0.events < $1.events }!) }
+            .map { superblocks in (legs: superblocks.count, newest: superblocks.max(by: Superblock.isLessCurrent)!) }
         guard let freshest = mirrors.max(by: { ($0.legs, $0.newest.events) < ($1.legs, $1.newest.events) })?.newest else {
             if let (_, error) = unusable.min(by: { $0.key < $1.key }) { throw error }
             throw .noLegAvailable(specs)
@@ -171,31 +179,35 @@ extension Mirror {
         // back (a restored backup or snapshot), or a crash fell between the
         // legs' superblock writes. It may hold older data anywhere, and no
         // bitmap says where: it is rebuilt in full from the legs in sync.
+        // So is a leg served on its own, writable (its data may differ anywhere).
         var stale = Set(legs.filter { index, leg in
-            leg.superblock.events < freshest.events && freshest.legs[index].state != .degraded
+            (leg.superblock.events < freshest.events || leg.superblock.servedRaw) && freshest.legs[index].state != .degraded
         }.map(\.key))
         // Never the last copy: when no in-sync leg is up to date (a crash
         // between writes that reached only a rebuilding leg), the newest
         // in-sync one stays in sync and the others are copied from it.
         let recordedInSync = legs.filter { index, _ in freshest.legs[index].state == .inSync }
         if recordedInSync.allSatisfy({ stale.contains($0.key) }),
-           let newest = recordedInSync.max(by: { $0.value.superblock.events < $1.value.superblock.events }) {
+           let newest = recordedInSync.max(by: { Superblock.isLessCurrent($0.value.superblock, $1.value.superblock) }) {
             stale.remove(newest.key)
         }
         for index in stale.sorted() {
-            let events = found[index]!.superblock.events
-            logger.warning("leg \(index) (\(specs[index])) is older than the others (event \(events), theirs \(freshest.events)): it may be an old copy; it gets a full copy from the legs in sync")
+            let superblock = found[index]!.superblock
+            if superblock.servedRaw {
+                logger.warning("leg \(index) (\(specs[index])) was served on its own, writable: it gets a full copy from the legs in sync")
+            } else {
+                logger.warning("leg \(index) (\(specs[index])) is older than the others (event \(superblock.events), theirs \(freshest.events)): it may be an old copy; it gets a full copy from the legs in sync")
+            }
         }
         let members = specs.indices.map { index in
             let record = freshest.legs[index]
             guard let device = found[index]?.device else {
-                // A leg last seen in use has the freshest leg's generation,
-                // as far as anyone knows; a degraded one keeps its record.
                 guard record.state == .degraded else {
+                    // Its generation is not known (a crash may have come between
+                    // the legs' superblock writes): re-adding it judges it the old way.
                     return LegTable.Member(name: specs[index], device: nil, uuid: record.uuid, state: .degraded,
                                            errno: unavailable[index] ?? EIO,
-                                           cause: unusable[index] == nil ? .open : .metadata,
-                                           failedGeneration: freshest.generation)
+                                           cause: unusable[index] == nil ? .open : .metadata)
                 }
                 return LegTable.Member(name: specs[index], device: nil, uuid: record.uuid, state: .degraded,
                                        errno: record.errno, cause: record.cause, failedGeneration: record.failedGeneration)
@@ -232,7 +244,8 @@ extension Mirror {
         let generation = freshest.generation == 0 || !missingInUse.isEmpty ? Superblock.newGeneration()
                                                                             : freshest.generation
         return Mirror(uuid: freshest.mirror, layout: layout, members: members, bitmap: bitmap,
-                      events: freshest.events, generation: generation, recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
+                      events: freshest.events, eventsCleared: freshest.eventsCleared, generation: generation,
+                      recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
                       client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, logger: logger)
     }
 

@@ -32,6 +32,10 @@ public struct LegMetadata: Sendable, Codable, Hashable {
     public var generation: String
     /// Whether the mirror was stopped cleanly the last time this leg was written.
     public var clean: Bool
+    /// Whether the leg was served on its own, writable, since (it will get a full copy).
+    public var servedRaw: Bool
+    /// The event at which bits were last cleared (an older copy needs a full copy).
+    public var eventsCleared: UInt64
     public var regionBytes: UInt32
     public var legBytes: UInt64
     public var dataOffset: UInt64
@@ -56,6 +60,7 @@ extension Mirror {
             device: device.name, mirror: "\(superblock.mirror)", legIndex: superblock.legIndex,
             legCount: superblock.legs.count, events: superblock.events,
             generation: String(superblock.generation, radix: 16), clean: superblock.clean,
+            servedRaw: superblock.servedRaw, eventsCleared: superblock.eventsCleared,
             regionBytes: superblock.regionBytes, legBytes: superblock.legBytes, dataOffset: superblock.dataOffset,
             dataBytes: superblock.dataBytes, dirtyRegions: dirty,
             legs: superblock.legs.enumerated().map { index, record in
@@ -72,6 +77,16 @@ extension Mirror {
                 case .corrupt(let reason): return LegMetadata.Slot(offset: offset, events: nil, problem: reason)
                 }
             })
+    }
+
+    /// Records on `device`, a leg of a mirror about to be served on its own
+    /// and writable, that its data may then differ from the other legs'
+    /// anywhere: the mirror gives it a full copy when it comes back.
+    public static func recordServedRaw(_ device: BlockDevice, client: DMIOClient) throws(MirrorError) {
+        guard var superblock = try readSuperblock(of: device, client: client), !superblock.servedRaw else { return }
+        superblock.servedRaw = true
+        try MetadataStore.writeBytes(superblock.encoded(), offset: MirrorLayout.slotOffset(Int(superblock.events % 2)),
+                                     to: [device], client: client)
     }
 
     /// Erases the mirror metadata on `device` (its superblocks and bitmap,

@@ -186,6 +186,14 @@ final class LegTable: @unchecked Sendable {
         return members[index]
     }
 
+    /// Gives degraded leg `index` back a device it was refused with, so that
+    /// it stays claimed.
+    func keepDevice(_ device: BlockDevice, ofDegraded index: Int) {
+        lock.withLock {
+            if members[index].state == .degraded && members[index].device == nil { members[index].device = device }
+        }
+    }
+
     /// Makes `device` leg `index`, rebuilding; refused if the leg is the
     /// last in-sync one (its data would be lost).
     func bringIn(_ index: Int, device: BlockDevice, uuid: MirrorUUID) throws(MirrorError) {
@@ -234,11 +242,13 @@ final class LegTable: @unchecked Sendable {
         }
     }
 
-    /// What the superblocks record: every leg, and the generation.
-    var recorded: (legs: [LegRecord], generation: UInt64) {
+    /// What the superblocks record (every leg, and the generation), and the
+    /// legs they go to, at one moment: a leg failed in between must not get
+    /// the generation that its failure started.
+    var recorded: (legs: [LegRecord], generation: UInt64, snapshot: Snapshot) {
         lock.withLock {
             (members.map { LegRecord(uuid: $0.uuid, state: $0.state, cause: $0.cause, errno: $0.errno,
-                                     failedGeneration: $0.failedGeneration, name: $0.name) }, generation)
+                                     failedGeneration: $0.failedGeneration, name: $0.name) }, generation, current)
         }
     }
 }

@@ -13,6 +13,10 @@ final class MetadataStore: @unchecked Sendable {
     private let lock = ConditionLock()
     private var events: UInt64
     private var clean = false
+    /// See `Superblock.eventsCleared`; the next superblock takes its own
+    /// event for it when bits were cleared since the last one.
+    private var eventsCleared: UInt64
+    private var bitsClearedSince = false
     /// Called for each leg that fails a metadata write: the mirror degrades
     /// it, and says so in the log.
     var legFailed: (LegFailure) -> Void = { _ in }
@@ -20,10 +24,12 @@ final class MetadataStore: @unchecked Sendable {
     /// (read on every write's answer: an atomic, not the lock).
     private let durableVersion = Atomic<UInt64>(0)
 
-    init(layout: MirrorLayout, mirror: MirrorUUID, events: UInt64, legs: LegTable, client: DMIOClient) {
+    init(layout: MirrorLayout, mirror: MirrorUUID, events: UInt64, eventsCleared: UInt64, legs: LegTable,
+         client: DMIOClient) {
         self.layout = layout
         self.mirror = mirror
         self.events = events
+        self.eventsCleared = eventsCleared
         self.legs = legs
         self.client = client
     }
@@ -35,13 +41,24 @@ final class MetadataStore: @unchecked Sendable {
 
     var eventCount: UInt64 { lock.withLock { events } }
 
+    /// Bits were cleared on the legs (their bitmap is written): the next
+    /// superblock records it.
+    func noteBitsCleared() { lock.withLock { bitsClearedSince = true } }
+
+    /// The event of the last superblock written after bits were cleared.
+    var lastClearing: UInt64 { lock.withLock { eventsCleared } }
+
     /// Writes a new superblock (the next event) to every leg not degraded.
     func writeSuperblocks(then done: @escaping @Sendable (Bool) -> Void) {
-        let snapshot = legs.snapshot
         let recorded = legs.recorded
-        let (event, isClean): (UInt64, Bool) = lock.withLock {
+        let snapshot = recorded.snapshot
+        let (event, isClean, cleared): (UInt64, Bool, UInt64) = lock.withLock {
             self.events += 1
-            return (self.events, self.clean)
+            if bitsClearedSince {
+                eventsCleared = self.events
+                bitsClearedSince = false
+            }
+            return (self.events, self.clean, eventsCleared)
         }
         let targets = snapshot.writable
         let slot = MirrorLayout.slotOffset(Int(event % 2))
@@ -53,7 +70,8 @@ final class MetadataStore: @unchecked Sendable {
         }
         for leg in targets {
             let superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event,
-                                        generation: recorded.generation, clean: isClean, layout: layout,
+                                        generation: recorded.generation, clean: isClean, eventsCleared: cleared,
+                                        layout: layout,
                                         legs: recorded.legs)
             write(superblock.encoded(), at: slot, to: [leg]) { failures in gather.add(failures) }
         }

@@ -40,7 +40,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     static let cleanInterval = 2.0
 
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
-         events: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock, client: DMIOClient,
+         events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock, client: DMIOClient,
          deviceOptions: DeviceOptions, rateLimit: UInt64, logger: Logger) {
         self.uuid = uuid
         self.exclusive = exclusive
@@ -51,7 +51,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.recoveryPending = recoveryPending
         legs = LegTable(members, generation: generation)
         log = DirtyLog(regionBytes: layout.regionBytes, regionCount: layout.regionCount, bitmap: bitmap)
-        let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, legs: legs, client: client)
+        let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, eventsCleared: eventsCleared,
+                                     legs: legs, client: client)
         self.metadata = metadata
         superblocks = GroupCommit { done in metadata.writeSuperblocks(then: done) }
         let log = log
@@ -109,7 +110,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         worker = nil
         flushLegs()
         let recovering = lock.withLock { recoveryPending }
-        if legs.allInSync && !recovering { log.clearAll() }
+        if legs.allInSync && !recovering {
+            log.clearAll()
+            metadata.noteBitsCleared()
+        }
         // A recovery cut short must run again at the next start.
         metadata.setClean(!recovering)
         let bitmapWritten = log.persist.commitAndWait()
@@ -191,7 +195,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             guard !candidates.isEmpty, flushLegs() else { return }
             // A leg that failed meanwhile was not flushed: it still needs the bits.
             guard legs.snapshot.version == before.version else { return }
-            if log.clear(candidates) > 0 { _ = log.persist.commitAndWait() }
+            // The cleared bits are on record with the next event: a copy of a
+            // leg older than that cannot be caught up from the bitmap.
+            if log.clear(candidates) > 0, log.persist.commitAndWait() {
+                metadata.noteBitsCleared()
+                _ = superblocks.commitAndWait()
+            }
         }
     }
 
@@ -224,15 +233,30 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     }
 
     /// Brings degraded leg `index` back: it is opened again and gets the
-    /// regions written while it was away.
+    /// regions written while it was away, or everything when no bitmap can
+    /// say what it misses. Refused for a leg used without the legs in sync;
+    /// a refused leg stays degraded, its device still claimed.
     public func readdLeg(_ index: Int) throws(MirrorError) {
         try checkIndex(index)
         let member = try legs.releaseDevice(of: index)
         let device = try reopen(member.name)
-        // Writes that failed in the page cache while the leg was failing are
-        // reported once more, to the first sync of a new file handle. Those
-        // regions are dirty and get copied again: take that report here.
-        _ = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
+        do {
+            // Writes that failed in the page cache while the leg was failing are
+            // reported once more, to the first sync of a new file handle. Those
+            // regions are dirty and get copied again: take that report here.
+            _ = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
+            let fullCopy = try needsFullCopy(device, comingBackAs: index, member: member)
+            try bringIn(index, device: device, uuid: member.uuid, fullCopy: fullCopy)
+        } catch {
+            legs.keepDevice(device, ofDegraded: index)
+            throw error
+        }
+    }
+
+    /// Whether `device`, coming back as leg `index`, must be copied in full
+    /// rather than from the bitmap; throws when it must not come back.
+    private func needsFullCopy(_ device: BlockDevice, comingBackAs index: Int,
+                               member: LegTable.Member) throws(MirrorError) -> Bool {
         guard let found = try Mirror.readSuperblock(of: device, client: client) else {
             throw .notAMirror(leg: device.name)
         }
@@ -248,7 +272,17 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let usedAlone = found.movedOn(sinceFailedIn: member.failedGeneration)
             ?? inSyncNow.contains { $0 < found.legs.count && found.legs[$0].state == .degraded }
         guard !usedAlone else { throw .usedAlone(leg: device.name) }
-        try bringIn(index, device: device, uuid: member.uuid, fullCopy: false)
+        if found.servedRaw {
+            logger.warning("leg \(index) (\(device.name)) was served on its own, writable: it gets a full copy")
+            return true
+        }
+        // Older than the last clearing of bits (an old copy put back): the
+        // bitmap no longer says everything it misses.
+        if found.events < metadata.lastClearing {
+            logger.warning("leg \(index) (\(device.name)) is older than the bitmap (its event \(found.events), bits cleared at event \(metadata.lastClearing)): it may be an old copy; it gets a full copy")
+            return true
+        }
+        return false
     }
 
     /// Opens a degraded leg's device again. Its old file closes once the
@@ -260,7 +294,14 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             do {
                 return try BlockDevice.open(name, options: deviceOptions)
             } catch {
-                guard case .busy = error, monotonicSeconds() < deadline else { throw .open(error) }
+                guard case .busy(_, let holder) = error else { throw .open(error) }
+                guard monotonicSeconds() < deadline else {
+                    // Held by this server: a request on the old file has not ended.
+                    guard holder?.contains("pid \(getpid()) ") != true else {
+                        throw .invalidLegChange("\(name) still has requests from before it failed; try again in a while")
+                    }
+                    throw .open(error)
+                }
                 usleep(50_000)
             }
         }

@@ -26,7 +26,7 @@ public final class MirrorLock: @unchecked Sendable {
     public init(_ mirror: MirrorUUID) throws(MirrorError) {
         path = Self.path(for: mirror)
         while true {
-            let descriptor = Self.openLockFile(path, create: true)
+            let descriptor = Self.openLockFile(path)
             guard descriptor >= 0 else { throw .metadataIO(leg: path, errno: errno) }
             guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
                 let holder = Self.holder(descriptor)
@@ -45,32 +45,18 @@ public final class MirrorLock: @unchecked Sendable {
         if ftruncate(descriptor, 0) == 0 { _ = pwrite(descriptor, pid, pid.count, 0) }
     }
 
-    /// Throws `inUse` when another process holds `mirror`; takes the lock
-    /// for a moment (and makes no file) to tell.
-    static func checkFree(_ mirror: MirrorUUID) throws(MirrorError) {
-        let path = path(for: mirror)
-        let descriptor = openLockFile(path, create: false)
-        guard descriptor >= 0 else { return }
-        defer { close(descriptor) }
-        guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
-            throw .inUse(mirror: mirror, lock: path, pid: holder(descriptor))
-        }
-        // A crashed holder's file: nobody needs it.
-        if isStillAt(path, descriptor) { unlink(path) }
-    }
-
     /// Opens the lock file for writing its pid where this user may (read-only
     /// otherwise: another user's file is locked as well), making it if
-    /// missing and `create`; a non-regular file there (a planted FIFO or
+    /// missing; a non-regular file there (a planted FIFO or
     /// device) is refused rather than opened for good.
-    private static func openLockFile(_ path: String, create: Bool) -> Int32 {
+    private static func openLockFile(_ path: String) -> Int32 {
         let flags = O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK
         func openExisting() -> Int32 {
             let descriptor = open(path, flags | O_RDWR)
             return descriptor < 0 && errno == EACCES ? open(path, flags | O_RDONLY) : descriptor
         }
         var descriptor = openExisting()
-        if descriptor < 0 && errno == ENOENT && create {
+        if descriptor < 0 && errno == ENOENT {
             descriptor = open(path, flags | O_RDWR | O_CREAT | O_EXCL, 0o644)
             if descriptor < 0 && errno == EEXIST { descriptor = openExisting() }
         }

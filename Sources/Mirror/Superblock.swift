@@ -174,7 +174,11 @@ struct LegRecord: Sendable, Hashable {
 /// slot), so a torn write leaves the other slot, one event older, intact.
 struct Superblock: Sendable, Hashable {
     static let magic: [UInt8] = Array("DMIOMIRR".utf8)
-    static let version: UInt32 = 1
+    /// 2 adds the generation, each leg's cause, failed generation and name,
+    /// the event of the last bit clearing and the raw-use flag; version 1
+    /// (where they read as 0, not recorded) is read too, and written as 2.
+    static let version: UInt32 = 2
+    static let readableVersions: ClosedRange<UInt32> = 1...2
     static let maxLegs = 64
 
     var mirror: MirrorUUID
@@ -190,6 +194,13 @@ struct Superblock: Sendable, Hashable {
     /// Set at a clean stop: the in-sync legs are equal. Cleared when the
     /// mirror starts; a start that finds it cleared resyncs dirty regions.
     var clean: Bool
+    /// Set on a leg served on its own, writable (`serve --force`), by that
+    /// server: its data may differ from the other legs' anywhere.
+    var servedRaw = false
+    /// The event of the last superblock written after bits were cleared
+    /// (md's events_cleared): a leg older than that may lack data in
+    /// regions whose bits are gone, so no bitmap says what it misses.
+    var eventsCleared: UInt64 = 0
     var legBytes: UInt64
     var dataOffset: UInt64
     var dataBytes: UInt64
@@ -198,6 +209,7 @@ struct Superblock: Sendable, Hashable {
     private enum Field {
         static let magic = 0, version = 8, mirror = 16, legIndex = 32, legCount = 36, events = 40
         static let regionBytes = 48, flags = 52, legBytes = 56, dataOffset = 64, dataBytes = 72, generation = 80
+        static let eventsCleared = 88
         static let legs = 128, legRecordBytes = 32
         /// Each leg's name (a 2-byte length, then UTF-8), in leg order, after
         /// the largest leg table; one that does not fit is left out (length 0).
@@ -214,7 +226,8 @@ struct Superblock: Sendable, Hashable {
         bytes.store(UInt32(legs.count), at: Field.legCount)
         bytes.store(events, at: Field.events)
         bytes.store(regionBytes, at: Field.regionBytes)
-        bytes.store(UInt32(clean ? 1 : 0), at: Field.flags)
+        bytes.store(UInt32(clean ? 1 : 0) | UInt32(servedRaw ? 2 : 0), at: Field.flags)
+        bytes.store(eventsCleared, at: Field.eventsCleared)
         bytes.store(legBytes, at: Field.legBytes)
         bytes.store(dataOffset, at: Field.dataOffset)
         bytes.store(dataBytes, at: Field.dataBytes)
@@ -253,7 +266,9 @@ struct Superblock: Sendable, Hashable {
             return .corrupt("checksum mismatch")
         }
         let version: UInt32 = bytes.load(UInt32.self, at: Field.version)
-        guard version == Self.version else { return .corrupt("format version \(version), this build reads \(Self.version)") }
+        guard readableVersions.contains(version) else {
+            return .corrupt("format version \(version), this build reads \(readableVersions.lowerBound) to \(readableVersions.upperBound)")
+        }
         let legCount = Int(bytes.load(UInt32.self, at: Field.legCount))
         let legIndex = Int(bytes.load(UInt32.self, at: Field.legIndex))
         guard (1...maxLegs).contains(legCount), legIndex < legCount else {
@@ -280,6 +295,8 @@ struct Superblock: Sendable, Hashable {
             generation: bytes.load(UInt64.self, at: Field.generation),
             regionBytes: bytes.load(UInt32.self, at: Field.regionBytes),
             clean: bytes.load(UInt32.self, at: Field.flags) & 1 != 0,
+            servedRaw: bytes.load(UInt32.self, at: Field.flags) & 2 != 0,
+            eventsCleared: bytes.load(UInt64.self, at: Field.eventsCleared),
             legBytes: bytes.load(UInt64.self, at: Field.legBytes),
             dataOffset: bytes.load(UInt64.self, at: Field.dataOffset),
             dataBytes: bytes.load(UInt64.self, at: Field.dataBytes),
@@ -289,11 +306,11 @@ struct Superblock: Sendable, Hashable {
 
 extension Superblock {
     /// Leg `legIndex`'s superblock of a mirror with `layout`.
-    init(mirror: MirrorUUID, legIndex: Int, events: UInt64, generation: UInt64, clean: Bool, layout: MirrorLayout,
-         legs: [LegRecord]) {
+    init(mirror: MirrorUUID, legIndex: Int, events: UInt64, generation: UInt64, clean: Bool,
+         eventsCleared: UInt64 = 0, layout: MirrorLayout, legs: [LegRecord]) {
         self.init(mirror: mirror, legIndex: legIndex, events: events, generation: generation,
-                  regionBytes: layout.regionBytes, clean: clean, legBytes: layout.legBytes,
-                  dataOffset: layout.dataOffset, dataBytes: layout.dataBytes, legs: legs)
+                  regionBytes: layout.regionBytes, clean: clean, eventsCleared: eventsCleared,
+                  legBytes: layout.legBytes, dataOffset: layout.dataOffset, dataBytes: layout.dataBytes, legs: legs)
     }
 
     /// Whether this leg was written after the mirror failed it in
@@ -303,6 +320,12 @@ extension Superblock {
     func movedOn(sinceFailedIn failedGeneration: UInt64) -> Bool? {
         guard failedGeneration != 0, generation != 0 else { return nil }
         return generation != failedGeneration
+    }
+
+    /// Orders legs' superblocks for the mirror's view: a leg served on its
+    /// own, writable, comes last whatever its events, then fewer events.
+    static func isLessCurrent(_ a: Superblock, _ b: Superblock) -> Bool {
+        (a.servedRaw ? 0 : 1, a.events) < (b.servedRaw ? 0 : 1, b.events)
     }
 
     /// A new generation: random, never 0 (which means "not recorded").

@@ -171,19 +171,20 @@ public final class NBDServer: @unchecked Sendable {
         for listener in listeners.withLockedValue({ $0 }) {
             try? await listener.close()
         }
-        for channel in connections.withLockedValue({ Array($0.values) }) {
-            try? await channel.close(mode: .input)
-        }
-        let started = ContinuousClock.now
-        var nextReport = started + .seconds(1)
+        var reading = Set<ObjectIdentifier>()
+        var nextReport = ContinuousClock.now + .seconds(1)
         while true {
-            let open = connections.withLockedValue { $0.count }
+            // A connection accepted as the listeners closed joins late.
+            let open = connections.withLockedValue { $0 }
+            for (id, channel) in open where reading.insert(id).inserted {
+                try? await channel.close(mode: .input)
+            }
             let requests = await requestsInFlight()
             // Requests of a connection that went away are still at the target,
             // and answer on their loop: it must not stop before them.
-            if open == 0 && requests == 0 { break }
+            if open.isEmpty && requests == 0 { break }
             if ContinuousClock.now >= nextReport {
-                logger.info("stopping: waiting for \(requests) requests in flight on \(open) connections")
+                logger.info("stopping: waiting for \(requests) requests in flight on \(open.count) connections")
                 nextReport = ContinuousClock.now + .seconds(5)
             }
             try? await Task.sleep(for: .milliseconds(50))

@@ -51,8 +51,9 @@ struct Create: ParsableCommand {
         do {
             var devices: [BlockDevice] = []
             for spec in specs {
-                devices.append(try openLeg(spec, options: DeviceOptions(createSize: size?.bytes)))
-                if missing.contains(spec) { made.append(spec) }
+                let device = try openLeg(spec, options: DeviceOptions(createSize: size?.bytes))
+                if device.wasCreated { made.append(spec) }
+                devices.append(device)
             }
             let inSync = missing.count == specs.count || assumeClean
             let uuid = try Mirror.create(devices, client: client, regionBytes: regionBytes, fresh: inSync, force: force,

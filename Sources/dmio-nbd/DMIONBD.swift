@@ -32,7 +32,12 @@ enum Main {
             return
         }
         do {
-            var command = try DMIONBD.parseAsRoot(try withCommand(arguments))
+            let (words, implicitServe) = try withCommand(arguments)
+            var command = try DMIONBD.parseAsRoot(words)
+            // `dmio-nbd --create 1G stauts` must not make and serve ./stauts either.
+            if implicitServe, let serve = command as? Serve, let word = serve.legs.first(where: { !$0.contains("/") }) {
+                throw unknownCommand(word)
+            }
             if var asynchronous = command as? AsyncParsableCommand {
                 try await asynchronous.run()
             } else {
@@ -57,21 +62,27 @@ enum Main {
     static let commands = DMIONBD.configuration.subcommands.map { $0._commandName }
 
     /// `arguments` with `serve` put first when they are the serve command's
-    /// without its name: nothing, or a first word that is an option, a path
-    /// (it has a /) or a URI. Any other first word must be a command.
-    static func withCommand(_ arguments: [String]) throws -> [String] {
-        guard let first = arguments.first else { return ["serve"] }
-        if commands.contains(first) || ["help", "-h", "--help"].contains(first) { return arguments }
-        if first.hasPrefix("-") || first.contains("/") { return ["serve"] + arguments }
-        var said = "unknown command '\(first)'"
-        if let close = commands.min(by: { distance($0, first) < distance($1, first) }), distance(close, first) <= 2 {
+    /// without its name (and whether it was put): nothing, or a first word
+    /// that is an option, a path (it has a /) or a URI. Any other first word
+    /// must be a command.
+    static func withCommand(_ arguments: [String]) throws -> (words: [String], implicitServe: Bool) {
+        guard let first = arguments.first else { return (["serve"], true) }
+        if commands.contains(first) || ["help", "-h", "--help"].contains(first) { return (arguments, false) }
+        if first.hasPrefix("-") || first.contains("/") { return (["serve"] + arguments, true) }
+        throw unknownCommand(first)
+    }
+
+    /// "unknown command 'stauts'; did you mean 'status'?"
+    static func unknownCommand(_ word: String) -> CleanExit {
+        var said = "unknown command '\(word)'"
+        if let close = commands.min(by: { distance($0, word) < distance($1, word) }), distance(close, word) <= 2 {
             said += "; did you mean '\(close)'?"
-        } else if first == "version" {
+        } else if word == "version" {
             said += "; did you mean '--version'?"
         } else {
-            said += " (commands: \(commands.joined(separator: ", ")); a leg is given as a path, such as ./\(first))"
+            said += " (commands: \(commands.joined(separator: ", ")); a leg is given as a path, such as ./\(word))"
         }
-        throw CleanExit.message(said, code: 64)
+        return CleanExit.message(said, code: 64)
     }
 
     /// An unknown option is not answered with "did you mean --force": a

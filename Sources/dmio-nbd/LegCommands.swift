@@ -29,7 +29,9 @@ struct Examine: ParsableCommand {
             "         Leg : \(found.legIndex) of \(found.legCount)",
             "      Events : \(found.events) (\(slots.joined(separator: ", ")))",
             "  Generation : \(found.generation)",
-            "       State : \(found.clean ? "stopped cleanly" : "in use, or not stopped cleanly")",
+            "       State : \(found.clean ? "stopped cleanly" : "in use, or not stopped cleanly")"
+                + (found.servedRaw ? ", served on its own since (it gets a full copy)" : ""),
+            "   Bit clear : event \(found.eventsCleared)",
             "     Regions : \(found.regionBytes >> 10) KiB each, \(found.dirtyRegions) dirty",
             "    Leg size : \(found.legBytes) bytes (data from \(found.dataOffset), \(found.dataBytes) bytes)",
             "",

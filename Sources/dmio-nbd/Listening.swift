@@ -15,14 +15,17 @@ struct Listener {
 
     /// A unix socket at `path`. A stale socket file (left by a crash) is
     /// replaced; one a live server answers on is refused, naming its pid.
-    /// `hint` says how to choose another place, for a default path.
-    static func unix(_ path: String, mode: mode_t = 0o666, hint: String? = nil) throws -> Listener {
+    /// `hint` says how to choose another place, for a default path. Made
+    /// with `mode` when given, else as the process's umask makes files (who
+    /// may connect to an NBD socket may read and write the device).
+    static func unix(_ path: String, mode: mode_t? = nil, hint: String? = nil) throws -> Listener {
         let folder = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
         try claimSocketPath(path)
         let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw CleanExit.message("cannot make a socket: \(errnoDescription(errno))", code: 1) }
         let bound = try withUnixAddress(path) { address, length in
             // The mode is set at bind: no moment in which others may connect.
+            guard let mode else { return bind(fd, address, length) }
             let mask = umask(~mode & 0o777)
             defer { umask(mask) }
             return bind(fd, address, length)

@@ -125,7 +125,14 @@ struct Serve: AsyncParsableCommand {
             exports: [Export(name: export, description: description, readOnly: readOnly, target: served.target)],
             ringPerLoop: served.engineKind == .ioUring, logger: logger)
         for listener in listeners {
-            try await server.serve(listening: listener.socket, address: listener.address)
+            do {
+                try await server.serve(listening: listener.socket, address: listener.address)
+            } catch {
+                // Nothing was served: the mirror stops cleanly all the same.
+                await server.shutdown()
+                served.stop()
+                throw CleanExit.message("cannot serve on \(listener.address): \(error)", code: 1)
+            }
             logger.info("serving \(served.summary) (\(served.target.size) bytes, engine \(served.engineKind)) on \(listener.address)")
         }
         let controlServer = controlListener.map { listener in
@@ -194,7 +201,13 @@ struct Serve: AsyncParsableCommand {
                 throw CleanExit.message("\(legs[0]) is a leg of mirror \(owner): serve the mirror with all its legs "
                                         + "(or pass --force to serve this leg raw, which can destroy its metadata)", code: 1)
             }
-            do { mirrorLock = try MirrorLock(owner) } catch { throw CleanExit.message("\(error)", code: 1) }
+            do {
+                mirrorLock = try MirrorLock(owner)
+                // Writes through a raw server reach this leg alone.
+                if !readOnly { try Mirror.recordServedRaw(device, client: client) }
+            } catch {
+                throw CleanExit.message("\(error)", code: 1)
+            }
         }
         return ServedTarget(target: LinearTarget(device: device, client: client), summary: legs[0],
                             engineKind: client.engineKind) {
@@ -281,13 +294,25 @@ func createMirrorIfMissing(_ specs: [String], createSize: ByteSize?, regionBytes
     }
     var creating = options
     creating.createSize = createSize.bytes
+    // Only the files this start made are removed if it fails: another
+    // start may have made (and be serving) the rest meanwhile.
+    var made: [String] = []
     do {
-        let devices = try specs.map { try openLeg($0, options: creating) }
+        var devices: [BlockDevice] = []
+        for spec in specs {
+            let device = try openLeg(spec, options: creating)
+            if device.wasCreated { made.append(spec) }
+            devices.append(device)
+        }
+        guard made.count == specs.count else {
+            throw CleanExit.message("legs \(specs.filter { !made.contains($0) }.joined(separator: ", ")) appeared while "
+                                    + "the mirror was being made (another dmio-nbd?); nothing was written to them", code: 1)
+        }
         let uuid = try Mirror.create(devices, client: client, regionBytes: regionBytes, fresh: true)
         logger.info("made mirror \(uuid) of \(specs.joined(separator: " "))")
     } catch {
-        for path in specs { unlink(path) }
-        throw CleanExit.message("\(error)", code: 1)
+        for path in made { unlink(path) }
+        throw error is CleanExit ? error : CleanExit.message("\(error)", code: 1)
     }
 }
 

@@ -54,6 +54,15 @@ struct ByteSize: CustomStringConvertible {
     let bytes: UInt64
     let text: String
 
+    /// Each unit as it may be written (upper case), and its bytes.
+    private static let units: [String: UInt64] = {
+        var units: [String: UInt64] = ["": 1, "B": 1]
+        for (power, letter) in ["K", "M", "G", "T"].enumerated() {
+            for spelling in [letter, letter + "B", letter + "IB"] { units[spelling] = 1 << (10 * (power + 1)) }
+        }
+        return units
+    }()
+
     static let accepted = "a number of bytes, or with a unit: K, M, G or T (also KiB, KB, k...), "
         + "powers of 1024, e.g. 512K or 10G"
 
@@ -66,11 +75,10 @@ struct ByteSize: CustomStringConvertible {
     }
 
     init?(_ text: String) {
-        let units: [String: UInt64] = ["": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
         let digits = text.prefix { $0.isASCII && $0.isNumber }
-        var unit = text.dropFirst(digits.count).uppercased()
-        if unit.hasSuffix("IB") { unit.removeLast(2) } else if unit.count == 2 && unit.hasSuffix("B") { unit.removeLast() }
-        guard let value = UInt64(digits), value > 0, let scale = units[unit] else { return nil }
+        guard let value = UInt64(digits), value > 0, let scale = Self.units[text.dropFirst(digits.count).uppercased()] else {
+            return nil
+        }
         let (bytes, overflow) = value.multipliedReportingOverflow(by: scale)
         if overflow { return nil }
         self.bytes = bytes
@@ -125,7 +133,9 @@ final class StopSignals: @unchecked Sendable {
     private func arrived(_ name: String) {
         guard first == nil else {
             onSecond(name)
-            exit(1)
+            // As a crash would, while other threads still run: no exit handlers.
+            fflush(nil)
+            _exit(1)
         }
         first = name
         waiting?.resume(returning: name)

@@ -12,7 +12,7 @@ import Testing
     /// Runs dmio-nbd expecting it to fail; returns its exit status and words.
     private func refused(_ arguments: [String], in directory: String? = nil) -> (status: Int32, said: String) {
         do {
-            let output = try run([dmioNBDExecutable] + arguments, directory: directory)
+            let output = try run([dmioNBDExecutable] + arguments, directory: directory, timeout: 30)
             Issue.record("dmio-nbd \(arguments) succeeded: \(output)")
             return (0, output)
         } catch let failed as CommandFailed {
@@ -30,6 +30,8 @@ import Testing
         let typo = refused(["stauts", "--create", "16M"], in: fixture.folder)
         #expect(typo.status == 64)
         #expect(typo.said.contains("unknown command 'stauts'; did you mean 'status'?"), "\(typo.said)")
+        let asLeg = refused(["--create", "16M", "stauts"], in: fixture.folder)
+        #expect(asLeg.status == 64 && asLeg.said.contains("unknown command 'stauts'"), "\(asLeg.said)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: fixture.folder).isEmpty, "nothing was made")
         #expect(refused(["version"]).said.contains("did you mean '--version'?"))
         let leg = refused(["a.img", "b.img"], in: fixture.folder)

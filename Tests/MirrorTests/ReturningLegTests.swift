@@ -81,4 +81,62 @@ import Testing
         try turns.handle.expectReadBack(turns.written)
         turns.stopAndCompare(fixture, turns.server, turns.handle)
     }
+
+    /// An old copy of a leg put back while the leg was out: bits were
+    /// cleared since the copy was made, so the bitmap cannot say what it
+    /// misses, and re-adding it copies everything.
+    @Test func anOldCopyOfAFailedLegPutBackGetsAFullCopy() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        var server = try fixture.serve(legs + ["--create", "16M"])
+        #expect(server.stop() == 0)
+        try FileManager.default.copyItem(atPath: legs[1], toPath: fixture.path("leg1.backup"))
+
+        server = try fixture.serve(legs)
+        let handle = try fixture.connect()
+        var written = try handle.writeRegions(0..<4, seed: 61)
+        try fixture.waitFor("the bits to be cleared", timeout: 20) { $0.dirtyRegions == 0 }
+        try fixture.control(["fail-leg", "1"])
+        written.merge(try handle.writeRegions(10..<12, seed: 62)) { $1 }
+        handle.shutdown()
+        #expect(server.stop() == 0)
+
+        try FileManager.default.removeItem(atPath: legs[1])
+        try FileManager.default.moveItem(atPath: fixture.path("leg1.backup"), toPath: legs[1])
+        server = try fixture.serve(legs)
+        try fixture.control(["readd-leg", "1"])
+        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        #expect(status.resync.lastResult.contains("of \(status.regions) regions"), "\(status.resync.lastResult)")
+        try fixture.control(["fail-leg", "0"])
+        try fixture.connect().expectReadBack(written)
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
+    /// A leg served on its own and written (serve --force) gets a full copy
+    /// when the mirror starts again: its data may differ anywhere.
+    @Test func aLegServedRawAndWrittenGetsAFullCopy() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        var server = try fixture.serve(legs + ["--create", "16M"])
+        var handle = try fixture.connect()
+        let written = try handle.writeRegions(0..<4, seed: 63)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+
+        server = try fixture.serve([legs[1], "--force"])
+        handle = try fixture.connect()
+        try handle.write(pattern(64 << 10, seed: 64), at: 8 << 20)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+
+        server = try fixture.serve(legs)
+        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        #expect(status.resync.lastResult.contains("of \(status.regions) regions"), "\(status.resync.lastResult)")
+        try fixture.control(["fail-leg", "0"])
+        try fixture.connect().expectReadBack(written)
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+        #expect(server.stderr().contains("was served on its own, writable: it gets a full copy"))
+    }
 }

@@ -55,6 +55,19 @@ import Testing
         #expect(legs.map(metadata) == before)
     }
 
+    /// Whoever may connect to the NBD socket may read and write the device:
+    /// it is made as the umask makes files (0755 under 022), not open to all.
+    @Test func theNBDSocketFollowsTheUmask() throws {
+        let fixture = MirrorFixture()
+        let server = try fixture.serve([fixture.path("a.img"), fixture.path("b.img"), "--create", "16M"])
+        var info = stat()
+        #expect(stat(fixture.socket, &info) == 0)
+        let mask = umask(0o022)
+        umask(mask)
+        #expect(info.st_mode & 0o777 & mask == 0, "mode \(String(info.st_mode & 0o777, radix: 8)) under umask \(String(mask, radix: 8))")
+        #expect(server.stop() == 0)
+    }
+
     @Test func socketPathsThatCannotBeBoundAreRefusedPlainly() throws {
         let fixture = MirrorFixture()
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]

@@ -1,9 +1,11 @@
 import Foundation
 
-/// Runs a program found on PATH (in `directory` if given); returns its
-/// standard output, or throws with its output when it exits non-zero.
+/// Runs a program found on PATH (in `directory` if given, for `timeout`
+/// seconds at most); returns its standard output, or throws with its output
+/// when it exits non-zero.
 @discardableResult
-public func run(_ arguments: [String], environment: [String: String] = [:], directory: String? = nil) throws -> String {
+public func run(_ arguments: [String], environment: [String: String] = [:], directory: String? = nil,
+                timeout: Double? = nil) throws -> String {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     process.arguments = arguments
@@ -14,6 +16,11 @@ public func run(_ arguments: [String], environment: [String: String] = [:], dire
     process.standardOutput = output
     process.standardError = errors
     try process.run()
+    // A program that should have exited (a refusal) and serves instead is
+    // stopped, so that the test fails rather than hangs.
+    if let timeout {
+        DispatchQueue.global().asyncAfter(deadline: .now() + timeout) { if process.isRunning { process.terminate() } }
+    }
     let out = output.fileHandleForReading.readDataToEndOfFile()
     let err = errors.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()

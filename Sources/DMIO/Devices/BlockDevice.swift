@@ -63,6 +63,9 @@ public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     let memoryAlignment: Int
     /// The file descriptor the engines do I/O on; -1 for remote devices.
     let fileDescriptor: Int32
+    /// Whether this open made the file (`createSize`): only what was made
+    /// may be removed when what it was made for fails.
+    public internal(set) var wasCreated = false
 
     public var sectors: UInt64 { size >> sectorShift }
     public var description: String { name }

@@ -36,8 +36,10 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
         if fd < 0 && errno == EBUSY && isBlock {
             throw .busy(device: path, holder: DeviceHolders.describe(existing.st_rdev))
         }
+        var created = false
         if fd < 0 && errno == ENOENT, let createSize = options.createSize, !options.readOnly {
             fd = Glibc.open(path, flags | O_CREAT | O_EXCL, 0o644)
+            created = fd >= 0
             if fd >= 0 && ftruncate(fd, off_t(createSize)) != 0 {
                 let error = errno
                 Glibc.close(fd)
@@ -83,6 +85,7 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
         }
         super.init(name: path, kind: isBlockDevice ? .blockDevice : .file, size: size, blockSize: blockSize, isReadOnly: options.readOnly,
                    memoryAlignment: options.direct ? blockSize : 1, fileDescriptor: fd)
+        wasCreated = created
     }
 
     deinit { Glibc.close(fileDescriptor) }
