@@ -82,6 +82,18 @@ import Testing
         turns.stopAndCompare(fixture, turns.server, turns.handle)
     }
 
+    /// Leg 1 gets a copy of every region; then, read alone, it holds what
+    /// was written, and the legs are equal.
+    private func expectFullCopy(_ fixture: MirrorFixture, _ server: ServeProcess, _ legs: [String],
+                                _ written: [Int: [UInt8]]) throws {
+        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        #expect(status.resync.lastResult.contains("of \(status.regions) regions"), "\(status.resync.lastResult)")
+        try fixture.control(["fail-leg", "0"])
+        try fixture.connect().expectReadBack(written)
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
     /// An old copy of a leg put back while the leg was out: bits were
     /// cleared since the copy was made, so the bitmap cannot say what it
     /// misses, and re-adding it copies everything.
@@ -105,12 +117,7 @@ import Testing
         try FileManager.default.moveItem(atPath: fixture.path("leg1.backup"), toPath: legs[1])
         server = try fixture.serve(legs)
         try fixture.control(["readd-leg", "1"])
-        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
-        #expect(status.resync.lastResult.contains("of \(status.regions) regions"), "\(status.resync.lastResult)")
-        try fixture.control(["fail-leg", "0"])
-        try fixture.connect().expectReadBack(written)
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(legs[0], legs[1]))
+        try expectFullCopy(fixture, server, legs, written)
     }
 
     /// A leg served on its own and written (serve --force) gets a full copy
@@ -131,12 +138,7 @@ import Testing
         #expect(server.stop() == 0)
 
         server = try fixture.serve(legs)
-        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
-        #expect(status.resync.lastResult.contains("of \(status.regions) regions"), "\(status.resync.lastResult)")
-        try fixture.control(["fail-leg", "0"])
-        try fixture.connect().expectReadBack(written)
-        #expect(server.stop() == 0)
-        #expect(fixture.legsEqual(legs[0], legs[1]))
+        try expectFullCopy(fixture, server, legs, written)
         #expect(server.stderr().contains("was served on its own, writable: it gets a full copy"))
     }
 }
