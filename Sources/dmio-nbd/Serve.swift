@@ -131,6 +131,8 @@ struct Serve: AsyncParsableCommand {
                 // Nothing was served: the mirror stops cleanly all the same.
                 await server.shutdown()
                 served.stop()
+                controlListener?.close()
+                for listener in listeners { listener.removeFile() }
                 throw CleanExit.message("cannot serve on \(listener.address): \(error)", code: 1)
             }
             logger.info("serving \(served.summary) (\(served.target.size) bytes, engine \(served.engineKind)) on \(listener.address)")
