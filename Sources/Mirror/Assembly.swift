@@ -258,7 +258,12 @@ extension Mirror {
     /// The newer valid superblock of `device`; nil if it has none; throws
     /// when both slots are damaged.
     static func readSuperblock(of device: BlockDevice, client: DMIOClient) throws(MirrorError) -> Superblock? {
-        let slots = try MetadataStore.readSlots(device, client: client)
+        try newestSuperblock(in: MetadataStore.readSlots(device, client: client), of: device)
+    }
+
+    /// The newer valid superblock of `slots` (read from `device`); nil if
+    /// they hold none; throws when both are damaged.
+    static func newestSuperblock(in slots: [Superblock.Decoded], of device: BlockDevice) throws(MirrorError) -> Superblock? {
         var newest: Superblock?
         var damage: String?
         for slot in slots {

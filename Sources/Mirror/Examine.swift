@@ -51,7 +51,7 @@ extension Mirror {
     /// `corruptLeg` where both slots are damaged.
     public static func examine(_ device: BlockDevice, client: DMIOClient) throws(MirrorError) -> LegMetadata {
         let slots = try MetadataStore.readSlots(device, client: client)
-        guard let superblock = try readSuperblock(of: device, client: client) else { throw .notAMirror(leg: device.name) }
+        guard let superblock = try newestSuperblock(in: slots, of: device) else { throw .notAMirror(leg: device.name) }
         let layout = try MirrorLayout(validating: superblock)
         let bitmap = try MetadataStore.readBytes(device, offset: MirrorLayout.bitmapOffset, count: Int(layout.bitmapBytes),
                                                  client: client)

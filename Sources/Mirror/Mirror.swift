@@ -40,8 +40,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     static let cleanInterval = 2.0
 
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
-         events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock, client: DMIOClient,
-         deviceOptions: DeviceOptions, rateLimit: UInt64, logger: Logger) {
+         events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock,
+         client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, logger: Logger) {
         self.uuid = uuid
         self.exclusive = exclusive
         self.layout = layout

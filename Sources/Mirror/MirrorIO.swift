@@ -57,7 +57,7 @@ extension Mirror {
     /// about what the range reads afterwards, and legs that kept different
     /// bytes there would answer reads differently (see `zeroesCheaply`).
     public func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
-        change(.writeZeroes, offset: offset, length: length, flags: fua ? .fua : [], completion: completion)
+        writeZeroes(offset: offset, length: length, mayUnmap: true, fua: fua, completion: completion)
     }
 
     public func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool,

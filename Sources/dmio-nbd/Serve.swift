@@ -354,11 +354,6 @@ enum DefaultMirror {
         }
         return ["\(folder)/leg0.img", "\(folder)/leg1.img"]
     }
-
-    private static func environment(_ name: String) -> String? {
-        guard let value = getenv(name).map({ String(cString: $0) }), !value.isEmpty else { return nil }
-        return value
-    }
 }
 
 /// An exit with a message for the person who ran the command.

@@ -4,11 +4,15 @@ import Dispatch
 import Glibc
 import Logging
 
+/// An environment variable's value; nil when unset or empty (as XDG's
+/// base-directory variables are read).
+func environment(_ name: String) -> String? {
+    guard let value = getenv(name).map({ String(cString: $0) }), !value.isEmpty else { return nil }
+    return value
+}
+
 /// $XDG_RUNTIME_DIR, or /run: where a server's sockets go by default.
-let runtimeFolder: String = {
-    if let runtime = getenv("XDG_RUNTIME_DIR").map({ String(cString: $0) }), !runtime.isEmpty { return runtime }
-    return "/run"
-}()
+let runtimeFolder = environment("XDG_RUNTIME_DIR") ?? "/run"
 
 /// $XDG_RUNTIME_DIR/dmio-nbd.sock, or /run/dmio-nbd.sock.
 let defaultSocketPath = runtimeFolder + "/dmio-nbd.sock"
@@ -31,7 +35,7 @@ let commandPath: String = {
     let count = readlink("/proc/self/exe", &bytes, bytes.count - 1)
     guard count > 0 else { return "dmio-nbd" }
     let executable = String(cString: bytes)
-    let folders = (getenv("PATH").map { String(cString: $0) } ?? "").split(separator: ":")
+    let folders = (environment("PATH") ?? "").split(separator: ":")
     let onPath = folders.first { access("\($0)/dmio-nbd", X_OK) == 0 }.map { folder -> String in
         let found = realpath("\(folder)/dmio-nbd", nil)
         defer { free(found) }
