@@ -25,7 +25,7 @@ struct ControlOptions: ParsableArguments {
     func reports() throws -> [(control: String, report: MirrorReport)] {
         let controls = control.map { [$0] } ?? ControlFolder.sockets
         var found: [(control: String, report: MirrorReport)] = []
-        var forbidden: [String] = []
+        var forbidden = false
         for path in controls {
             do {
                 found.append((path, try exchange(ControlRequest(command: .status), with: path).report))
@@ -34,7 +34,7 @@ struct ControlOptions: ParsableArguments {
                 // folder, a socket no server answers is a crashed server's,
                 // and one this user may not open is another user's.
                 if control != nil { throw error }
-                if case .some(EACCES) = (error as? ControlUnreachable)?.errno { forbidden.append(path) }
+                if (error as? ControlUnreachable)?.errno == EACCES { forbidden = true }
             }
         }
         let matching = found.filter { _, report in
@@ -42,7 +42,7 @@ struct ControlOptions: ParsableArguments {
                 && (socket.map { report.served.contains("unix:\(absolutePath($0))") } ?? true)
         }
         guard !matching.isEmpty else {
-            if !forbidden.isEmpty {
+            if forbidden {
                 throw CleanExit.message("the control sockets in \(ControlFolder.path) are another user's: "
                                         + "run this as the user who serves the mirror", code: 1)
             }
