@@ -67,19 +67,10 @@ final class Resync: @unchecked Sendable {
                 outcome = "stopped"
                 return false
             }
-            let snapshot = mirror.legs.snapshot
-            let copyTo = snapshot.writable.filter(targets.contains)
-            guard let source = snapshot.readable.first, !copyTo.isEmpty else {
-                outcome = "no leg left to copy to"
-                return false
-            }
             let offset = UInt64(run.lowerBound) * mirror.log.regionBytes
             let length = min(UInt64(run.count) * mirror.log.regionBytes, mirror.layout.dataBytes - offset)
-            for region in run { mirror.log.holdForCopy(region) }
-            let copied = copy(offset: offset, length: length, from: source, to: copyTo, buffer: buffer)
-            for region in run { mirror.log.releaseAfterCopy(region) }
-            guard copied else {
-                outcome = "source leg \(source.index) failed"
+            if let failure = copyHeld(run, offset: offset, length: length, to: targets, buffer: buffer) {
+                outcome = failure
                 return false
             }
             lock.withLock {
@@ -106,6 +97,24 @@ final class Resync: @unchecked Sendable {
             }
         }
         return runs
+    }
+
+    /// Holds `run`, then copies it from the first in-sync leg to the legs
+    /// of `targets` still writable; returns why it could not. The legs are
+    /// chosen only once the run is held: a leg failed before that takes no
+    /// more writes, and its bytes would go over the newer ones that the
+    /// other legs took meanwhile.
+    private func copyHeld(_ run: Range<Int>, offset: UInt64, length: UInt64, to targets: LegTable.Targets,
+                          buffer: AlignedBytes) -> String? {
+        for region in run { mirror.log.holdForCopy(region) }
+        defer { for region in run { mirror.log.releaseAfterCopy(region) } }
+        let snapshot = mirror.legs.snapshot
+        let copyTo = snapshot.writable.filter(targets.contains)
+        guard let source = snapshot.readable.first, !copyTo.isEmpty else { return "no leg left to copy to" }
+        guard copy(offset: offset, length: length, from: source, to: copyTo, buffer: buffer) else {
+            return "source leg \(source.index) failed"
+        }
+        return nil
     }
 
     private func copy(offset: UInt64, length: UInt64, from source: LegTable.Leg, to targets: [LegTable.Leg],
