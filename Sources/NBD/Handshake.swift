@@ -30,6 +30,11 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// --handshake-limit, 10 s there; longer here for clients in option mode
     /// driven by hand).
     static let timeLimit = TimeAmount.seconds(30)
+    /// A client with this many bytes of option replies it has not taken is
+    /// dropped: each reply is small, so only a client that sends options
+    /// and never reads gets there, and its replies would pile up without
+    /// end until the time limit.
+    static let maxUnsentReplyBytes = 1 << 20
 
     private let exports: [Export]
     private let logger: Logger
@@ -39,6 +44,8 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var structuredReplies = false
     /// Set by NBD_OPT_SET_META_CONTEXT, for the export it named.
     private var metaContexts: (export: String, contexts: [MetaContext])?
+    private var unsentReplyBytes = 0
+    private var dropped = false
 
     /// `startTransmission` installs the transmission phase's handlers.
     init(exports: [Export], logger: Logger,
@@ -68,6 +75,9 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // The options that came in the same read as the one that got the
+        // client dropped are not answered.
+        guard !dropped else { return }
         switch unwrapInboundIn(data) {
         case .clientFlags(let flags):
             let known = HandshakeFlag.clientFixedNewstyle | HandshakeFlag.clientNoZeroes
@@ -104,7 +114,17 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func reply(_ context: ChannelHandlerContext, _ write: (inout ByteBuffer) -> Void) {
         var buffer = context.channel.allocator.buffer(capacity: 64)
         write(&buffer)
-        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        let bytes = buffer.readableBytes
+        guard unsentReplyBytes + bytes <= Self.maxUnsentReplyBytes else {
+            logger.notice("handshake: the client takes none of its option replies (\(unsentReplyBytes) bytes unsent); closing connection")
+            dropped = true
+            context.close(promise: nil)
+            return
+        }
+        unsentReplyBytes += bytes
+        let sent = context.eventLoop.makePromise(of: Void.self)
+        sent.futureResult.whenComplete { [self] _ in unsentReplyBytes -= bytes }
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: sent)
     }
 
     private func export(named name: String) -> Export? {

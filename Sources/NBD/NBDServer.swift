@@ -1,4 +1,6 @@
+import CDMIOSupport
 import DMIO
+import Dispatch
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -30,21 +32,32 @@ public final class NBDServer: @unchecked Sendable {
 
     private let ringPerLoop: Bool
     private let loopCount: Int
-    /// Requests started and not yet answered, per event loop.
-    private let loopRequests: [ObjectIdentifier: RequestsInFlight]
+    /// Requests in flight and bytes buffered, per event loop.
+    private let loads: [ObjectIdentifier: LoopLoad]
+    private let memoryWatch = NIOLockedValueBox<[RepeatedTask]>([])
+
+    /// The bytes of requests and replies all connections together buffer
+    /// before they stop, unless told otherwise.
+    public static let defaultBufferLimit = 256 << 20
+    /// How often each loop looks whether a burst ended.
+    static let memoryWatchInterval = TimeAmount.seconds(1)
 
     /// `threads` event loops share the connections (one per core by default).
     /// With `ringPerLoop`, each loop drives its own DMIO io_uring (see
     /// `DMIOClient.threadDriven`); where io_uring is refused, or without it,
-    /// targets use their own client.
-    public init(exports: [Export], threads: Int = System.coreCount, ringPerLoop: Bool = true, logger: Logger) {
+    /// targets use their own client. The connections together buffer about
+    /// `bufferLimit` bytes of requests and replies at most (each loop a
+    /// share, which one request may pass by its length).
+    public init(exports: [Export], threads: Int = System.coreCount, ringPerLoop: Bool = true,
+                bufferLimit: Int = NBDServer.defaultBufferLimit, logger: Logger) {
         precondition(!exports.isEmpty, "a server needs an export")
         self.exports = exports
         self.logger = logger
         self.ringPerLoop = ringPerLoop
         loopCount = threads
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
-        loopRequests = Dictionary(uniqueKeysWithValues: group.makeIterator().map { (ObjectIdentifier($0), RequestsInFlight()) })
+        let share = max(1, bufferLimit / threads)
+        loads = Dictionary(uniqueKeysWithValues: group.makeIterator().map { (ObjectIdentifier($0), LoopLoad(bufferLimit: share)) })
     }
 
     /// Starts listening; returns the address bound (with the real port for
@@ -71,6 +84,7 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     private func bootstrap() async throws -> ServerBootstrap {
+        watchMemory()
         if ringPerLoop && loopIO.withLockedValue({ $0 == nil }) {
             do {
                 let channels = try await EventLoopIO.attach(to: group)
@@ -118,8 +132,27 @@ public final class NBDServer: @unchecked Sendable {
         }
         var connectionLogger = logger
         connectionLogger[metadataKey: "connection"] = "\(channel.remoteAddress?.description ?? "unix")"
-        try Self.configure(channel, exports: exports, inFlight: loopRequests[ObjectIdentifier(channel.eventLoop)]!,
+        try Self.configure(channel, exports: exports, load: loads[ObjectIdentifier(channel.eventLoop)]!,
                            logger: connectionLogger)
+    }
+
+    /// Once a burst of requests is over, the memory it used goes back to
+    /// the kernel: malloc keeps freed buffers (and is told to, for speed),
+    /// so without this the server would stay at its peak for ever. The
+    /// return runs off the loops: it walks every malloc arena.
+    private func watchMemory() {
+        memoryWatch.withLockedValue { tasks in
+            guard tasks.isEmpty else { return }
+            for loop in group.makeIterator() {
+                let load = loads[ObjectIdentifier(loop)]!
+                tasks.append(loop.scheduleRepeatedTask(initialDelay: Self.memoryWatchInterval,
+                                                       delay: Self.memoryWatchInterval) { _ in
+                    guard load.burstEnded() else { return }
+                    load.dropSpares()
+                    DispatchQueue.global(qos: .utility).async { _ = dmio_return_free_memory() }
+                })
+            }
+        }
     }
 
     /// While some event loop has no connection, its core would be idle: the
@@ -137,14 +170,14 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Sets up a connection's pipeline: the handshake's decoder and
     /// handler, which hand over to the transmission phase's after NBD_OPT_GO.
-    static func configure(_ channel: Channel, exports: [Export], inFlight: RequestsInFlight = RequestsInFlight(),
-                          logger: Logger) throws {
+    static func configure(_ channel: Channel, exports: [Export],
+                          load: LoopLoad = LoopLoad(bufferLimit: NBDServer.defaultBufferLimit), logger: Logger) throws {
         let handover = OptionDecoder.Handover()
         let optionDecoder = ByteToMessageHandler(OptionDecoder(handover: handover))
         let handshake = HandshakeHandler(exports: exports, logger: logger) { context, session in
+            let framer = RequestFramer(maxPayload: session.export.target.blockSizes.maximumPayload, load: load)
             let transmission = TransmissionHandler(session: session, allocator: context.channel.allocator,
-                                                   inFlight: inFlight, logger: logger)
-            let framer = RequestFramer(maxPayload: session.export.target.blockSizes.maximumPayload)
+                                                   load: load, framer: framer, logger: logger)
             let pipeline = context.pipeline.syncOperations
             do {
                 try pipeline.addHandlers([framer, transmission], position: .after(context.handler))
@@ -189,6 +222,7 @@ public final class NBDServer: @unchecked Sendable {
             }
             try? await Task.sleep(for: .milliseconds(50))
         }
+        for task in memoryWatch.withLockedValue({ $0 }) { task.cancel() }
         for channel in loopIO.withLockedValue({ $0 ?? [] }) {
             try? await channel.close()
         }
@@ -199,16 +233,9 @@ public final class NBDServer: @unchecked Sendable {
     private func requestsInFlight() async -> Int {
         var total = 0
         for loop in group.makeIterator() {
-            let requests = loopRequests[ObjectIdentifier(loop)]!
-            total += (try? await loop.submit { requests.count }.get()) ?? 0
+            let load = loads[ObjectIdentifier(loop)]!
+            total += (try? await loop.submit { load.requestsInFlight }.get()) ?? 0
         }
         return total
     }
-}
-
-/// The requests one event loop's connections have started and not yet
-/// answered. Touched only on that loop: counting costs the request path
-/// no atomic operation.
-final class RequestsInFlight: @unchecked Sendable {
-    var count = 0
 }

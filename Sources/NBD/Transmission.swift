@@ -15,7 +15,11 @@ import NIOCore
 /// the socket, and requests already read wait, in order, until replies
 /// make room: one socket read can hold thousands of requests, and a read
 /// request allocates its reply when it starts, so a connection's memory
-/// stays bounded whatever the client sends.
+/// stays bounded whatever the client sends. The server's memory is bounded
+/// too: reads also wait while their event loop's connections buffer their
+/// share of the server's bound (`LoopLoad`), and so does what comes after
+/// them, except writes: their payloads are held already, and only their
+/// end gives the room back.
 final class TransmissionHandler: ChannelDuplexHandler {
     typealias InboundIn = NBDRequest
     typealias OutboundIn = ByteBuffer
@@ -30,10 +34,6 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// Structured reads at least this long first ask whether the range is
     /// a hole, and answer a hole without reading it.
     static let sparseReadBytes = 64 << 10
-    /// Large reply buffers kept for reuse once the socket has sent them (a
-    /// fresh megabyte per reply costs its page faults every time), up to
-    /// this many bytes a connection: enough for 8 reads of 1 MiB in flight.
-    static let maxSpareReplyBytes = 8 << 20
     /// How long a closing connection waits for its client to take the last
     /// replies.
     static let closeGrace = TimeAmount.seconds(10)
@@ -42,8 +42,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private let target: BlockTarget
     private let logger: Logger
     private let inbox = CompletionInbox()
-    /// This loop's count of requests in flight, which a stop waits for.
-    private let loopRequests: RequestsInFlight
+    /// What this loop's connections hold: requests in flight, which a stop
+    /// waits for, and buffered bytes, which the server bounds.
+    private let load: LoopLoad
+    private let framer: RequestFramer
     private var output: ByteBuffer
     private var pendingFlush = false
     private var requestsInFlight = 0
@@ -51,6 +53,12 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private var readHeld = false
     /// Requests read while the connection was at its limits, in order.
     private var waiting = CircularBuffer<NBDRequest>()
+    /// Requests set aside, in order, until their loop has room: a read
+    /// that needs it, and what came after other than writes.
+    private var setAside = CircularBuffer<NBDRequest>()
+    private var wakeRequested = false
+    /// NBD_CMD_DISC is set aside: what came after it is dropped.
+    private var disconnectSetAside = false
     /// Whether the target holds this read batch's I/O until channelReadComplete.
     private var inBatch = false
     /// NBD_CMD_DISC came: nothing after it runs.
@@ -68,12 +76,12 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// hold it: it is only ever used back on the event loop.
     private var context: ChannelHandlerContext!
     private var onLoop: NIOLoopBound<TransmissionHandler>!
-    private var spareReplyBuffers: [ByteBuffer] = []
 
-    init(session: Session, allocator: ByteBufferAllocator, inFlight: RequestsInFlight, logger: Logger) {
+    init(session: Session, allocator: ByteBufferAllocator, load: LoopLoad, framer: RequestFramer, logger: Logger) {
         self.session = session
         self.target = session.export.target
-        self.loopRequests = inFlight
+        self.load = load
+        self.framer = framer
         self.logger = logger
         output = allocator.buffer(capacity: 64 << 10)
     }
@@ -91,20 +99,27 @@ final class TransmissionHandler: ChannelDuplexHandler {
         stallWatch?.cancel()
         self.context = nil
         onLoop = nil
-        waiting.removeAll()
-        spareReplyBuffers.removeAll()
+        drop(&waiting)
+        drop(&setAside)
+    }
+
+    /// Drops requests read and never started (the connection is gone, or
+    /// they came after NBD_CMD_DISC), giving their payloads back.
+    private func drop(_ requests: inout CircularBuffer<NBDRequest>) {
+        for request in requests { load.give(request.payloadBytes) }
+        requests.removeAll()
     }
 
     // MARK: Inbound
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let request = unwrapInboundIn(data)
-        guard !disconnecting else { return }  // nothing may follow NBD_CMD_DISC
-        if !waiting.isEmpty || !mayStart {
-            waiting.append(request)
+        guard !disconnecting && !disconnectSetAside else {  // nothing may follow NBD_CMD_DISC
+            load.give(request.payloadBytes)
             return
         }
-        start(request)
+        waiting.append(request)
+        startWaiting()
     }
 
     /// Whether another request may start: the connection is under its
@@ -115,6 +130,46 @@ final class TransmissionHandler: ChannelDuplexHandler {
             && context.channel.isWritable
     }
 
+    /// Starts the requests that waited, in order, as far as the limits go.
+    /// A read that needs room its loop lacks is set aside until there is
+    /// some, and so is what follows it, but writes: the spec lets requests
+    /// in flight run in any order, and NBD_CMD_DISC still comes last.
+    private func startWaiting() {
+        while !disconnecting && mayStart {
+            if !setAside.isEmpty && load.hasRoom {
+                start(setAside.removeFirst())
+            } else if let request = waiting.popFirst() {
+                let isWrite = request.type == CommandType.write.rawValue
+                let needsRoom = request.type == CommandType.read.rawValue && !load.hasRoom
+                if isWrite || (setAside.isEmpty && !needsRoom) {
+                    start(request)
+                } else {
+                    setAside.append(request)
+                    if request.type == CommandType.disconnect.rawValue {
+                        disconnectSetAside = true
+                        drop(&waiting)
+                    }
+                }
+            } else {
+                break
+            }
+        }
+        if disconnecting {
+            drop(&waiting)
+            drop(&setAside)
+        }
+        if !setAside.isEmpty && !wakeRequested {
+            wakeRequested = true
+            let handler = onLoop!
+            load.whenRoom { handler.eventLoop.execute { handler.value.roomCameBack() } }
+        }
+    }
+
+    private func roomCameBack() {
+        wakeRequested = false
+        resume()
+    }
+
     private func start(_ request: NBDRequest) {
         if !inBatch {
             inBatch = true
@@ -123,6 +178,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         switch validate(request, session: session) {
         case .failure(let rejection):
             logger.debug("request refused: \(rejection.message)")
+            load.give(request.payloadBytes)
             appendError(rejection, cookie: request.cookie)
         case .success(let command):
             run(command, cookie: request.cookie)
@@ -180,8 +236,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// A payload begun is read to its end whatever the limits: its bytes
+    /// are counted already, and only its end lets them go.
     func read(context: ChannelHandlerContext) {
-        if mayRead(context) {
+        if mayRead(context) || (framer.isInsidePayload && !disconnecting && !inputEnded) {
             context.read()
         } else {
             readHeld = true
@@ -189,7 +247,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     private func mayRead(_ context: ChannelHandlerContext) -> Bool {
-        !disconnecting && !inputEnded && waiting.isEmpty && mayStart
+        !disconnecting && !disconnectSetAside && !inputEnded && waiting.isEmpty && setAside.isEmpty && mayStart
     }
 
     private func releaseHeldRead(_ context: ChannelHandlerContext) {
@@ -218,6 +276,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         case .read(let offset, let length):
             read(offset: offset, length: length, cookie: cookie)
         case .write(let offset, let payload, let fua):
+            // The framer took the payload's bytes from the loop's room.
             started(bytes: payload.byteCount)
             // The completion keeps the payload alive until the target is done with it.
             let completion = complete("write", cookie, keeping: payload)
@@ -262,6 +321,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
             UnsafeMutableRawBufferPointer(rebasing: $0[headerLength...])
         }
         started(bytes: reply.readableBytes)
+        load.take(reply.readableBytes)
         target.read(into: data, offset: offset, completion: complete("read", cookie, reply: reply))
     }
 
@@ -308,6 +368,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     private func finish(_ command: StaticString, bytes: Int, cookie: UInt64, result: TargetResult, reply: ByteBuffer?) {
         finished(bytes: bytes)
+        // A reply's bytes count again while the socket has them (`send`).
+        load.give(bytes)
         guard active else { return }
         if !result.succeeded {
             appendError(nbdError(for: result, command: "\(command)", logger: logger), cookie: cookie)
@@ -322,13 +384,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private func started(bytes: Int) {
         requestsInFlight += 1
         bytesInFlight += bytes
-        loopRequests.count += 1
+        load.requestsInFlight += 1
     }
 
     private func finished(bytes: Int) {
         requestsInFlight -= 1
         bytesInFlight -= bytes
-        loopRequests.count -= 1
+        load.requestsInFlight -= 1
     }
 
     /// Room was made (replies done, or taken by the client): starts the
@@ -337,10 +399,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private func resume() {
         guard active else { return }
         progressed = true
-        while !disconnecting && mayStart, let request = waiting.popFirst() {
-            start(request)
-        }
-        if disconnecting { waiting.removeAll() }
+        startWaiting()
         endBatch()
         flushOutput(context)
         releaseHeldRead(context)
@@ -373,7 +432,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// have gone out (a close drops replies still queued in the channel):
     /// or after `closeGrace`, for a client that does not take them.
     private func closeIfDone(_ context: ChannelHandlerContext) {
-        guard (disconnecting || inputEnded) && requestsInFlight == 0 && waiting.isEmpty && active else { return }
+        guard (disconnecting || inputEnded) && requestsInFlight == 0 && waiting.isEmpty && setAside.isEmpty
+            && active else { return }
         active = false
         writeOutput(context)
         let sent = context.eventLoop.makePromise(of: Void.self)
@@ -405,30 +465,32 @@ final class TransmissionHandler: ChannelDuplexHandler {
         var reply = reply
         if reply.readableBytes >= Self.directReplyBytes {
             writeOutput(context)
-            let sent = context.eventLoop.makePromise(of: Void.self)
-            context.write(wrapOutboundOut(reply), promise: sent)
-            sent.futureResult.whenSuccess { [self] in keepForReuse(reply) }
-            pendingFlush = true
+            send(reply, reuse: true)
         } else {
             output.writeBuffer(&reply)
         }
     }
 
-    /// A buffer for a reply of `capacity` bytes: a spare one when a large
-    /// reply's buffer is free again.
+    /// A buffer for a reply of `capacity` bytes: a spare one of the loop's
+    /// when a large reply's buffer is free again.
     private func replyBuffer(capacity: Int) -> ByteBuffer {
-        if capacity >= Self.directReplyBytes,
-           let index = spareReplyBuffers.lastIndex(where: { $0.capacity >= capacity }) {
-            var buffer = spareReplyBuffers.remove(at: index)
-            buffer.clear()
-            return buffer
-        }
+        if capacity >= Self.directReplyBytes, let spare = load.spareReplyBuffer(capacity: capacity) { return spare }
         return context.channel.allocator.buffer(capacity: capacity)
     }
 
-    private func keepForReuse(_ buffer: ByteBuffer) {
-        let kept = spareReplyBuffers.reduce(0) { $0 + $1.capacity }
-        if kept + buffer.capacity <= Self.maxSpareReplyBytes { spareReplyBuffers.append(buffer) }
+    /// Puts `buffer` into the channel; its bytes count in the loop's room
+    /// until the socket has taken them (a client that takes no replies
+    /// holds them). With `reuse`, the buffer is kept for a later reply.
+    private func send(_ buffer: ByteBuffer, reuse: Bool) {
+        let bytes = buffer.readableBytes
+        load.take(bytes)
+        let sent = context.eventLoop.makePromise(of: Void.self)
+        context.write(wrapOutboundOut(buffer), promise: sent)
+        sent.futureResult.whenComplete { [load] result in
+            load.give(bytes)
+            if reuse, case .success = result { load.keepForReuse(buffer) }
+        }
+        pendingFlush = true
     }
 
     /// The reply batch goes into the channel once it is this long, so that
@@ -439,9 +501,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     private func writeOutput(_ context: ChannelHandlerContext) {
         guard output.readableBytes > 0 else { return }
-        context.write(wrapOutboundOut(output), promise: nil)
+        send(output, reuse: false)
         output.clear()
-        pendingFlush = true
     }
 
     private func flushOutput(_ context: ChannelHandlerContext) {

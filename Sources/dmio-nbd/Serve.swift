@@ -78,6 +78,12 @@ struct Serve: AsyncParsableCommand {
                                valueName: "seconds"))
     var remoteTimeout = Int(DeviceOptions.defaultRemoteTimeout.components.seconds)
 
+    @Option(help: ArgumentHelp("Buffer at most about this many bytes of requests and replies, all clients together "
+                               + "(default 256M): beyond it, reads wait and no new request is read.",
+                               valueName: "size"),
+            transform: ByteSize.parse)
+    var bufferLimit: ByteSize?
+
     @Option(help: "I/O engine: io_uring or threads (default: io_uring where the kernel allows it).")
     var engine: IOEngineKind?
 
@@ -88,6 +94,9 @@ struct Serve: AsyncParsableCommand {
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
         if readOnly && legs.count != 1 { throw ValidationError("--read-only serves one device; a mirror is always writable") }
         if remoteTimeout < 0 { throw ValidationError("--remote-timeout: \(remoteTimeout) seconds is negative") }
+        if let bufferLimit, bufferLimit.bytes < 1 << 20 {
+            throw ValidationError("--buffer-limit \(bufferLimit): at least 1M (one request of up to 32M may pass it anyway)")
+        }
     }
 
     func run() async throws {
@@ -97,6 +106,7 @@ struct Serve: AsyncParsableCommand {
         // Socket reads land in buffers of up to 256 KiB that the writes in
         // them keep alive, so they are freed and allocated all the time;
         // glibc would hand each back to the kernel and fault it in again.
+        // The server hands them back once a burst is over (NBDServer).
         dmio_keep_freed_buffers(16 << 20)
         let logger = makeLogger(verbose: verbose)
         stops.whenForced { signal in
@@ -123,7 +133,8 @@ struct Serve: AsyncParsableCommand {
         }
         let server = NBDServer(
             exports: [Export(name: export, description: description, readOnly: readOnly, target: served.target)],
-            ringPerLoop: served.engineKind == .ioUring, logger: logger)
+            ringPerLoop: served.engineKind == .ioUring,
+            bufferLimit: Int(clamping: bufferLimit?.bytes ?? UInt64(NBDServer.defaultBufferLimit)), logger: logger)
         for listener in listeners {
             do {
                 try await server.serve(listening: listener.socket, address: listener.address)

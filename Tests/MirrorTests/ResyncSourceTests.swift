@@ -70,17 +70,8 @@ import Testing
     /// Sends a command to the pause filter and waits for its answer: a
     /// pause is answered once the requests received before it are done.
     private func pauseControl(_ socket: String, _ command: Character) throws {
-        let descriptor = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let descriptor = try connectedUnixSocket(socket)
         defer { close(descriptor) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { path in
-            _ = socket.utf8CString.withUnsafeBytes { path.copyMemory(from: $0) }
-        }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else { throw POSIXError(.init(rawValue: errno)!) }
         var byte = command.asciiValue!
         guard Glibc.write(descriptor, &byte, 1) == 1, read(descriptor, &byte, 1) == 1,
               byte == Character(command.uppercased()).asciiValue! else {

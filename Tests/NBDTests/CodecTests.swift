@@ -19,8 +19,9 @@ import Testing
         return buffer
     }
 
-    private func requestChannel(maxPayload: UInt32 = 1 << 20) -> EmbeddedChannel {
-        EmbeddedChannel(handler: RequestFramer(maxPayload: maxPayload))
+    private func requestChannel(maxPayload: UInt32 = 1 << 20,
+                                load: LoopLoad = LoopLoad(bufferLimit: 1 << 30)) -> EmbeddedChannel {
+        EmbeddedChannel(handler: RequestFramer(maxPayload: maxPayload, load: load))
     }
 
     /// Feeds `input` to the channel in pieces of `pieceBytes`.
@@ -62,6 +63,26 @@ import Testing
         #expect(bytes(of: write.payload) == data)
         #expect(try channel.readInbound(as: NBDRequest.self)?.cookie == 2, "the request after it is framed too")
         #expect(try channel.readInbound(as: NBDRequest.self) == nil)
+    }
+
+    /// A write's payload counts in the loop's room from its header on. With
+    /// no room left, the payload begun is still framed to its end, and the
+    /// requests after it wait, unframed and unread, until there is room.
+    @Test func noRoomStopsFramingAfterThePayloadBegun() throws {
+        let load = LoopLoad(bufferLimit: 1000)
+        let channel = requestChannel(load: load)
+        let data = [UInt8](repeating: 5, count: 1000)
+        var input = request(type: 1, cookie: 1, length: 1000, payload: data)
+        var next = request(type: 0, cookie: 2, length: 512)
+        input.writeBuffer(&next)
+        try feed(channel, input, pieceBytes: 300)
+        let write = try #require(try channel.readInbound(as: NBDRequest.self))
+        #expect(bytes(of: write.payload) == data)
+        #expect(load.bufferedBytes == 1000)
+        #expect(try channel.readInbound(as: NBDRequest.self) == nil, "no room: the read is not framed")
+        load.give(write.payloadBytes)
+        channel.embeddedEventLoop.run()
+        #expect(try channel.readInbound(as: NBDRequest.self)?.cookie == 2)
     }
 
     @Test func anEmptyWriteHasAnEmptyPayload() throws {

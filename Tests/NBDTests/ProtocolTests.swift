@@ -12,11 +12,12 @@ import Testing
     let target = MemoryTarget(size: 1 << 20)
 
     /// A connection through the server's own pipeline, after its greeting.
-    private func connection(readOnly: Bool = false) throws -> EmbeddedChannel {
+    private func connection(readOnly: Bool = false, load: LoopLoad = LoopLoad(bufferLimit: 1 << 30)) throws -> EmbeddedChannel {
         let channel = EmbeddedChannel()
         var logger = Logger(label: "test")
         logger.logLevel = .critical
-        try NBDServer.configure(channel, exports: [Export(name: "mem", readOnly: readOnly, target: target)], logger: logger)
+        try NBDServer.configure(channel, exports: [Export(name: "mem", readOnly: readOnly, target: target)], load: load,
+                                logger: logger)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 10809)).wait()
         var greeting = try #require(try channel.readOutbound(as: ByteBuffer.self))
         #expect(greeting.readInteger(as: UInt64.self) == Magic.greeting)
@@ -203,8 +204,9 @@ import Testing
     }
 
     /// A transmission-phase connection, after NBD_OPT_GO.
-    private func transmission(structured: Bool, readOnly: Bool = false) throws -> EmbeddedChannel {
-        let channel = try connection(readOnly: readOnly)
+    private func transmission(structured: Bool, readOnly: Bool = false,
+                              load: LoopLoad = LoopLoad(bufferLimit: 1 << 30)) throws -> EmbeddedChannel {
+        let channel = try connection(readOnly: readOnly, load: load)
         try send(channel) { $0.writeInteger(UInt32(1)) }
         if structured { try send(channel, option(8)) }
         try send(channel, option(7, goData("mem")))
@@ -415,5 +417,35 @@ import Testing
         channel.embeddedEventLoop.run()
         #expect(counter.reads == 1, "the held read goes on once replies went out")
         #expect(try replies(channel).count == TransmissionHandler.maxRequestsInFlight)
+    }
+
+    /// Requests read while the loop had room, which then went (to other
+    /// connections): a read waits for room, and so does what follows it,
+    /// but writes (their payloads are held already); NBD_CMD_DISC stays
+    /// last. Every byte is given back.
+    @Test func readsWaitForTheLoopsRoomAndWritesGoPast() throws {
+        let load = LoopLoad(bufferLimit: 1 << 20)
+        let channel = try transmission(structured: true, load: load)
+        channel.isWritable = false
+        try sendRequest(channel, type: 0, cookie: 2, offset: 0, length: 4096)
+        try sendRequest(channel, type: 3, cookie: 3, offset: 0, length: 0)
+        try sendRequest(channel, type: 1, cookie: 4, offset: 8192, length: 4096, payload: pattern(4096, seed: 9))
+        try sendRequest(channel, type: 2, cookie: 5, offset: 0, length: 0)
+        try sendRequest(channel, type: 1, cookie: 6, offset: 0, length: 4096, payload: pattern(4096, seed: 10))
+        let otherConnections = 2 << 20
+        load.take(otherConnections)
+        channel.isWritable = true
+        channel.pipeline.fireChannelWritabilityChanged()
+        channel.embeddedEventLoop.run()
+        #expect(try replies(channel).map(\.cookie) == [4], "only the write went past the read")
+        #expect(Array(target.bytes[8192..<12288]) == pattern(4096, seed: 9))
+
+        load.give(otherConnections)
+        channel.embeddedEventLoop.run()
+        #expect(try replies(channel).map(\.cookie).sorted() == [2, 3])
+        #expect(!channel.isActive, "NBD_CMD_DISC ran last")
+        #expect(target.bytes[0..<4096].allSatisfy { $0 == 0 }, "nothing after NBD_CMD_DISC runs")
+        #expect(load.bufferedBytes == 0)
+        #expect(load.requestsInFlight == 0)
     }
 }

@@ -66,3 +66,24 @@ public final class LoopDevice {
 
     deinit { _ = try? run(["losetup", "--detach", path]) }
 }
+
+/// A stream socket connected to the unix socket at `path`.
+public func connectedUnixSocket(_ path: String) throws -> Int32 {
+    let descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { sunPath in
+        _ = path.utf8CString.withUnsafeBytes { sunPath.copyMemory(from: $0) }
+    }
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+        }
+    }
+    guard connected == 0 else {
+        let failure = errno
+        close(descriptor)
+        throw POSIXError(POSIXErrorCode(rawValue: failure) ?? .EIO)
+    }
+    return descriptor
+}

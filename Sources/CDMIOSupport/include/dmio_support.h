@@ -44,6 +44,8 @@ int dmio_file_in_memory(int fd);
 /// buffers are freed and allocated again all the time, and each round trip
 /// to the kernel costs page faults and zeroing.
 void dmio_keep_freed_buffers(int bytes);
+/// Hands the free pages of every malloc arena back to the kernel (malloc_trim); returns whether any went.
+int dmio_return_free_memory(void);
 
 /// memfd_create(2) with MFD_CLOEXEC: a file in memory; -1 with errno set.
 int dmio_memfd(const char *name);

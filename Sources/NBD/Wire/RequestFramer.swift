@@ -11,6 +11,9 @@ struct NBDRequest: Equatable {
     var length: UInt32
     /// The data of a write (and only of a write).
     var payload: WritePayload?
+
+    /// What the request holds of the loop's room until it is done.
+    var payloadBytes: Int { payload?.byteCount ?? 0 }
 }
 
 /// A write's data, left in the socket reads it arrived in: one slice when
@@ -48,35 +51,103 @@ struct WritePayload: Equatable {
 /// socket reads into one buffer, copying it (and the whole of the next
 /// read with it); here a payload stays where it was read, as slices.
 ///
+/// A write's payload counts in the loop's buffered bytes from its header
+/// on; the transmission handler gives them back. While the loop has no
+/// room, no new request is framed and nothing more is read (the rest of
+/// the read waits here), but a payload already begun is read to its end:
+/// its bytes are counted already, and only its end lets them go.
+///
 /// A wrong magic, or a write payload over `maxPayload` (which the server
 /// would have to hold), is a protocol violation: the stream can no longer
 /// be framed. The error goes down the pipeline, which closes the
 /// connection, and nothing after it is framed.
-final class RequestFramer: ChannelInboundHandler {
+final class RequestFramer: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = NBDRequest
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     private let maxPayload: UInt32
+    private let load: LoopLoad
     /// The start of a header that the last read ended in.
     private var partialHeader = ByteBuffer()
     /// A write whose header has come, and `missing` bytes of its payload not yet.
     private var awaitingPayload: (request: NBDRequest, missing: Int)?
+    /// Bytes read while the loop had no room, framed once it has.
+    private var unframed: ByteBuffer?
+    private var readHeld = false
     private var broken = false
+    private var context: ChannelHandlerContext?
 
-    init(maxPayload: UInt32) {
+    init(maxPayload: UInt32, load: LoopLoad) {
         self.maxPayload = maxPayload
+        self.load = load
+    }
+
+    /// Whether a write's payload is being read: the transmission handler
+    /// lets reads through for it whatever its own limits.
+    var isInsidePayload: Bool { awaitingPayload != nil }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    /// The connection is gone: the payload that did not arrive whole is
+    /// given back.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        if let (request, _) = awaitingPayload.take() { load.give(Int(request.length)) }
+        unframed = nil
+        self.context = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !broken else { return }
         var input = unwrapInboundIn(data)
+        if unframed != nil {
+            unframed!.writeBuffer(&input)
+            return
+        }
+        frame(&input, context)
+    }
+
+    private func frame(_ input: inout ByteBuffer, _ context: ChannelHandlerContext) {
         do {
-            while input.readableBytes > 0, let request = try nextRequest(from: &input) {
+            while input.readableBytes > 0 {
+                if awaitingPayload == nil && partialHeader.readableBytes == 0 && !load.hasRoom {
+                    unframed = input
+                    waitForRoom(context)
+                    return
+                }
+                guard let request = try nextRequest(from: &input) else { break }
                 context.fireChannelRead(wrapInboundOut(request))
             }
         } catch {
             broken = true
             context.fireErrorCaught(error)
+        }
+    }
+
+    private func waitForRoom(_ context: ChannelHandlerContext) {
+        let loop = NIOLoopBound(self, eventLoop: context.eventLoop)
+        load.whenRoom { loop.eventLoop.execute { loop.value.frameWaiting() } }
+    }
+
+    /// Room came back: frames what was read meanwhile, then reads on.
+    private func frameWaiting() {
+        guard let context, var input = unframed.take(), !broken else { return }
+        frame(&input, context)
+        context.fireChannelReadComplete()
+        if readHeld && unframed == nil {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if unframed != nil {
+            readHeld = true
+        } else {
+            context.read()
         }
     }
 
@@ -93,6 +164,7 @@ final class RequestFramer: ChannelInboundHandler {
             request = header
             request.payload = WritePayload()
             missing = Int(header.length)
+            load.take(missing)
         }
         let slice = input.readSlice(length: min(missing, input.readableBytes))!
         request.payload!.append(slice)
@@ -102,7 +174,6 @@ final class RequestFramer: ChannelInboundHandler {
         }
         return request
     }
-
     /// The next request header, parsed in place when the read holds all of
     /// it, else once its pieces are put together.
     private func nextHeader(from input: inout ByteBuffer) throws -> NBDRequest? {
