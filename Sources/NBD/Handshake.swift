@@ -302,6 +302,8 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func enterTransmission(_ context: ChannelHandlerContext, _ session: Session) {
+        // Dropped by its last reply (see `reply`): the connection is closing.
+        guard !dropped else { return }
         logger.debug("handshake: entering transmission, export \"\(session.export.name)\", structured replies \(session.structuredReplies)")
         startTransmission(context, session)
     }

@@ -18,8 +18,9 @@ final class LoopLoad: @unchecked Sendable {
     let bufferLimit: Int
     var requestsInFlight = 0
     private(set) var bufferedBytes = 0
-    /// Connections stopped for room, woken once there is some.
-    private var waitingForRoom: [() -> Void] = []
+    /// Handlers stopped for room, woken once there is some; each leaves
+    /// when its connection goes.
+    private var waitingForRoom: [ObjectIdentifier: () -> Void] = [:]
     /// Bytes given back since the last check for freed memory to return.
     private var releasedSinceCheck = 0
     /// Large reply buffers the socket is done with, for this loop's next
@@ -42,17 +43,22 @@ final class LoopLoad: @unchecked Sendable {
         bufferedBytes -= bytes
         releasedSinceCheck += bytes
         if hasRoom && !waitingForRoom.isEmpty {
-            let woken = waitingForRoom
-            waitingForRoom = []
+            let woken = waitingForRoom.values
+            waitingForRoom = [:]
             for wake in woken { wake() }
         }
     }
 
-    /// Calls `wake` once there is room (at once if there is). `wake` runs
-    /// inside whatever gave the room back: it should only schedule work.
-    func whenRoom(_ wake: @escaping () -> Void) {
-        if hasRoom { return wake() }
-        waitingForRoom.append(wake)
+    /// Calls `wake` once there is room again; `waiter` (a handler) waits
+    /// once at most. Call only when there is none. `wake` runs inside
+    /// whatever gave the room back: it should only schedule work.
+    func whenRoom(for waiter: AnyObject, _ wake: @escaping () -> Void) {
+        waitingForRoom[ObjectIdentifier(waiter)] = wake
+    }
+
+    /// `waiter`'s connection is gone: it waits no more.
+    func stopWaiting(_ waiter: AnyObject) {
+        waitingForRoom[ObjectIdentifier(waiter)] = nil
     }
 
     /// Whether much memory was freed since the last look and nothing is

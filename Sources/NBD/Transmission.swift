@@ -99,6 +99,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         stallWatch?.cancel()
         self.context = nil
         onLoop = nil
+        load.stopWaiting(self)
         drop(&waiting)
         drop(&setAside)
     }
@@ -158,10 +159,12 @@ final class TransmissionHandler: ChannelDuplexHandler {
             drop(&waiting)
             drop(&setAside)
         }
-        if !setAside.isEmpty && !wakeRequested {
+        // Short of anything but room, a completion or the client's taking
+        // replies resumes the connection.
+        if !setAside.isEmpty && !load.hasRoom && !wakeRequested {
             wakeRequested = true
             let handler = onLoop!
-            load.whenRoom { handler.eventLoop.execute { handler.value.roomCameBack() } }
+            load.whenRoom(for: self) { handler.eventLoop.execute { handler.value.roomCameBack() } }
         }
     }
 
@@ -236,22 +239,24 @@ final class TransmissionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// A payload begun is read to its end whatever the limits: its bytes
-    /// are counted already, and only its end lets them go.
     func read(context: ChannelHandlerContext) {
-        if mayRead(context) || (framer.isInsidePayload && !disconnecting && !inputEnded) {
+        if mayRead {
             context.read()
         } else {
             readHeld = true
         }
     }
 
-    private func mayRead(_ context: ChannelHandlerContext) -> Bool {
-        !disconnecting && !disconnectSetAside && !inputEnded && waiting.isEmpty && setAside.isEmpty && mayStart
+    /// Whether the connection reads on: when it is under its limits and
+    /// nothing waits, or to end a payload begun whatever the limits (its
+    /// bytes are counted already, and only its end lets them go).
+    private var mayRead: Bool {
+        guard !disconnecting && !disconnectSetAside && !inputEnded else { return false }
+        return (waiting.isEmpty && setAside.isEmpty && mayStart) || framer.isInsidePayload
     }
 
     private func releaseHeldRead(_ context: ChannelHandlerContext) {
-        if readHeld && mayRead(context) {
+        if readHeld && mayRead {
             readHeld = false
             context.read()
         }

@@ -434,9 +434,7 @@ import Testing
         try sendRequest(channel, type: 1, cookie: 6, offset: 0, length: 4096, payload: pattern(4096, seed: 10))
         let otherConnections = 2 << 20
         load.take(otherConnections)
-        channel.isWritable = true
-        channel.pipeline.fireChannelWritabilityChanged()
-        channel.embeddedEventLoop.run()
+        setWritable(channel, true)
         #expect(try replies(channel).map(\.cookie) == [4], "only the write went past the read")
         #expect(Array(target.bytes[8192..<12288]) == pattern(4096, seed: 9))
 
@@ -447,5 +445,81 @@ import Testing
         #expect(target.bytes[0..<4096].allSatisfy { $0 == 0 }, "nothing after NBD_CMD_DISC runs")
         #expect(load.bufferedBytes == 0)
         #expect(load.requestsInFlight == 0)
+    }
+
+    /// A read set aside for room that then cannot start for the client's
+    /// sake (it takes no replies) waits for the client, without spinning
+    /// the loop once the room is back.
+    @Test func setAsideReadsWaitForTheClientWithoutSpinning() throws {
+        let load = LoopLoad(bufferLimit: 1 << 20)
+        let channel = try transmission(structured: true, load: load)
+        channel.isWritable = false
+        try sendRequest(channel, type: 0, cookie: 1, offset: 0, length: 4096)
+        let otherConnections = 2 << 20
+        load.take(otherConnections)
+        setWritable(channel, true)
+        channel.isWritable = false
+        load.give(otherConnections)
+        channel.embeddedEventLoop.run()
+        #expect(try replies(channel).isEmpty)
+        setWritable(channel, true)
+        #expect(try replies(channel).map(\.cookie) == [1])
+    }
+
+    /// Room comes back and the framing of what waited begins a write's
+    /// payload, over the loop's share again: the rest of the payload is
+    /// still read, and then everything runs.
+    @Test func aPayloadBegunWhenRoomCameBackIsReadToItsEnd() throws {
+        let load = LoopLoad(bufferLimit: 4096)
+        let channel = try transmission(structured: true, load: load)
+        let counter = ReadCounter()
+        try channel.pipeline.syncOperations.addHandler(counter, position: .first)
+        channel.isWritable = false
+        try sendRequest(channel, type: 0, cookie: 1, offset: 0, length: 4096)
+        let otherConnections = 1 << 20
+        load.take(otherConnections)
+        setWritable(channel, true)
+        let data = pattern(8192, seed: 3)
+        try send(channel) { buffer in
+            buffer.writeInteger(Magic.request)
+            buffer.writeInteger(UInt16(0))
+            buffer.writeInteger(UInt16(1))
+            buffer.writeInteger(UInt64(2))
+            buffer.writeInteger(UInt64(8192))
+            buffer.writeInteger(UInt32(8192))
+            buffer.writeBytes(data[0..<1000])
+        }
+        let readsBefore = counter.reads
+        load.give(otherConnections)
+        channel.embeddedEventLoop.run()
+        #expect(counter.reads > readsBefore, "the rest of the payload is asked for")
+        try send(channel) { $0.writeBytes(data[1000...]) }
+        channel.embeddedEventLoop.run()
+        #expect(try replies(channel).map(\.cookie).sorted() == [1, 2])
+        #expect(Array(target.bytes[8192..<16384]) == data)
+        #expect(load.bufferedBytes == 0)
+    }
+
+    /// Requests that wait unframed for room when the client half-closes
+    /// are answered all the same, and the connection closes after.
+    @Test func requestsWaitingForRoomAreAnsweredAfterTheClientHalfCloses() throws {
+        let load = LoopLoad(bufferLimit: 4096)
+        let channel = try transmission(structured: true, load: load)
+        let otherConnections = 1 << 20
+        load.take(otherConnections)
+        try sendRequest(channel, type: 0, cookie: 1, offset: 0, length: 4096)
+        channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        channel.embeddedEventLoop.run()
+        #expect(channel.isActive, "a request waits to be answered")
+        load.give(otherConnections)
+        channel.embeddedEventLoop.run()
+        #expect(try replies(channel).map(\.cookie) == [1])
+        #expect(!channel.isActive)
+    }
+
+    private func setWritable(_ channel: EmbeddedChannel, _ writable: Bool) {
+        channel.isWritable = writable
+        channel.pipeline.fireChannelWritabilityChanged()
+        channel.embeddedEventLoop.run()
     }
 }

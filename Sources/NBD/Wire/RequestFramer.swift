@@ -54,8 +54,9 @@ struct WritePayload: Equatable {
 /// A write's payload counts in the loop's buffered bytes from its header
 /// on; the transmission handler gives them back. While the loop has no
 /// room, no new request is framed and nothing more is read (the rest of
-/// the read waits here), but a payload already begun is read to its end:
-/// its bytes are counted already, and only its end lets them go.
+/// the read, and the end of the client's input, wait here), but a payload
+/// already begun is read to its end: its bytes are counted already, and
+/// only its end lets them go.
 ///
 /// A wrong magic, or a write payload over `maxPayload` (which the server
 /// would have to hold), is a protocol violation: the stream can no longer
@@ -76,6 +77,9 @@ final class RequestFramer: ChannelDuplexHandler {
     /// Bytes read while the loop had no room, framed once it has.
     private var unframed: ByteBuffer?
     private var readHeld = false
+    /// The client's input ended while requests waited unframed: the
+    /// transmission phase hears of it once they are framed.
+    private var inputClosedHeld = false
     private var broken = false
     private var context: ChannelHandlerContext?
 
@@ -96,6 +100,7 @@ final class RequestFramer: ChannelDuplexHandler {
     /// given back.
     func handlerRemoved(context: ChannelHandlerContext) {
         if let (request, _) = awaitingPayload.take() { load.give(Int(request.length)) }
+        load.stopWaiting(self)
         unframed = nil
         self.context = nil
     }
@@ -113,7 +118,7 @@ final class RequestFramer: ChannelDuplexHandler {
     private func frame(_ input: inout ByteBuffer, _ context: ChannelHandlerContext) {
         do {
             while input.readableBytes > 0 {
-                if awaitingPayload == nil && partialHeader.readableBytes == 0 && !load.hasRoom {
+                if awaitingPayload == nil && !load.hasRoom {
                     unframed = input
                     waitForRoom(context)
                     return
@@ -129,18 +134,32 @@ final class RequestFramer: ChannelDuplexHandler {
 
     private func waitForRoom(_ context: ChannelHandlerContext) {
         let loop = NIOLoopBound(self, eventLoop: context.eventLoop)
-        load.whenRoom { loop.eventLoop.execute { loop.value.frameWaiting() } }
+        load.whenRoom(for: self) { loop.eventLoop.execute { loop.value.frameWaiting() } }
     }
 
-    /// Room came back: frames what was read meanwhile, then reads on.
+    /// Room came back: frames what was read meanwhile, then reads on: for
+    /// a read held here, or for the rest of a payload the framing began
+    /// (the transmission handler may hold no read for it).
     private func frameWaiting() {
         guard let context, var input = unframed.take(), !broken else { return }
         frame(&input, context)
         context.fireChannelReadComplete()
-        if readHeld && unframed == nil {
+        guard unframed == nil else { return }
+        if inputClosedHeld {
+            inputClosedHeld = false
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        } else if readHeld || awaitingPayload != nil {
             readHeld = false
             context.read()
         }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if unframed != nil, let event = event as? ChannelEvent, case .inputClosed = event {
+            inputClosedHeld = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func read(context: ChannelHandlerContext) {
