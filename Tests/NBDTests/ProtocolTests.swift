@@ -295,15 +295,9 @@ import Testing
 
     @Test func aClientThatVanishesMidWriteHarmsNothing() throws {
         let channel = try transmission(structured: true)
-        try send(channel) { buffer in
-            buffer.writeInteger(Magic.request)
-            buffer.writeInteger(UInt16(0))
-            buffer.writeInteger(UInt16(1))
-            buffer.writeInteger(UInt64(1))
-            buffer.writeInteger(UInt64(0))
-            buffer.writeInteger(UInt32(4096))
-            buffer.writeBytes([UInt8](repeating: 0xAB, count: 1000))
-        }
+        // The header, and a payload that ends early.
+        try sendRequest(channel, type: 1, cookie: 1, offset: 0, length: 4096,
+                        payload: [UInt8](repeating: 0xAB, count: 1000))
         try channel.close().wait()
         #expect(target.bytes.allSatisfy { $0 == 0 }, "a partial write is never applied")
     }
@@ -480,15 +474,7 @@ import Testing
         load.take(otherConnections)
         setWritable(channel, true)
         let data = pattern(8192, seed: 3)
-        try send(channel) { buffer in
-            buffer.writeInteger(Magic.request)
-            buffer.writeInteger(UInt16(0))
-            buffer.writeInteger(UInt16(1))
-            buffer.writeInteger(UInt64(2))
-            buffer.writeInteger(UInt64(8192))
-            buffer.writeInteger(UInt32(8192))
-            buffer.writeBytes(data[0..<1000])
-        }
+        try sendRequest(channel, type: 1, cookie: 2, offset: 8192, length: 8192, payload: Array(data[0..<1000]))
         let readsBefore = counter.reads
         load.give(otherConnections)
         channel.embeddedEventLoop.run()
