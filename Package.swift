@@ -14,6 +14,7 @@ let package = Package(
     products: [
         .library(name: "DMIO", targets: ["DMIO"]),
         .library(name: "LibNBD", targets: ["LibNBD"]),
+        .library(name: "BlockTargets", targets: ["BlockTargets"]),
         .library(name: "NBD", targets: ["NBD"]),
         .library(name: "Mirror", targets: ["Mirror"]),
         .executable(name: "dmio-nbd", targets: ["dmio-nbd"]),
@@ -44,10 +45,11 @@ let package = Package(
         .target(name: "LibNBD", dependencies: ["CLibNBD"], swiftSettings: hotPath),
         .target(name: "CDMIOSupport"),
         .target(name: "DMIO", dependencies: ["URing", "LibNBD", "CLibBlkid", "CDMIOSupport"], swiftSettings: hotPath),
+        .target(name: "BlockTargets", dependencies: ["DMIO"], swiftSettings: hotPath),
         .target(
             name: "NBD",
             dependencies: [
-                "DMIO", "CDMIOSupport",
+                "DMIO", "BlockTargets", "CDMIOSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -56,12 +58,12 @@ let package = Package(
             swiftSettings: hotPath),
         .target(
             name: "Mirror",
-            dependencies: ["DMIO", "NBD", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["DMIO", "BlockTargets", .product(name: "Logging", package: "swift-log")],
             swiftSettings: hotPath),
         .executableTarget(
             name: "dmio-nbd",
             dependencies: [
-                "DMIO", "NBD", "Mirror", "CDMIOSupport",
+                "DMIO", "BlockTargets", "NBD", "Mirror", "CDMIOSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -86,7 +88,7 @@ let package = Package(
         .testTarget(
             name: "NBDTests",
             dependencies: [
-                "NBD", "DMIO", "LibNBD", "TestSupport",
+                "NBD", "BlockTargets", "DMIO", "LibNBD", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -94,7 +96,7 @@ let package = Package(
         .testTarget(
             name: "MirrorTests",
             dependencies: [
-                "Mirror", "NBD", "DMIO", "LibNBD", "TestSupport",
+                "Mirror", "BlockTargets", "NBD", "DMIO", "LibNBD", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]),
     ],

@@ -1,5 +1,5 @@
 import Glibc
-import NBD
+import BlockTargets
 
 extension Mirror {
     /// The NBD meta context that shows where the mirror is degraded.

@@ -1,7 +1,7 @@
 import DMIO
 import Glibc
 import Logging
-import NBD
+import BlockTargets
 
 /// A dm-raid1-style mirror served as one NBD target: 2 to 64 legs of equal
 /// size, each a file, a block device or a remote NBD export. Composed of

@@ -1,6 +1,6 @@
 import DMIO
 import Glibc
-import NBD
+import BlockTargets
 
 /// The mirror's I/O path: every write goes to every writable leg in one
 /// DMIO request; reads go to the first in-sync leg and move on when it

@@ -1,3 +1,5 @@
+import BlockTargets
+
 /// One export: a target under a name.
 public struct Export: Sendable {
     /// The name clients ask for; the empty name always reaches the default

@@ -1,3 +1,4 @@
+import BlockTargets
 import Glibc
 import Logging
 import NIOConcurrencyHelpers

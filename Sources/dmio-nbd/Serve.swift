@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockTargets
 import CDMIOSupport
 import DMIO
 import Dispatch

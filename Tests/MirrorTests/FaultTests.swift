@@ -1,3 +1,4 @@
+import BlockTargets
 import Foundation
 import LibNBD
 import Mirror

@@ -1,3 +1,4 @@
+import BlockTargets
 import NIOCore
 
 // The server's messages, written straight into a ByteBuffer so that the

@@ -1,3 +1,4 @@
+import BlockTargets
 import DMIO
 import Glibc
 @testable import NBD

@@ -1,3 +1,4 @@
+import BlockTargets
 import DMIO
 import Foundation
 import LibNBD
