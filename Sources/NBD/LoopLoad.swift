@@ -28,6 +28,8 @@ final class LoopLoad: @unchecked Sendable {
     private var spareReplyBuffers: [ByteBuffer] = []
     private var spareBytes = 0
     static let maxSpareBytes = 8 << 20
+    /// Bytes given back that make a burst worth returning memory after.
+    static let burstBytes = 8 << 20
 
     init(bufferLimit: Int) {
         self.bufferLimit = bufferLimit
@@ -66,7 +68,7 @@ final class LoopLoad: @unchecked Sendable {
     /// back to the kernel (it keeps them otherwise, for ever).
     func burstEnded() -> Bool {
         defer { if bufferedBytes == 0 { releasedSinceCheck = 0 } }
-        return bufferedBytes == 0 && releasedSinceCheck >= Self.maxSpareBytes
+        return bufferedBytes == 0 && releasedSinceCheck >= Self.burstBytes
     }
 
     /// A spare buffer of at least `capacity` bytes, cleared, if one is kept.

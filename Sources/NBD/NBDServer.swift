@@ -34,7 +34,8 @@ public final class NBDServer: @unchecked Sendable {
     private let loopCount: Int
     /// Requests in flight and bytes buffered, per event loop.
     private let loads: [ObjectIdentifier: LoopLoad]
-    private let memoryWatch = NIOLockedValueBox<[RepeatedTask]>([])
+    /// Each loop's look, every second, whether a burst ended.
+    private let memoryWatch: [RepeatedTask]
 
     /// The bytes of requests and replies all connections together buffer
     /// before they stop, unless told otherwise.
@@ -58,6 +59,7 @@ public final class NBDServer: @unchecked Sendable {
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         let share = max(1, bufferLimit / threads)
         loads = Dictionary(uniqueKeysWithValues: group.makeIterator().map { (ObjectIdentifier($0), LoopLoad(bufferLimit: share)) })
+        memoryWatch = Self.watchMemory(of: group, loads)
     }
 
     /// Starts listening; returns the address bound (with the real port for
@@ -84,7 +86,6 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     private func bootstrap() async throws -> ServerBootstrap {
-        watchMemory()
         if ringPerLoop && loopIO.withLockedValue({ $0 == nil }) {
             do {
                 let channels = try await EventLoopIO.attach(to: group)
@@ -140,17 +141,14 @@ public final class NBDServer: @unchecked Sendable {
     /// the kernel: malloc keeps freed buffers (and is told to, for speed),
     /// so without this the server would stay at its peak for ever. The
     /// return runs off the loops: it walks every malloc arena.
-    private func watchMemory() {
-        memoryWatch.withLockedValue { tasks in
-            guard tasks.isEmpty else { return }
-            for loop in group.makeIterator() {
-                let load = loads[ObjectIdentifier(loop)]!
-                tasks.append(loop.scheduleRepeatedTask(initialDelay: Self.memoryWatchInterval,
-                                                       delay: Self.memoryWatchInterval) { _ in
-                    guard load.burstEnded() else { return }
-                    load.dropSpares()
-                    DispatchQueue.global(qos: .utility).async { _ = dmio_return_free_memory() }
-                })
+    private static func watchMemory(of group: MultiThreadedEventLoopGroup,
+                                    _ loads: [ObjectIdentifier: LoopLoad]) -> [RepeatedTask] {
+        group.makeIterator().map { loop in
+            let load = loads[ObjectIdentifier(loop)]!
+            return loop.scheduleRepeatedTask(initialDelay: memoryWatchInterval, delay: memoryWatchInterval) { _ in
+                guard load.burstEnded() else { return }
+                load.dropSpares()
+                DispatchQueue.global(qos: .utility).async { _ = dmio_return_free_memory() }
             }
         }
     }
@@ -222,7 +220,7 @@ public final class NBDServer: @unchecked Sendable {
             }
             try? await Task.sleep(for: .milliseconds(50))
         }
-        for task in memoryWatch.withLockedValue({ $0 }) { task.cancel() }
+        for task in memoryWatch { task.cancel() }
         for channel in loopIO.withLockedValue({ $0 ?? [] }) {
             try? await channel.close()
         }
