@@ -73,25 +73,32 @@ public typealias TargetCompletion = @Sendable (TargetResult) -> Void
 /// every request against `size`, `blockSizes` and `capabilities` before it
 /// calls the target, so a target sees only requests it can carry out.
 ///
-/// The memory passed to `read` and `write` stays valid until `completion`.
-/// A write's data is one buffer, or bio vectors when it arrived in pieces.
+/// Every request that does I/O carries the `IOContext` it runs in. The
+/// memory passed to `read` and `write` stays valid until `completion`. A
+/// write's data is one buffer, or bio vectors when it arrived in pieces.
+///
+/// There are no default implementations: a target, or a wrapper that stacks
+/// over one (as nbdkit's filters over plugins), says what it does with each.
 public protocol BlockTarget: AnyObject, Sendable {
     var size: UInt64 { get }
     var blockSizes: BlockSizes { get }
     var capabilities: TargetCapabilities { get }
 
-    func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion)
-    func write(_ data: IOMemory, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion)
-    func flush(completion: @escaping TargetCompletion)
-    func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion)
-    func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool,
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: IOContext,
+              completion: @escaping TargetCompletion)
+    func write(_ data: IOMemory, offset: UInt64, fua: Bool, context: IOContext,
+               completion: @escaping TargetCompletion)
+    func flush(context: IOContext, completion: @escaping TargetCompletion)
+    func trim(offset: UInt64, length: UInt64, fua: Bool, context: IOContext,
+              completion: @escaping TargetCompletion)
+    func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, context: IOContext,
                      completion: @escaping TargetCompletion)
-    func cache(offset: UInt64, length: UInt64, completion: @escaping TargetCompletion)
+    func cache(offset: UInt64, length: UInt64, context: IOContext, completion: @escaping TargetCompletion)
     /// base:allocation extents from `offset`, covering at most `length`
     /// bytes (at least one extent).
     func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent]
     /// Meta contexts of the target's own (e.g. "dmio:health"), offered
-    /// besides base:allocation.
+    /// besides base:allocation; none for most targets.
     var metaContexts: [String] { get }
     /// Extents of one of `metaContexts` from `offset`, covering at most
     /// `length` bytes (at least one extent).
@@ -102,16 +109,14 @@ public protocol BlockTarget: AnyObject, Sendable {
 
     /// Around the requests of one socket read, on the connection's thread:
     /// a target may hold their I/O back until `endBatch` and start it in
-    /// one go.
-    func beginBatch()
-    func endBatch()
+    /// one go (DMIO's plug).
+    func beginBatch(context: IOContext)
+    func endBatch(context: IOContext)
 }
 
-extension BlockTarget {
-    public func beginBatch() {}
-    public func endBatch() {}
-    public var metaContexts: [String] { [] }
-    public func blockStatus(context: String, offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
-        throw TargetResult(errno: EINVAL, message: "no meta context \(context)")
+extension TargetResult {
+    /// The answer to block status for a meta context the target lacks.
+    public static func noMetaContext(_ context: String) -> TargetResult {
+        TargetResult(errno: EINVAL, message: "no meta context \(context)")
     }
 }

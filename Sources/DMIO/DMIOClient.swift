@@ -54,16 +54,14 @@ public final class DMIOClient: @unchecked Sendable {
     /// thread may use it; it submits, and reaps completions as it enters the
     /// kernel or when `completionEventFD` becomes readable (then call
     /// `reapCompletions()`). No DMIO thread is involved, so an event loop
-    /// pays no thread switch per request. It becomes `DMIOClient.current`
-    /// on this thread. Synchronous requests drive the ring themselves.
+    /// pays no thread switch per request. Synchronous requests drive the
+    /// ring themselves.
     public static func threadDriven(pages: Int = 0) throws(DMIOError) -> DMIOClient {
         let engine: ThreadDrivenEngine
         do { engine = try ThreadDrivenEngine() } catch {
             throw .engineUnavailable(engine: .ioUring, errno: error.errno)
         }
-        let client = DMIOClient(engine: engine, pages: pages)
-        CurrentClient.set(client)
-        return client
+        return DMIOClient(engine: engine, pages: pages)
     }
 
     /// Whether writes of 256 KiB or more to files in memory go to the engine
@@ -74,9 +72,6 @@ public final class DMIOClient: @unchecked Sendable {
     /// switches, and contend with the submitters for the same files. Set it
     /// on the thread that submits.
     public var offloadsLargeMemoryWrites = false
-
-    /// The thread-driven client of the calling thread, if it made one.
-    public static var current: DMIOClient? { CurrentClient.get() }
 
     /// For a thread-driven client: readable when completions wait.
     public var completionEventFD: Int32? { (engine as? ThreadDrivenEngine)?.eventFD }

@@ -13,7 +13,7 @@ extension Mirror {
 
     public func blockStatus(context: String, offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
         guard context == Self.healthContext else {
-            throw TargetResult(errno: EINVAL, message: "no meta context \(context)")
+            throw TargetResult.noMetaContext(context)
         }
         let everyLegHoldsIt = legs.allInSync && !isRecoveryPending
         let regionBytes = log.regionBytes

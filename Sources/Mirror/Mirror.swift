@@ -64,10 +64,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             }
         }
 
-        let devices = members.compactMap(\.device)
-        let minimum = UInt32(devices.map(\.blockSize).max() ?? sectorSize)
-        blockSizes = BlockSizes(minimum: max(minimum, UInt32(sectorSize)), preferred: max(minimum, 4096),
-                                maximumPayload: 32 << 20)
+        blockSizes = .over(deviceBlockSize: members.compactMap(\.device).map(\.blockSize).max() ?? sectorSize)
         resync = Resync(mirror: self, rateLimit: rateLimit)
         metadata.legFailed = { [unowned self] failure in fail(failure, reading: false) }
     }

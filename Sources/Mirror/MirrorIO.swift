@@ -7,24 +7,28 @@ import BlockTargets
 /// fails. A request whose legs failed answers only once the superblocks
 /// record those legs as degraded, so that no restart can take a leg that
 /// missed a write for one that has it.
+///
+/// A request's first I/O goes on the caller's client (`IOContext`: the
+/// event loop's own ring); what starts later, from a completion or after a
+/// wait, goes on the mirror's own client (see `change`).
 extension Mirror {
-    /// The calling event loop's own client where it has one.
-    var io: DMIOClient { DMIOClient.current ?? client }
-
     func dataRegion(_ leg: LegTable.Leg, offset: UInt64, length: UInt64) -> IORegion {
         IORegion(device: leg.device, sector: (layout.dataOffset + offset) >> 9, count: length >> 9)
     }
 
-    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64,
+    public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: IOContext,
                      completion: @escaping TargetCompletion) {
-        read(into: buffer, offset: offset, from: legs.snapshot.readable, next: 0, failures: [], completion: completion)
+        read(into: buffer, offset: offset, from: legs.snapshot.readable, next: 0, failures: [],
+             on: context.client(or: client), completion: completion)
     }
 
     /// Reads from `candidates[next]`; on an error, fails that leg and tries
     /// the one after. When no in-sync leg is left, a rebuilding leg serves
-    /// regions that it already holds (clean ones).
+    /// regions that it already holds (clean ones). Retries run in the
+    /// failed read's completion: on the mirror's own client.
     private func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, from candidates: [LegTable.Leg],
-                      next: Int, failures: [LegFailure], completion: @escaping TargetCompletion) {
+                      next: Int, failures: [LegFailure], on io: DMIOClient,
+                      completion: @escaping TargetCompletion) {
         var candidates = candidates
         var next = next
         if next == candidates.count, !failures.isEmpty {
@@ -39,43 +43,45 @@ extension Mirror {
             return completion(everyLegFailed("read", failures))
         }
         let started = submit(.read, [candidates[next]], offset: offset, length: UInt64(buffer.count),
-                             memory: .buffer(buffer)) { [self] legFailures in
+                             memory: .buffer(buffer), on: io) { [self] legFailures in
             guard let failure = legFailures.first else { return completion(.success) }
             fail(failure, reading: true)
             read(into: buffer, offset: offset, from: candidates, next: next + 1,
-                 failures: failures + [failure], completion: completion)
+                 failures: failures + [failure], on: client, completion: completion)
         }
         if !started { completion(TargetResult(errno: EINVAL, message: "read refused by DMIO")) }
     }
 
-    public func write(_ data: IOMemory, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
+    public func write(_ data: IOMemory, offset: UInt64, fua: Bool, context: IOContext,
+                      completion: @escaping TargetCompletion) {
         change(.write, offset: offset, length: UInt64(data.byteCount), memory: data,
-               flags: fua ? .fua : [], completion: completion)
+               flags: .write(fua: fua), context: context, completion: completion)
     }
 
     /// A trim zeroes, unmapping where a leg can: a discard promises nothing
     /// about what the range reads afterwards, and legs that kept different
     /// bytes there would answer reads differently (see `zeroesCheaply`).
-    public func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
-        writeZeroes(offset: offset, length: length, mayUnmap: true, fua: fua, completion: completion)
+    public func trim(offset: UInt64, length: UInt64, fua: Bool, context: IOContext,
+                     completion: @escaping TargetCompletion) {
+        writeZeroes(offset: offset, length: length, mayUnmap: true, fua: fua, context: context, completion: completion)
     }
 
-    public func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool,
+    public func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, context: IOContext,
                             completion: @escaping TargetCompletion) {
-        var flags: IOFlags = mayUnmap ? [] : .noUnmap
-        if fua { flags.insert(.fua) }
-        change(.writeZeroes, offset: offset, length: length, flags: flags, completion: completion)
+        change(.writeZeroes, offset: offset, length: length, flags: .zeroing(mayUnmap: mayUnmap, fua: fua),
+               context: context, completion: completion)
     }
 
-    public func flush(completion: @escaping TargetCompletion) {
+    public func flush(context: IOContext, completion: @escaping TargetCompletion) {
         let snapshot = legs.snapshot
-        let started = submit(.flush, snapshot.writable, offset: 0, length: 0) { [self] failures in
+        let started = submit(.flush, snapshot.writable, offset: 0, length: 0,
+                             on: context.client(or: client)) { [self] failures in
             answer(.flush, snapshot: snapshot, failures: failures, completion: completion)
         }
         if !started { completion(TargetResult(errno: EINVAL, message: "flush refused by DMIO")) }
     }
 
-    public func cache(offset: UInt64, length: UInt64, completion: @escaping TargetCompletion) {
+    public func cache(offset: UInt64, length: UInt64, context: IOContext, completion: @escaping TargetCompletion) {
         completion(.success)
     }
 
@@ -83,12 +89,7 @@ extension Mirror {
         guard let leg = legs.snapshot.readable.first else {
             throw TargetResult(errno: EIO, message: "no leg in sync")
         }
-        do {
-            return try leg.device.allocation(offset: layout.dataOffset + offset, length: length, maxExtents: maxExtents)
-                .map { Extent(length: UInt32($0.length), flags: $0.isHole ? Extent.hole | Extent.zero : 0) }
-        } catch {
-            throw TargetResult(errno: EIO, message: "\(error)")
-        }
+        return try leg.device.extents(offset: layout.dataOffset + offset, length: length, maxExtents: maxExtents)
     }
 
     public func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool {
@@ -96,17 +97,24 @@ extension Mirror {
         return leg.device.isHole(offset: layout.dataOffset + offset, length: length)
     }
 
-    public func beginBatch() { io.plug() }
-    public func endBatch() { io.unplug() }
+    public func beginBatch(context: IOContext) { context.client(or: client).plug() }
+    public func endBatch(context: IOContext) { context.client(or: client).unplug() }
 
     /// A write or a zeroing: bits first, then every writable leg.
+    ///
+    /// A write whose bits are durable already (most) is issued at once, on
+    /// the caller's client. One that waits (for its bits' commit, or for a
+    /// copy holding its regions) resumes on the thread that ends the wait, a
+    /// metadata completion or the copier, and is issued there on the
+    /// mirror's own client: the loop's ring refuses other threads, and
+    /// going back to the loop would cost it a wake-up for a write that has
+    /// just waited for a metadata write anyway.
     private func change(_ operation: IOOperation, offset: UInt64, length: UInt64, memory: IOMemory? = nil,
-                        flags: IOFlags, completion: @escaping TargetCompletion) {
+                        flags: IOFlags, context: IOContext, completion: @escaping TargetCompletion) {
         let regions = log.regions(offset: offset, length: length)
-        // Most writes find their bits durable already: no continuation to make.
         if log.tryBeginWrite(regions) {
             return issue(operation, regions, offset: offset, length: length, memory: memory, flags: flags,
-                         completion: completion)
+                         on: context.client(or: client), completion: completion)
         }
         log.beginWrite(regions) { [self] durable in
             guard durable else {
@@ -114,15 +122,15 @@ extension Mirror {
                 return completion(TargetResult(errno: EIO, message: "the write-intent bitmap could not be written to any leg"))
             }
             issue(operation, regions, offset: offset, length: length, memory: memory, flags: flags,
-                  completion: completion)
+                  on: client, completion: completion)
         }
     }
 
     private func issue(_ operation: IOOperation, _ regions: ClosedRange<Int>, offset: UInt64, length: UInt64,
-                       memory: IOMemory?, flags: IOFlags, completion: @escaping TargetCompletion) {
+                       memory: IOMemory?, flags: IOFlags, on io: DMIOClient, completion: @escaping TargetCompletion) {
         let snapshot = legs.snapshot
         let started = submit(operation, snapshot.writable, offset: offset, length: length, memory: memory,
-                             flags: flags) { [self] failures in
+                             flags: flags, on: io) { [self] failures in
             answer(operation, snapshot: snapshot, failures: failures, completion: completion)
             // Only now, with the failed legs degraded: the cleaner must not
             // clear these bits while a leg that missed the write looks in sync.
@@ -183,13 +191,13 @@ extension Mirror {
         return TargetResult(errno: errno, message: "\(what) failed on every in-sync leg: " + legs.joined(separator: "; "))
     }
 
-    /// One DMIO request to the data area of `targets`; reports the legs that
-    /// failed. Returns false, and calls nothing, when DMIO refuses the
-    /// request (it cannot: the server checked it against the mirror's size),
-    /// so that no leg is blamed for it.
-    func submit(_ operation: IOOperation, _ targets: [LegTable.Leg], offset: UInt64, length: UInt64,
-                memory: IOMemory? = nil, flags: IOFlags = [],
-                then done: @escaping ([LegFailure]) -> Void) -> Bool {
+    /// One DMIO request on `io` to the data area of `targets`; reports the
+    /// legs that failed. Returns false, and calls nothing, when DMIO refuses
+    /// the request (it cannot: the server checked it against the mirror's
+    /// size), so that no leg is blamed for it.
+    private func submit(_ operation: IOOperation, _ targets: [LegTable.Leg], offset: UInt64, length: UInt64,
+                        memory: IOMemory? = nil, flags: IOFlags = [], on io: DMIOClient,
+                        then done: @escaping ([LegFailure]) -> Void) -> Bool {
         guard !targets.isEmpty else {
             done([])
             return true

@@ -1,3 +1,4 @@
+import BlockTargets
 import CDMIOSupport
 import DMIO
 import Dispatch
@@ -26,8 +27,8 @@ public final class NBDServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
     private let listeners = NIOLockedValueBox<[Channel]>([])
-    /// The event loops' DMIO eventfd channels, made with the first listener.
-    private let loopIO = NIOLockedValueBox<[Channel]?>(nil)
+    /// The event loops' own DMIO clients, made with the first listener.
+    private let loopIO = NIOLockedValueBox<[ObjectIdentifier: EventLoopIO]?>(nil)
     private let connections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
     private let ringPerLoop: Bool
@@ -88,11 +89,11 @@ public final class NBDServer: @unchecked Sendable {
     private func bootstrap() async throws -> ServerBootstrap {
         if ringPerLoop && loopIO.withLockedValue({ $0 == nil }) {
             do {
-                let channels = try await EventLoopIO.attach(to: group)
-                loopIO.withLockedValue { $0 = channels }
+                let attached = try await EventLoopIO.attach(to: group)
+                loopIO.withLockedValue { $0 = attached }
             } catch {
                 logger.notice("no io_uring per event loop (\(error)): I/O goes through the target's own client")
-                loopIO.withLockedValue { $0 = [] }
+                loopIO.withLockedValue { $0 = [:] }
             }
         }
         return ServerBootstrap(group: group)
@@ -133,8 +134,9 @@ public final class NBDServer: @unchecked Sendable {
         }
         var connectionLogger = logger
         connectionLogger[metadataKey: "connection"] = "\(channel.remoteAddress?.description ?? "unix")"
-        try Self.configure(channel, exports: exports, load: loads[ObjectIdentifier(channel.eventLoop)]!,
-                           logger: connectionLogger)
+        let loop = ObjectIdentifier(channel.eventLoop)
+        let io = loopIO.withLockedValue { $0?[loop]?.context } ?? .targetsOwn
+        try Self.configure(channel, exports: exports, load: loads[loop]!, io: io, logger: connectionLogger)
     }
 
     /// Once a burst of requests is over, the memory it used goes back to
@@ -158,23 +160,24 @@ public final class NBDServer: @unchecked Sendable {
     /// workers (see `DMIOClient.offloadsLargeMemoryWrites`). Called under
     /// the connections' lock, so that each loop gets the settings in order.
     private func spreadLargeWrites(connections: [ObjectIdentifier: Channel]) {
-        guard ringPerLoop else { return }
         let busyLoops = Set(connections.values.map { ObjectIdentifier($0.eventLoop) })
         let offload = busyLoops.count < loopCount
-        for loop in group.makeIterator() {
-            loop.execute { DMIOClient.current?.offloadsLargeMemoryWrites = offload }
+        for io in loopIO.withLockedValue({ $0 ?? [:] }).values {
+            io.loop.execute { io.client.offloadsLargeMemoryWrites = offload }
         }
     }
 
     /// Sets up a connection's pipeline: the handshake's decoder and
     /// handler, which hand over to the transmission phase's after NBD_OPT_GO.
+    /// Its target requests run in `io`.
     static func configure(_ channel: Channel, exports: [Export],
-                          load: LoopLoad = LoopLoad(bufferLimit: NBDServer.defaultBufferLimit), logger: Logger) throws {
+                          load: LoopLoad = LoopLoad(bufferLimit: NBDServer.defaultBufferLimit),
+                          io: IOContext = .targetsOwn, logger: Logger) throws {
         let handover = OptionDecoder.Handover()
         let optionDecoder = ByteToMessageHandler(OptionDecoder(handover: handover))
         let handshake = HandshakeHandler(exports: exports, logger: logger) { context, session in
             let framer = RequestFramer(maxPayload: session.export.target.blockSizes.maximumPayload, load: load)
-            let transmission = TransmissionHandler(session: session, allocator: context.channel.allocator,
+            let transmission = TransmissionHandler(session: session, io: io, allocator: context.channel.allocator,
                                                    load: load, framer: framer, logger: logger)
             let pipeline = context.pipeline.syncOperations
             do {
@@ -221,8 +224,8 @@ public final class NBDServer: @unchecked Sendable {
             try? await Task.sleep(for: .milliseconds(50))
         }
         for task in memoryWatch { task.cancel() }
-        for channel in loopIO.withLockedValue({ $0 ?? [] }) {
-            try? await channel.close()
+        for io in loopIO.withLockedValue({ $0 ?? [:] }).values {
+            try? await io.reaper.close()
         }
         try? await group.shutdownGracefully()
     }

@@ -41,6 +41,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     private let session: Session
     private let target: BlockTarget
+    /// Where the target's I/O goes: this loop's own DMIO client.
+    private let io: IOContext
     private let logger: Logger
     private let inbox = CompletionInbox()
     /// What this loop's connections hold: requests in flight, which a stop
@@ -78,9 +80,11 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext!
     private var onLoop: NIOLoopBound<TransmissionHandler>!
 
-    init(session: Session, allocator: ByteBufferAllocator, load: LoopLoad, framer: RequestFramer, logger: Logger) {
+    init(session: Session, io: IOContext, allocator: ByteBufferAllocator, load: LoopLoad, framer: RequestFramer,
+         logger: Logger) {
         self.session = session
         self.target = session.export.target
+        self.io = io
         self.load = load
         self.framer = framer
         self.logger = logger
@@ -177,7 +181,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private func start(_ request: NBDRequest) {
         if !inBatch {
             inBatch = true
-            target.beginBatch()
+            target.beginBatch(context: io)
         }
         switch validate(request, session: session) {
         case .failure(let rejection):
@@ -236,7 +240,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private func endBatch() {
         if inBatch {
             inBatch = false
-            target.endBatch()
+            target.endBatch(context: io)
         }
     }
 
@@ -286,20 +290,21 @@ final class TransmissionHandler: ChannelDuplexHandler {
             started(bytes: payload.byteCount)
             // The completion keeps the payload alive until the target is done with it.
             let completion = complete("write", cookie, keeping: payload)
-            payload.withMemory { target.write($0, offset: offset, fua: fua, completion: completion) }
+            payload.withMemory { target.write($0, offset: offset, fua: fua, context: io, completion: completion) }
         case .flush:
             started(bytes: 0)
-            target.flush(completion: complete("flush", cookie))
+            target.flush(context: io, completion: complete("flush", cookie))
         case .trim(let offset, let length, let fua):
             started(bytes: 0)
-            target.trim(offset: offset, length: UInt64(length), fua: fua, completion: complete("trim", cookie))
+            target.trim(offset: offset, length: UInt64(length), fua: fua, context: io,
+                        completion: complete("trim", cookie))
         case .writeZeroes(let offset, let length, let mayUnmap, let fua):
             started(bytes: 0)
-            target.writeZeroes(offset: offset, length: UInt64(length), mayUnmap: mayUnmap, fua: fua,
+            target.writeZeroes(offset: offset, length: UInt64(length), mayUnmap: mayUnmap, fua: fua, context: io,
                                completion: complete("write-zeroes", cookie))
         case .cache(let offset, let length):
             started(bytes: 0)
-            target.cache(offset: offset, length: UInt64(length), completion: complete("cache", cookie))
+            target.cache(offset: offset, length: UInt64(length), context: io, completion: complete("cache", cookie))
         case .blockStatus(let offset, let length, let onlyOne):
             blockStatus(offset: offset, length: length, onlyOne: onlyOne, cookie: cookie)
         }
@@ -328,7 +333,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         }
         started(bytes: reply.readableBytes)
         load.take(reply.readableBytes)
-        target.read(into: data, offset: offset, completion: complete("read", cookie, reply: reply))
+        target.read(into: data, offset: offset, context: io, completion: complete("read", cookie, reply: reply))
     }
 
     private func blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool, cookie: UInt64) {

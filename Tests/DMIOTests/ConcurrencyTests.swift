@@ -203,7 +203,6 @@ import Testing
         let folder = TemporaryFolder()
         let device = try folder.device("disk", size: 4 << 20)
         let client = try DMIOClient.threadDriven(pages: 8)
-        #expect(DMIOClient.current === client)
         let data = AlignedBuffer(count: 64 << 10, pattern: 21)
         let region = IORegion(device: device, sector: 64, count: 128)
         #expect(try client.sync(.write, regions: [region], buffer: data.bytes, flags: .fua) == .success)

@@ -34,7 +34,8 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
         completion(.success)
     }
 
-    func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, completion: @escaping TargetCompletion) {
+    func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: IOContext,
+              completion: @escaping TargetCompletion) {
         afterBatch { [self] in readNow(into: buffer, offset: offset, completion: completion) }
     }
 
@@ -50,7 +51,7 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
         finish(completion) { bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) } }
     }
 
-    func write(_ data: IOMemory, offset: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
+    func write(_ data: IOMemory, offset: UInt64, fua: Bool, context: IOContext, completion: @escaping TargetCompletion) {
         afterBatch { [self] in
             finish(completion) {
                 bytes.withUnsafeMutableBytes { data.copy(to: UnsafeMutableRawBufferPointer(rebasing: $0[Int(offset)...].prefix(data.byteCount))) }
@@ -58,11 +59,11 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
         }
     }
 
-    func flush(completion: @escaping TargetCompletion) { finish(completion) {} }
+    func flush(context: IOContext, completion: @escaping TargetCompletion) { finish(completion) {} }
 
-    func beginBatch() { openBatches += 1 }
+    func beginBatch(context: IOContext) { openBatches += 1 }
 
-    func endBatch() {
+    func endBatch(context: IOContext) {
         openBatches -= 1
         guard openBatches == 0 else { return }
         let started = heldByBatch
@@ -74,21 +75,30 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
         if openBatches > 0 { heldByBatch.append(start) } else { start() }
     }
 
-    func trim(offset: UInt64, length: UInt64, fua: Bool, completion: @escaping TargetCompletion) {
-        writeZeroes(offset: offset, length: length, mayUnmap: true, fua: fua, completion: completion)
+    func trim(offset: UInt64, length: UInt64, fua: Bool, context: IOContext, completion: @escaping TargetCompletion) {
+        writeZeroes(offset: offset, length: length, mayUnmap: true, fua: fua, context: context, completion: completion)
     }
 
-    func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, completion: @escaping TargetCompletion) {
+    func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, context: IOContext,
+                     completion: @escaping TargetCompletion) {
         finish(completion) {
             bytes.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
         }
     }
 
-    func cache(offset: UInt64, length: UInt64, completion: @escaping TargetCompletion) { finish(completion) {} }
+    func cache(offset: UInt64, length: UInt64, context: IOContext, completion: @escaping TargetCompletion) {
+        finish(completion) {}
+    }
 
     func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool { false }
 
     func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
         [Extent(length: UInt32(length), flags: 0)]
+    }
+
+    var metaContexts: [String] { [] }
+
+    func blockStatus(context: String, offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
+        throw TargetResult.noMetaContext(context)
     }
 }
