@@ -43,9 +43,9 @@ extension Mirror {
             LegRecord(uuid: .random(), state: fresh || index == 0 ? .inSync : .rebuilding, errno: 0,
                       name: devices[index].name)
         }
-        let log = DirtyLog(regionBytes: regionBytes, regionCount: layout.regionCount)
-        if !fresh { log.markAll() }
-        try MetadataStore.writeBytes(log.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
+        let bitmap = RegionBitmap(regionCount: layout.regionCount)
+        if !fresh { bitmap.markAll() }
+        try MetadataStore.writeBytes(bitmap.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
                                      to: devices, client: client)
         for (index, device) in devices.enumerated() {
             let superblock = Superblock(mirror: uuid, legIndex: index, events: 1, generation: generation, clean: true,

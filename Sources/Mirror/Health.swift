@@ -16,9 +16,9 @@ extension Mirror {
             throw TargetResult.noMetaContext(context)
         }
         let everyLegHoldsIt = legs.allInSync && !isRecoveryPending
-        let regionBytes = log.regionBytes
+        let regionBytes = regionHash.regionBytes
         func health(at byte: UInt64) -> UInt32 {
-            everyLegHoldsIt || !log.isDirty(Int(byte / regionBytes)) ? 0 : Self.notRedundant
+            everyLegHoldsIt || !bitmap.isDirty(Int(byte / regionBytes)) ? 0 : Self.notRedundant
         }
         let end = offset + length
         var extents: [Extent] = []

@@ -5,8 +5,9 @@ import BlockTargets
 
 /// A dm-raid1-style mirror served as one NBD target: 2 to 64 legs of equal
 /// size, each a file, a block device or a remote NBD export. Composed of
-/// small services, as dm-raid1 is: the leg table (health), the dirty log
-/// (write-intent bitmap), the metadata store (superblocks and bitmap on
+/// small services, as dm-raid1 is: the leg table (health), the region
+/// bitmap (write-intent, dm-dirty-log) and region hash (writes in flight,
+/// copies, dm-region-hash), the metadata store (superblocks and bitmap on
 /// every leg) and the copier (resync). Make one with `Mirror.create`, open
 /// it with `Mirror.open`, then `start()`; `stop()` leaves it clean.
 public final class Mirror: BlockTarget, @unchecked Sendable {
@@ -18,10 +19,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     let client: DMIOClient
     let logger: Logger
     let legs: LegTable
-    let log: DirtyLog
+    let bitmap: RegionBitmap
+    let regionHash: RegionHash
     let metadata: MetadataStore
-    /// Group commits of the superblocks and of the bitmap pages.
+    /// Group commits of the superblocks and of the bitmap pages that changed.
     let superblocks: GroupCommit
+    let bitmapCommit: GroupCommit
     private let deviceOptions: DeviceOptions
     /// Held while the mirror is open: no other process may open it.
     private let exclusive: MirrorLock
@@ -50,16 +53,17 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.deviceOptions = deviceOptions
         self.recoveryPending = recoveryPending
         legs = LegTable(members, generation: generation)
-        log = DirtyLog(regionBytes: layout.regionBytes, regionCount: layout.regionCount, bitmap: bitmap)
+        let bitmap = RegionBitmap(regionCount: layout.regionCount, bitmap: bitmap)
+        self.bitmap = bitmap
+        regionHash = RegionHash(regionBytes: layout.regionBytes, bitmap: bitmap)
         let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, eventsCleared: eventsCleared,
                                      legs: legs, client: client)
         self.metadata = metadata
         superblocks = GroupCommit { done in metadata.writeSuperblocks(then: done) }
-        let log = log
-        log.persist = GroupCommit { done in
-            let pages = log.changedPageImages()
-            metadata.writeBitmap(pages.map { ($0.page, $0.bytes) }) { durable in
-                if durable { log.persisted(pages.map { ($0.page, $0.version) }) }
+        bitmapCommit = GroupCommit { done in
+            let pages = bitmap.changedPages()
+            metadata.writeBitmap(pages.map { ($0.index, $0.bytes) }) { durable in
+                if durable { bitmap.written(pages) }
                 done(durable)
             }
         }
@@ -89,7 +93,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     public func start() throws(MirrorError) {
         metadata.setClean(false)
         // Legs that were stale or re-added get the whole bitmap.
-        let whole = [(page: 0, bytes: log.image(bitmapBytes: layout.bitmapBytes))]
+        let whole = [(page: 0, bytes: bitmap.image(bitmapBytes: layout.bitmapBytes))]
         let wrote = waitForCallback { metadata.writeBitmap(whole, then: $0) }
         guard wrote, superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
@@ -108,15 +112,15 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         flushLegs()
         let recovering = lock.withLock { recoveryPending }
         if legs.allInSync && !recovering {
-            log.clearAll()
+            regionHash.clearAllIdle()
             metadata.noteBitsCleared()
         }
         // A recovery cut short must run again at the next start.
         metadata.setClean(!recovering)
-        let bitmapWritten = log.persist.commitAndWait()
+        let bitmapWritten = bitmapCommit.commitAndWait()
         let recorded = superblocks.commitAndWait()
         let how = bitmapWritten && recorded ? "cleanly" : "but its metadata could not be written"
-        logger.info("mirror \(uuid) stopped \(how); \(log.dirtyCount) dirty regions")
+        logger.info("mirror \(uuid) stopped \(how); \(bitmap.dirtyCount) dirty regions")
         exclusive.release()
     }
 
@@ -188,13 +192,13 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         maintenance.withLock {
             let before = legs.snapshot
             guard legs.allInSync else { return }
-            let candidates = log.cleanCandidates()
+            let candidates = regionHash.idleDirtyRegions()
             guard !candidates.isEmpty, flushLegs() else { return }
             // A leg that failed meanwhile was not flushed: it still needs the bits.
             guard legs.snapshot.version == before.version else { return }
             // The cleared bits are on record with the next event: a copy of a
             // leg older than that cannot be caught up from the bitmap.
-            if log.clear(candidates) > 0, log.persist.commitAndWait() {
+            if regionHash.clearIdle(candidates) > 0, bitmapCommit.commitAndWait() {
                 metadata.noteBitsCleared()
                 _ = superblocks.commitAndWait()
             }
@@ -332,16 +336,16 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         maintenance.lock()
         defer { maintenance.unlock() }
         if fullCopy {
-            log.markAll()
+            bitmap.markAll()
             // No superblock older than this mirror's may outrank its own.
             try MetadataStore.writeBytes([UInt8](repeating: 0, count: 2 * MirrorLayout.slotBytes), offset: 0,
                                          to: [device], client: client)
         }
         // The leg's bitmap may be old: it gets the whole bitmap before it is written.
-        try MetadataStore.writeBytes(log.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
+        try MetadataStore.writeBytes(bitmap.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
                                      to: [device], client: client)
         try legs.bringIn(index, device: device, uuid: uuid)
-        guard log.persist.commitAndWait(), superblocks.commitAndWait() else {
+        guard bitmapCommit.commitAndWait(), superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }
         logger.info("leg \(index) (\(device.name)) \(fullCopy ? "replaced: full copy" : "re-added: copying the regions written meanwhile")")

@@ -33,8 +33,8 @@ extension Mirror {
         var next = next
         if next == candidates.count, !failures.isEmpty {
             let tried = Set(failures.map(\.leg.index))
-            let regions = log.regions(offset: offset, length: UInt64(buffer.count))
-            candidates = regions.contains(where: log.isDirty) ? [] : legs.snapshot.writable.filter {
+            let regions = regionHash.regions(offset: offset, length: UInt64(buffer.count))
+            candidates = regions.contains(where: bitmap.isDirty) ? [] : legs.snapshot.writable.filter {
                 !tried.contains($0.index) && legs.member($0.index).state == .rebuilding
             }
             next = 0
@@ -100,7 +100,19 @@ extension Mirror {
     public func beginBatch(context: IOContext) { context.client(or: client).plug() }
     public func endBatch(context: IOContext) { context.client(or: client).unplug() }
 
-    /// A write or a zeroing: bits first, then every writable leg.
+    /// A write or a zeroing, as it goes to the legs.
+    private struct Change: @unchecked Sendable {
+        let operation: IOOperation
+        let regions: ClosedRange<Int>
+        let offset: UInt64
+        let length: UInt64
+        let memory: IOMemory?
+        let flags: IOFlags
+        let completion: TargetCompletion
+    }
+
+    /// A write or a zeroing: its regions counted and their bits durable
+    /// (mark, then commit), then every writable leg (issue).
     ///
     /// A write whose bits are durable already (most) is issued at once, on
     /// the caller's client. One that waits (for its bits' commit, or for a
@@ -111,34 +123,41 @@ extension Mirror {
     /// just waited for a metadata write anyway.
     private func change(_ operation: IOOperation, offset: UInt64, length: UInt64, memory: IOMemory? = nil,
                         flags: IOFlags, context: IOContext, completion: @escaping TargetCompletion) {
-        let regions = log.regions(offset: offset, length: length)
-        if log.tryBeginWrite(regions) {
-            return issue(operation, regions, offset: offset, length: length, memory: memory, flags: flags,
-                         on: context.client(or: client), completion: completion)
-        }
-        log.beginWrite(regions) { [self] durable in
-            guard durable else {
-                log.endWrite(regions)
-                return completion(TargetResult(errno: EIO, message: "the write-intent bitmap could not be written to any leg"))
+        let change = Change(operation: operation, regions: regionHash.regions(offset: offset, length: length),
+                            offset: offset, length: length, memory: memory, flags: flags, completion: completion)
+        if regionHash.tryStartWrite(change.regions) { return issue(change, on: context.client(or: client)) }
+        startAfterWaiting(change)
+    }
+
+    private func startAfterWaiting(_ change: Change) {
+        switch regionHash.startWrite(change.regions, whenReleased: { [self] in startAfterWaiting(change) }) {
+        case .ready:
+            issue(change, on: client)
+        case .needsCommit:
+            bitmapCommit.request { [self] durable in
+                guard durable else {
+                    regionHash.endWrite(change.regions)
+                    return change.completion(TargetResult(errno: EIO, message: "the write-intent bitmap could not be written to any leg"))
+                }
+                issue(change, on: client)
             }
-            issue(operation, regions, offset: offset, length: length, memory: memory, flags: flags,
-                  on: client, completion: completion)
+        case .held:
+            break
         }
     }
 
-    private func issue(_ operation: IOOperation, _ regions: ClosedRange<Int>, offset: UInt64, length: UInt64,
-                       memory: IOMemory?, flags: IOFlags, on io: DMIOClient, completion: @escaping TargetCompletion) {
+    private func issue(_ change: Change, on io: DMIOClient) {
         let snapshot = legs.snapshot
-        let started = submit(operation, snapshot.writable, offset: offset, length: length, memory: memory,
-                             flags: flags, on: io) { [self] failures in
-            answer(operation, snapshot: snapshot, failures: failures, completion: completion)
+        let started = submit(change.operation, snapshot.writable, offset: change.offset, length: change.length,
+                             memory: change.memory, flags: change.flags, on: io) { [self] failures in
+            answer(change.operation, snapshot: snapshot, failures: failures, completion: change.completion)
             // Only now, with the failed legs degraded: the cleaner must not
             // clear these bits while a leg that missed the write looks in sync.
-            log.endWrite(regions)
+            regionHash.endWrite(change.regions)
         }
         if !started {
-            log.endWrite(regions)
-            completion(TargetResult(errno: EINVAL, message: "\(operation) refused by DMIO"))
+            regionHash.endWrite(change.regions)
+            change.completion(TargetResult(errno: EINVAL, message: "\(change.operation) refused by DMIO"))
         }
     }
 

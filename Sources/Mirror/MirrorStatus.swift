@@ -75,7 +75,7 @@ extension Mirror {
     public var status: MirrorStatus {
         let members = legs.all
         let progress = resync.current
-        let dirty = log.dirtyCount
+        let dirty = bitmap.dirtyCount
         let allInSync = members.allSatisfy { $0.state == .inSync }
         let left = progress.regionsTotal - progress.regionsDone
         return MirrorStatus(

@@ -48,13 +48,14 @@ final class Resync: @unchecked Sendable {
     /// or is replaced drops out). Returns whether the pass went through
     /// every region.
     func pass(reason: String, targets: LegTable.Targets, stopping: () -> Bool) -> Bool {
-        let runs = Self.runs(of: mirror.log.dirtyRegions, longest: max(1, Self.copyBytes / Int(mirror.log.regionBytes)))
+        let regionBytes = mirror.regionHash.regionBytes
+        let runs = Self.runs(of: mirror.bitmap.dirtyRegions, longest: max(1, Self.copyBytes / Int(regionBytes)))
         let total = runs.reduce(0) { $0 + $1.count }
         lock.withLock {
             progress = Progress(active: true, reason: reason, regionsTotal: total, startedAt: monotonicSeconds())
         }
         mirror.logger.info("resync (\(reason)): \(total) dirty regions to copy")
-        let buffer = AlignedBytes(count: max(Self.copyBytes, Int(mirror.log.regionBytes)))
+        let buffer = AlignedBytes(count: max(Self.copyBytes, Int(regionBytes)))
         var outcome = "done"
         defer { finish(outcome) }
         var loggedAt = monotonicSeconds()
@@ -67,8 +68,8 @@ final class Resync: @unchecked Sendable {
                 outcome = "stopped"
                 return false
             }
-            let offset = UInt64(run.lowerBound) * mirror.log.regionBytes
-            let length = min(UInt64(run.count) * mirror.log.regionBytes, mirror.layout.dataBytes - offset)
+            let offset = UInt64(run.lowerBound) * regionBytes
+            let length = min(UInt64(run.count) * regionBytes, mirror.layout.dataBytes - offset)
             if let failure = copyHeld(run, offset: offset, length: length, to: targets, buffer: buffer) {
                 outcome = failure
                 return false
@@ -106,8 +107,8 @@ final class Resync: @unchecked Sendable {
     /// other legs took meanwhile.
     private func copyHeld(_ run: Range<Int>, offset: UInt64, length: UInt64, to targets: LegTable.Targets,
                           buffer: AlignedBytes) -> String? {
-        for region in run { mirror.log.holdForCopy(region) }
-        defer { for region in run { mirror.log.releaseAfterCopy(region) } }
+        mirror.regionHash.startCopy(run)
+        defer { for write in mirror.regionHash.endCopy(run) { write() } }
         let snapshot = mirror.legs.snapshot
         let copyTo = snapshot.writable.filter(targets.contains)
         guard let source = snapshot.readable.first, !copyTo.isEmpty else { return "no leg left to copy to" }

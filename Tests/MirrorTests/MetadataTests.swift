@@ -49,31 +49,29 @@ import Testing
     }
 
     @Test func theBitmapKeepsSetBitsUntilCleanedAndWritesWaitForThem() {
-        let log = DirtyLog(regionBytes: 512 << 10, regionCount: 100)
-        nonisolated(unsafe) var commits = 0
-        log.persist = GroupCommit { done in
-            commits += 1
-            log.persisted(log.changedPageImages().map { ($0.page, $0.version) })
-            done(true)
-        }
-        let regions = log.regions(offset: (512 << 10) - 4096, length: 8192)
+        let bitmap = RegionBitmap(regionCount: 100)
+        let hash = RegionHash(regionBytes: 512 << 10, bitmap: bitmap)
+        let regions = hash.regions(offset: (512 << 10) - 4096, length: 8192)
         #expect(regions == 0...1)
-        nonisolated(unsafe) var started = false
-        log.beginWrite(regions) { started = $0 }
-        #expect(started && commits == 1)
+        // Clean: counted and marked, but its bits must be committed first.
+        #expect(!hash.tryStartWrite(regions))
+        #expect(hash.startWrite(regions) {} == .needsCommit)
+        let pages = bitmap.changedPages()
+        #expect(pages.map(\.index) == [0])
+        bitmap.written(pages)
+        #expect(bitmap.changedPages().isEmpty)
         // Set and durable: a second write needs no commit.
-        log.beginWrite(regions) { _ in }
-        #expect(commits == 1)
-        log.endWrite(regions)
-        log.endWrite(regions)
-        #expect(log.dirtyRegions == [0, 1])
+        #expect(hash.tryStartWrite(regions))
+        hash.endWrite(regions)
+        hash.endWrite(regions)
+        #expect(bitmap.dirtyRegions == [0, 1])
         // Written in the last two ticks: not cleared yet.
-        #expect(log.cleanCandidates().isEmpty)
-        #expect(log.cleanCandidates().isEmpty)
-        let candidates = log.cleanCandidates()
+        #expect(hash.idleDirtyRegions().isEmpty)
+        #expect(hash.idleDirtyRegions().isEmpty)
+        let candidates = hash.idleDirtyRegions()
         #expect(candidates == [0, 1])
-        #expect(log.clear(candidates) == 2)
-        #expect(log.dirtyCount == 0)
+        #expect(hash.clearIdle(candidates) == 2)
+        #expect(bitmap.dirtyCount == 0)
     }
 
     @Test func neighbouringDirtyRegionsAreCopiedTogether() {
