@@ -8,8 +8,10 @@ import DMIO
 /// metadata write, not one each.
 final class GroupCommit: @unchecked Sendable {
     /// Writes the current state, then calls its argument with whether the
-    /// state is durable. It may call back before it returns.
-    typealias Commit = (@escaping @Sendable (Bool) -> Void) -> Void
+    /// state is durable, and whether writing it changed it (a leg failed the
+    /// write): then another commit follows. It may call back before it
+    /// returns.
+    typealias Commit = (_ done: @escaping @Sendable (_ durable: Bool, _ changedState: Bool) -> Void) -> Void
 
     private let lock = ConditionLock()
     private let commit: Commit
@@ -55,9 +57,11 @@ final class GroupCommit: @unchecked Sendable {
             }
             guard let waiters else { return }
             let round = Round()
-            commit { [self] durable in
+            commit { [self] durable, changedState in
                 for waiter in waiters { waiter(durable) }
                 let continueHere = lock.withLock {
+                    // Nobody waits for the change: it goes on record all the same.
+                    if changedState && waiting.isEmpty { waiting.append { _ in } }
                     if round.insideCommit { round.endedInside = true }
                     return !round.insideCommit
                 }

@@ -2,9 +2,16 @@ import DMIO
 import Glibc
 import Synchronization
 
+/// How a metadata write to every leg not degraded went: durable when one
+/// leg at least holds it; the legs that failed it are to be degraded like
+/// legs that fail a data write (`LegFailures`).
+struct MetadataWrite: Sendable {
+    let durable: Bool
+    let failures: [LegFailure]
+}
+
 /// Reads and writes the metadata areas of the legs: superblocks and bitmap
-/// pages, through DMIO like the data. A leg that fails a metadata write is
-/// failed like one that fails a data write.
+/// pages, through DMIO like the data.
 final class MetadataStore: @unchecked Sendable {
     let layout: MirrorLayout
     let mirror: MirrorUUID
@@ -17,9 +24,6 @@ final class MetadataStore: @unchecked Sendable {
     /// event for it when bits were cleared since the last one.
     private var eventsCleared: UInt64
     private var bitsClearedSince = false
-    /// Called for each leg that fails a metadata write: the mirror degrades
-    /// it, and says so in the log.
-    var legFailed: (LegFailure) -> Void = { _ in }
     /// The leg table version that the superblocks on the legs describe
     /// (read on every write's answer: an atomic, not the lock).
     private let durableVersion = Atomic<UInt64>(0)
@@ -49,7 +53,7 @@ final class MetadataStore: @unchecked Sendable {
     var lastClearing: UInt64 { lock.withLock { eventsCleared } }
 
     /// Writes a new superblock (the next event) to every leg not degraded.
-    func writeSuperblocks(then done: @escaping @Sendable (Bool) -> Void) {
+    func writeSuperblocks(then done: @escaping @Sendable (MetadataWrite) -> Void) {
         let recorded = legs.recorded
         let snapshot = recorded.snapshot
         let (event, isClean, cleared): (UInt64, Bool, UInt64) = lock.withLock {
@@ -63,10 +67,9 @@ final class MetadataStore: @unchecked Sendable {
         let targets = snapshot.writable
         let slot = MirrorLayout.slotOffset(Int(event % 2))
         let gather = Gather(count: targets.count) { [self] failures in
-            record(failures)
             let durable = failures.count < targets.count
             if durable { durableVersion.max(snapshot.version, ordering: .releasing) }
-            done(durable)
+            done(MetadataWrite(durable: durable, failures: failures))
         }
         for leg in targets {
             let superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event,
@@ -80,23 +83,18 @@ final class MetadataStore: @unchecked Sendable {
     /// Writes parts of the bitmap, each starting at a page (and as long as
     /// its bytes), to every leg not degraded: each part is one DMIO write to
     /// all of them.
-    func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])], then done: @escaping @Sendable (Bool) -> Void) {
+    func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])], then done: @escaping @Sendable (MetadataWrite) -> Void) {
         let targets = legs.snapshot.writable
-        guard !pages.isEmpty else { return done(!targets.isEmpty) }
-        let gather = Gather(count: pages.count) { [self] failures in
+        guard !pages.isEmpty else { return done(MetadataWrite(durable: !targets.isEmpty, failures: [])) }
+        let gather = Gather(count: pages.count) { failures in
             let failedLegs = Set(failures.map(\.leg.index))
-            record(failures)
-            done(failedLegs.count < targets.count)
+            done(MetadataWrite(durable: failedLegs.count < targets.count, failures: failures))
         }
         for (page, bytes) in pages {
             write(bytes, at: MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes), to: targets) {
                 gather.add($0)
             }
         }
-    }
-
-    private func record(_ failures: [LegFailure]) {
-        for failure in failures { legFailed(failure) }
     }
 
     /// One FUA write of `bytes` at `offset` on each leg of `targets`.

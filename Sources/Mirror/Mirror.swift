@@ -8,7 +8,9 @@ import BlockTargets
 /// small services, as dm-raid1 is: the leg table (health), the region
 /// bitmap (write-intent, dm-dirty-log) and region hash (writes in flight,
 /// copies, dm-region-hash), the metadata store (superblocks and bitmap on
-/// every leg) and the copier (resync). Make one with `Mirror.create`, open
+/// every leg), the failure path, and the region pass (resync) over a
+/// copier. Every service gets what it uses at init, and none calls back
+/// into the mirror: the mirror sequences them. Make one with `Mirror.create`, open
 /// it with `Mirror.open`, then `start()`; `stop()` leaves it clean.
 public final class Mirror: BlockTarget, @unchecked Sendable {
     public let uuid: MirrorUUID
@@ -22,13 +24,16 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     let bitmap: RegionBitmap
     let regionHash: RegionHash
     let metadata: MetadataStore
+    /// Where every leg failure goes.
+    let legFailures: LegFailures
     /// Group commits of the superblocks and of the bitmap pages that changed.
     let superblocks: GroupCommit
     let bitmapCommit: GroupCommit
     private let deviceOptions: DeviceOptions
     /// Held while the mirror is open: no other process may open it.
     private let exclusive: MirrorLock
-    private(set) var resync: Resync!
+    /// Resync passes, on the background thread.
+    let pass: RegionPass
 
     private let lock = ConditionLock()
     /// Held by whatever changes the set of legs or clears dirty bits, so that
@@ -59,18 +64,22 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, eventsCleared: eventsCleared,
                                      legs: legs, client: client)
         self.metadata = metadata
-        superblocks = GroupCommit { done in metadata.writeSuperblocks(then: done) }
+        let legFailures = LegFailures(legs: legs, metadata: metadata, logger: logger)
+        self.legFailures = legFailures
+        superblocks = legFailures.superblocks
         bitmapCommit = GroupCommit { done in
             let pages = bitmap.changedPages()
-            metadata.writeBitmap(pages.map { ($0.index, $0.bytes) }) { durable in
-                if durable { bitmap.written(pages) }
-                done(durable)
+            metadata.writeBitmap(pages.map { ($0.index, $0.bytes) }) { written in
+                legFailures.record(written.failures, reading: false)
+                if written.durable { bitmap.written(pages) }
+                done(written.durable, false)
             }
         }
 
         blockSizes = .over(deviceBlockSize: members.compactMap(\.device).map(\.blockSize).max() ?? sectorSize)
-        resync = Resync(mirror: self, rateLimit: rateLimit)
-        metadata.legFailed = { [unowned self] failure in fail(failure, reading: false) }
+        pass = RegionPass(bitmap: bitmap, regionHash: regionHash, legs: legs,
+                          copier: Copier(client: client, layout: layout), failures: legFailures,
+                          rateLimit: rateLimit, logger: logger)
     }
 
     /// Decided from the legs written now, for each new connection: a leg
@@ -94,7 +103,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         metadata.setClean(false)
         // Legs that were stale or re-added get the whole bitmap.
         let whole = [(page: 0, bytes: bitmap.image(bitmapBytes: layout.bitmapBytes))]
-        let wrote = waitForCallback { metadata.writeBitmap(whole, then: $0) }
+        let wrote = waitForCallback { done in
+            metadata.writeBitmap(whole) { [legFailures] written in
+                legFailures.record(written.failures, reading: false)
+                done(written.durable)
+            }
+        }
         guard wrote, superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }
@@ -166,8 +180,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
         legs.beginRebuildPass()
         let stopping = { [self] in lock.withLock { self.stopping } }
-        let complete = resync.pass(reason: recovery ? "recovery after an unclean stop" : "rebuild",
-                                   targets: targets, stopping: stopping)
+        let complete = pass.run(.resync, reason: recovery ? "recovery after an unclean stop" : "rebuild",
+                                targets: targets, stopping: stopping)
         if stopping() { return }
         if complete {
             flushLegs()
@@ -211,7 +225,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let targets = legs.snapshot.writable
         let regions = targets.map { IORegion(device: $0.device, sector: 0, count: 0) }
         guard !regions.isEmpty, let result = try? client.sync(.flush, regions: regions) else { return false }
-        for failure in result.legFailures(targets) { fail(failure, reading: false) }
+        legFailures.record(result.legFailures(targets), reading: false)
         return result.succeeded
     }
 

@@ -12,10 +12,6 @@ import BlockTargets
 /// event loop's own ring); what starts later, from a completion or after a
 /// wait, goes on the mirror's own client (see `change`).
 extension Mirror {
-    func dataRegion(_ leg: LegTable.Leg, offset: UInt64, length: UInt64) -> IORegion {
-        IORegion(device: leg.device, sector: (layout.dataOffset + offset) >> 9, count: length >> 9)
-    }
-
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: IOContext,
                      completion: @escaping TargetCompletion) {
         read(into: buffer, offset: offset, from: legs.snapshot.readable, next: 0, failures: [],
@@ -43,9 +39,9 @@ extension Mirror {
             return completion(everyLegFailed("read", failures))
         }
         let started = submit(.read, [candidates[next]], offset: offset, length: UInt64(buffer.count),
-                             memory: .buffer(buffer), on: io) { [self] legFailures in
-            guard let failure = legFailures.first else { return completion(.success) }
-            fail(failure, reading: true)
+                             memory: .buffer(buffer), on: io) { [self] failed in
+            guard let failure = failed.first else { return completion(.success) }
+            legFailures.record([failure], reading: true)
             read(into: buffer, offset: offset, from: candidates, next: next + 1,
                  failures: failures + [failure], on: client, completion: completion)
         }
@@ -169,10 +165,7 @@ extension Mirror {
                         completion: @escaping TargetCompletion) {
         // Every leg took it: a leg degraded before it went out must be on record.
         if failures.isEmpty { return succeed(once: snapshot.version, completion) }
-        let settlement = legs.settle(failures, sentTo: snapshot)
-        for failure in failures {
-            report(failure, reading: false, degraded: settlement.degraded.contains { $0.index == failure.leg.index })
-        }
+        let settlement = legFailures.settle(failures, sentTo: snapshot)
         guard settlement.held else { return completion(everyLegFailed("\(operation)", failures)) }
         succeed(once: settlement.version, completion)
     }
@@ -183,21 +176,6 @@ extension Mirror {
         superblocks.request { durable in
             completion(durable ? .success
                 : TargetResult(errno: EIO, message: "no leg could record the failure of another"))
-        }
-    }
-
-    func fail(_ failure: LegFailure, reading: Bool) {
-        report(failure, reading: reading, degraded: legs.fail(failure.leg, errno: failure.errno, reading: reading))
-    }
-
-    /// Logs a leg's failure; one that degraded the leg goes on record.
-    private func report(_ failure: LegFailure, reading: Bool, degraded: Bool) {
-        let what = reading ? "read" : "write"
-        if degraded {
-            logger.error("leg \(failure.leg.index) (\(failure.leg.device.name)) degraded: \(what) failed with \(errnoDescription(failure.errno))")
-            superblocks.request { _ in }
-        } else {
-            logger.warning("leg \(failure.leg.index) (\(failure.leg.device.name)): \(what) failed with \(errnoDescription(failure.errno))")
         }
     }
 
@@ -221,7 +199,7 @@ extension Mirror {
             done([])
             return true
         }
-        let regions = targets.map { dataRegion($0, offset: offset, length: length) }
+        let regions = targets.map { layout.dataRegion(on: $0.device, offset: offset, length: length) }
         do {
             try io.submit(operation, regions: regions, memory: memory, flags: flags) { result, _ in
                 done(result.legFailures(targets))

@@ -74,7 +74,7 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
 extension Mirror {
     public var status: MirrorStatus {
         let members = legs.all
-        let progress = resync.current
+        let progress = pass.current
         let dirty = bitmap.dirtyCount
         let allInSync = members.allSatisfy { $0.state == .inSync }
         let left = progress.regionsTotal - progress.regionsDone
@@ -90,11 +90,15 @@ extension Mirror {
                                  errno: member.errno == 0 ? nil : errnoName(member.errno),
                                  readErrors: member.readErrors, writeErrors: member.writeErrors)
             },
-            resync: MirrorStatus.Resync(
-                active: progress.active, reason: progress.reason, regionsDone: progress.regionsDone,
-                regionsTotal: progress.regionsTotal, bytesCopied: progress.bytesCopied,
-                bytesPerSecond: progress.bytesPerSecond,
-                etaSeconds: progress.etaSeconds,
-                lastResult: progress.lastResult))
+            resync: MirrorStatus.Resync(progress))
+    }
+}
+
+extension MirrorStatus.Resync {
+    init(_ progress: RegionPass.Progress) {
+        self.init(active: progress.active, reason: progress.reason, regionsDone: progress.regionsDone,
+                  regionsTotal: progress.regionsTotal, bytesCopied: progress.bytesCopied,
+                  bytesPerSecond: progress.bytesPerSecond, etaSeconds: progress.etaSeconds,
+                  lastResult: progress.lastResult)
     }
 }

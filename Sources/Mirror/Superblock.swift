@@ -1,57 +1,3 @@
-/// Where a mirror keeps its metadata on each leg. Every leg starts with the
-/// same reserved area: two superblock slots, then the write-intent bitmap;
-/// the mirrored data follows, aligned to a MiB. Like md's v1.2 superblock,
-/// each leg carries the whole mirror's view, so a leg knows which mirror it
-/// belongs to, and a leg that missed updates shows a lower event count.
-public struct MirrorLayout: Sendable, Hashable {
-    public static let slotBytes = 4096
-    public static let bitmapOffset: UInt64 = 2 * UInt64(slotBytes)
-    static let dataAlignment: UInt64 = 1 << 20
-    public static let defaultRegionBytes: UInt32 = 512 << 10
-
-    /// Bytes of every leg (legs of other sizes are refused).
-    public let legBytes: UInt64
-    public let regionBytes: UInt32
-    /// Where the mirrored data starts on each leg, and how much there is.
-    public let dataOffset: UInt64
-    public let dataBytes: UInt64
-    public let bitmapBytes: UInt64
-
-    public var regionCount: Int { Int((dataBytes + UInt64(regionBytes) - 1) / UInt64(regionBytes)) }
-
-    public init(legBytes: UInt64, regionBytes: UInt32 = defaultRegionBytes) throws(MirrorError) {
-        guard regionBytes >= 4096, regionBytes & (regionBytes - 1) == 0 else {
-            throw .invalidRegionSize(regionBytes)
-        }
-        // A bitmap sized for the whole leg is a little larger than needed.
-        let regionsAtMost = (legBytes + UInt64(regionBytes) - 1) / UInt64(regionBytes)
-        let bitmapBytes = roundUp((regionsAtMost + 7) / 8, to: UInt64(Self.slotBytes))
-        let dataOffset = roundUp(Self.bitmapOffset + bitmapBytes, to: Self.dataAlignment)
-        guard legBytes >= dataOffset + UInt64(regionBytes) else {
-            throw .legTooSmall(bytes: legBytes, needed: dataOffset + UInt64(regionBytes))
-        }
-        self.legBytes = legBytes
-        self.regionBytes = regionBytes
-        self.bitmapBytes = bitmapBytes
-        self.dataOffset = dataOffset
-        self.dataBytes = (legBytes - dataOffset) & ~UInt64(Self.slotBytes - 1)
-    }
-
-    init(validating superblock: Superblock) throws(MirrorError) {
-        try self.init(legBytes: superblock.legBytes, regionBytes: superblock.regionBytes)
-        guard dataOffset == superblock.dataOffset, dataBytes == superblock.dataBytes else {
-            throw .corruptMetadata("data area \(superblock.dataOffset)+\(superblock.dataBytes) does not match its leg size")
-        }
-    }
-
-    /// Byte offset of superblock slot `slot` (0 or 1).
-    static func slotOffset(_ slot: Int) -> UInt64 { UInt64(slot * slotBytes) }
-}
-
-func roundUp(_ value: UInt64, to multiple: UInt64) -> UInt64 {
-    (value + multiple - 1) / multiple * multiple
-}
-
 /// A leg's state as the superblock records it.
 public enum LegState: UInt32, Sendable, Hashable, CustomStringConvertible {
     /// Holds the mirror's data; read and written.
@@ -87,28 +33,6 @@ extension LegState: Codable {
     public func encode(to encoder: Encoder) throws {
         var container = encoder.singleValueContainer()
         try container.encode(Self.words[self]!)
-    }
-}
-
-/// 16 random bytes that name a mirror or one of its legs.
-public struct MirrorUUID: Sendable, Hashable, CustomStringConvertible {
-    public let high: UInt64
-    public let low: UInt64
-
-    public static func random() -> MirrorUUID {
-        MirrorUUID(high: .random(in: .min ... .max), low: .random(in: .min ... .max))
-    }
-
-    public var description: String {
-        let hex = String(high, radix: 16).leftPadded(to: 16) + String(low, radix: 16).leftPadded(to: 16)
-        let characters = Array(hex)
-        return [0..<8, 8..<12, 12..<16, 16..<20, 20..<32].map { String(characters[$0]) }.joined(separator: "-")
-    }
-}
-
-extension String {
-    fileprivate func leftPadded(to width: Int) -> String {
-        String(repeating: "0", count: max(0, width - count)) + self
     }
 }
 
@@ -350,19 +274,4 @@ extension [UInt8] {
         MirrorUUID(high: UInt64(bigEndian: load(UInt64.self, at: offset)),
                    low: UInt64(bigEndian: load(UInt64.self, at: offset + 8)))
     }
-}
-
-/// CRC-32C (Castagnoli), the checksum of ext4's and btrfs's metadata.
-func crc32c(_ bytes: ArraySlice<UInt8>) -> UInt32 {
-    var crc: UInt32 = 0xFFFF_FFFF
-    for byte in bytes {
-        crc = crc32cTable[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8)
-    }
-    return ~crc
-}
-
-private let crc32cTable: [UInt32] = (0..<256).map { index in
-    var value = UInt32(index)
-    for _ in 0..<8 { value = value & 1 != 0 ? (value >> 1) ^ 0x82F6_3B78 : value >> 1 }
-    return value
 }

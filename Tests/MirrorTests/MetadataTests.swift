@@ -75,7 +75,7 @@ import Testing
     }
 
     @Test func neighbouringDirtyRegionsAreCopiedTogether() {
-        #expect(Resync.runs(of: [1, 2, 3, 5, 6, 10], longest: 2) == [1..<3, 3..<4, 5..<7, 10..<11])
-        #expect(Resync.runs(of: [], longest: 8).isEmpty)
+        #expect(RegionPass.runs(of: [1, 2, 3, 5, 6, 10], longest: 2) == [1..<3, 3..<4, 5..<7, 10..<11])
+        #expect(RegionPass.runs(of: [], longest: 8).isEmpty)
     }
 }

@@ -88,11 +88,11 @@ import Testing
     /// A commit that the test ends by hand.
     final class HeldCommits: @unchecked Sendable {
         private let lock = NSLock()
-        private var pending: [@Sendable (Bool) -> Void] = []
+        private var pending: [@Sendable (Bool, Bool) -> Void] = []
         var started: Int { lock.withLock { startedCount } }
         private var startedCount = 0
 
-        func commit(_ done: @escaping @Sendable (Bool) -> Void) {
+        func commit(_ done: @escaping @Sendable (Bool, Bool) -> Void) {
             lock.withLock {
                 startedCount += 1
                 pending.append(done)
@@ -101,7 +101,7 @@ import Testing
 
         func endOne(_ durable: Bool = true) {
             let done = lock.withLock { pending.removeFirst() }
-            done(durable)
+            done(durable, false)
         }
     }
 
@@ -123,6 +123,19 @@ import Testing
         #expect(commits.started == 2)
     }
 
+    @Test func aCommitThatChangedTheStateItWroteIsFollowedByAnother() {
+        nonisolated(unsafe) var commits = 0
+        let group = GroupCommit { done in
+            commits += 1
+            // The first commit finds a leg failing its write: that goes on record too.
+            done(true, commits == 1)
+        }
+        nonisolated(unsafe) var answers = 0
+        group.request { _ in answers += 1 }
+        #expect(commits == 2)
+        #expect(answers == 1)
+    }
+
     @Test func commitsThatEndInsideTheirCallRunInALoopNotByRecursion() {
         nonisolated(unsafe) var depth = 0
         nonisolated(unsafe) var deepest = 0
@@ -135,7 +148,7 @@ import Testing
             deepest = max(deepest, depth)
             // Each commit brings a request for another, as writes to new regions do.
             if commits < 1000 { group.request { _ in answered += 1 } }
-            done(true)
+            done(true, false)
             depth -= 1
         }
         group.request { _ in answered += 1 }
