@@ -23,11 +23,9 @@ final class ClosedLoop {
 
         init(regions: [IORegion], bufferSize: Int, seed: UInt64) {
             self.regions = regions
-            var memory: UnsafeMutableRawPointer?
-            precondition(posix_memalign(&memory, pageSize, bufferSize) == 0, "posix_memalign: out of memory")
+            buffer = allocateAligned(bufferSize)
             // Written once so that no page fault lands in a timed window.
-            memset(memory!, 0xA5, bufferSize)
-            buffer = UnsafeMutableRawBufferPointer(start: memory, count: bufferSize)
+            memset(buffer.baseAddress!, 0xA5, bufferSize)
             random = Xorshift(seed: seed)
         }
 

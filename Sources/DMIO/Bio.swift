@@ -116,9 +116,7 @@ final class Bio: @unchecked Sendable {
         }
         if aligned { return }
         let length = Int(remaining)
-        var memory: UnsafeMutableRawPointer? = nil
-        precondition(posix_memalign(&memory, max(alignment, pageSize), max(length, 1)) == 0,
-                     "bounce buffer: out of memory")
+        let memory = allocateAligned(length, alignment: alignment).baseAddress
         bounce = memory
         bounceIovec.pointee = iovec(iov_base: memory, iov_len: length)
         if operation == .write {
@@ -244,10 +242,5 @@ final class Bio: @unchecked Sendable {
 /// cannot zero in place. Never written to.
 enum ZeroPage {
     static let size = 1 << 20
-    nonisolated(unsafe) static let bytes: UnsafeMutableRawPointer = {
-        var memory: UnsafeMutableRawPointer? = nil
-        precondition(posix_memalign(&memory, pageSize, size) == 0, "zero page: out of memory")
-        memset(memory!, 0, size)
-        return memory!
-    }()
+    nonisolated(unsafe) static let bytes = allocateAligned(size, zeroed: true).baseAddress!
 }

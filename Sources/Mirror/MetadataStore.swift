@@ -188,22 +188,3 @@ final class Gather: @unchecked Sendable {
         if let finished { done(finished) }
     }
 }
-
-/// Page-aligned memory (what O_DIRECT legs need), freed with the object.
-final class AlignedBytes: @unchecked Sendable {
-    let bytes: UnsafeMutableRawBufferPointer
-
-    init(count: Int) {
-        var memory: UnsafeMutableRawPointer?
-        precondition(posix_memalign(&memory, 4096, max(count, 1)) == 0, "out of memory")
-        memset(memory!, 0, count)
-        bytes = UnsafeMutableRawBufferPointer(start: memory, count: count)
-    }
-
-    convenience init(_ contents: [UInt8]) {
-        self.init(count: contents.count)
-        contents.withUnsafeBytes { bytes.copyMemory(from: $0) }
-    }
-
-    deinit { free(bytes.baseAddress) }
-}

@@ -45,7 +45,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private var stopping = false
     private var worker: pthread_t?
     /// How often the dirty log's idle bits are cleared.
-    static let cleanInterval = 2.0
+    static let cleanInterval = Duration.seconds(2)
 
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
          events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock,
@@ -139,7 +139,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     }
 
     private func background() {
-        var lastClean = monotonicSeconds()
+        var lastClean = ContinuousClock.now
         while true {
             let (stop, recover) = lock.withLock {
                 (stopping, recoveryPending)
@@ -150,13 +150,13 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 runResync(recovery: recover)
                 continue
             }
-            let now = monotonicSeconds()
+            let now = ContinuousClock.now
             if now - lastClean >= Self.cleanInterval {
                 lastClean = now
                 cleanIdleRegions()
             }
             lock.withLock {
-                if !stopping && !recoveryPending { lock.wait(seconds: max(0.05, Self.cleanInterval - (monotonicSeconds() - lastClean))) }
+                if !stopping && !recoveryPending { lock.wait(for: max(.milliseconds(50), Self.cleanInterval - (ContinuousClock.now - lastClean))) }
             }
         }
     }
@@ -197,7 +197,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
         // The source failed, or the pass was spoiled: try again later (an
         // operator may change legs meanwhile).
-        lock.withLock { if !self.stopping { lock.wait(seconds: 5) } }
+        lock.withLock { if !self.stopping { lock.wait(for: .seconds(5)) } }
     }
 
     /// Clears the bits of regions idle for a while, once the legs hold their
@@ -304,20 +304,20 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// last request on it has ended: until then a block device refuses a
     /// second claim (EBUSY), for a moment.
     private func reopen(_ name: String) throws(MirrorError) -> BlockDevice {
-        let deadline = monotonicSeconds() + 2
+        let deadline = ContinuousClock.now + .seconds(2)
         while true {
             do {
                 return try BlockDevice.open(name, options: deviceOptions)
             } catch {
                 guard case .busy(_, let holder) = error else { throw .open(error) }
-                guard monotonicSeconds() < deadline else {
+                guard ContinuousClock.now < deadline else {
                     // Held by this server: a request on the old file has not ended.
                     guard holder?.contains("pid \(getpid()) ") != true else {
                         throw .invalidLegChange("\(name) still has requests from before it failed; try again in a while")
                     }
                     throw .open(error)
                 }
-                usleep(50_000)
+                pause(for: .milliseconds(50))
             }
         }
     }

@@ -22,22 +22,22 @@ final class RegionPass: @unchecked Sendable {
         var regionsDone = 0
         var regionsTotal = 0
         var bytesCopied: UInt64 = 0
-        var startedAt: Double = 0
-        var finishedAt: Double = 0
+        var startedAt = ContinuousClock.now
+        var finishedAt = ContinuousClock.now
         /// The last pass's outcome, e.g. "copied 12 regions (6 MiB) in 0.1 s".
         var lastResult = ""
 
-        var elapsed: Double { (active ? monotonicSeconds() : finishedAt) - startedAt }
-        var bytesPerSecond: Double { elapsed > 0 ? Double(bytesCopied) / elapsed : 0 }
+        var elapsed: Duration { (active ? ContinuousClock.now : finishedAt) - startedAt }
+        var bytesPerSecond: Double { elapsed > .zero ? Double(bytesCopied) / elapsed.seconds : 0 }
         /// Seconds until the pass ends at the speed so far.
         var etaSeconds: Double? {
             guard active, regionsDone > 0 else { return nil }
-            return elapsed / Double(regionsDone) * Double(regionsTotal - regionsDone)
+            return elapsed.seconds / Double(regionsDone) * Double(regionsTotal - regionsDone)
         }
     }
 
     /// How often a running pass logs its progress.
-    static let logInterval = 5.0
+    static let logInterval = Duration.seconds(5)
     /// Dirty regions next to each other are copied together, up to this
     /// many bytes at a time: fewer, larger I/Os.
     static let copyBytes = 4 << 20
@@ -77,16 +77,16 @@ final class RegionPass: @unchecked Sendable {
         let runs = Self.runs(of: bitmap.dirtyRegions, longest: max(1, Self.copyBytes / Int(regionBytes)))
         let total = runs.reduce(0) { $0 + $1.count }
         lock.withLock {
-            progress = Progress(active: true, reason: reason, regionsTotal: total, startedAt: monotonicSeconds())
+            progress = Progress(active: true, reason: reason, regionsTotal: total)
         }
         logger.info("resync (\(reason)): \(total) dirty regions to copy")
         let buffer = AlignedBytes(count: max(Self.copyBytes, Int(regionBytes)))
         var outcome = "done"
         defer { finish(outcome) }
-        var loggedAt = monotonicSeconds()
+        var loggedAt = ContinuousClock.now
         for run in runs {
-            if monotonicSeconds() - loggedAt >= Self.logInterval {
-                loggedAt = monotonicSeconds()
+            if ContinuousClock.now - loggedAt >= Self.logInterval {
+                loggedAt = ContinuousClock.now
                 logger.info("resync (\(reason)): \(MirrorStatus.Resync(current).summary)")
             }
             if stopping() {
@@ -155,17 +155,17 @@ final class RegionPass: @unchecked Sendable {
     private func throttle() {
         guard rateLimit > 0 else { return }
         let (copied, started) = lock.withLock { (progress.bytesCopied, progress.startedAt) }
-        let due = Double(copied) / Double(rateLimit) - (monotonicSeconds() - started)
-        if due > 0 { usleep(UInt32(min(due, 1) * 1e6)) }
+        let due = Duration.seconds(Double(copied) / Double(rateLimit)) - (ContinuousClock.now - started)
+        if due > .zero { pause(for: min(due, .seconds(1))) }
     }
 
     private func finish(_ outcome: String) {
         let summary: String = lock.withLock {
             progress.active = false
-            progress.finishedAt = monotonicSeconds()
+            progress.finishedAt = ContinuousClock.now
             let mib = Double(progress.bytesCopied) / 1_048_576
             progress.lastResult = "\(progress.reason): \(outcome), copied \(progress.regionsDone) of "
-                + "\(progress.regionsTotal) regions (\(formatted(mib)) MiB) in \(formatted(progress.elapsed)) s"
+                + "\(progress.regionsTotal) regions (\(formatted(mib)) MiB) in \(formatted(progress.elapsed.seconds)) s"
             return progress.lastResult
         }
         logger.info("resync \(summary)")

@@ -70,10 +70,7 @@ public final class PagePool: @unchecked Sendable {
         guard target > allocated else { return }
         free.reserve(target)
         while allocated < target {
-            var page: UnsafeMutableRawPointer? = nil
-            let rc = posix_memalign(&page, pageSize, pageSize)
-            precondition(rc == 0, "page pool: out of memory")
-            free.append(page!)
+            free.append(allocateAligned(pageSize).baseAddress!)
             allocated += 1
         }
     }

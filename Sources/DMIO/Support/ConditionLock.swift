@@ -4,6 +4,8 @@ import Glibc
 /// A pthread mutex with a condition variable. Allocated once and kept, so
 /// that waiting and waking on the I/O path never allocates. Public for the
 /// services built on DMIO (the mirror), which share its threading model.
+/// Timed waits measure the monotonic clock: a step of the wall clock
+/// neither stalls nor hurries them.
 public final class ConditionLock: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
@@ -12,7 +14,11 @@ public final class ConditionLock: @unchecked Sendable {
         mutex = .allocate(capacity: 1)
         condition = .allocate(capacity: 1)
         pthread_mutex_init(mutex, nil)
-        pthread_cond_init(condition, nil)
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
     }
 
     deinit {
@@ -38,11 +44,11 @@ public final class ConditionLock: @unchecked Sendable {
     /// Waits for a signal; call with the lock held.
     public func wait() { pthread_cond_wait(condition, mutex) }
 
-    /// Waits for a signal or for `seconds`; call with the lock held.
-    public func wait(seconds: Double) {
+    /// Waits for a signal or for `duration`; call with the lock held.
+    public func wait(for duration: Duration) {
         var deadline = timespec()
-        clock_gettime(CLOCK_REALTIME, &deadline)
-        let nanoseconds = Int(deadline.tv_nsec) + Int(seconds * 1e9)
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let nanoseconds = Int(deadline.tv_nsec) + Int(duration.nanoseconds)
         deadline.tv_sec += nanoseconds / 1_000_000_000
         deadline.tv_nsec = nanoseconds % 1_000_000_000
         pthread_cond_timedwait(condition, mutex, &deadline)
@@ -51,6 +57,25 @@ public final class ConditionLock: @unchecked Sendable {
     public func signal() { pthread_cond_signal(condition) }
 
     public func broadcast() { pthread_cond_broadcast(condition) }
+}
+
+/// Blocks the calling thread for `duration` (a thread that may block).
+public func pause(for duration: Duration) {
+    var request = timespec(tv_sec: Int(duration.components.seconds), tv_nsec: Int(duration.components.attoseconds / 1_000_000_000))
+    var left = timespec()
+    while nanosleep(&request, &left) != 0 && errno == EINTR { request = left }
+}
+
+extension Duration {
+    /// The whole duration in nanoseconds.
+    public var nanoseconds: Int64 {
+        components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000
+    }
+
+    /// The duration in seconds, for rates and for people.
+    public var seconds: Double {
+        Double(components.seconds) + Double(components.attoseconds) / 1e18
+    }
 }
 
 /// Starts a named, joinable thread running `body`.

@@ -36,10 +36,8 @@ final class AlignedBuffer {
     let bytes: UnsafeMutableRawBufferPointer
 
     init(count: Int, pattern seed: UInt8? = nil) {
-        var memory: UnsafeMutableRawPointer? = nil
-        precondition(posix_memalign(&memory, pageSize, max(count, 1)) == 0)
-        bytes = UnsafeMutableRawBufferPointer(start: memory, count: count)
-        if let seed { fill(seed: seed) } else { bytes.initializeMemory(as: UInt8.self, repeating: 0) }
+        bytes = allocateAligned(count, zeroed: seed == nil)
+        if let seed { fill(seed: seed) }
     }
 
     deinit { free(bytes.baseAddress) }
