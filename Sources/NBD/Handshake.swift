@@ -87,10 +87,8 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return
             }
             noZeroes = flags & HandshakeFlag.clientNoZeroes != 0
-        case .oversizedOption(let code):
-            reply(context) { $0.writeOptionError(code, .errTooBig, message: "option data too large") }
-        case .option(let code, let data):
-            handleOption(context, code: code, data: data)
+        case .option(let option):
+            handle(context, option)
         }
     }
 
@@ -132,43 +130,47 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
         return exports.first { $0.name == name }
     }
 
-    private func handleOption(_ context: ChannelHandlerContext, code: UInt32, data: ByteBuffer) {
-        guard let option = OptionCode(rawValue: code) else {
-            reply(context) { $0.writeOptionError(code, .errUnsupported, message: "unknown option \(code)") }
-            return
-        }
+    /// The server's policy for each option: what it answers, what it
+    /// remembers for transmission.
+    private func handle(_ context: ChannelHandlerContext, _ option: ClientOption) {
+        let code = option.code
         switch option {
-        case .exportName:
-            exportName(context, data: data)
+        case .exportName(let name):
+            exportName(context, name)
         case .abort:
             logger.debug("handshake: client aborted")
             reply(context) { $0.writeOptionReply(code, .ack) }
             context.close(promise: nil)
         case .list:
-            guard data.readableBytes == 0 else { return invalid(context, code, "NBD_OPT_LIST takes no data") }
             reply(context) { buffer in
                 for export in exports {
-                    var entry = ByteBuffer()
-                    entry.writeInteger(UInt32(export.name.utf8.count))
-                    entry.writeString(export.name)
-                    if let description = export.description { entry.writeString(description) }
-                    buffer.writeOptionReply(code, .server, data: entry)
+                    buffer.writeServerReply(code, name: export.name, description: export.description)
                 }
                 buffer.writeOptionReply(code, .ack)
             }
         case .startTLS:
-            guard data.readableBytes == 0 else { return invalid(context, code, "NBD_OPT_STARTTLS takes no data") }
             reply(context) { $0.writeOptionError(code, .errPolicy, message: "TLS is not configured on this server") }
-        case .info, .go:
-            infoOrGo(context, option: option, data: data)
+        case .info(let request):
+            info(context, code, request, thenGo: false)
+        case .go(let request):
+            info(context, code, request, thenGo: true)
         case .structuredReply:
-            guard data.readableBytes == 0 else {
-                return invalid(context, code, "NBD_OPT_STRUCTURED_REPLY takes no data")
-            }
             structuredReplies = true
             reply(context) { $0.writeOptionReply(code, .ack) }
-        case .listMetaContext, .setMetaContext:
-            metaContext(context, option: option, data: data)
+        case .listMetaContext(let request):
+            metaContext(context, code, request, listing: true)
+        case .setMetaContext(let request):
+            metaContext(context, code, request, listing: false)
+        case .unknown:
+            reply(context) { $0.writeOptionError(code, .errUnsupported, message: "unknown option \(code)") }
+        case .malformed(_, let why):
+            let isMetaContext = code == OptionCode.listMetaContext.rawValue || code == OptionCode.setMetaContext.rawValue
+            if isMetaContext && !structuredReplies { return needStructuredReplies(context, code) }
+            // A failed NBD_OPT_SET_META_CONTEXT leaves no context selected.
+            if code == OptionCode.setMetaContext.rawValue { metaContexts = nil }
+            invalid(context, code, why)
+        case .tooBig:
+            reply(context) { $0.writeOptionError(code, .errTooBig, message: "option data too large") }
         }
     }
 
@@ -176,8 +178,11 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
         reply(context) { $0.writeOptionError(code, .errInvalid, message: message) }
     }
 
-    private func exportName(_ context: ChannelHandlerContext, data: ByteBuffer) {
-        let name = data.getString(at: data.readerIndex, length: data.readableBytes) ?? ""
+    private func needStructuredReplies(_ context: ChannelHandlerContext, _ code: UInt32) {
+        invalid(context, code, "meta contexts need NBD_OPT_STRUCTURED_REPLY first")
+    }
+
+    private func exportName(_ context: ChannelHandlerContext, _ name: String) {
         guard let export = export(named: name) else {
             // NBD_OPT_EXPORT_NAME cannot carry an error: the spec says to
             // drop the connection.
@@ -191,107 +196,57 @@ final class HandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
         enterTransmission(context, session)
     }
 
-    private func infoOrGo(_ context: ChannelHandlerContext, option: OptionCode, data: ByteBuffer) {
-        let code = option.rawValue
-        var data = data
-        guard let nameLength = data.readInteger(as: UInt32.self), nameLength <= data.readableBytes - 2,
-              let name = data.readString(length: Int(nameLength)),
-              let requestCount = data.readInteger(as: UInt16.self),
-              data.readableBytes == Int(requestCount) * 2 else {
-            return invalid(context, code, "malformed \(option == .go ? "NBD_OPT_GO" : "NBD_OPT_INFO") data")
-        }
-        var requested: Set<UInt16> = []
-        for _ in 0..<requestCount { requested.insert(data.readInteger(as: UInt16.self)!) }
-        guard let export = export(named: name) else {
-            reply(context) { $0.writeOptionError(code, .errUnknown, message: "no export named \"\(name)\"") }
+    /// NBD_OPT_INFO, or with `thenGo` NBD_OPT_GO.
+    private func info(_ context: ChannelHandlerContext, _ code: UInt32, _ request: ClientOption.ExportRequest,
+                      thenGo: Bool) {
+        guard let export = export(named: request.name) else {
+            reply(context) { $0.writeOptionError(code, .errUnknown, message: "no export named \"\(request.name)\"") }
             return
         }
         let session = Session(export: export, structuredReplies: structuredReplies,
-                              metaContexts: selectedContexts(for: name))
+                              metaContexts: selectedContexts(for: request.name))
         reply(context) { buffer in
-            var info = ByteBuffer()
-            info.writeInteger(InfoType.export.rawValue)
-            info.writeInteger(export.target.size)
-            info.writeInteger(session.flags.rawValue)
-            buffer.writeOptionReply(code, .info, data: info)
-            if requested.contains(InfoType.name.rawValue) {
-                buffer.writeOptionReply(code, .info, data: infoString(.name, export.name))
+            buffer.writeExportInfo(code, size: export.target.size, flags: session.flags)
+            if request.requests.contains(InfoType.name.rawValue) {
+                buffer.writeTextInfo(code, .name, export.name)
             }
-            if requested.contains(InfoType.description.rawValue), let description = export.description {
-                buffer.writeOptionReply(code, .info, data: infoString(.description, description))
+            if request.requests.contains(InfoType.description.rawValue), let description = export.description {
+                buffer.writeTextInfo(code, .description, description)
             }
             // Sent whether asked or not: the minimum block size is not the
             // protocol's default of 1, and clients ignore what they did not ask.
-            let sizes = export.target.blockSizes
-            var blockSize = ByteBuffer()
-            blockSize.writeInteger(InfoType.blockSize.rawValue)
-            blockSize.writeInteger(sizes.minimum)
-            blockSize.writeInteger(sizes.preferred)
-            blockSize.writeInteger(sizes.maximumPayload)
-            buffer.writeOptionReply(code, .info, data: blockSize)
+            buffer.writeBlockSizeInfo(code, export.target.blockSizes)
             buffer.writeOptionReply(code, .ack)
         }
-        if option == .go { enterTransmission(context, session) }
+        if thenGo { enterTransmission(context, session) }
     }
 
-    private func infoString(_ type: InfoType, _ text: String) -> ByteBuffer {
-        var info = ByteBuffer()
-        info.writeInteger(type.rawValue)
-        info.writeBytes(protocolString(text))
-        return info
-    }
-
-    private func metaContext(_ context: ChannelHandlerContext, option: OptionCode, data: ByteBuffer) {
-        let code = option.rawValue
-        let listing = option == .listMetaContext
-        guard structuredReplies else {
-            return invalid(context, code, "meta contexts need NBD_OPT_STRUCTURED_REPLY first")
-        }
-        guard let (name, queries) = parseMetaContextRequest(data) else {
+    private func metaContext(_ context: ChannelHandlerContext, _ code: UInt32,
+                             _ request: ClientOption.MetaContextRequest, listing: Bool) {
+        guard structuredReplies else { return needStructuredReplies(context, code) }
+        guard let export = export(named: request.export) else {
             if !listing { metaContexts = nil }
-            return invalid(context, code, "malformed meta context request")
-        }
-        guard let export = export(named: name) else {
-            if !listing { metaContexts = nil }
-            reply(context) { $0.writeOptionError(code, .errUnknown, message: "no export named \"\(name)\"") }
+            reply(context) { $0.writeOptionError(code, .errUnknown, message: "no export named \"\(request.export)\"") }
             return
         }
         let available = export.metaContexts
         var found: [MetaContext] = []
-        if listing && queries.isEmpty {
+        if listing && request.queries.isEmpty {
             found = available
         } else {
-            for query in queries {
+            for query in request.queries {
                 for match in MetaContext.matching(query, listing: listing, in: available) where !found.contains(match) {
                     found.append(match)
                 }
             }
         }
-        if !listing { metaContexts = (name, found) }
+        if !listing { metaContexts = (request.export, found) }
         reply(context) { buffer in
             for context in found {
-                var entry = ByteBuffer()
-                entry.writeInteger(listing ? 0 : context.id)
-                entry.writeString(context.name)
-                buffer.writeOptionReply(code, .metaContext, data: entry)
+                buffer.writeMetaContextReply(code, id: listing ? 0 : context.id, name: context.name)
             }
             buffer.writeOptionReply(code, .ack)
         }
-    }
-
-    /// Export name and queries; nil when a length points past the data.
-    private func parseMetaContextRequest(_ data: ByteBuffer) -> (String, [String])? {
-        var data = data
-        guard let nameLength = data.readInteger(as: UInt32.self), nameLength <= data.readableBytes,
-              let name = data.readString(length: Int(nameLength)),
-              let count = data.readInteger(as: UInt32.self) else { return nil }
-        var queries: [String] = []
-        for _ in 0..<count {
-            guard let length = data.readInteger(as: UInt32.self), length <= data.readableBytes,
-                  let query = data.readString(length: Int(length)) else { return nil }
-            queries.append(query)
-        }
-        return data.readableBytes == 0 ? (name, queries) : nil
     }
 
     /// The contexts the last NBD_OPT_SET_META_CONTEXT chose, if it named

@@ -189,7 +189,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
             load.give(request.payloadBytes)
             appendError(rejection, cookie: request.cookie)
         case .success(let command):
-            run(command, cookie: request.cookie)
+            run(command, cookie: request.cookie, flags: CommandFlags(rawValue: request.flags))
         }
         writeOutputIfFull()
     }
@@ -269,7 +269,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     // MARK: Running commands
 
-    private func run(_ command: Command, cookie: UInt64) {
+    /// Runs `command`; `flags` are its request's, for the error it may get.
+    private func run(_ command: Command, cookie: UInt64, flags: CommandFlags) {
         switch command {
         case .nothing(let isRead):
             // A read's reply is structured whenever structured replies are on.
@@ -284,33 +285,33 @@ final class TransmissionHandler: ChannelDuplexHandler {
             watchForStall(context)
             closeIfDone(context)
         case .read(let offset, let length):
-            read(offset: offset, length: length, cookie: cookie)
+            read(offset: offset, length: length, cookie: cookie, flags: flags)
         case .write(let offset, let payload, let fua):
             // The framer took the payload's bytes from the loop's room.
             started(bytes: payload.byteCount)
             // The completion keeps the payload alive until the target is done with it.
-            let completion = complete("write", cookie, keeping: payload)
+            let completion = complete("write", cookie, flags, keeping: payload)
             payload.withMemory { target.write($0, offset: offset, fua: fua, context: io, completion: completion) }
         case .flush:
             started(bytes: 0)
-            target.flush(context: io, completion: complete("flush", cookie))
+            target.flush(context: io, completion: complete("flush", cookie, flags))
         case .trim(let offset, let length, let fua):
             started(bytes: 0)
             target.trim(offset: offset, length: UInt64(length), fua: fua, context: io,
-                        completion: complete("trim", cookie))
+                        completion: complete("trim", cookie, flags))
         case .writeZeroes(let offset, let length, let mayUnmap, let fua):
             started(bytes: 0)
             target.writeZeroes(offset: offset, length: UInt64(length), mayUnmap: mayUnmap, fua: fua, context: io,
-                               completion: complete("write-zeroes", cookie))
+                               completion: complete("write-zeroes", cookie, flags))
         case .cache(let offset, let length):
             started(bytes: 0)
-            target.cache(offset: offset, length: UInt64(length), context: io, completion: complete("cache", cookie))
+            target.cache(offset: offset, length: UInt64(length), context: io, completion: complete("cache", cookie, flags))
         case .blockStatus(let offset, let length, let onlyOne):
-            blockStatus(offset: offset, length: length, onlyOne: onlyOne, cookie: cookie)
+            blockStatus(offset: offset, length: length, onlyOne: onlyOne, cookie: cookie, flags: flags)
         }
     }
 
-    private func read(offset: UInt64, length: UInt32, cookie: UInt64) {
+    private func read(offset: UInt64, length: UInt32, cookie: UInt64, flags: CommandFlags) {
         let count = Int(length)
         if session.structuredReplies && count >= Self.sparseReadBytes,
            target.readsAsZeroes(offset: offset, length: UInt64(length)) {
@@ -333,10 +334,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
         }
         started(bytes: reply.readableBytes)
         load.take(reply.readableBytes)
-        target.read(into: data, offset: offset, context: io, completion: complete("read", cookie, reply: reply))
+        target.read(into: data, offset: offset, context: io, completion: complete("read", cookie, flags, reply: reply))
     }
 
-    private func blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool, cookie: UInt64) {
+    private func blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool, cookie: UInt64, flags: CommandFlags) {
         do {
             let maxExtents = onlyOne ? 1 : 1 << 16
             // Every context is asked before any chunk goes out: an error then
@@ -353,8 +354,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
                                              done: index == replies.count - 1)
             }
         } catch {
-            appendError(nbdError(for: error as? TargetResult ?? TargetResult(errno: EIO, message: "\(error)"),
-                                 command: "block status", logger: logger), cookie: cookie)
+            appendFailure(error as? TargetResult ?? TargetResult(errno: EIO, message: "\(error)"),
+                          command: "block status", cookie: cookie, flags: flags)
         }
     }
 
@@ -362,14 +363,14 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// loop and answers with `reply` (a read's filled buffer) or a bare
     /// success. `payload` (a write's data) is kept alive until the target
     /// is done with it.
-    private func complete(_ command: StaticString, _ cookie: UInt64, reply: ByteBuffer? = nil,
+    private func complete(_ command: StaticString, _ cookie: UInt64, _ flags: CommandFlags, reply: ByteBuffer? = nil,
                           keeping payload: WritePayload? = nil) -> TargetCompletion {
         let handler = onLoop!
         let bytes = (reply?.readableBytes ?? 0) + (payload?.byteCount ?? 0)
         return { [inbox] result in
             withExtendedLifetime(payload) {
                 inbox.post(on: handler.eventLoop) {
-                    handler.value.finish(command, bytes: bytes, cookie: cookie, result: result, reply: reply)
+                    handler.value.finish(command, bytes: bytes, cookie: cookie, flags: flags, result: result, reply: reply)
                 } afterBatch: {
                     handler.value.resume()
                 }
@@ -377,13 +378,14 @@ final class TransmissionHandler: ChannelDuplexHandler {
         }
     }
 
-    private func finish(_ command: StaticString, bytes: Int, cookie: UInt64, result: TargetResult, reply: ByteBuffer?) {
+    private func finish(_ command: StaticString, bytes: Int, cookie: UInt64, flags: CommandFlags, result: TargetResult,
+                        reply: ByteBuffer?) {
         finished(bytes: bytes)
         // A reply's bytes count again while the socket has them (`send`).
         load.give(bytes)
         guard active else { return }
         if !result.succeeded {
-            appendError(nbdError(for: result, command: "\(command)", logger: logger), cookie: cookie)
+            appendFailure(result, command: "\(command)", cookie: cookie, flags: flags)
         } else if let reply {
             appendReply(reply)
         } else {
@@ -461,6 +463,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     private func appendSuccess(cookie: UInt64) {
         output.writeSimpleReply(error: 0, cookie: cookie)
+    }
+
+    /// The error reply of a request the target failed, whose cause goes to the log.
+    private func appendFailure(_ result: TargetResult, command: String, cookie: UInt64, flags: CommandFlags) {
+        let rejection = nbdError(for: result, flags: flags)
+        logger.warning("\(command) failed: \(rejection.message) (errno \(result.errno)), replying \(rejection.error)")
+        appendError(rejection, cookie: cookie)
     }
 
     private func appendError(_ rejection: Rejection, cookie: UInt64) {

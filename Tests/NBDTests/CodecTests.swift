@@ -6,19 +6,6 @@ import Testing
 
 /// The wire decoders on their own, without a socket.
 @Suite struct CodecTests {
-    private func request(type: UInt16, flags: UInt16 = 0, cookie: UInt64 = 7, offset: UInt64 = 4096,
-                         length: UInt32, payload: [UInt8] = [], magic: UInt32 = 0x2560_9513) -> ByteBuffer {
-        var buffer = ByteBuffer()
-        buffer.writeInteger(magic)
-        buffer.writeInteger(flags)
-        buffer.writeInteger(type)
-        buffer.writeInteger(cookie)
-        buffer.writeInteger(offset)
-        buffer.writeInteger(length)
-        buffer.writeBytes(payload)
-        return buffer
-    }
-
     private func requestChannel(maxPayload: UInt32 = 1 << 20,
                                 load: LoopLoad = LoopLoad(bufferLimit: 1 << 30)) -> EmbeddedChannel {
         EmbeddedChannel(handler: RequestFramer(maxPayload: maxPayload, load: load))
@@ -124,31 +111,25 @@ import Testing
         let channel = EmbeddedChannel(handler: ByteToMessageHandler(OptionDecoder()))
         var input = ByteBuffer()
         input.writeInteger(UInt32(3))
-        input.writeInteger(Magic.option)
-        input.writeInteger(UInt32(8))
-        input.writeInteger(UInt32(0))
+        input.writeOption(8)
         try channel.writeInbound(input)
         #expect(try channel.readInbound(as: HandshakeMessage.self) == .clientFlags(3))
-        #expect(try channel.readInbound(as: HandshakeMessage.self) == .option(code: 8, data: ByteBuffer()))
+        #expect(try channel.readInbound(as: HandshakeMessage.self) == .option(.structuredReply))
     }
 
     @Test func anOversizedOptionIsSkippedAndTheNextOneStillRead() throws {
         let channel = EmbeddedChannel(handler: ByteToMessageHandler(OptionDecoder()))
         var input = ByteBuffer()
         input.writeInteger(UInt32(1))
-        input.writeInteger(Magic.option)
-        input.writeInteger(UInt32(9))
-        input.writeInteger(UInt32(OptionDecoder.maxOptionData + 1))
+        input.writeOptionHeader(9, length: UInt32(OptionDecoder.maxOptionData + 1))
         try channel.writeInbound(input)
         try channel.writeInbound(ByteBuffer(repeating: 0x41, count: OptionDecoder.maxOptionData + 1))
         var next = ByteBuffer()
-        next.writeInteger(Magic.option)
-        next.writeInteger(UInt32(2))
-        next.writeInteger(UInt32(0))
+        next.writeOption(2)
         try channel.writeInbound(next)
         #expect(try channel.readInbound(as: HandshakeMessage.self) == .clientFlags(1))
-        #expect(try channel.readInbound(as: HandshakeMessage.self) == .oversizedOption(code: 9))
-        #expect(try channel.readInbound(as: HandshakeMessage.self) == .option(code: 2, data: ByteBuffer()))
+        #expect(try channel.readInbound(as: HandshakeMessage.self) == .option(.tooBig(code: 9)))
+        #expect(try channel.readInbound(as: HandshakeMessage.self) == .option(.abort))
     }
 
     @Test func aBadOptionMagicEndsTheConnection() throws {
@@ -165,5 +146,70 @@ import Testing
         let cut = protocolString("no export named \"" + long)
         #expect(cut.count <= WireSize.maxString)
         #expect(String(validating: cut, as: UTF8.self) != nil, "still valid UTF-8")
+    }
+}
+
+/// The typed option decoder: every option the server knows, well formed or
+/// not, on its own.
+@Suite struct OptionDecodingTests {
+    private func decode(_ code: UInt32, _ data: [UInt8] = []) -> ClientOption {
+        ClientOption(code: code, data: ByteBuffer(bytes: data))
+    }
+
+    @Test func optionsWithoutDataDecode() {
+        #expect(decode(OptionCode.list.rawValue) == .list)
+        #expect(decode(OptionCode.startTLS.rawValue) == .startTLS)
+        #expect(decode(OptionCode.structuredReply.rawValue) == .structuredReply)
+        #expect(decode(OptionCode.abort.rawValue) == .abort)
+        // ABORT's data is to be ignored, not refused.
+        #expect(decode(OptionCode.abort.rawValue, [1, 2]) == .abort)
+    }
+
+    @Test func optionsThatTakeNoDataAreMalformedWithIt() {
+        #expect(decode(3, [1]) == .malformed(code: 3, why: "NBD_OPT_LIST takes no data"))
+        #expect(decode(5, [0]) == .malformed(code: 5, why: "NBD_OPT_STARTTLS takes no data"))
+        #expect(decode(8, [0]) == .malformed(code: 8, why: "NBD_OPT_STRUCTURED_REPLY takes no data"))
+    }
+
+    @Test func exportNameAndGoCarryTheName() {
+        #expect(decode(1, Array("mem".utf8)) == .exportName("mem"))
+        #expect(decode(1) == .exportName(""))
+        #expect(decode(7, goData("mem", requests: [1, 3, 1])) == .go(.init(name: "mem", requests: [1, 3])))
+        #expect(decode(6, goData("")) == .info(.init(name: "", requests: [])))
+    }
+
+    @Test(arguments: [
+        [UInt8](),                            // no name length
+        [0, 0, 0, 9, 0x61, 0, 0],             // a name longer than the data
+        [0, 0, 0, 0],                         // no request count
+        [0, 0, 0, 0, 0, 2, 0, 1],             // two requests, one there
+        [0, 0, 0, 0, 0, 0, 7],                // a byte left over
+    ])
+    func malformedGoDataSaysSo(data: [UInt8]) {
+        #expect(decode(7, data) == .malformed(code: 7, why: "malformed NBD_OPT_GO data"))
+        #expect(decode(6, data) == .malformed(code: 6, why: "malformed NBD_OPT_INFO data"))
+    }
+
+    @Test func metaContextRequestsCarryTheExportAndQueries() {
+        let data = metaContextData("mem", ["base:allocation", "dmio:"])
+        let request = ClientOption.MetaContextRequest(export: "mem", queries: ["base:allocation", "dmio:"])
+        #expect(decode(9, data) == .listMetaContext(request))
+        #expect(decode(10, data) == .setMetaContext(request))
+        #expect(decode(10, metaContextData("", [])) == .setMetaContext(.init(export: "", queries: [])))
+    }
+
+    @Test func malformedMetaContextRequestsSaySo() {
+        var data = metaContextData("mem", ["base:allocation"])
+        // The last query's length points past the data.
+        data.removeLast()
+        #expect(decode(10, data) == .malformed(code: 10, why: "malformed meta context request"))
+        #expect(decode(9, metaContextData("mem", []) + [0]) == .malformed(code: 9, why: "malformed meta context request"))
+    }
+
+    @Test func unknownOptionsKeepTheirCode() {
+        #expect(decode(99) == .unknown(code: 99))
+        #expect(ClientOption.unknown(code: 99).code == 99)
+        #expect(ClientOption.tooBig(code: 7).code == 7)
+        #expect(ClientOption.go(.init(name: "", requests: [])).code == OptionCode.go.rawValue)
     }
 }

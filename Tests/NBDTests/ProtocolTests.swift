@@ -1,3 +1,5 @@
+import BlockTargets
+import Glibc
 import Logging
 import NIOCore
 import NIOEmbedded
@@ -34,12 +36,7 @@ import Testing
     }
 
     private func option(_ code: UInt32, _ data: [UInt8] = []) -> (inout ByteBuffer) -> Void {
-        { buffer in
-            buffer.writeInteger(Magic.option)
-            buffer.writeInteger(code)
-            buffer.writeInteger(UInt32(data.count))
-            buffer.writeBytes(data)
-        }
+        { $0.writeOption(code, data) }
     }
 
     /// Every option reply the server sent: (option, type, data).
@@ -55,15 +52,6 @@ import Testing
             }
         }
         return replies
-    }
-
-    private func goData(_ name: String, requests: [UInt16] = []) -> [UInt8] {
-        var data = ByteBuffer()
-        data.writeInteger(UInt32(name.utf8.count))
-        data.writeString(name)
-        data.writeInteger(UInt16(requests.count))
-        for request in requests { data.writeInteger(request) }
-        return Array(data.readableBytesView)
     }
 
     @Test func unknownClientFlagsCloseTheConnection() throws {
@@ -121,12 +109,7 @@ import Testing
         var packet = ByteBuffer()
         packet.writeInteger(UInt32(1))
         option(7, goData("mem"))(&packet)
-        packet.writeInteger(Magic.request)
-        packet.writeInteger(UInt16(0))
-        packet.writeInteger(UInt16(0))              // read
-        packet.writeInteger(UInt64(9))
-        packet.writeInteger(UInt64(0))
-        packet.writeInteger(UInt32(512))
+        packet.writeRequest(type: 0, cookie: 9, offset: 0, length: 512)
         try channel.writeInbound(packet)
         if inputEnds { channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
         channel.embeddedEventLoop.run()
@@ -189,9 +172,7 @@ import Testing
                 option(8)(&buffer)
             case "GO, an oversized option":
                 option(7, goData("mem"))(&buffer)
-                buffer.writeInteger(Magic.option)
-                buffer.writeInteger(UInt32(7))
-                buffer.writeInteger(UInt32(OptionDecoder.maxOptionData + 1))
+                buffer.writeOptionHeader(7, length: UInt32(OptionDecoder.maxOptionData + 1))
                 buffer.writeBytes([UInt8](repeating: 0, count: 64))
             default:
                 option(1, Array("mem".utf8))(&buffer)
@@ -217,14 +198,8 @@ import Testing
 
     private func sendRequest(_ channel: EmbeddedChannel, type: UInt16, flags: UInt16 = 0, cookie: UInt64,
                              offset: UInt64, length: UInt32, payload: [UInt8] = []) throws {
-        try send(channel) { buffer in
-            buffer.writeInteger(Magic.request)
-            buffer.writeInteger(flags)
-            buffer.writeInteger(type)
-            buffer.writeInteger(cookie)
-            buffer.writeInteger(offset)
-            buffer.writeInteger(length)
-            buffer.writeBytes(payload)
+        try send(channel) {
+            $0.writeRequest(type: type, flags: flags, cookie: cookie, offset: offset, length: length, payload: payload)
         }
     }
 
@@ -293,6 +268,26 @@ import Testing
         #expect(try replies(channel).map(\.error) == [NBDErrorCode.noSpace.rawValue])
     }
 
+    /// ENOTSUP is only for FAST_ZERO requests and EOVERFLOW only for DF
+    /// reads (the spec, and nbdkit): elsewhere their causes are EINVAL.
+    @Test(arguments: [(errno: EOPNOTSUPP, type: UInt16(4)), (errno: EOVERFLOW, type: UInt16(0)),
+                      (errno: EOPNOTSUPP, type: UInt16(6))])
+    func errorsOnlyCertainRequestsMayGetAreInvalidElsewhere(errno: Int32, type: UInt16) throws {
+        let channel = try transmission(structured: true)
+        target.failNext = errno
+        try sendRequest(channel, type: type, cookie: 4, offset: 0, length: 512)
+        #expect(try replies(channel).map(\.error) == [NBDErrorCode.invalid.rawValue])
+    }
+
+    @Test func theRequestsThatAskForThemGetENOTSUPAndEOVERFLOW() {
+        let unsupported = TargetResult(errno: EOPNOTSUPP, message: "no")
+        let overflow = TargetResult(errno: EOVERFLOW, message: "no")
+        #expect(nbdError(for: unsupported, flags: .fastZero).error == .notSupported)
+        #expect(nbdError(for: overflow, flags: .dontFragment).error == .overflow)
+        #expect(nbdError(for: overflow, flags: .fastZero).error == .invalid)
+        #expect(nbdError(for: TargetResult(errno: EIO), flags: []).message == String(cString: strerror(EIO)))
+    }
+
     @Test func aClientThatVanishesMidWriteHarmsNothing() throws {
         let channel = try transmission(structured: true)
         // The header, and a payload that ends early.
@@ -348,12 +343,7 @@ import Testing
         target.holdAllReads = true
         try send(channel) { buffer in
             for cookie in 0..<UInt64(count) {
-                buffer.writeInteger(Magic.request)
-                buffer.writeInteger(UInt16(0))
-                buffer.writeInteger(UInt16(0))
-                buffer.writeInteger(cookie)
-                buffer.writeInteger(UInt64(0))
-                buffer.writeInteger(length)
+                buffer.writeRequest(type: 0, cookie: cookie, offset: 0, length: length)
             }
         }
         #expect(target.held.count == started)
@@ -395,12 +385,7 @@ import Testing
         target.holdAllReads = true
         try send(channel) { buffer in
             for cookie in 0..<UInt64(TransmissionHandler.maxRequestsInFlight) {
-                buffer.writeInteger(Magic.request)
-                buffer.writeInteger(UInt16(0))
-                buffer.writeInteger(UInt16(0))
-                buffer.writeInteger(cookie)
-                buffer.writeInteger(UInt64(0))
-                buffer.writeInteger(UInt32(512))
+                buffer.writeRequest(type: 0, cookie: cookie, offset: 0, length: UInt32(512))
             }
         }
         #expect(target.held.count == TransmissionHandler.maxRequestsInFlight)

@@ -4,11 +4,10 @@ import NIOCore
 enum HandshakeMessage: Equatable {
     /// The client's 32-bit flags, right after the server's greeting.
     case clientFlags(UInt32)
-    /// One option with its data.
-    case option(code: UInt32, data: ByteBuffer)
-    /// An option whose data is longer than any this server accepts; its
-    /// data has been skipped, so the handshake can go on.
-    case oversizedOption(code: UInt32)
+    /// One option, decoded (an option whose data is longer than any this
+    /// server accepts is `tooBig`: its data is skipped, so the handshake
+    /// can go on).
+    case option(ClientOption)
 }
 
 /// Frames the handshake: the client flags, then options (IHAVEOPT, code,
@@ -52,13 +51,13 @@ struct OptionDecoder: ByteToMessageDecoder {
         if length > Self.maxOptionData {
             buffer.moveReaderIndex(forwardBy: WireSize.optionHeader)
             bytesToSkip = Int(length)
-            context.fireChannelRead(wrapInboundOut(.oversizedOption(code: code)))
+            context.fireChannelRead(wrapInboundOut(.option(.tooBig(code: code))))
             return .continue
         }
         guard buffer.readableBytes >= WireSize.optionHeader + Int(length) else { return .needMoreData }
         buffer.moveReaderIndex(forwardBy: WireSize.optionHeader)
         let data = buffer.readSlice(length: Int(length))!
-        context.fireChannelRead(wrapInboundOut(.option(code: code, data: data)))
+        context.fireChannelRead(wrapInboundOut(.option(ClientOption(code: code, data: data))))
         return .continue
     }
 

@@ -25,6 +25,50 @@ extension ByteBuffer {
         writeOptionReply(option, type, data: ByteBuffer(bytes: protocolString(message)))
     }
 
+    /// NBD_REP_SERVER: one export of NBD_OPT_LIST.
+    mutating func writeServerReply(_ option: UInt32, name: String, description: String?) {
+        var entry = ByteBuffer()
+        entry.writeInteger(UInt32(name.utf8.count))
+        entry.writeString(name)
+        if let description { entry.writeString(description) }
+        writeOptionReply(option, .server, data: entry)
+    }
+
+    /// NBD_REP_INFO of NBD_INFO_EXPORT: size and transmission flags.
+    mutating func writeExportInfo(_ option: UInt32, size: UInt64, flags: TransmissionFlags) {
+        var info = ByteBuffer()
+        info.writeInteger(InfoType.export.rawValue)
+        info.writeInteger(size)
+        info.writeInteger(flags.rawValue)
+        writeOptionReply(option, .info, data: info)
+    }
+
+    /// NBD_REP_INFO of NBD_INFO_NAME or NBD_INFO_DESCRIPTION.
+    mutating func writeTextInfo(_ option: UInt32, _ type: InfoType, _ text: String) {
+        var info = ByteBuffer()
+        info.writeInteger(type.rawValue)
+        info.writeBytes(protocolString(text))
+        writeOptionReply(option, .info, data: info)
+    }
+
+    /// NBD_REP_INFO of NBD_INFO_BLOCK_SIZE.
+    mutating func writeBlockSizeInfo(_ option: UInt32, _ sizes: BlockSizes) {
+        var info = ByteBuffer()
+        info.writeInteger(InfoType.blockSize.rawValue)
+        info.writeInteger(sizes.minimum)
+        info.writeInteger(sizes.preferred)
+        info.writeInteger(sizes.maximumPayload)
+        writeOptionReply(option, .info, data: info)
+    }
+
+    /// NBD_REP_META_CONTEXT: a context's id (0 when listing) and name.
+    mutating func writeMetaContextReply(_ option: UInt32, id: UInt32, name: String) {
+        var entry = ByteBuffer()
+        entry.writeInteger(id)
+        entry.writeString(name)
+        writeOptionReply(option, .metaContext, data: entry)
+    }
+
     /// The answer to NBD_OPT_EXPORT_NAME: size, flags, and (unless the
     /// client asked for none) 124 bytes of zeroes.
     mutating func writeExportNameReply(size: UInt64, flags: TransmissionFlags, zeroes: Bool) {
