@@ -16,10 +16,8 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
     private let ring: IOURing
     /// At most this many bios in the ring at once; the completion queue
     /// (twice the submission queue) then never overflows.
-    private let capacity: Int
     private let lock = ConditionLock()
-    private var inFlight = 0
-    private var backlog = BioBatch()
+    private var slots: RingSlots
     /// Entries prepared in the ring but not yet handed to the kernel.
     private var unsubmitted = false
     private var stopping = false
@@ -34,7 +32,7 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
 
     init(entries: UInt32 = 256) throws(URingError) {
         ring = try IOURing(entries: entries)
-        capacity = Int(entries)
+        slots = RingSlots(capacity: Int(entries))
         ioctlWorker = ThreadPoolEngine(threads: 1)
         reaper = startThread(named: "dmio-uring") { [self] in reap() }
     }
@@ -44,7 +42,7 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
         let ioctls = batch.removeBlockDeviceIoctls()
         let plugged = Plug.isPlugged
         lock.withLock {
-            backlog.append(contentsOf: batch)
+            slots.queue(batch)
             feedRingLocked(enterKernel: !onReaper && !plugged)
         }
         if plugged && !onReaper { Plug.held(by: self) }
@@ -70,11 +68,7 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
     /// entry to the kernel unless `enterKernel` is false (the reaper does
     /// that after its batch).
     private func feedRingLocked(enterKernel: Bool = true) {
-        while inFlight < capacity, let bio = backlog.popFirst() {
-            ring.place(bio)
-            inFlight += 1
-            unsubmitted = true
-        }
+        if slots.feed(ring) { unsubmitted = true }
         if enterKernel && unsubmitted {
             unsubmitted = false
             ring.submit()
@@ -96,12 +90,12 @@ final class IOUringEngine: IOEngine, @unchecked Sendable {
             }
             if reaped < 0 { continue }  // EINTR
             let done = lock.withLock {
-                inFlight -= reaped - (stopSeen ? 1 : 0)
+                slots.completed(reaped - (stopSeen ? 1 : 0))
                 stopSeen = false
-                backlog.append(contentsOf: again)
+                slots.queue(again)
                 again = BioBatch()
                 feedRingLocked()
-                return stopping && inFlight == 0 && backlog.isEmpty
+                return stopping && slots.isIdle
             }
             if done { return }
         }

@@ -14,9 +14,7 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
     let kind = IOEngineKind.ioUring
     private let ring: IOURing
     private let owner = pthread_self()
-    private let capacity: Int
-    private var inFlight = 0
-    private var backlog = BioBatch()
+    private var slots: RingSlots
     private var reaping = false
     /// Block-device ioctls have no io_uring opcode.
     private let ioctlWorker = ThreadPoolEngine(threads: 1)
@@ -26,7 +24,7 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
     init(entries: UInt32 = 256) throws(URingError) {
         ring = try IOURing(entries: entries, singleIssuer: true)
         eventFD = try ring.registerEventFD()
-        capacity = Int(entries)
+        slots = RingSlots(capacity: Int(entries))
     }
 
     private func checkOwner() {
@@ -38,7 +36,7 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
         checkOwner()
         var batch = batch
         let ioctls = batch.removeBlockDeviceIoctls()
-        backlog.append(contentsOf: batch)
+        slots.queue(batch)
         if !ioctls.isEmpty { ioctlWorker.submit(ioctls) }
         // Completions that submit more I/O are picked up by the reap under way.
         if Plug.isPlugged {
@@ -57,18 +55,18 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
         guard !reaping else { return }
         reaping = true
         defer { reaping = false }
-        feedRing()
+        slots.feed(ring)
         ring.submitAndGetEvents()
         var again = BioBatch()
         let reaped = ring.reapCompletions { userData, result in
             if let bio = Bio.ringCompletion(token: userData, result: result) { again.append(bio) }
         }
-        inFlight -= reaped
-        backlog.append(contentsOf: again)
+        slots.completed(reaped)
+        slots.queue(again)
         // What the completions submitted goes to the kernel now; its own
         // completions arrive through the eventfd, so a completion that always
         // submits more cannot keep this thread from its other work.
-        feedRing()
+        slots.feed(ring)
         ring.submit()
     }
 
@@ -79,23 +77,16 @@ final class ThreadDrivenEngine: IOEngine, @unchecked Sendable {
     func run(until done: () -> Bool) {
         while true {
             reap()
-            if done() || inFlight == 0 { return }
+            if done() || slots.inFlight == 0 { return }
             // Completions that submit more I/O must not start a second reap
             // while this one still holds the ring's head.
             reaping = true
             defer { reaping = false }
             _ = ring.waitCompletions { userData, result in
-                inFlight -= 1
-                if let bio = Bio.ringCompletion(token: userData, result: result) { backlog.append(bio) }
+                slots.completed(1)
+                if let bio = Bio.ringCompletion(token: userData, result: result) { slots.queue(bio) }
             }
             if done() { return }
-        }
-    }
-
-    private func feedRing() {
-        while inFlight < capacity, let bio = backlog.popFirst() {
-            ring.place(bio)
-            inFlight += 1
         }
     }
 

@@ -46,6 +46,40 @@ extension BioBatch {
     }
 }
 
+/// The bios an engine has for its ring: at most `capacity` in the ring (its
+/// completion queue must never overflow), the rest in a backlog, in order,
+/// until a slot frees.
+struct RingSlots {
+    let capacity: Int
+    private(set) var inFlight = 0
+    private var backlog = BioBatch()
+
+    init(capacity: Int) {
+        self.capacity = capacity
+    }
+
+    var isIdle: Bool { inFlight == 0 && backlog.isEmpty }
+
+    mutating func queue(_ batch: BioBatch) { backlog.append(contentsOf: batch) }
+    mutating func queue(_ bio: Bio) { backlog.append(bio) }
+
+    /// Moves backlog bios into free slots of `ring`; returns whether it
+    /// placed any (they wait in the ring until its next submit).
+    @discardableResult
+    mutating func feed(_ ring: IOURing) -> Bool {
+        var placed = false
+        while inFlight < capacity, let bio = backlog.popFirst() {
+            ring.place(bio)
+            inFlight += 1
+            placed = true
+        }
+        return placed
+    }
+
+    /// `count` bios left the ring.
+    mutating func completed(_ count: Int) { inFlight -= count }
+}
+
 extension IOURing {
     /// Places `bio` in a submission slot, handing the queued entries to the
     /// kernel first if every slot is taken.
