@@ -15,6 +15,8 @@ final class Bio: @unchecked Sendable {
     static let maxBytes = 4 << 20
 
     /// What the bio asks its device for, after fallbacks.
+    /// The system call a local driver chose (`LocalDevice`); the engines
+    /// carry it out on `fd`.
     enum Command {
         case read
         case write
@@ -27,7 +29,7 @@ final class Bio: @unchecked Sendable {
     private(set) var job: IOJob?
     private(set) var region = 0
     private(set) var device: BlockDevice!
-    /// The device's file descriptor, for the engines; -1 for remote devices.
+    /// The local device's file descriptor, for the engines; -1 for remote devices.
     private(set) var fd: Int32 = -1
     private(set) var operation = IOOperation.read
     private(set) var flags = IOFlags()
@@ -65,7 +67,8 @@ final class Bio: @unchecked Sendable {
         self.job = job
         self.region = region
         self.device = device
-        self.fd = device.fileDescriptor
+        fd = -1
+        command = .read
         self.operation = operation
         self.flags = flags
         self.offset = offset
@@ -75,7 +78,12 @@ final class Bio: @unchecked Sendable {
         next = nil
         needsFlushAfterWrite = false
         firstPartError.store(0, ordering: .relaxed)
-        command = device.command(for: operation, flags: flags)
+    }
+
+    /// A local driver's choice: `command` on file descriptor `fd`.
+    func useSystemCall(_ command: Command, on fd: Int32) {
+        self.command = command
+        self.fd = fd
     }
 
     /// Adds a memory segment; returns false when the bio is full.
@@ -138,7 +146,8 @@ final class Bio: @unchecked Sendable {
             if error == EINTR || error == EAGAIN { return false }
             if error == EOPNOTSUPP, case .allocate(let mode) = command, operation == .writeZeroes {
                 // This file system cannot zero by fallocate: write zeroes instead.
-                device.fallocateRefused(mode: mode)
+                // Only a local driver chooses fallocate.
+                (device.driver as? LocalDevice)?.fallocateRefused(mode: mode)
                 command = .zeroWrite
                 return false
             }

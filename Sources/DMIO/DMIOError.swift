@@ -11,7 +11,7 @@ public enum DMIOError: Error, Sendable, Hashable, CustomStringConvertible {
     case busy(device: String, holder: String?)
     /// A remote NBD export could not be reached or refused the connection.
     case remoteFailed(device: String, message: String)
-    /// A device spec that is neither a path nor an `nbd://` / `nbd+unix://` URI.
+    /// A device spec that names a scheme no driver takes (`DeviceSpec`).
     case invalidDeviceSpec(String)
     /// A write-class request to a device opened read-only.
     case readOnlyDevice(device: String, operation: IOOperation)
@@ -43,7 +43,7 @@ public enum DMIOError: Error, Sendable, Hashable, CustomStringConvertible {
         case .remoteFailed(let device, let message):
             "\(device): \(message)"
         case .invalidDeviceSpec(let spec):
-            "\(spec): not a file, a block device, or an nbd:// or nbd+unix:// URI"
+            "\(spec): not a file, a block device, or an nbd://, nbds://, nbd+unix:// or nbds+unix:// URI"
         case .readOnlyDevice(let device, let operation):
             "\(device): read-only device, \(operation) refused"
         case .beyondEnd(let device, let sector, let count, let deviceSectors):

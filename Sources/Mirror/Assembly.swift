@@ -91,7 +91,7 @@ extension Mirror {
         var unusable: [Int: MirrorError] = [:]
         for (index, spec) in specs.enumerated() {
             // A remote leg may take its time (up to the remote timeout): say so first.
-            if spec.contains("://") { logger.info("leg \(index): connecting to \(spec)") }
+            if DeviceSpec.isURI(spec) { logger.info("leg \(index): connecting to \(spec)") }
             let device: BlockDevice
             do {
                 device = try BlockDevice.open(spec, options: deviceOptions)

@@ -40,7 +40,7 @@ struct Create: ParsableCommand {
     func run() throws {
         let client = try DMIOClient()
         let specs = legs.map(absolutePath)
-        let missing = specs.filter { !$0.contains("://") && access($0, F_OK) != 0 }
+        let missing = specs.filter { !DeviceSpec.isURI($0) && access($0, F_OK) != 0 }
         if !missing.isEmpty && size == nil {
             throw CleanExit.message("\(missing.joined(separator: ", ")) do not exist; --size makes them", code: 1)
         }

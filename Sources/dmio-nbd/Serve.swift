@@ -299,7 +299,7 @@ func openLeg(_ spec: String, options: DeviceOptions) throws -> BlockDevice {
 /// `replace-leg`, which copies the data to it.
 func createMirrorIfMissing(_ specs: [String], createSize: ByteSize?, regionBytes: UInt32, options: DeviceOptions,
                            client: DMIOClient, logger: Logger) throws {
-    let missing = specs.filter { !$0.contains("://") && access($0, F_OK) != 0 }
+    let missing = specs.filter { !DeviceSpec.isURI($0) && access($0, F_OK) != 0 }
     guard let createSize, !missing.isEmpty else { return }
     try checkLegSize(createSize, regionBytes: regionBytes)
     guard missing.count == specs.count else {
@@ -334,7 +334,7 @@ func createMirrorIfMissing(_ specs: [String], createSize: ByteSize?, regionBytes
 func duplicate(in specs: [String]) -> String? {
     var seen: Set<String> = []
     for spec in specs {
-        let resolved = spec.contains("://") ? spec : (realpath(spec, nil).map { path in
+        let resolved = DeviceSpec.isURI(spec) ? spec : (realpath(spec, nil).map { path in
             defer { free(path) }
             return String(cString: path)
         } ?? spec)

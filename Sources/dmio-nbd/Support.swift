@@ -1,5 +1,6 @@
 import ArgumentParser
 import CDMIOSupport
+import DMIO
 import Dispatch
 import Glibc
 import Logging
@@ -20,7 +21,7 @@ let defaultSocketPath = runtimeFolder + "/dmio-nbd.sock"
 /// A leg or socket as an absolute path (a URI as it is), so that status,
 /// the log and a server in another folder name the same file.
 func absolutePath(_ spec: String) -> String {
-    guard !spec.hasPrefix("/"), !spec.contains("://") else { return spec }
+    guard !spec.hasPrefix("/"), !DeviceSpec.isURI(spec) else { return spec }
     var folder = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
     guard getcwd(&folder, folder.count) != nil else { return spec }
     let base = String(cString: folder)

@@ -68,6 +68,18 @@ import Testing
         #expect(allocatedBytes(a.name) == 0)
     }
 
+    @Test func aDeviceSpecIsAPathOrAURIOfAKnownScheme() throws {
+        #expect(try DeviceSpec("/srv/a.img") == .path("/srv/a.img"))
+        #expect(try DeviceSpec("legs/a.img") == .path("legs/a.img"))
+        for scheme in ["nbd", "nbds", "nbd+unix", "nbds+unix"] {
+            let uri = "\(scheme)://host/export"
+            #expect(try DeviceSpec(uri) == .uri(uri, scheme: scheme))
+        }
+        expectError(.invalidDeviceSpec("rbd://pool/image")) { _ = try DeviceSpec("rbd://pool/image") }
+        #expect(DeviceSpec.isURI("rbd://pool/image"))
+        #expect(!DeviceSpec.isURI("/dev/sdb"))
+    }
+
     @Test func errorsNameTheDeviceAndTheCause() throws {
         let missing = folder.path + "/no-such-leg"
         expectError(.openFailed(device: missing, errno: ENOENT)) { _ = try BlockDevice.open(missing) }

@@ -12,34 +12,25 @@ public struct DeviceExtent: Sendable, Hashable {
     }
 }
 
-extension BlockDevice {
-    /// Which parts of `length` bytes at `offset` hold data and which are
-    /// holes, in order, at most `maxExtents` of them (the last may end
-    /// before `offset + length`). Sparse files tell by SEEK_DATA and
-    /// SEEK_HOLE; other devices report data, which is always true.
-    public func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
-        guard kind == .file, let file = self as? LocalDevice else {
-            return [DeviceExtent(length: length, isHole: false)]
-        }
-        return try file.sparseAllocation(offset: offset, length: length, maxExtents: maxExtents)
+extension LocalDevice {
+    /// Sparse files tell by SEEK_DATA and SEEK_HOLE; a block device holds
+    /// data everywhere, as far as anyone can tell.
+    func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
+        guard !isBlockDevice else { return [DeviceExtent(length: length, isHole: false)] }
+        return try sparseAllocation(offset: offset, length: length, maxExtents: maxExtents)
     }
-}
 
-extension BlockDevice {
-    /// Whether `length` bytes at `offset` are one hole, so read as zeroes
-    /// without holding data. Cheap: one SEEK_DATA, which on tmpfs and most
-    /// file systems answers at once from a data position, where SEEK_HOLE
-    /// would walk the data page by page. False when it cannot tell.
-    public func isHole(offset: UInt64, length: UInt64) -> Bool {
-        guard kind == .file else { return false }
+    /// Cheap: one SEEK_DATA, which on tmpfs and most file systems answers
+    /// at once from a data position, where SEEK_HOLE would walk the data
+    /// page by page.
+    func isHole(offset: UInt64, length: UInt64) -> Bool {
+        guard !isBlockDevice else { return false }
         let data = dmio_seek_data(fileDescriptor, Int64(offset))
         if data < 0 { return errno == ENXIO }
         return UInt64(data) >= offset + length
     }
-}
 
-extension LocalDevice {
-    fileprivate func sparseAllocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
+    private func sparseAllocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
         var extents: [DeviceExtent] = []
         let end = offset + length
         var position = offset

@@ -47,9 +47,43 @@ public enum DeviceKind: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// A kind of device, as DMIO uses it: operations in the terms a request
+/// names them (read, write, flush, discard, write-zeroes that may unmap or
+/// not, FUA), and each driver chooses its own system calls or commands. One
+/// file per driver (LocalDevice, RemoteNBDDevice), opened by its scheme
+/// (`DeviceSpec`).
+protocol DeviceDriver: AnyObject, Sendable {
+    var kind: DeviceKind { get }
+    /// Usable size in bytes.
+    var size: UInt64 { get }
+    /// Regions must start and end on multiples of this many bytes.
+    var blockSize: Int { get }
+    var isReadOnly: Bool { get }
+    /// Memory segments must be aligned to this for the driver to use them
+    /// directly (1 unless O_DIRECT).
+    var memoryAlignment: Int { get }
+    /// Whether this open made the device (a file of `createSize`).
+    var wasCreated: Bool { get }
+    /// See `BlockDevice.zeroesCheaply`.
+    var zeroesCheaply: Bool { get }
+    /// The data lives in memory (a file on tmpfs): changing it is a copy
+    /// into the page cache that never waits for storage.
+    var isInMemory: Bool { get }
+
+    /// Starts `bio`: a driver on a local file descriptor chooses the system
+    /// call and adds the bio to the engine's `batch`; one that does its own
+    /// I/O (a remote connection) sends it.
+    func issue(_ bio: Bio, batch: inout BioBatch)
+    /// See `BlockDevice.allocation`.
+    func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent]
+    /// See `BlockDevice.isHole`.
+    func isHole(offset: UInt64, length: UInt64) -> Bool
+}
+
 /// A device that regions point at: a regular file, a block device, or a
-/// remote NBD export. Open one with `BlockDevice.open(_:options:)`.
-public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
+/// remote NBD export, whichever driver serves it. Open one with
+/// `BlockDevice.open(_:options:)`.
+public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// The path or URI the device was opened by.
     public let name: String
     public let kind: DeviceKind
@@ -58,49 +92,32 @@ public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// Regions must start and end on multiples of this many bytes.
     public let blockSize: Int
     public let isReadOnly: Bool
-    /// Memory segments must be aligned to this for the device to use them
-    /// directly (1 unless O_DIRECT).
-    let memoryAlignment: Int
-    /// The file descriptor the engines do I/O on; -1 for remote devices.
-    let fileDescriptor: Int32
     /// Whether this open made the file (`createSize`): only what was made
     /// may be removed when what it was made for fails.
-    public internal(set) var wasCreated = false
+    public let wasCreated: Bool
+    let memoryAlignment: Int
+    let driver: any DeviceDriver
 
     public var sectors: UInt64 { size >> sectorShift }
     public var description: String { name }
 
-    init(name: String, kind: DeviceKind, size: UInt64, blockSize: Int, isReadOnly: Bool,
-         memoryAlignment: Int, fileDescriptor: Int32) {
+    private init(name: String, driver: any DeviceDriver) {
         self.name = name
-        self.kind = kind
-        self.size = size & ~UInt64(sectorSize - 1)
-        self.blockSize = blockSize
-        self.isReadOnly = isReadOnly
-        self.memoryAlignment = memoryAlignment
-        self.fileDescriptor = fileDescriptor
+        self.driver = driver
+        kind = driver.kind
+        size = driver.size & ~UInt64(sectorSize - 1)
+        blockSize = driver.blockSize
+        isReadOnly = driver.isReadOnly
+        wasCreated = driver.wasCreated
+        memoryAlignment = driver.memoryAlignment
     }
 
     /// Opens `spec`: a path to a regular file or a block device, or an NBD
-    /// URI (`nbd://host[:port]/name`, `nbd+unix:///name?socket=PATH`).
+    /// URI (`nbd://host[:port]/name`, `nbd+unix:///name?socket=PATH`, and
+    /// their `nbds` forms with TLS).
     public static func open(_ spec: String, options: DeviceOptions = DeviceOptions()) throws(DMIOError) -> BlockDevice {
-        if spec.hasPrefix("nbd://") || spec.hasPrefix("nbd+unix://") || spec.hasPrefix("nbds://") {
-            return try RemoteNBDDevice(uri: spec, options: options)
-        }
-        if spec.contains("://") { throw .invalidDeviceSpec(spec) }
-        return try LocalDevice(path: spec, options: options)
+        BlockDevice(name: spec, driver: try DeviceSpec(spec).open(options: options))
     }
-
-    // MARK: What subclasses decide
-
-    /// The command that carries out `operation` on this device.
-    func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
-        fatalError("subclass")
-    }
-
-    /// The device's data lives in memory (a file on tmpfs): changing it is a
-    /// copy into the page cache that never waits for storage.
-    var isInMemory: Bool { false }
 
     /// Whether write-zeroes that may unmap is cheap here (a hole punched in
     /// a file, a block device's own write-zeroes command, an NBD server's
@@ -109,16 +126,24 @@ public class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// BLKDISCARD, a server that ignores it): a mirror trims its legs with
     /// write-zeroes instead, so that they read the same, and offers trim
     /// only where every leg zeroes cheaply.
-    public var zeroesCheaply: Bool { true }
+    public var zeroesCheaply: Bool { driver.zeroesCheaply }
 
-    /// Called when fallocate with `mode` cannot zero here; later requests
-    /// write zeroes instead.
-    func fallocateRefused(mode: Int32) {}
+    var isInMemory: Bool { driver.isInMemory }
 
-    /// Issues `bio`: local devices add it to the engine's batch, remote ones
-    /// send it themselves.
-    func issue(_ bio: Bio, batch: inout BioBatch) {
-        batch.append(bio)
+    func issue(_ bio: Bio, batch: inout BioBatch) { driver.issue(bio, batch: &batch) }
+
+    /// Which parts of `length` bytes at `offset` hold data and which are
+    /// holes, in order, at most `maxExtents` of them (the last may end
+    /// before `offset + length`). Sparse files tell by SEEK_DATA and
+    /// SEEK_HOLE; other devices report data, which is always true.
+    public func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
+        try driver.allocation(offset: offset, length: length, maxExtents: maxExtents)
+    }
+
+    /// Whether `length` bytes at `offset` are one hole, so read as zeroes
+    /// without holding data; false when it cannot tell cheaply.
+    public func isHole(offset: UInt64, length: UInt64) -> Bool {
+        driver.isHole(offset: offset, length: length)
     }
 }
 

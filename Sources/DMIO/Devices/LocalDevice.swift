@@ -15,11 +15,21 @@ let BLKZEROOUT: UInt = 0x127f
 /// where the file system cannot. Block devices: size by BLKGETSIZE64, block
 /// size by BLKSSZGET, discard by BLKDISCARD, zeroing by a punched hole
 /// (the device's write-zeroes command, which may unmap) or, with
-/// `noUnmap`, BLKZEROOUT.
-final class LocalDevice: BlockDevice, @unchecked Sendable {
+/// `noUnmap`, BLKZEROOUT. The engines carry out the system call chosen.
+final class LocalDevice: DeviceDriver, @unchecked Sendable {
+    /// The path it was opened by, for errors.
+    let name: String
+    let kind: DeviceKind
+    let size: UInt64
+    let blockSize: Int
+    let isReadOnly: Bool
+    let memoryAlignment: Int
+    let wasCreated: Bool
+    let isInMemory: Bool
+    let zeroesCheaply: Bool
     let isBlockDevice: Bool
-    private let inMemory: Bool
-    private let zeroes: Bool
+    /// The file descriptor the engines do I/O on.
+    let fileDescriptor: Int32
     /// fallocate modes this file system refused (EOPNOTSUPP), as a bit mask.
     private let refusedModes = Atomic<Int32>(0)
 
@@ -55,21 +65,20 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
             Glibc.close(fd)
             throw .openFailed(device: path, errno: error)
         }
-        let size: UInt64
         var blockSize = sectorSize
         switch info.st_mode & S_IFMT {
         case S_IFREG:
             isBlockDevice = false
-            inMemory = !options.direct && dmio_file_in_memory(fd) == 1
-            zeroes = true
+            isInMemory = !options.direct && dmio_file_in_memory(fd) == 1
+            zeroesCheaply = true
             size = UInt64(info.st_size)
             // O_DIRECT on a file needs the underlying disk's alignment, which
             // a file cannot tell; a page is right on every Linux disk.
             if options.direct { blockSize = pageSize }
         case S_IFBLK:
             isBlockDevice = true
-            inMemory = false
-            zeroes = Self.queueLimit("write_zeroes_max_bytes", of: info.st_rdev).map { $0 > 0 } ?? false
+            isInMemory = false
+            zeroesCheaply = Self.queueLimit("write_zeroes_max_bytes", of: info.st_rdev).map { $0 > 0 } ?? false
             var bytes: UInt64 = 0
             var logical: Int32 = 0
             guard ioctl(fd, BLKGETSIZE64, &bytes) == 0, ioctl(fd, BLKSSZGET, &logical) == 0 else {
@@ -83,22 +92,29 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
             Glibc.close(fd)
             throw .openFailed(device: path, errno: (info.st_mode & S_IFMT) == S_IFDIR ? EISDIR : ENODEV)
         }
-        super.init(name: path, kind: isBlockDevice ? .blockDevice : .file, size: size, blockSize: blockSize, isReadOnly: options.readOnly,
-                   memoryAlignment: options.direct ? blockSize : 1, fileDescriptor: fd)
+        name = path
+        kind = isBlockDevice ? .blockDevice : .file
+        self.blockSize = blockSize
+        isReadOnly = options.readOnly
+        memoryAlignment = options.direct ? blockSize : 1
+        fileDescriptor = fd
         wasCreated = created
     }
 
     deinit { Glibc.close(fileDescriptor) }
 
-    override var isInMemory: Bool { inMemory }
-    override var zeroesCheaply: Bool { zeroes }
+    func issue(_ bio: Bio, batch: inout BioBatch) {
+        bio.useSystemCall(command(for: bio.operation, flags: bio.flags), on: fileDescriptor)
+        batch.append(bio)
+    }
 
     /// A block device's queue limit from sysfs, nil where it cannot be read.
     private static func queueLimit(_ name: String, of device: dev_t) -> UInt64? {
         readText("/sys/dev/block/\(sysfsNumber(device))/queue/\(name)").flatMap { UInt64($0.prefix { $0.isNumber }) }
     }
 
-    override func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
+    /// The system call that carries out `operation` here.
+    private func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
         switch operation {
         case .read: return .read
         case .write: return .write
@@ -118,7 +134,9 @@ final class LocalDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    override func fallocateRefused(mode: Int32) {
+    /// fallocate with `mode` cannot zero here: later requests write zeroes
+    /// instead.
+    func fallocateRefused(mode: Int32) {
         refusedModes.bitwiseOr(mode, ordering: .relaxed)
     }
 }

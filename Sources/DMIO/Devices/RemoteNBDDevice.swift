@@ -4,34 +4,46 @@ import LibNBD
 import Synchronization
 
 /// An NBD export on another machine (or another process), reached through
-/// libnbd's asynchronous API with many commands in flight.
-final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
+/// libnbd's asynchronous API with many commands in flight. Each operation
+/// becomes NBD commands: discard NBD_CMD_TRIM, write-zeroes
+/// NBD_CMD_WRITE_ZEROES (NO_HOLE unless it may unmap), or writes from the
+/// zero page on a server that cannot zero.
+final class RemoteNBDDevice: DeviceDriver, @unchecked Sendable {
+    let kind = DeviceKind.remote
+    let size: UInt64
+    let blockSize: Int
+    let isReadOnly: Bool
+    let memoryAlignment = 1
+    let wasCreated = false
+    let isInMemory = false
     fileprivate let connection: RemoteConnection
 
     init(uri: String, options: DeviceOptions) throws(DMIOError) {
         let handle: NBDHandle
-        let size: UInt64
-        let readOnly: Bool
-        let minimumBlock: Int
         do {
             handle = try NBDHandle()
             try Self.connect(handle, to: uri, within: options.remoteTimeout)
             size = try handle.size()
-            readOnly = try options.readOnly || handle.isReadOnly()
-            minimumBlock = max(1, Int(try handle.blockSize(.minimum)))
+            isReadOnly = try options.readOnly || handle.isReadOnly()
+            blockSize = max(1, Int(try handle.blockSize(.minimum)))
             connection = try RemoteConnection(handle: handle, timeout: options.remoteTimeout)
         } catch let error as NBDError {
             throw .remoteFailed(device: uri, message: error.message)
         } catch {
             throw .remoteFailed(device: uri, message: "\(error)")
         }
-        super.init(name: uri, kind: .remote, size: size, blockSize: minimumBlock, isReadOnly: readOnly,
-                   memoryAlignment: 1, fileDescriptor: -1)
     }
 
     deinit { connection.stop() }
 
-    override var zeroesCheaply: Bool { connection.canZero }
+    var zeroesCheaply: Bool { connection.canZero }
+
+    /// What a server holds is its own business: data everywhere.
+    func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
+        [DeviceExtent(length: length, isHole: false)]
+    }
+
+    func isHole(offset: UInt64, length: UInt64) -> Bool { false }
 
     /// Connects and completes the handshake, or fails with ETIMEDOUT once
     /// `timeout` has passed: a host that drops packets, or a server that
@@ -48,17 +60,7 @@ final class RemoteNBDDevice: BlockDevice, @unchecked Sendable {
         if handle.isDead { throw NBDError(errno: ECONNRESET, message: "the server closed the connection during the handshake") }
     }
 
-    override func command(for operation: IOOperation, flags: IOFlags) -> Bio.Command {
-        switch operation {
-        case .read: .read
-        case .write: .write
-        case .flush: .sync
-        case .discard: .allocate(mode: Linux.punchHole)
-        case .writeZeroes: connection.canZero ? .allocate(mode: Linux.zeroRange) : .zeroWrite
-        }
-    }
-
-    override func issue(_ bio: Bio, batch: inout BioBatch) {
+    func issue(_ bio: Bio, batch: inout BioBatch) {
         connection.send(bio)
         connection.wake()
         connection.finishCompleted()
@@ -123,7 +125,7 @@ private final class RemoteConnection: @unchecked Sendable {
         bio.openParts.store(1, ordering: .relaxed)
         let fua: NBDCommandFlags = bio.flags.contains(.fua) && canFUA ? .fua : []
         bio.needsFlushAfterWrite = bio.flags.contains(.fua) && !canFUA && canFlush
-        switch bio.command {
+        switch bio.operation {
         case .read, .write:
             let (iovecs, count) = bio.iovecs
             var offset = bio.offset
@@ -141,7 +143,7 @@ private final class RemoteConnection: @unchecked Sendable {
                 }
                 offset += UInt64(segment.iov_len)
             }
-        case .zeroWrite:
+        case .writeZeroes where !canZero:
             // A server that cannot zero gets the whole range written from the
             // zero page, a megabyte at a time.
             var offset = bio.offset
@@ -155,29 +157,26 @@ private final class RemoteConnection: @unchecked Sendable {
                 offset += UInt64(length)
                 left -= UInt64(length)
             }
-        case .sync:
+        case .flush:
             bio.needsFlushAfterWrite = false
             if canFlush { queueFlush(bio) }
-        case .allocate(let mode):
+        case .writeZeroes:
             let (offset, length) = (bio.offset, bio.remaining)
-            if mode == Linux.zeroRange {
-                var flags = fua
-                if bio.flags.contains(.noUnmap) { flags.insert(.noHole) }
-                queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
-                    try handle.aioZero(count: length, offset: offset, flags: flags,
-                                       userData: userData, completion: remoteCompletion)
-                }
-            } else if canTrim {
-                queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
-                    try handle.aioTrim(count: length, offset: offset, flags: fua,
-                                       userData: userData, completion: remoteCompletion)
-                }
-            } else {
-                bio.needsFlushAfterWrite = false
-                record(EOPNOTSUPP, for: bio)
+            var flags = fua
+            if bio.flags.contains(.noUnmap) { flags.insert(.noHole) }
+            queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
+                try handle.aioZero(count: length, offset: offset, flags: flags,
+                                   userData: userData, completion: remoteCompletion)
             }
-        case .blockDeviceRange:
-            preconditionFailure("remote devices have no block-device ioctls")
+        case .discard where canTrim:
+            let (offset, length) = (bio.offset, bio.remaining)
+            queue(bio) { (handle: NBDHandle, userData) throws(NBDError) in
+                try handle.aioTrim(count: length, offset: offset, flags: fua,
+                                   userData: userData, completion: remoteCompletion)
+            }
+        case .discard:
+            bio.needsFlushAfterWrite = false
+            record(EOPNOTSUPP, for: bio)
         }
         partEnded(bio, errno: 0)
     }
@@ -306,7 +305,7 @@ private final class RemoteConnection: @unchecked Sendable {
 /// libnbd calls this when a command of a remote bio completes.
 private let remoteCompletion: NBDCompletion = { userData, error in
     let bio = Unmanaged<Bio>.fromOpaque(userData!).takeRetainedValue()
-    unsafeDowncast(bio.device, to: RemoteNBDDevice.self).connection.partEnded(bio, errno: error?.pointee ?? 0)
+    unsafeDowncast(bio.device.driver, to: RemoteNBDDevice.self).connection.partEnded(bio, errno: error?.pointee ?? 0)
     return 1
 }
 
