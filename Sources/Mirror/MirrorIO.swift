@@ -111,12 +111,13 @@ extension Mirror {
     /// (mark, then commit), then every writable leg (issue).
     ///
     /// A write whose bits are durable already (most) is issued at once, on
-    /// the caller's client. One that waits (for its bits' commit, or for a
-    /// copy holding its regions) resumes on the thread that ends the wait, a
-    /// metadata completion or the copier, and is issued there on the
-    /// mirror's own client: the loop's ring refuses other threads, and
-    /// going back to the loop would cost it a wake-up for a write that has
-    /// just waited for a metadata write anyway.
+    /// the caller's client. One that cannot go at once (its bits need a
+    /// commit, or a copy holds its regions) is issued on the mirror's own
+    /// client, where the wait ends: a metadata completion or the copier
+    /// (or the caller itself, when the wait is over before it began). The
+    /// loop's ring refuses other threads, and going back to the loop would
+    /// cost it a wake-up for a write that has just waited for a metadata
+    /// write anyway.
     private func change(_ operation: IOOperation, offset: UInt64, length: UInt64, memory: IOMemory? = nil,
                         flags: IOFlags, context: IOContext, completion: @escaping TargetCompletion) {
         let change = Change(operation: operation, regions: regionHash.regions(offset: offset, length: length),

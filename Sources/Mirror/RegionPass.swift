@@ -145,8 +145,9 @@ final class RegionPass: @unchecked Sendable {
                 failures.record(copied.destinationFailures, reading: false)
                 return nil
             } catch {
+                // DMIO refused the request itself: no leg is to blame.
                 logger.error("resync: region at \(offset) refused: \(error)")
-                return "refused by DMIO"
+                return "source leg \(source.index) failed"
             }
         }
     }

@@ -1,12 +1,13 @@
 import BlockTargets
 import Glibc
 import Logging
-import NIOConcurrencyHelpers
 import NIOCore
 
 /// The transmission phase of one connection: checks each request
 /// (`validate`), runs it on the target, and sends the replies, in whatever
-/// order the target completes them.
+/// order the target completes them. What starts when, when the socket is
+/// read and when the connection closes is decided by its state machine
+/// (`TransmissionStateMachine`); this handler carries it out on the channel.
 ///
 /// Replies of one batch (one socket read, or one set of completions) go
 /// into one buffer and out in one write and one flush. Target completions
@@ -35,6 +36,12 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// Structured reads at least this long first ask whether the range is
     /// a hole, and answer a hole without reading it.
     static let sparseReadBytes = 64 << 10
+    /// A block status reply carries at most this many extents per meta
+    /// context (the spec lets a reply cover less than asked; the client asks
+    /// again from where it ended): each costs the loop up to two lseek
+    /// calls, and a walk of 65,536 per request, from many clients, stalled
+    /// a loop for tens of seconds.
+    static let maxExtentsPerReply = 1024
     /// How long a closing connection waits for its client to take the last
     /// replies.
     static let closeGrace = TimeAmount.seconds(10)
@@ -49,32 +56,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// waits for, and buffered bytes, which the server bounds.
     private let load: LoopLoad
     private let framer: RequestFramer
+    private var state = TransmissionStateMachine(limits: .init(requests: TransmissionHandler.maxRequestsInFlight,
+                                                               bytes: TransmissionHandler.maxBytesInFlight))
     private var output: ByteBuffer
     private var pendingFlush = false
-    private var requestsInFlight = 0
-    private var bytesInFlight = 0
-    private var readHeld = false
-    /// Requests read while the connection was at its limits, in order.
-    private var waiting = CircularBuffer<NBDRequest>()
-    /// Requests set aside, in order, until their loop has room: a read
-    /// that needs it, and what came after other than writes.
-    private var setAside = CircularBuffer<NBDRequest>()
-    private var wakeRequested = false
-    /// NBD_CMD_DISC is set aside: what came after it is dropped.
-    private var disconnectSetAside = false
-    /// Whether the target holds this read batch's I/O until channelReadComplete.
-    private var inBatch = false
-    /// NBD_CMD_DISC came: nothing after it runs.
-    private var disconnecting = false
-    /// The input ended (the server stops, or the client half-closed):
-    /// nothing more is read, but every request read is answered.
-    private var inputEnded = false
-    private var active = true
     /// Once the input has ended or NBD_CMD_DISC came: closes a connection
     /// whose client takes no reply for `closeGrace`.
     private var stallWatch: RepeatedTask?
-    /// Whether replies moved since the watch last looked.
-    private var progressed = false
     /// This connection's context, and the handler as storage threads may
     /// hold it: it is only ever used back on the event loop.
     private var context: ChannelHandlerContext!
@@ -100,89 +88,56 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// that it and its buffers go with the connection (completions still
     /// in flight hold it until they come).
     func handlerRemoved(context: ChannelHandlerContext) {
-        active = false
         stallWatch?.cancel()
         self.context = nil
         onLoop = nil
         load.stopWaiting(self)
-        drop(&waiting)
-        drop(&setAside)
+        state.connectionGone()
+        giveBackDropped()
     }
 
-    /// Drops requests read and never started (the connection is gone, or
-    /// they came after NBD_CMD_DISC), giving their payloads back.
-    private func drop(_ requests: inout CircularBuffer<NBDRequest>) {
-        for request in requests { load.give(request.payloadBytes) }
-        requests.removeAll()
+    /// Requests read and never started (the connection is gone, or they
+    /// came after NBD_CMD_DISC) give their payloads back.
+    private func giveBackDropped() {
+        for request in state.takeDropped() { load.give(request.payloadBytes) }
     }
 
     // MARK: Inbound
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let request = unwrapInboundIn(data)
-        guard !disconnecting && !disconnectSetAside else {  // nothing may follow NBD_CMD_DISC
-            load.give(request.payloadBytes)
-            return
+        switch state.received(request) {
+        case .queued: startWaiting()
+        case .dropped: load.give(request.payloadBytes)
         }
-        waiting.append(request)
-        startWaiting()
     }
 
-    /// Whether another request may start: the connection is under its
-    /// limits, and the client takes its replies (the replies it leaves in
-    /// the channel count, as they make it unwritable).
-    private var mayStart: Bool {
-        requestsInFlight < Self.maxRequestsInFlight && bytesInFlight < Self.maxBytesInFlight
-            && context.channel.isWritable
-    }
-
-    /// Starts the requests that waited, in order, as far as the limits go.
-    /// A read that needs room its loop lacks is set aside until there is
-    /// some, and so is what follows it, but writes: the spec lets requests
-    /// in flight run in any order, and NBD_CMD_DISC still comes last.
+    /// Starts the requests that waited, as far as the state machine lets
+    /// them; when some wait for room, asks the loop to say when it has some.
     private func startWaiting() {
-        while !disconnecting && mayStart {
-            if !setAside.isEmpty && load.hasRoom {
-                start(setAside.removeFirst())
-            } else if let request = waiting.popFirst() {
-                let isWrite = request.type == CommandType.write.rawValue
-                let needsRoom = request.type == CommandType.read.rawValue && !load.hasRoom
-                if isWrite || (setAside.isEmpty && !needsRoom) {
-                    start(request)
-                } else {
-                    setAside.append(request)
-                    if request.type == CommandType.disconnect.rawValue {
-                        disconnectSetAside = true
-                        drop(&waiting)
-                    }
-                }
-            } else {
-                break
+        starting: while true {
+            switch state.next(loopHasRoom: load.hasRoom, writable: context.channel.isWritable) {
+            case .start(let request): start(request)
+            case .dropped: giveBackDropped()
+            case .none: break starting
             }
         }
-        if disconnecting {
-            drop(&waiting)
-            drop(&setAside)
-        }
+        giveBackDropped()
         // Short of anything but room, a completion or the client's taking
         // replies resumes the connection.
-        if !setAside.isEmpty && !load.hasRoom && !wakeRequested {
-            wakeRequested = true
+        if state.needsWakeWhenRoom(loopHasRoom: load.hasRoom) {
             let handler = onLoop!
             load.whenRoom(for: self) { handler.eventLoop.execute { handler.value.roomCameBack() } }
         }
     }
 
     private func roomCameBack() {
-        wakeRequested = false
+        state.roomCameBack()
         resume()
     }
 
     private func start(_ request: NBDRequest) {
-        if !inBatch {
-            inBatch = true
-            target.beginBatch(context: io)
-        }
+        if state.starting() { target.beginBatch(context: io) }
         switch validate(request, session: session) {
         case .failure(let rejection):
             logger.debug("request refused: \(rejection.message)")
@@ -202,9 +157,9 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         endBatch()
-        active = false
-        if requestsInFlight > 0 {
-            logger.debug("client went away with \(requestsInFlight) requests in flight")
+        state.channelInactive()
+        if state.requestsInFlight > 0 {
+            logger.debug("client went away with \(state.requestsInFlight) requests in flight")
         }
         context.fireChannelInactive()
     }
@@ -213,7 +168,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// answer every request read, then close.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let event = event as? ChannelEvent, case .inputClosed = event {
-            inputEnded = true
+            state.inputClosed()
             watchForStall(context)
             closeIfDone(context)
         }
@@ -238,31 +193,17 @@ final class TransmissionHandler: ChannelDuplexHandler {
     // MARK: Outbound: backpressure
 
     private func endBatch() {
-        if inBatch {
-            inBatch = false
-            target.endBatch(context: io)
-        }
+        if state.endBatch() { target.endBatch(context: io) }
     }
 
     func read(context: ChannelHandlerContext) {
-        if mayRead {
+        if state.readRequested(insidePayload: framer.isInsidePayload, writable: context.channel.isWritable) {
             context.read()
-        } else {
-            readHeld = true
         }
     }
 
-    /// Whether the connection reads on: when it is under its limits and
-    /// nothing waits, or to end a payload begun whatever the limits (its
-    /// bytes are counted already, and only its end lets them go).
-    private var mayRead: Bool {
-        guard !disconnecting && !disconnectSetAside && !inputEnded else { return false }
-        return (waiting.isEmpty && setAside.isEmpty && mayStart) || framer.isInsidePayload
-    }
-
     private func releaseHeldRead(_ context: ChannelHandlerContext) {
-        if readHeld && mayRead {
-            readHeld = false
+        if state.releaseHeldRead(insidePayload: framer.isInsidePayload, writable: context.channel.isWritable) {
             context.read()
         }
     }
@@ -281,7 +222,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
             }
         case .disconnect:
             logger.debug("client disconnects")
-            disconnecting = true
+            state.disconnect()
             watchForStall(context)
             closeIfDone(context)
         case .read(let offset, let length):
@@ -339,7 +280,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     private func blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool, cookie: UInt64, flags: CommandFlags) {
         do {
-            let maxExtents = onlyOne ? 1 : 1 << 16
+            let maxExtents = onlyOne ? 1 : Self.maxExtentsPerReply
             // Every context is asked before any chunk goes out: an error then
             // answers the whole request.
             let replies = try session.metaContexts.map { context in
@@ -383,7 +324,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         finished(bytes: bytes)
         // A reply's bytes count again while the socket has them (`send`).
         load.give(bytes)
-        guard active else { return }
+        guard state.isActive else { return }
         if !result.succeeded {
             appendFailure(result, command: "\(command)", cookie: cookie, flags: flags)
         } else if let reply {
@@ -395,14 +336,12 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     private func started(bytes: Int) {
-        requestsInFlight += 1
-        bytesInFlight += bytes
+        state.started(bytes: bytes)
         load.requestsInFlight += 1
     }
 
     private func finished(bytes: Int) {
-        requestsInFlight -= 1
-        bytesInFlight -= bytes
+        state.finished(bytes: bytes)
         load.requestsInFlight -= 1
     }
 
@@ -410,8 +349,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// requests that waited, as far as it goes (none after a disconnect),
     /// sends the replies, and reads on if nothing waits any more.
     private func resume() {
-        guard active else { return }
-        progressed = true
+        guard state.isActive else { return }
+        state.progress()
         startWaiting()
         endBatch()
         flushOutput(context)
@@ -425,7 +364,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// would hold it for ever). A slow target is waited for, however long.
     private func watchForStall(_ context: ChannelHandlerContext) {
         guard stallWatch == nil else { return }
-        progressed = false
+        state.watchingForStall()
         let handler = onLoop!
         stallWatch = context.eventLoop.scheduleRepeatedTask(initialDelay: Self.closeGrace, delay: Self.closeGrace) { _ in
             handler.value.closeIfStalled()
@@ -433,10 +372,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     private func closeIfStalled() {
-        defer { progressed = false }
-        guard active, !progressed, requestsInFlight == 0 else { return }
+        guard state.stallCheck() else { return }
         logger.notice("closing connection: its input ended and it took no reply for \(Self.closeGrace.nanoseconds / 1_000_000_000) s")
-        active = false
         context.close(promise: nil)
     }
 
@@ -445,9 +382,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// have gone out (a close drops replies still queued in the channel):
     /// or after `closeGrace`, for a client that does not take them.
     private func closeIfDone(_ context: ChannelHandlerContext) {
-        guard (disconnecting || inputEnded) && requestsInFlight == 0 && waiting.isEmpty && setAside.isEmpty
-            && active else { return }
-        active = false
+        guard state.closeIfDone() else { return }
         writeOutput(context)
         let sent = context.eventLoop.makePromise(of: Void.self)
         context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: sent)
@@ -530,46 +465,6 @@ final class TransmissionHandler: ChannelDuplexHandler {
         if pendingFlush {
             pendingFlush = false
             context.flush()
-        }
-    }
-}
-
-/// Brings target completions from storage threads back to the event loop:
-/// the first completion of a batch schedules one task, which runs every
-/// completion queued by then and then `afterBatch` once.
-final class CompletionInbox: @unchecked Sendable {
-    private let lock = NIOLock()
-    private var queued: [() -> Void] = []
-    /// Touched on the event loop only.
-    private var afterBatchScheduled = false
-
-    /// Runs `completion` on `loop`, then `afterBatch` once for the batch. A
-    /// completion already on the loop (reaped by the loop itself) runs at
-    /// once; others queue, and the first of a batch schedules the run.
-    func post(on loop: EventLoop, _ completion: @escaping () -> Void, afterBatch: @escaping () -> Void) {
-        if loop.inEventLoop {
-            completion()
-            if !afterBatchScheduled {
-                afterBatchScheduled = true
-                loop.execute { [self] in
-                    afterBatchScheduled = false
-                    afterBatch()
-                }
-            }
-            return
-        }
-        let first = lock.withLock {
-            queued.append(completion)
-            return queued.count == 1
-        }
-        guard first else { return }
-        loop.execute { [self] in
-            let batch = lock.withLock {
-                defer { queued = [] }
-                return queued
-            }
-            for completion in batch { completion() }
-            afterBatch()
         }
     }
 }

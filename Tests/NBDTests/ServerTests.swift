@@ -2,6 +2,7 @@ import BlockTargets
 import DMIO
 import Foundation
 import LibNBD
+@testable import NBD
 import TestSupport
 import Testing
 
@@ -77,6 +78,21 @@ import Testing
                                 NBDExtent(length: 5 << 20, flags: 3)])
             let one = try nbd.blockStatus(count: 8 << 20, offset: 0, flags: .reqOne)
             #expect(one["base:allocation"] == [NBDExtent(length: 2 << 20, flags: 3)])
+        }
+    }
+
+    /// Each extent costs the event loop a file-system walk: a reply stops at
+    /// a fixed number of them (the spec lets it cover less than asked), and
+    /// the client asks again from where it ended.
+    @Test func blockStatusRepliesCarryABoundedNumberOfExtents() async throws {
+        try await withServer(size: 16 << 20) { server in
+            let nbd = try server.connect { try $0.addMetaContext("base:allocation") }
+            // Data in every other 4 KiB block: 4096 extents in 16 MiB.
+            for block in stride(from: 0, to: 4096, by: 2) { try nbd.write(pattern(4096, seed: 1), at: UInt64(block) * 4096) }
+            let extents = try #require(try nbd.blockStatus(count: 16 << 20, offset: 0)["base:allocation"])
+            #expect(extents.count == TransmissionHandler.maxExtentsPerReply)
+            #expect(extents.allSatisfy { $0.length == 4096 })
+            #expect(extents.first?.flags == 0 && extents[1].flags == 3)
         }
     }
 

@@ -68,19 +68,27 @@ final class RequestFramer: ChannelDuplexHandler {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
+    /// Where the framing is in the client's stream.
+    private enum State {
+        /// Between requests, or inside a header that the last read ended in
+        /// (its start so far).
+        case header(partial: ByteBuffer)
+        /// Inside a write's payload: the request so far, and how many bytes
+        /// of it are still to come.
+        case payload(NBDRequest, missing: Int)
+        /// At a boundary while the loop has no room: the bytes read since,
+        /// and whether a read and the end of the client's input wait with them.
+        case waitingForRoom(partialHeader: ByteBuffer, unframed: ByteBuffer, readHeld: Bool, inputClosedHeld: Bool)
+        /// A protocol violation: nothing more is framed.
+        case broken
+        /// Held for a moment while a buffer of the state is changed, so
+        /// that the state's own reference does not make the change a copy.
+        case modifying
+    }
+
     private let maxPayload: UInt32
     private let load: LoopLoad
-    /// The start of a header that the last read ended in.
-    private var partialHeader = ByteBuffer()
-    /// A write whose header has come, and `missing` bytes of its payload not yet.
-    private var awaitingPayload: (request: NBDRequest, missing: Int)?
-    /// Bytes read while the loop had no room, framed once it has.
-    private var unframed: ByteBuffer?
-    private var readHeld = false
-    /// The client's input ended while requests waited unframed: the
-    /// transmission phase hears of it once they are framed.
-    private var inputClosedHeld = false
-    private var broken = false
+    private var state = State.header(partial: ByteBuffer())
     private var context: ChannelHandlerContext?
 
     init(maxPayload: UInt32, load: LoopLoad) {
@@ -90,36 +98,45 @@ final class RequestFramer: ChannelDuplexHandler {
 
     /// Whether a write's payload is being read: the transmission handler
     /// lets reads through for it whatever its own limits.
-    var isInsidePayload: Bool { awaitingPayload != nil }
+    var isInsidePayload: Bool {
+        if case .payload = state { return true }
+        return false
+    }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
     }
 
     /// The connection is gone: the payload that did not arrive whole is
-    /// given back.
+    /// given back, and what waited unframed is dropped.
     func handlerRemoved(context: ChannelHandlerContext) {
-        if let (request, _) = awaitingPayload.take() { load.give(Int(request.length)) }
+        if case .payload(let request, _) = state { load.give(Int(request.length)) }
+        state = .broken
         load.stopWaiting(self)
-        unframed = nil
         self.context = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !broken else { return }
         var input = unwrapInboundIn(data)
-        if unframed != nil {
-            unframed!.writeBuffer(&input)
+        switch state {
+        case .broken:
             return
+        case .waitingForRoom(let partialHeader, var unframed, let readHeld, let inputClosedHeld):
+            state = .modifying
+            unframed.writeBuffer(&input)
+            state = .waitingForRoom(partialHeader: partialHeader, unframed: unframed, readHeld: readHeld,
+                                    inputClosedHeld: inputClosedHeld)
+        case .header, .payload, .modifying:
+            frame(&input, context)
         }
-        frame(&input, context)
     }
 
     private func frame(_ input: inout ByteBuffer, _ context: ChannelHandlerContext) {
         do {
             while input.readableBytes > 0 {
-                if awaitingPayload == nil && !load.hasRoom {
-                    unframed = input
+                if case .header(let partial) = state, !load.hasRoom {
+                    state = .waitingForRoom(partialHeader: partial, unframed: input, readHeld: false,
+                                            inputClosedHeld: false)
                     waitForRoom(context)
                     return
                 }
@@ -127,7 +144,7 @@ final class RequestFramer: ChannelDuplexHandler {
                 context.fireChannelRead(wrapInboundOut(request))
             }
         } catch {
-            broken = true
+            state = .broken
             context.fireErrorCaught(error)
         }
     }
@@ -141,30 +158,40 @@ final class RequestFramer: ChannelDuplexHandler {
     /// a read held here, or for the rest of a payload the framing began
     /// (the transmission handler may hold no read for it).
     private func frameWaiting() {
-        guard let context, var input = unframed.take(), !broken else { return }
+        guard let context,
+              case .waitingForRoom(let partialHeader, var input, let readHeld, let inputClosedHeld) = state
+        else { return }
+        state = .header(partial: partialHeader)
         frame(&input, context)
         context.fireChannelReadComplete()
-        guard unframed == nil else { return }
+        if case .waitingForRoom(let partialHeader, let unframed, let readHeldSince, let inputClosedSince) = state {
+            // No room again, a few requests on: what waited still waits.
+            state = .waitingForRoom(partialHeader: partialHeader, unframed: unframed,
+                                    readHeld: readHeld || readHeldSince,
+                                    inputClosedHeld: inputClosedHeld || inputClosedSince)
+            return
+        }
         if inputClosedHeld {
-            inputClosedHeld = false
             context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
-        } else if readHeld || awaitingPayload != nil {
-            readHeld = false
+        } else if readHeld || isInsidePayload {
             context.read()
         }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if unframed != nil, let event = event as? ChannelEvent, case .inputClosed = event {
-            inputClosedHeld = true
+        if case .waitingForRoom(let partialHeader, let unframed, let readHeld, _) = state,
+           let event = event as? ChannelEvent, case .inputClosed = event {
+            state = .waitingForRoom(partialHeader: partialHeader, unframed: unframed, readHeld: readHeld,
+                                    inputClosedHeld: true)
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func read(context: ChannelHandlerContext) {
-        if unframed != nil {
-            readHeld = true
+        if case .waitingForRoom(let partialHeader, let unframed, _, let inputClosedHeld) = state {
+            state = .waitingForRoom(partialHeader: partialHeader, unframed: unframed, readHeld: true,
+                                    inputClosedHeld: inputClosedHeld)
         } else {
             context.read()
         }
@@ -175,8 +202,9 @@ final class RequestFramer: ChannelDuplexHandler {
     private func nextRequest(from input: inout ByteBuffer) throws -> NBDRequest? {
         var request: NBDRequest
         let missing: Int
-        if let awaiting = awaitingPayload.take() {
-            (request, missing) = awaiting
+        if case .payload(let awaiting, let left) = state {
+            state = .header(partial: ByteBuffer())
+            (request, missing) = (awaiting, left)
         } else {
             guard let header = try nextHeader(from: &input) else { return nil }
             guard header.type == CommandType.write.rawValue else { return header }
@@ -188,23 +216,30 @@ final class RequestFramer: ChannelDuplexHandler {
         let slice = input.readSlice(length: min(missing, input.readableBytes))!
         request.payload!.append(slice)
         guard slice.readableBytes == missing else {
-            awaitingPayload = (request, missing - slice.readableBytes)
+            state = .payload(request, missing: missing - slice.readableBytes)
             return nil
         }
         return request
     }
+
     /// The next request header, parsed in place when the read holds all of
     /// it, else once its pieces are put together.
     private func nextHeader(from input: inout ByteBuffer) throws -> NBDRequest? {
-        if partialHeader.readableBytes == 0 && input.readableBytes >= WireSize.requestHeader {
+        guard case .header(var partial) = state else { preconditionFailure("a header outside a boundary") }
+        if partial.readableBytes == 0 && input.readableBytes >= WireSize.requestHeader {
             return try header(from: &input)
         }
-        var piece = input.readSlice(length: min(WireSize.requestHeader - partialHeader.readableBytes,
-                                                input.readableBytes))!
-        partialHeader.writeBuffer(&piece)
-        guard partialHeader.readableBytes == WireSize.requestHeader else { return nil }
-        defer { partialHeader.clear() }
-        return try header(from: &partialHeader)
+        state = .modifying
+        var piece = input.readSlice(length: min(WireSize.requestHeader - partial.readableBytes, input.readableBytes))!
+        partial.writeBuffer(&piece)
+        guard partial.readableBytes == WireSize.requestHeader else {
+            state = .header(partial: partial)
+            return nil
+        }
+        let request = try header(from: &partial)
+        partial.clear()
+        state = .header(partial: partial)
+        return request
     }
 
     private func header(from bytes: inout ByteBuffer) throws -> NBDRequest {
