@@ -71,14 +71,14 @@ final class RequestFramer: ChannelDuplexHandler {
     /// Where the framing is in the client's stream.
     private enum State {
         /// Between requests, or inside a header that the last read ended in
-        /// (its start so far).
-        case header(partial: ByteBuffer)
+        /// (its start so far is in `partialHeader`).
+        case header
         /// Inside a write's payload: the request so far, and how many bytes
         /// of it are still to come.
         case payload(NBDRequest, missing: Int)
         /// At a boundary while the loop has no room: the bytes read since,
         /// and whether a read and the end of the client's input wait with them.
-        case waitingForRoom(partialHeader: ByteBuffer, unframed: ByteBuffer, readHeld: Bool, inputClosedHeld: Bool)
+        case waitingForRoom(unframed: ByteBuffer, readHeld: Bool, inputClosedHeld: Bool)
         /// A protocol violation: nothing more is framed.
         case broken
         /// Held for a moment while a buffer of the state is changed, so
@@ -88,7 +88,10 @@ final class RequestFramer: ChannelDuplexHandler {
 
     private let maxPayload: UInt32
     private let load: LoopLoad
-    private var state = State.header(partial: ByteBuffer())
+    private var state = State.header
+    /// The start of a header that the last read ended in: kept out of the
+    /// state, so that looking at the state copies no buffer, and reused.
+    private var partialHeader = ByteBuffer()
     private var context: ChannelHandlerContext?
 
     init(maxPayload: UInt32, load: LoopLoad) {
@@ -121,11 +124,10 @@ final class RequestFramer: ChannelDuplexHandler {
         switch state {
         case .broken:
             return
-        case .waitingForRoom(let partialHeader, var unframed, let readHeld, let inputClosedHeld):
+        case .waitingForRoom(var unframed, let readHeld, let inputClosedHeld):
             state = .modifying
             unframed.writeBuffer(&input)
-            state = .waitingForRoom(partialHeader: partialHeader, unframed: unframed, readHeld: readHeld,
-                                    inputClosedHeld: inputClosedHeld)
+            state = .waitingForRoom(unframed: unframed, readHeld: readHeld, inputClosedHeld: inputClosedHeld)
         case .header, .payload, .modifying:
             frame(&input, context)
         }
@@ -134,9 +136,8 @@ final class RequestFramer: ChannelDuplexHandler {
     private func frame(_ input: inout ByteBuffer, _ context: ChannelHandlerContext) {
         do {
             while input.readableBytes > 0 {
-                if case .header(let partial) = state, !load.hasRoom {
-                    state = .waitingForRoom(partialHeader: partial, unframed: input, readHeld: false,
-                                            inputClosedHeld: false)
+                if case .header = state, !load.hasRoom {
+                    state = .waitingForRoom(unframed: input, readHeld: false, inputClosedHeld: false)
                     waitForRoom(context)
                     return
                 }
@@ -159,15 +160,14 @@ final class RequestFramer: ChannelDuplexHandler {
     /// (the transmission handler may hold no read for it).
     private func frameWaiting() {
         guard let context,
-              case .waitingForRoom(let partialHeader, var input, let readHeld, let inputClosedHeld) = state
+              case .waitingForRoom(var input, let readHeld, let inputClosedHeld) = state
         else { return }
-        state = .header(partial: partialHeader)
+        state = .header
         frame(&input, context)
         context.fireChannelReadComplete()
-        if case .waitingForRoom(let partialHeader, let unframed, let readHeldSince, let inputClosedSince) = state {
+        if case .waitingForRoom(let unframed, let readHeldSince, let inputClosedSince) = state {
             // No room again, a few requests on: what waited still waits.
-            state = .waitingForRoom(partialHeader: partialHeader, unframed: unframed,
-                                    readHeld: readHeld || readHeldSince,
+            state = .waitingForRoom(unframed: unframed, readHeld: readHeld || readHeldSince,
                                     inputClosedHeld: inputClosedHeld || inputClosedSince)
             return
         }
@@ -179,19 +179,17 @@ final class RequestFramer: ChannelDuplexHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case .waitingForRoom(let partialHeader, let unframed, let readHeld, _) = state,
+        if case .waitingForRoom(let unframed, let readHeld, _) = state,
            let event = event as? ChannelEvent, case .inputClosed = event {
-            state = .waitingForRoom(partialHeader: partialHeader, unframed: unframed, readHeld: readHeld,
-                                    inputClosedHeld: true)
+            state = .waitingForRoom(unframed: unframed, readHeld: readHeld, inputClosedHeld: true)
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func read(context: ChannelHandlerContext) {
-        if case .waitingForRoom(let partialHeader, let unframed, _, let inputClosedHeld) = state {
-            state = .waitingForRoom(partialHeader: partialHeader, unframed: unframed, readHeld: true,
-                                    inputClosedHeld: inputClosedHeld)
+        if case .waitingForRoom(let unframed, _, let inputClosedHeld) = state {
+            state = .waitingForRoom(unframed: unframed, readHeld: true, inputClosedHeld: inputClosedHeld)
         } else {
             context.read()
         }
@@ -203,7 +201,7 @@ final class RequestFramer: ChannelDuplexHandler {
         var request: NBDRequest
         let missing: Int
         if case .payload(let awaiting, let left) = state {
-            state = .header(partial: ByteBuffer())
+            state = .header
             (request, missing) = (awaiting, left)
         } else {
             guard let header = try nextHeader(from: &input) else { return nil }
@@ -225,21 +223,15 @@ final class RequestFramer: ChannelDuplexHandler {
     /// The next request header, parsed in place when the read holds all of
     /// it, else once its pieces are put together.
     private func nextHeader(from input: inout ByteBuffer) throws -> NBDRequest? {
-        guard case .header(var partial) = state else { preconditionFailure("a header outside a boundary") }
-        if partial.readableBytes == 0 && input.readableBytes >= WireSize.requestHeader {
+        if partialHeader.readableBytes == 0 && input.readableBytes >= WireSize.requestHeader {
             return try header(from: &input)
         }
-        state = .modifying
-        var piece = input.readSlice(length: min(WireSize.requestHeader - partial.readableBytes, input.readableBytes))!
-        partial.writeBuffer(&piece)
-        guard partial.readableBytes == WireSize.requestHeader else {
-            state = .header(partial: partial)
-            return nil
-        }
-        let request = try header(from: &partial)
-        partial.clear()
-        state = .header(partial: partial)
-        return request
+        var piece = input.readSlice(length: min(WireSize.requestHeader - partialHeader.readableBytes,
+                                                input.readableBytes))!
+        partialHeader.writeBuffer(&piece)
+        guard partialHeader.readableBytes == WireSize.requestHeader else { return nil }
+        defer { partialHeader.clear() }
+        return try header(from: &partialHeader)
     }
 
     private func header(from bytes: inout ByteBuffer) throws -> NBDRequest {
