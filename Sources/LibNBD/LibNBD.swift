@@ -47,6 +47,25 @@ public enum NBDBlockSize: Int32, Sendable {
 /// held: it must not call into the same handle.
 public typealias NBDCompletion = @convention(c) (UnsafeMutableRawPointer?, UnsafeMutablePointer<Int32>?) -> Int32
 
+/// What `NBDHandle.setTLS` gives libnbd: a folder of certificates (libnbd's
+/// layout: ca-cert.pem, and client-cert.pem with client-key.pem where the
+/// server wants one), or a PSK file and the user to take from it.
+public struct NBDTLSOptions: Sendable, Hashable {
+    public var certificates: String?
+    public var pskFile: String?
+    public var username: String?
+    /// Check the server's certificate against the CA (and its name against
+    /// the host's, over TCP): libnbd's default.
+    public var verifyPeer: Bool
+
+    public init(certificates: String? = nil, pskFile: String? = nil, username: String? = nil, verifyPeer: Bool = true) {
+        self.certificates = certificates
+        self.pskFile = pskFile
+        self.username = username
+        self.verifyPeer = verifyPeer
+    }
+}
+
 /// One libnbd handle: one NBD connection.
 ///
 /// libnbd serialises calls on a handle with its own lock, so a handle may be
@@ -96,6 +115,22 @@ public final class NBDHandle: @unchecked Sendable {
         try check(rc)
         return rc == 1
     }
+
+    /// The credentials a connection to an `nbds://` or `nbds+unix://` URI
+    /// uses (a plaintext URI uses none), set before connecting. A URI's own
+    /// `tls-certificates=` or `tls-psk-file=` wins over them; those name
+    /// files, which libnbd allows only when told (the URIs here are the
+    /// user's own, not a stranger's).
+    public func setTLS(_ options: NBDTLSOptions) throws(NBDError) {
+        if let certificates = options.certificates { try check(nbd_set_tls_certificates(handle, certificates)) }
+        if let pskFile = options.pskFile { try check(nbd_set_tls_psk_file(handle, pskFile)) }
+        if let username = options.username { try check(nbd_set_tls_username(handle, username)) }
+        try check(nbd_set_tls_verify_peer(handle, options.verifyPeer))
+        try check(nbd_set_uri_allow_local_file(handle, true))
+    }
+
+    /// Whether the connection runs TLS (after the handshake).
+    public var tlsNegotiated: Bool { nbd_get_tls_negotiated(handle) == 1 }
 
     public func connect(unixSocket path: String, exportName: String = "") throws(NBDError) {
         try check(nbd_set_export_name(handle, exportName))

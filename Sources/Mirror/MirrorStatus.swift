@@ -55,6 +55,15 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
     public var legs: [Leg]
     public var resync: Resync
 
+    /// "2 of 2 legs in sync", with a resync's progress: one line for a
+    /// service manager's status.
+    public var summaryLine: String {
+        let inSync = legs.filter { $0.state == .inSync }.count
+        var line = "mirror \(uuid): \(inSync) of \(legs.count) legs in sync"
+        if resync.active { line += ", resyncing \(resync.summary)" }
+        return line
+    }
+
     /// One line in the style of dm-raid1's `dmsetup status`:
     /// `<legs> <device>... <in-sync>/<regions> 1 <health>`, where health has
     /// one letter a leg: A alive, D failed a write, R failed a read, and

@@ -24,6 +24,7 @@ public enum ListenAddress: Sendable, Hashable, CustomStringConvertible {
 /// one event loop, all sharing the exports' targets.
 public final class NBDServer: @unchecked Sendable {
     private let exports: [Export]
+    private let tls: ServerTLS?
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
     private let listeners = NIOLockedValueBox<[Channel]>([])
@@ -49,11 +50,13 @@ public final class NBDServer: @unchecked Sendable {
     /// `DMIOClient.threadDriven`); where io_uring is refused, or without it,
     /// targets use their own client. The connections together buffer about
     /// `bufferLimit` bytes of requests and replies at most (each loop a
-    /// share, which one request may pass by its length).
-    public init(exports: [Export], threads: Int = System.coreCount, ringPerLoop: Bool = true,
+    /// share, which one request may pass by its length). With `tls`, clients
+    /// may (or must, as its policy says) run TLS.
+    public init(exports: [Export], tls: ServerTLS? = nil, threads: Int = System.coreCount, ringPerLoop: Bool = true,
                 bufferLimit: Int = NBDServer.defaultBufferLimit, logger: Logger) {
         precondition(!exports.isEmpty, "a server needs an export")
         self.exports = exports
+        self.tls = tls
         self.logger = logger
         self.ringPerLoop = ringPerLoop
         loopCount = threads
@@ -136,7 +139,7 @@ public final class NBDServer: @unchecked Sendable {
         connectionLogger[metadataKey: "connection"] = "\(channel.remoteAddress?.description ?? "unix")"
         let loop = ObjectIdentifier(channel.eventLoop)
         let io = loopIO.withLockedValue { $0?[loop]?.context } ?? .targetsOwn
-        try Self.configure(channel, exports: exports, load: loads[loop]!, io: io, logger: connectionLogger)
+        try Self.configure(channel, exports: exports, tls: tls, load: loads[loop]!, io: io, logger: connectionLogger)
     }
 
     /// Once a burst of requests is over, the memory it used goes back to
@@ -170,12 +173,12 @@ public final class NBDServer: @unchecked Sendable {
     /// Sets up a connection's pipeline: the handshake's decoder and
     /// handler, which hand over to the transmission phase's after NBD_OPT_GO.
     /// Its target requests run in `io`.
-    static func configure(_ channel: Channel, exports: [Export],
+    static func configure(_ channel: Channel, exports: [Export], tls: ServerTLS? = nil,
                           load: LoopLoad = LoopLoad(bufferLimit: NBDServer.defaultBufferLimit),
                           io: IOContext = .targetsOwn, logger: Logger) throws {
         let handover = OptionDecoder.Handover()
         let optionDecoder = ByteToMessageHandler(OptionDecoder(handover: handover))
-        let handshake = HandshakeHandler(exports: exports, logger: logger) { context, session in
+        let handshake = HandshakeHandler(exports: exports, tls: tls, handover: handover, logger: logger) { context, session in
             let framer = RequestFramer(maxPayload: session.export.target.blockSizes.maximumPayload, load: load)
             let transmission = TransmissionHandler(session: session, io: io, allocator: context.channel.allocator,
                                                    load: load, framer: framer, logger: logger)
@@ -186,7 +189,7 @@ public final class NBDServer: @unchecked Sendable {
                 // (which the spec asks it to wait for), go to the framer as
                 // requests when the option decoder leaves.
                 pipeline.removeHandler(context: context, promise: nil)
-                handover.done = true
+                handover.next = .transmission
                 pipeline.removeHandler(optionDecoder, promise: nil)
             } catch {
                 logger.error("cannot start transmission: \(error)")

@@ -2,6 +2,7 @@ import BlockTargets
 import Glibc
 import Logging
 import NIOCore
+import NIOSSL
 
 /// The transmission phase of one connection: checks each request
 /// (`validate`), runs it on the target, and sends the replies, in whatever
@@ -186,7 +187,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        logger.notice("closing connection: \(error)")
+        if case NIOSSLError.uncleanShutdown = error {
+            // A TLS client that went without close_notify (qemu does): its
+            // requests were answered, nothing to tell an operator.
+            logger.debug("closing connection: the client ended TLS without close_notify")
+        } else {
+            logger.notice("closing connection: \(error)")
+        }
         context.close(promise: nil)
     }
 

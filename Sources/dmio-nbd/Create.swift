@@ -32,6 +32,9 @@ struct Create: ParsableCommand {
     @Flag(help: "The legs already hold the same data (all zeroes, or copies): skip the first copy.")
     var assumeClean = false
 
+    @OptionGroup(title: "Remote legs over TLS")
+    var remoteTLS: RemoteTLSOptions
+
     func validate() throws {
         guard legs.count >= 2 else { throw ValidationError("a mirror needs at least 2 legs") }
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
@@ -51,7 +54,7 @@ struct Create: ParsableCommand {
         do {
             var devices: [BlockDevice] = []
             for spec in specs {
-                let device = try openLeg(spec, options: DeviceOptions(createSize: size?.bytes))
+                let device = try openLeg(spec, options: DeviceOptions(createSize: size?.bytes, remoteTLS: remoteTLS.settings))
                 if device.wasCreated { made.append(spec) }
                 devices.append(device)
             }

@@ -10,10 +10,12 @@ struct Examine: ParsableCommand {
         abstract: "Show what a leg's metadata says: its mirror, its place, every leg's state.")
     @Argument(help: "A file, a block device or an NBD URI.") var leg: String
     @Flag(help: "Print it as JSON (its fields are in the README).") var json = false
+    @OptionGroup(title: "Remote legs over TLS") var remoteTLS: RemoteTLSOptions
 
     func run() throws {
         let client = try DMIOClient()
-        let device = try openLeg(absolutePath(leg), options: DeviceOptions(readOnly: true, exclusive: false))
+        let device = try openLeg(absolutePath(leg),
+                                 options: DeviceOptions(readOnly: true, exclusive: false, remoteTLS: remoteTLS.settings))
         let found: LegMetadata
         do { found = try Mirror.examine(device, client: client) } catch { throw CleanExit.message("\(error)", code: 1) }
         print(json ? encodeJSON(found) : describe(found))
@@ -53,10 +55,11 @@ struct Wipe: ParsableCommand {
         abstract: "Erase a leg's mirror metadata (refused while its mirror is served).",
         discussion: "The data after the metadata is left as it is; the device no longer belongs to the mirror.")
     @Argument(help: "A file, a block device or an NBD URI.") var leg: String
+    @OptionGroup(title: "Remote legs over TLS") var remoteTLS: RemoteTLSOptions
 
     func run() throws {
         let client = try DMIOClient()
-        let device = try openLeg(absolutePath(leg), options: DeviceOptions())
+        let device = try openLeg(absolutePath(leg), options: DeviceOptions(remoteTLS: remoteTLS.settings))
         do {
             print("wiped \(try Mirror.wipe(device, client: client)) from \(device.name)")
         } catch {

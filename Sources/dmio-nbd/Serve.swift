@@ -38,9 +38,19 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Listen on TCP: host:port, host (port 10809) or :port.", valueName: "host:port"))
     var tcp: TCPAddress?
 
+    @OptionGroup(title: "TLS")
+    var tls: ServerTLSOptions
+
+    @OptionGroup(title: "Remote legs over TLS")
+    var remoteTLS: RemoteTLSOptions
+
     @Option(help: ArgumentHelp("The mirror's control socket (default: \(ControlFolder.path)/UUID.ctl).",
                                valueName: "path"))
     var control: String?
+
+    @Option(help: ArgumentHelp("Write the server's pid here once it serves (every socket listens, the mirror "
+                               + "is open); removed at the stop.", valueName: "path"))
+    var pidfile: String?
 
     @Option(help: "The export's name.")
     var export = ""
@@ -113,9 +123,12 @@ struct Serve: AsyncParsableCommand {
         stops.whenForced { signal in
             logger.warning("\(signal) again: stopping now, without answering the requests in flight; a mirror resyncs its dirty regions at its next start")
         }
-        // The sockets first: a refusal there (a port in use, a missing
-        // folder) comes before any leg is opened, and no metadata is written.
-        let listeners = try bindListeners()
+        // The credentials and the sockets first: a refusal there (a missing
+        // certificate, a port in use, a missing folder) comes before any leg
+        // is opened, and no metadata is written.
+        let serverTLS = try tls.load()
+        let listeners = try listeningSockets()
+        warnIfOpen(listeners, tls: serverTLS, logger: logger)
         var controlListener: Listener?
         let served: ServedTarget
         do {
@@ -134,34 +147,60 @@ struct Serve: AsyncParsableCommand {
         }
         let server = NBDServer(
             exports: [Export(name: export, description: description, readOnly: readOnly, target: served.target)],
-            ringPerLoop: served.engineKind == .ioUring,
+            tls: serverTLS, ringPerLoop: served.engineKind == .ioUring,
             bufferLimit: Int(clamping: bufferLimit?.bytes ?? UInt64(NBDServer.defaultBufferLimit)), logger: logger)
-        for listener in listeners {
-            do {
-                try await server.serve(listening: listener.socket, address: listener.address)
-            } catch {
-                // Nothing was served: the mirror stops cleanly all the same.
-                await server.shutdown()
-                served.stop()
-                controlListener?.close()
-                for listener in listeners { listener.removeFile() }
-                throw CleanExit.message("cannot serve on \(listener.address): \(error)", code: 1)
+        var pidFile: PidFile?
+        do {
+            for listener in listeners {
+                do {
+                    try await server.serve(listening: listener.socket, address: listener.address)
+                } catch {
+                    throw CleanExit.message("cannot serve on \(listener.address): \(error)", code: 1)
+                }
+                let tlsNote = serverTLS.map { ", TLS \($0.policy) with \($0.summary)" } ?? ""
+                logger.info("serving \(served.summary) (\(served.target.size) bytes, engine \(served.engineKind)) on \(listener.address)\(tlsNote)")
             }
-            logger.info("serving \(served.summary) (\(served.target.size) bytes, engine \(served.engineKind)) on \(listener.address)")
+            pidFile = try self.pidfile.map { try PidFile.write(absolutePath($0)) }
+        } catch {
+            // Nothing was served: the mirror stops cleanly all the same.
+            await server.shutdown()
+            served.stop()
+            controlListener?.close()
+            for listener in listeners { listener.removeFile() }
+            throw error
         }
         let controlServer = controlListener.map { listener in
             ControlServer(listener: listener, mirror: served.target as! Mirror,
                           served: listeners.map { "\($0.address)" }, logger: logger)
         }
+        let notifier = ServiceNotifier()
+        notifier?.ready(status: served.statusLine)
         if legs.isEmpty, case .unix(let path) = listeners.last?.address { printAttachLines(socketPath: path) }
 
         let signal = await stops.wait()
         logger.info("\(signal): answering the requests in flight, then stopping")
+        notifier?.stopping("\(signal): answering the requests in flight, then stopping")
+        // In order: no new connection or request, the requests in flight
+        // answered, the mirror's metadata written clean, then the control
+        // socket (status answers until the mirror is stopped).
         await server.shutdown()
-        controlServer?.stop()
         served.stop()
+        controlServer?.stop()
         for listener in listeners { listener.removeFile() }
+        pidFile?.remove()
         logger.info("stopped")
+    }
+
+    /// The NBD sockets: handed over by socket activation, else bound and
+    /// listening: --tcp, --socket, or the default socket.
+    private func listeningSockets() throws -> [Listener] {
+        guard let activated = try SocketActivation.listeners() else { return try bindListeners() }
+        if socket != nil || tcp != nil {
+            for listener in activated { listener.close() }
+            throw CleanExit.message("--socket and --tcp cannot be given with socket activation (LISTEN_FDS): "
+                                    + "the service manager chose the sockets", code: 1)
+        }
+        return activated
     }
 
     /// The NBD sockets, bound and listening: --tcp, --socket, or the default socket.
@@ -181,6 +220,16 @@ struct Serve: AsyncParsableCommand {
         return listeners
     }
 
+    /// Who can reach a TCP port without TLS can read and write the device.
+    private func warnIfOpen(_ listeners: [Listener], tls: ServerTLS?, logger: Logger) {
+        guard tls?.policy != .require else { return }
+        for listener in listeners {
+            guard case .tcp(_, let port) = listener.address else { continue }
+            let offered = tls == nil ? "" : " (TLS is offered, not required)"
+            logger.warning("TCP port \(port) without --tls=require: anyone who can reach it can read and write the device\(offered)")
+        }
+    }
+
     /// The mirror's control socket, mode 0600 (only its owner may change the
     /// mirror): at --control, or under a name of its own in the control
     /// folder until the mirror's UUID is known.
@@ -193,7 +242,7 @@ struct Serve: AsyncParsableCommand {
 
     private func deviceOptions(createSize: UInt64?) -> DeviceOptions {
         DeviceOptions(readOnly: readOnly, direct: direct, createSize: createSize,
-                      remoteTimeout: remoteTimeout == 0 ? nil : .seconds(remoteTimeout))
+                      remoteTimeout: remoteTimeout == 0 ? nil : .seconds(remoteTimeout), remoteTLS: remoteTLS.settings)
     }
 
     private func serveOne(client: DMIOClient, logger: Logger) throws -> ServedTarget {
@@ -223,8 +272,9 @@ struct Serve: AsyncParsableCommand {
                 throw CleanExit.message("\(error)", code: 1)
             }
         }
-        return ServedTarget(target: LinearTarget(device: device, client: client), summary: legs[0],
-                            engineKind: client.engineKind) {
+        let summary = legs[0]
+        return ServedTarget(target: LinearTarget(device: device, client: client), summary: summary,
+                            engineKind: client.engineKind, statusLine: { "serving \(summary)" }) {
             let flushed = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
             if let flushed, !flushed.succeeded { logger.error("final flush failed: \(flushed)") }
             mirrorLock?.release()
@@ -253,7 +303,7 @@ struct Serve: AsyncParsableCommand {
             throw CleanExit.message("\(error)", code: 1)
         }
         return ServedTarget(target: mirror, summary: "mirror \(mirror.uuid) of \(specs.joined(separator: " "))",
-                            engineKind: client.engineKind) {
+                            engineKind: client.engineKind, statusLine: { mirror.status.summaryLine }) {
             mirror.stop()
         }
     }
@@ -282,6 +332,8 @@ struct ServedTarget {
     let target: any BlockTarget
     let summary: String
     let engineKind: IOEngineKind
+    /// What the service manager shows (`systemctl status`).
+    let statusLine: @Sendable () -> String
     let stop: () -> Void
 }
 

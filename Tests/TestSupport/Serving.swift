@@ -29,10 +29,11 @@ public final class ServeProcess {
     }
 
     /// Waits until the server answers on its socket (a stale socket file
-    /// may be there before); throws with the server's words if it exits.
-    public func waitUntilListening() throws {
+    /// may be there before), over TLS with `tls`; throws with the server's
+    /// words if it exits.
+    public func waitUntilListening(tls: NBDTLSOptions? = nil) throws {
         let deadline = Date().addingTimeInterval(20)
-        while (try? NBDHandle().connect(unixSocket: socket)) == nil {
+        while !answers(socket, tls: tls) {
             guard process.isRunning else { throw CommandFailed(command: "dmio-nbd serve", status: process.terminationStatus, output: stderr()) }
             guard Date() < deadline else { throw CommandFailed(command: "dmio-nbd serve", status: -1, output: "no socket after 20 s") }
             usleep(20_000)
@@ -56,6 +57,24 @@ public final class ServeProcess {
 
     deinit {
         if process.isRunning { _ = stop() }
+    }
+}
+
+/// Whether an NBD server answers on the unix socket at `path`, over TLS
+/// with `tls`. (The socket file appears at bind, before the server listens,
+/// and a dmio-nbd listens before its mirror is open.)
+public func answers(_ path: String, tls: NBDTLSOptions? = nil) -> Bool {
+    do {
+        let handle = try NBDHandle()
+        guard let tls else {
+            try handle.connect(unixSocket: path)
+            return true
+        }
+        try handle.setTLS(tls)
+        try handle.connect(uri: "nbds+unix:///?socket=\(path)")
+        return true
+    } catch {
+        return false
     }
 }
 
@@ -89,7 +108,7 @@ public class NBDServerProcess {
     /// Runs `command(socket)`, on `socket` if given (a restarted leg server
     /// keeps its address), else in a folder of its own, and waits until it
     /// answers.
-    init(socket: String?, command: (String) -> [String]) throws {
+    init(socket: String?, tls: NBDTLSOptions? = nil, command: (String) -> [String]) throws {
         if let socket {
             self.socket = socket
             ownFolder = nil
@@ -105,9 +124,7 @@ public class NBDServerProcess {
         process.standardError = FileHandle.nullDevice
         try process.run()
         let deadline = Date().addingTimeInterval(10)
-        // The socket file appears at bind, before the server listens: wait
-        // until it answers.
-        while (try? NBDHandle().connect(unixSocket: self.socket)) == nil {
+        while !answers(self.socket, tls: tls) {
             guard process.isRunning, Date() < deadline else {
                 throw CommandFailed(command: arguments.joined(separator: " "), status: -1, output: "did not start")
             }
@@ -162,8 +179,9 @@ public class NBDServerProcess {
 /// An nbdkit server: `arguments` follow nbdkit's own options (filters, the
 /// plugin, its parameters).
 public final class NBDKit: NBDServerProcess {
-    public init(_ arguments: [String], socket: String? = nil) throws {
-        try super.init(socket: socket) { ["nbdkit", "--foreground", "--exit-with-parent", "--unix", $0] + arguments }
+    /// With `tls`, the client settings that reach it (for its --tls=require).
+    public init(_ arguments: [String], socket: String? = nil, tls: NBDTLSOptions? = nil) throws {
+        try super.init(socket: socket, tls: tls) { ["nbdkit", "--foreground", "--exit-with-parent", "--unix", $0] + arguments }
     }
 }
 

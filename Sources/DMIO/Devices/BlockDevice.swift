@@ -1,4 +1,5 @@
 import Glibc
+import LibNBD
 
 /// How to open a device.
 public struct DeviceOptions: Sendable, Hashable {
@@ -19,18 +20,21 @@ public struct DeviceOptions: Sendable, Hashable {
     /// it owes replies, before it is given up: its requests then fail with
     /// ETIMEDOUT. nil waits for ever (until TCP itself gives up).
     public var remoteTimeout: Duration?
+    /// The TLS credentials of remote devices named by `nbds` URIs.
+    public var remoteTLS: NBDTLSOptions
 
     /// 30 seconds, the SCSI layer's default command timeout: a mirror whose
     /// remote leg hangs goes on without it after this long.
     public static let defaultRemoteTimeout = Duration.seconds(30)
 
     public init(readOnly: Bool = false, direct: Bool = false, createSize: UInt64? = nil, exclusive: Bool = true,
-                remoteTimeout: Duration? = defaultRemoteTimeout) {
+                remoteTimeout: Duration? = defaultRemoteTimeout, remoteTLS: NBDTLSOptions = NBDTLSOptions()) {
         self.readOnly = readOnly
         self.direct = direct
         self.createSize = createSize
         self.exclusive = exclusive
         self.remoteTimeout = remoteTimeout
+        self.remoteTLS = remoteTLS
     }
 }
 

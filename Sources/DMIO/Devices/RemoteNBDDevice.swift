@@ -22,6 +22,7 @@ final class RemoteNBDDevice: DeviceDriver, @unchecked Sendable {
         let handle: NBDHandle
         do {
             handle = try NBDHandle()
+            try handle.setTLS(options.remoteTLS)
             try Self.connect(handle, to: uri, within: options.remoteTimeout)
             size = try handle.size()
             isReadOnly = try options.readOnly || handle.isReadOnly()

@@ -19,10 +19,22 @@ struct OptionDecoder: ByteToMessageDecoder {
     /// Longer option data is skipped and answered NBD_REP_ERR_TOO_BIG.
     static let maxOptionData = 64 * 1024
 
-    /// Set when the handshake ends: what the decoder still holds then
-    /// belongs to the transmission phase.
+    /// Where the bytes after the option just decoded go, set by the
+    /// handshake handler as it takes the option.
     final class Handover {
-        var done = false
+        enum Next {
+            /// More options.
+            case options
+            /// TLS starts: the bytes the decoder holds came before the
+            /// client saw the acknowledgement of NBD_OPT_STARTTLS, so not
+            /// through TLS; they are dropped (nbdkit's CVE-2021-3716), and
+            /// the options that come decrypted are read as usual.
+            case tls
+            /// The handshake is over: what the decoder holds belongs to the
+            /// transmission phase.
+            case transmission
+        }
+        var next = Next.options
     }
 
     private let handover: Handover
@@ -58,6 +70,11 @@ struct OptionDecoder: ByteToMessageDecoder {
         buffer.moveReaderIndex(forwardBy: WireSize.optionHeader)
         let data = buffer.readSlice(length: Int(length))!
         context.fireChannelRead(wrapInboundOut(.option(ClientOption(code: code, data: data))))
+        if handover.next == .tls {
+            handover.next = .options
+            buffer.moveReaderIndex(to: buffer.writerIndex)
+            return .needMoreData
+        }
         return .continue
     }
 
@@ -70,7 +87,7 @@ struct OptionDecoder: ByteToMessageDecoder {
     /// handler takes only options.
     mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer,
                              seenEOF: Bool) throws -> DecodingState {
-        if handover.done && buffer.readableBytes > 0 {
+        if handover.next == .transmission && buffer.readableBytes > 0 {
             context.fireChannelRead(NIOAny(buffer.readSlice(length: buffer.readableBytes)!))
             // As a socket read does: the transmission handler ends the batch
             // of requests there (it holds their I/O until then) and replies.

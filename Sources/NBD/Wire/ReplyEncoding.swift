@@ -69,6 +69,39 @@ extension ByteBuffer {
         writeOptionReply(option, .metaContext, data: entry)
     }
 
+    /// What the handshake decided to answer option `code` with.
+    mutating func writeAnswer(_ code: UInt32, _ answer: HandshakeStateMachine.Answer) {
+        switch answer {
+        case .ack:
+            writeOptionReply(code, .ack)
+        case .error(let type, let message):
+            writeOptionError(code, type, message: message)
+        case .exports(let exports):
+            for export in exports {
+                writeServerReply(code, name: export.name, description: export.description)
+            }
+            writeOptionReply(code, .ack)
+        case .info(let session, let requests):
+            let export = session.export
+            writeExportInfo(code, size: export.target.size, flags: session.flags)
+            if requests.contains(InfoType.name.rawValue) {
+                writeTextInfo(code, .name, export.name)
+            }
+            if requests.contains(InfoType.description.rawValue), let description = export.description {
+                writeTextInfo(code, .description, description)
+            }
+            // Sent whether asked or not: the minimum block size is not the
+            // protocol's default of 1, and clients ignore what they did not ask.
+            writeBlockSizeInfo(code, export.target.blockSizes)
+            writeOptionReply(code, .ack)
+        case .metaContexts(let contexts, let listing):
+            for context in contexts {
+                writeMetaContextReply(code, id: listing ? 0 : context.id, name: context.name)
+            }
+            writeOptionReply(code, .ack)
+        }
+    }
+
     /// The answer to NBD_OPT_EXPORT_NAME: size, flags, and (unless the
     /// client asked for none) 124 bytes of zeroes.
     mutating func writeExportNameReply(size: UInt64, flags: TransmissionFlags, zeroes: Bool) {
