@@ -17,12 +17,14 @@ serve: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	.build/release/dmio-nbd
 
-## The real Linux nbd driver: ext4 on /dev/nbd0 served by dmio-nbd, in a VM.
+## The real Linux nbd driver: ext4 on /dev/nbd0 served by dmio-nbd, in a VM (unix socket; a mirror
+## with a failing leg; TCP with TLS).
 e2e: deps
 	@test -x $(SHARED)/e2e/kernel-nbd-smoke || { echo "e2e: $(SHARED)/e2e/kernel-nbd-smoke not found (set SHARED=)"; exit 2; }
 	$(SWIFT) build --product dmio-nbd
 	$(SHARED)/e2e/kernel-nbd-smoke --server '.build/debug/dmio-nbd serve --socket "$$NBD_SOCKET" --create 256M /tmp/dmio-e2e-leg.img'
 	scripts/e2e-mirror --dmio-nbd .build/debug/dmio-nbd --vm-run $(SHARED)/e2e/vm-run
+	scripts/e2e-tls --dmio-nbd .build/debug/dmio-nbd --vm-run $(SHARED)/e2e/vm-run
 
 build: deps
 	$(SWIFT) build
