@@ -188,12 +188,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         if case NIOSSLError.uncleanShutdown = error {
-            // A TLS client that went without close_notify (qemu does): its
-            // requests were answered, nothing to tell an operator.
-            logger.debug("closing connection: the client ended TLS without close_notify")
-        } else {
-            logger.notice("closing connection: \(error)")
+            // A TLS client that went without close_notify (qemu does): the
+            // end of its input follows, and what it sent is answered first,
+            // as after a plaintext half-close.
+            logger.debug("the client ended TLS without close_notify")
+            return
         }
+        logger.notice("closing connection: \(error)")
         context.close(promise: nil)
     }
 

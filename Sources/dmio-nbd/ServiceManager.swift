@@ -138,7 +138,9 @@ struct PidFile {
 
     static func write(_ path: String) throws -> PidFile {
         let temporary = "\(path).\(getpid()).tmp"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        // A name others could guess: never through a link they planted.
+        unlink(temporary)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw CleanExit.message("cannot write --pidfile \(path): \(errnoDescription(errno))", code: 1) }
         let text = "\(getpid())\n"
         let written = text.withCString { Glibc.write(fd, $0, strlen($0)) }
