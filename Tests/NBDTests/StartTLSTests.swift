@@ -49,6 +49,15 @@ import Testing
         }
     }
 
+    /// The client flags and NBD_OPT_STARTTLS, with `options` in the same packet.
+    private func sendStartTLS(_ server: EmbeddedChannel, followedBy options: [UInt32] = []) throws {
+        var packet = ByteBuffer()
+        packet.writeInteger(UInt32(1))
+        packet.writeOption(OptionCode.startTLS.rawValue)
+        for option in options { packet.writeOption(option) }
+        try server.writeInbound(packet)
+    }
+
     /// Option replies as (option, type), from plaintext bytes.
     private func replies(_ bytes: ByteBuffer?) -> [(UInt32, UInt32)] {
         guard var bytes else { return [] }
@@ -77,11 +86,7 @@ import Testing
     @Test func anOptionSentWithStartTLSIsNeverAnswered() throws {
         let certificates = try TestCertificates()
         let server = try server(certificates)
-        var packet = ByteBuffer()
-        packet.writeInteger(UInt32(1))
-        packet.writeOption(OptionCode.startTLS.rawValue)
-        packet.writeOption(OptionCode.structuredReply.rawValue)
-        try server.writeInbound(packet)
+        try sendStartTLS(server, followedBy: [OptionCode.structuredReply.rawValue])
         let plaintext = replies(try server.readOutbound(as: ByteBuffer.self))
         #expect(plaintext.map(\.0) == [OptionCode.startTLS.rawValue])
         #expect(plaintext.map(\.1) == [OptionReply.ack.rawValue])
@@ -102,10 +107,7 @@ import Testing
     @Test func garbageWhereTheTLSHandshakeShouldBeClosesTheConnection() throws {
         let certificates = try TestCertificates()
         let server = try server(certificates)
-        var packet = ByteBuffer()
-        packet.writeInteger(UInt32(1))
-        packet.writeOption(OptionCode.startTLS.rawValue)
-        try server.writeInbound(packet)
+        try sendStartTLS(server)
         _ = try server.readOutbound(as: ByteBuffer.self)
         var garbage = ByteBuffer()
         garbage.writeOption(OptionCode.list.rawValue)
