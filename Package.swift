@@ -4,9 +4,13 @@ import PackageDescription
 // Release builds drop Swift's dynamic exclusivity checks in our own modules:
 // they cost a fifth of the user-space instructions on the I/O path (measured
 // with perf stat on 4k requests) and the engine's shared state is guarded by
-// locks and atomics, not by exclusivity enforcement.
+// locks and atomics, not by exclusivity enforcement. They also optimise
+// across our modules: a request crosses NBD, BlockTargets, Mirror and DMIO,
+// and without it each small call between them stays a call (1M writes on
+// one connection lost 5-8 % when the target contract got a module of its
+// own; BENCHMARKS.md, the redesign of issue 13).
 let hotPath: [SwiftSetting] = [
-    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+    .unsafeFlags(["-enforce-exclusivity=unchecked", "-cross-module-optimization"], .when(configuration: .release)),
 ]
 
 let package = Package(
