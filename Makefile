@@ -4,7 +4,7 @@ BENCH_FLAGS ?=
 # Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
 SHARED ?= ../shared
 
-.PHONY: test e2e serve build install deps bench bench-nbd bench-linear example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls example clean
 PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
@@ -47,6 +47,11 @@ bench-nbd: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	$(SHARED)/bench/run --legs 2 --name dmio-nbd --targets nbdkit-file,qemu-nbd,qsd-quorum,project $(BENCH_FLAGS) \
 		--server '.build/release/dmio-nbd create --force --assume-clean {legs} >/dev/null && exec .build/release/dmio-nbd serve --socket {socket} {legs}'
+
+## The mirror over TLS beside nbdkit over TLS, on loopback TCP, and both without TLS (BENCHMARKS.md).
+bench-tls: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	scripts/bench-variants --suite tls $(BENCH_FLAGS)
 
 ## One device served as it is, against nbdkit file and qemu-nbd (BENCHMARKS.md).
 bench-linear: deps

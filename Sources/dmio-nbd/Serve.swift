@@ -111,6 +111,9 @@ struct Serve: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // First: it unsets NOTIFY_SOCKET, so that no leg's helper or event
+        // program started later notifies systemd for us.
+        let notifier = ServiceNotifier()
         // Before anything is opened: a signal during a long start-up (remote
         // legs that take their time) is a clean stop too.
         let stops = StopSignals()
@@ -173,7 +176,6 @@ struct Serve: AsyncParsableCommand {
             ControlServer(listener: listener, mirror: served.target as! Mirror,
                           served: listeners.map { "\($0.address)" }, logger: logger)
         }
-        let notifier = ServiceNotifier()
         notifier?.ready(status: served.statusLine)
         if legs.isEmpty, case .unix(let path) = listeners.last?.address { printAttachLines(socketPath: path) }
 
