@@ -4,7 +4,7 @@ BENCH_FLAGS ?=
 # Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
 SHARED ?= ../shared
 
-.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics example clean
 PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
@@ -52,6 +52,11 @@ bench-nbd: deps
 bench-tls: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	scripts/bench-variants --suite tls $(BENCH_FLAGS)
+
+## The mirror with and without --metrics, beside nbdkit file (BENCHMARKS.md).
+bench-metrics: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	scripts/bench-variants --suite metrics $(BENCH_FLAGS)
 
 ## One device served as it is, against nbdkit file and qemu-nbd (BENCHMARKS.md).
 bench-linear: deps

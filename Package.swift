@@ -21,6 +21,7 @@ let package = Package(
         .library(name: "BlockTargets", targets: ["BlockTargets"]),
         .library(name: "NBD", targets: ["NBD"]),
         .library(name: "Mirror", targets: ["Mirror"]),
+        .library(name: "Monitoring", targets: ["Monitoring"]),
         .executable(name: "dmio-nbd", targets: ["dmio-nbd"]),
         .executable(name: "dmio-bench", targets: ["dmio-bench"]),
         .executable(name: "dmio-copy-example", targets: ["dmio-copy-example"]),
@@ -31,6 +32,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.0"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.0"),
     ],
     targets: [
         // C libraries from Debian's -dev packages, each wrapped by a Swift
@@ -49,7 +52,10 @@ let package = Package(
         .target(name: "URing", dependencies: ["CLibURing"], swiftSettings: hotPath),
         .target(name: "LibNBD", dependencies: ["CLibNBD"], swiftSettings: hotPath),
         .target(name: "CDMIOSupport"),
-        .target(name: "DMIO", dependencies: ["URing", "LibNBD", "CLibBlkid", "CDMIOSupport"], swiftSettings: hotPath),
+        .target(
+            name: "DMIO",
+            dependencies: ["URing", "LibNBD", "CLibBlkid", "CDMIOSupport", .product(name: "Atomics", package: "swift-atomics")],
+            swiftSettings: hotPath),
         .target(name: "BlockTargets", dependencies: ["DMIO"], swiftSettings: hotPath),
         .target(
             name: "NBD",
@@ -66,10 +72,20 @@ let package = Package(
             name: "Mirror",
             dependencies: ["DMIO", "BlockTargets", .product(name: "Logging", package: "swift-log")],
             swiftSettings: hotPath),
+        .target(
+            name: "Monitoring",
+            dependencies: [
+                "DMIO", "BlockTargets", "Mirror",
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]),
         .executableTarget(
             name: "dmio-nbd",
             dependencies: [
-                "DMIO", "LibNBD", "BlockTargets", "NBD", "Mirror", "CDMIOSupport",
+                "DMIO", "LibNBD", "BlockTargets", "NBD", "Mirror", "Monitoring", "CDMIOSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -103,7 +119,7 @@ let package = Package(
         .testTarget(
             name: "MirrorTests",
             dependencies: [
-                "Mirror", "BlockTargets", "NBD", "DMIO", "LibNBD", "TestSupport",
+                "Mirror", "BlockTargets", "NBD", "DMIO", "Monitoring", "LibNBD", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
             ]),
     ],

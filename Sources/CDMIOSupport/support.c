@@ -2,11 +2,14 @@
 #include <fcntl.h>
 #include <linux/magic.h>
 #include <malloc.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/statfs.h>
+#include <sys/sysinfo.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -56,3 +59,14 @@ void dmio_keep_freed_buffers(int bytes) {
 int dmio_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
 int dmio_return_free_memory(void) { return malloc_trim(0); }
+
+int dmio_current_cpu(void) { return sched_getcpu(); }
+
+int dmio_cpu_count(void) { return get_nprocs_conf(); }
+
+int dmio_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+int dmio_peer_hung_up(int fd) {
+    struct pollfd watch = {.fd = fd, .events = POLLRDHUP};
+    return poll(&watch, 1, 0) > 0 && (watch.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}

@@ -38,6 +38,9 @@ final class Bio: @unchecked Sendable {
     /// Where the next transfer starts on the device, and how much is left.
     private(set) var offset: UInt64 = 0
     private(set) var remaining: UInt64 = 0
+    /// The bytes the bio asked for, and when it started, for the device's statistics.
+    private var length: UInt64 = 0
+    private var startedAt: UInt64 = 0
 
     /// The memory segments, and one slot more for the bounce buffer's iovec.
     let iovecStorage = UnsafeMutablePointer<iovec>.allocate(capacity: maxSegments + 1)
@@ -73,6 +76,8 @@ final class Bio: @unchecked Sendable {
         self.flags = flags
         self.offset = offset
         self.remaining = length
+        self.length = length
+        if let statistics = device.statistics { startedAt = statistics.start(operation.rawValue) }
         firstIovec = 0
         iovecEnd = 0
         next = nil
@@ -99,6 +104,7 @@ final class Bio: @unchecked Sendable {
     /// Shortens the bio to the bytes its segments hold.
     func truncate(to length: UInt64) {
         remaining = length
+        self.length = length
     }
 
     /// The iovecs of the next transfer, and how many.
@@ -217,6 +223,7 @@ final class Bio: @unchecked Sendable {
             free(bounce)
             self.bounce = nil
         }
+        device.statistics?.end(operation.rawValue, bytes: length, errno: errno, startedAt: startedAt)
         let job = self.job!
         let region = self.region
         let pool = self.pool!

@@ -1,5 +1,5 @@
 /// What a request does: the kernel's `REQ_OP_*` as dm-io passes them on.
-public enum IOOperation: Sendable, Hashable, CustomStringConvertible {
+public enum IOOperation: Int, Sendable, Hashable, CaseIterable, CustomStringConvertible {
     /// `REQ_OP_READ` from exactly one region.
     case read
     /// `REQ_OP_WRITE` to one or more regions, each getting the same data.
@@ -23,6 +23,9 @@ public enum IOOperation: Sendable, Hashable, CustomStringConvertible {
         case .flush: "flush"
         }
     }
+
+    /// The name metrics label the operation with.
+    public var metricName: String { self == .writeZeroes ? "write_zeroes" : description }
 
     var writesDevice: Bool { self != .read }
     var carriesData: Bool { self == .read || self == .write }

@@ -1,3 +1,4 @@
+import BlockTargets
 import DMIO
 import Glibc
 import Logging
@@ -83,6 +84,7 @@ extension Mirror {
     /// is written until `start()`.
     public static func open(_ specs: [String], client: DMIOClient, rateLimit: UInt64 = 0,
                             deviceOptions: DeviceOptions = DeviceOptions(), allowMissingLegs: Bool = false,
+                            eventSink: (any EventSink)? = nil,
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
         try checkCount(specs.count)
         var found: [Int: (device: BlockDevice, superblock: Superblock)] = [:]
@@ -246,7 +248,8 @@ extension Mirror {
         return Mirror(uuid: freshest.mirror, layout: layout, members: members, bitmap: bitmap,
                       events: freshest.events, eventsCleared: freshest.eventsCleared, generation: generation,
                       recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
-                      client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, logger: logger)
+                      client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, eventSink: eventSink,
+                      logger: logger)
     }
 
     /// The mirror that `device` is a leg of, if any: a device served on its

@@ -24,6 +24,22 @@ final class LegTable: @unchecked Sendable {
         var writeErrors = 0
     }
 
+    /// A member as a change tells it (the mirror's events): nothing that
+    /// holds its device open, which a leg re-added must open anew.
+    struct Told {
+        let name: String
+        let condition: LegCondition
+        let cause: LegCause
+        let errno: Int32
+
+        init(_ member: Member) {
+            name = member.name
+            condition = member.condition
+            cause = member.cause
+            errno = member.errno
+        }
+    }
+
     /// A leg as a request sees it.
     struct Leg {
         let index: Int
@@ -63,10 +79,17 @@ final class LegTable: @unchecked Sendable {
     /// the rebuild pass under way may have copied that region already, so
     /// it must not put the leg in sync.
     private var rebuildSpoiled = false
+    /// The members as the last change told them, and who is told of each
+    /// change (the mirror's events), under the lock: changes arrive in order.
+    private var told: [Told]
+    private let onChange: @Sendable (_ before: [Told], _ after: [Told]) -> Void
 
-    init(_ members: [Member], generation: UInt64) {
+    init(_ members: [Member], generation: UInt64,
+         onChange: @escaping @Sendable (_ before: [Told], _ after: [Told]) -> Void = { _, _ in }) {
         self.members = members
         self.generation = generation
+        self.onChange = onChange
+        told = members.map(Told.init)
         current = Snapshot(members, version: 0)
     }
 
@@ -74,6 +97,9 @@ final class LegTable: @unchecked Sendable {
     private func changed() {
         version += 1
         current = Snapshot(members, version: version)
+        let now = members.map(Told.init)
+        onChange(told, now)
+        told = now
     }
 
     var snapshot: Snapshot { lock.withLock { current } }

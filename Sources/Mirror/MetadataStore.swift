@@ -17,6 +17,8 @@ final class MetadataStore: @unchecked Sendable {
     let mirror: MirrorUUID
     private let legs: LegTable
     private let client: DMIOClient
+    /// Where a superblock written is told (`metadata written` events).
+    private let announce: MirrorEvents
     private let lock = ConditionLock()
     private var events: UInt64
     private var clean = false
@@ -27,10 +29,12 @@ final class MetadataStore: @unchecked Sendable {
     /// The leg table version that the superblocks on the legs describe
     /// (read on every write's answer: an atomic, not the lock).
     private let durableVersion = Atomic<UInt64>(0)
+    private let bitmapCommits = Atomic<UInt64>(0)
 
     init(layout: MirrorLayout, mirror: MirrorUUID, events: UInt64, eventsCleared: UInt64, legs: LegTable,
-         client: DMIOClient) {
+         client: DMIOClient, announce: MirrorEvents) {
         self.layout = layout
+        self.announce = announce
         self.mirror = mirror
         self.events = events
         self.eventsCleared = eventsCleared
@@ -44,6 +48,9 @@ final class MetadataStore: @unchecked Sendable {
     func setClean(_ value: Bool) { lock.withLock { clean = value } }
 
     var eventCount: UInt64 { lock.withLock { events } }
+
+    /// Bitmap writes so far (one a commit, of however many pages).
+    var bitmapWrites: UInt64 { bitmapCommits.load(ordering: .relaxed) }
 
     /// Bits were cleared on the legs (their bitmap is written): the next
     /// superblock records it.
@@ -68,7 +75,10 @@ final class MetadataStore: @unchecked Sendable {
         let slot = MirrorLayout.slotOffset(Int(event % 2))
         let gather = Gather(count: targets.count) { [self] failures in
             let durable = failures.count < targets.count
-            if durable { durableVersion.max(snapshot.version, ordering: .releasing) }
+            if durable {
+                durableVersion.max(snapshot.version, ordering: .releasing)
+                announce.metadataWritten(event: event, legs: targets.count - failures.count)
+            }
             done(MetadataWrite(durable: durable, failures: failures))
         }
         for leg in targets {
@@ -86,6 +96,7 @@ final class MetadataStore: @unchecked Sendable {
     func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])], then done: @escaping @Sendable (MetadataWrite) -> Void) {
         let targets = legs.snapshot.writable
         guard !pages.isEmpty else { return done(MetadataWrite(durable: !targets.isEmpty, failures: [])) }
+        bitmapCommits.add(1, ordering: .relaxed)
         let gather = Gather(count: pages.count) { failures in
             let failedLegs = Set(failures.map(\.leg.index))
             done(MetadataWrite(durable: failedLegs.count < targets.count, failures: failures))

@@ -49,7 +49,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
 
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
          events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock,
-         client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, logger: Logger) {
+         client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, eventSink: (any EventSink)?,
+         logger: Logger) {
         self.uuid = uuid
         self.exclusive = exclusive
         self.layout = layout
@@ -57,12 +58,13 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.logger = logger
         self.deviceOptions = deviceOptions
         self.recoveryPending = recoveryPending
-        legs = LegTable(members, generation: generation)
+        let announce = MirrorEvents(sink: eventSink, mirror: "\(uuid)")
+        legs = LegTable(members, generation: generation) { before, after in announce.legsChanged(from: before, to: after) }
         let bitmap = RegionBitmap(regionCount: layout.regionCount, bitmap: bitmap)
         self.bitmap = bitmap
         regionHash = RegionHash(regionBytes: layout.regionBytes, bitmap: bitmap)
         let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, eventsCleared: eventsCleared,
-                                     legs: legs, client: client)
+                                     legs: legs, client: client, announce: announce)
         self.metadata = metadata
         let legFailures = LegFailures(legs: legs, metadata: metadata, logger: logger)
         self.legFailures = legFailures
@@ -79,7 +81,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         blockSizes = .over(deviceBlockSize: members.compactMap(\.device).map(\.blockSize).max() ?? sectorSize)
         pass = RegionPass(bitmap: bitmap, regionHash: regionHash, legs: legs,
                           copier: Copier(client: client, layout: layout), failures: legFailures,
-                          rateLimit: rateLimit, logger: logger)
+                          rateLimit: rateLimit, events: announce, logger: logger)
     }
 
     /// Decided from the legs written now, for each new connection: a leg

@@ -5,6 +5,8 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
     public struct Leg: Sendable, Codable, Hashable {
         public var index: Int
         public var device: String
+        /// "file", "block device" or "NBD export"; nil while it cannot be opened.
+        public var kind: String?
         public var state: LegState
         /// What failed the leg (e.g. "No space left on device (ENOSPC)"), if
         /// anything; for a leg in sync, the last error it returned.
@@ -15,6 +17,14 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         public var errno: String?
         public var readErrors: Int
         public var writeErrors: Int
+        /// Bytes the leg lacks (at least: a leg that needs a full copy when
+        /// it comes back lacks more): the regions a resync has yet to copy
+        /// to it, or those written while it was out. Nil in the answer of a
+        /// server older than this field, as the other new fields.
+        public var outOfSyncBytes: UInt64?
+
+        /// What the metrics and the events call the leg's state.
+        public var condition: LegCondition { LegCondition(state: state, cause: cause, opened: kind != nil) }
 
         /// "write: ENOSPC", "operator", "open: EROFS": why a degraded leg is out.
         public var why: String? {
@@ -34,6 +44,8 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         public var etaSeconds: Double?
         /// How the last pass ended.
         public var lastResult: String
+        /// --resync-rate, in bytes a second; 0 when unlimited.
+        public var rateLimit: UInt64?
 
         /// "40% (820/2048 regions, 410 MiB), 210 MiB/s, ETA 6 s"
         public var summary: String {
@@ -52,6 +64,8 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
     /// Regions that every writable leg holds (the dmsetup in-sync count).
     public var inSyncRegions: Int
     public var events: UInt64
+    /// Bitmap writes since the start (each a commit of marked regions).
+    public var bitmapWrites: UInt64?
     public var legs: [Leg]
     public var resync: Resync
 
@@ -80,34 +94,62 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
     }
 }
 
+/// A leg's state as the metrics (`dmio_leg_state`) and the events name it:
+/// `missing` is a degraded leg that could not be opened.
+public enum LegCondition: String, CaseIterable, Sendable {
+    case inSync = "in_sync", degraded, rebuilding, missing
+
+    init(state: LegState, cause: LegCause?, opened: Bool) {
+        switch state {
+        case .inSync: self = .inSync
+        case .rebuilding: self = .rebuilding
+        case .degraded: self = cause == .open || !opened ? .missing : .degraded
+        }
+    }
+}
+
 extension Mirror {
+    /// What each leg's bios did (by index), for legs opened with
+    /// `DeviceOptions.countsRequests`; nil for the others.
+    public var legStatistics: [RequestStatistics?] { legs.all.map { $0.device?.statistics } }
+
     public var status: MirrorStatus {
         let members = legs.all
         let progress = pass.current
         let dirty = bitmap.dirtyCount
         let allInSync = members.allSatisfy { $0.state == .inSync }
         let left = progress.regionsTotal - progress.regionsDone
+        let regionBytes = UInt64(layout.regionBytes)
+        func outOfSync(_ state: LegState) -> UInt64 {
+            switch state {
+            case .inSync: 0
+            case .rebuilding where progress.active: min(layout.dataBytes, UInt64(left) * regionBytes)
+            case .rebuilding, .degraded: min(layout.dataBytes, UInt64(dirty) * regionBytes)
+            }
+        }
         return MirrorStatus(
             uuid: "\(uuid)", size: layout.dataBytes, regionBytes: layout.regionBytes, regions: layout.regionCount,
             dirtyRegions: dirty,
             inSyncRegions: allInSync && !progress.active ? layout.regionCount : layout.regionCount - (progress.active ? left : dirty),
-            events: metadata.eventCount,
+            events: metadata.eventCount, bitmapWrites: metadata.bitmapWrites,
             legs: members.enumerated().map { index, member in
-                MirrorStatus.Leg(index: index, device: member.name, state: member.state,
+                MirrorStatus.Leg(index: index, device: member.name, kind: member.device.map { "\($0.kind)" },
+                                 state: member.state,
                                  error: member.errno == 0 ? nil : errnoDescription(member.errno),
                                  cause: member.state == .degraded && member.cause != .unknown ? member.cause : nil,
                                  errno: member.errno == 0 ? nil : errnoName(member.errno),
-                                 readErrors: member.readErrors, writeErrors: member.writeErrors)
+                                 readErrors: member.readErrors, writeErrors: member.writeErrors,
+                                 outOfSyncBytes: outOfSync(member.state))
             },
-            resync: MirrorStatus.Resync(progress))
+            resync: MirrorStatus.Resync(progress, rateLimit: pass.rateLimit))
     }
 }
 
 extension MirrorStatus.Resync {
-    init(_ progress: RegionPass.Progress) {
+    init(_ progress: RegionPass.Progress, rateLimit: UInt64) {
         self.init(active: progress.active, reason: progress.reason, regionsDone: progress.regionsDone,
                   regionsTotal: progress.regionsTotal, bytesCopied: progress.bytesCopied,
                   bytesPerSecond: progress.bytesPerSecond, etaSeconds: progress.etaSeconds,
-                  lastResult: progress.lastResult)
+                  lastResult: progress.lastResult, rateLimit: rateLimit)
     }
 }

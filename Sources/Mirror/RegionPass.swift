@@ -50,13 +50,15 @@ final class RegionPass: @unchecked Sendable {
     private let copier: Copier
     private let failures: LegFailures
     private let dataBytes: UInt64
+    private let events: MirrorEvents
     private let logger: Logger
     private let lock = ConditionLock()
     private var progress = Progress()
 
     init(bitmap: RegionBitmap, regionHash: RegionHash, legs: LegTable, copier: Copier, failures: LegFailures,
-         rateLimit: UInt64, logger: Logger) {
+         rateLimit: UInt64, events: MirrorEvents, logger: Logger) {
         self.bitmap = bitmap
+        self.events = events
         self.regionHash = regionHash
         self.legs = legs
         self.copier = copier
@@ -80,6 +82,10 @@ final class RegionPass: @unchecked Sendable {
             progress = Progress(active: true, reason: reason, regionsTotal: total)
         }
         logger.info("resync (\(reason)): \(total) dirty regions to copy")
+        events.resyncStarted(reason: reason, regions: total,
+                             bytes: min(dataBytes, UInt64(total) * UInt64(regionHash.regionBytes)))
+        // Told at each whole percent: a hook's RebuildNN at any increment.
+        var percentTold = 0
         let buffer = AlignedBytes(count: max(Self.copyBytes, Int(regionBytes)))
         var outcome = "done"
         defer { finish(outcome) }
@@ -87,7 +93,7 @@ final class RegionPass: @unchecked Sendable {
         for run in runs {
             if ContinuousClock.now - loggedAt >= Self.logInterval {
                 loggedAt = ContinuousClock.now
-                logger.info("resync (\(reason)): \(MirrorStatus.Resync(current).summary)")
+                logger.info("resync (\(reason)): \(MirrorStatus.Resync(current, rateLimit: rateLimit).summary)")
             }
             if stopping() {
                 outcome = "stopped"
@@ -102,9 +108,14 @@ final class RegionPass: @unchecked Sendable {
                 outcome = failure
                 return false
             }
-            lock.withLock {
+            let done = lock.withLock {
                 progress.regionsDone += run.count
                 progress.bytesCopied += length
+                return progress.regionsDone
+            }
+            if done * 100 / total > percentTold, done < total {
+                percentTold = done * 100 / total
+                events.resyncProgress(percent: percentTold, regionsDone: done, regions: total)
             }
             throttle()
         }
@@ -161,14 +172,15 @@ final class RegionPass: @unchecked Sendable {
     }
 
     private func finish(_ outcome: String) {
-        let summary: String = lock.withLock {
+        let (summary, done, total): (String, Int, Int) = lock.withLock {
             progress.active = false
             progress.finishedAt = ContinuousClock.now
             let mib = Double(progress.bytesCopied) / 1_048_576
             progress.lastResult = "\(progress.reason): \(outcome), copied \(progress.regionsDone) of "
                 + "\(progress.regionsTotal) regions (\(formatted(mib)) MiB) in \(formatted(progress.elapsed.seconds)) s"
-            return progress.lastResult
+            return (progress.lastResult, progress.regionsDone, progress.regionsTotal)
         }
         logger.info("resync \(summary)")
+        events.resyncFinished(outcome: outcome, regionsDone: done, regions: total)
     }
 }

@@ -27,6 +27,8 @@ public final class NBDServer: @unchecked Sendable {
     private let tls: ServerTLS?
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
+    /// Where connections opened and closed are told.
+    private let events: (any EventSink)?
     private let listeners = NIOLockedValueBox<[Channel]>([])
     /// The event loops' own DMIO clients, made with the first listener.
     private let loopIO = NIOLockedValueBox<[ObjectIdentifier: EventLoopIO]?>(nil)
@@ -53,10 +55,11 @@ public final class NBDServer: @unchecked Sendable {
     /// share, which one request may pass by its length). With `tls`, clients
     /// may (or must, as its policy says) run TLS.
     public init(exports: [Export], tls: ServerTLS? = nil, threads: Int = System.coreCount, ringPerLoop: Bool = true,
-                bufferLimit: Int = NBDServer.defaultBufferLimit, logger: Logger) {
+                bufferLimit: Int = NBDServer.defaultBufferLimit, events: (any EventSink)? = nil, logger: Logger) {
         precondition(!exports.isEmpty, "a server needs an export")
         self.exports = exports
         self.tls = tls
+        self.events = events
         self.logger = logger
         self.ringPerLoop = ringPerLoop
         loopCount = threads
@@ -129,11 +132,14 @@ public final class NBDServer: @unchecked Sendable {
             $0[id] = channel
             spreadLargeWrites(connections: $0)
         }
+        let peer = Event.Field("peer", channel.remoteAddress.map { "\($0)" } ?? "unix")
+        events?.publish(Event("connection", "opened", [peer]))
         channel.closeFuture.whenComplete { [self] _ in
             connections.withLockedValue {
                 $0.removeValue(forKey: id)
                 spreadLargeWrites(connections: $0)
             }
+            events?.publish(Event("connection", "closed", [peer]))
         }
         var connectionLogger = logger
         connectionLogger[metadataKey: "connection"] = "\(channel.remoteAddress?.description ?? "unix")"
@@ -198,6 +204,9 @@ public final class NBDServer: @unchecked Sendable {
         }
         try channel.pipeline.syncOperations.addHandlers([optionDecoder, handshake])
     }
+
+    /// The connections open now.
+    public var connectionCount: Int { connections.withLockedValue { $0.count } }
 
     /// Stops accepting, and lets every connection answer the requests it has
     /// read, however long the target takes (they are closed for reading,

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BlockTargets
 import DMIO
 import FoundationEssentials
 import Glibc
@@ -55,16 +56,21 @@ struct ControlOptions: ParsableArguments {
         return matching
     }
 
-    /// Sends `request` to the one mirror named and prints the mirror as it
-    /// is after it; fails when the request did.
-    func send(_ request: ControlRequest) throws {
+    /// The control socket of the one mirror named.
+    func oneControl() throws -> String {
         let named = try reports()
         guard named.count == 1 else {
             throw CleanExit.message("\(named.count) mirrors are served here: name one with --mirror UUID ("
                                     + named.map { "\($0.report.mirror.uuid) on \($0.report.served.joined(separator: ", "))" }
                                         .joined(separator: "; ") + ")", code: 1)
         }
-        let answer = try exchange(request, with: named[0].control)
+        return named[0].control
+    }
+
+    /// Sends `request` to the one mirror named and prints the mirror as it
+    /// is after it; fails when the request did.
+    func send(_ request: ControlRequest) throws {
+        let answer = try exchange(request, with: try oneControl())
         guard answer.ok else { throw CleanExit.message(answer.error ?? "refused", code: 1) }
         print([answer.report])
     }
@@ -78,12 +84,22 @@ struct ControlOptions: ParsableArguments {
         }
     }
 
-    private func exchange(_ request: ControlRequest, with path: String) throws -> ControlAnswer {
+    /// A connection to the control socket at `path` that has sent `request`.
+    func connect(_ path: String, sending request: ControlRequest) throws -> Int32 {
         let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let connected = try withUnixAddress(path) { Glibc.connect(fd, $0, $1) }
+        guard connected == 0 else {
+            let error = errno
+            close(fd)
+            throw ControlUnreachable(path: path, errno: error)
+        }
+        sendAll(fd, encodeJSON(request) + "\n")
+        return fd
+    }
+
+    private func exchange(_ request: ControlRequest, with path: String) throws -> ControlAnswer {
+        let fd = try connect(path, sending: request)
         defer { close(fd) }
-        let connected = try withUnixAddress(path) { connect(fd, $0, $1) }
-        guard connected == 0 else { throw ControlUnreachable(path: path, errno: errno) }
-        writeAll(fd, encodeJSON(request) + "\n")
         guard let answer = try? JSONDecoder().decode(ControlAnswer.self, from: Data(readAll(fd))) else {
             throw CleanExit.message("the answer on \(path) could not be read (is the server another version of dmio-nbd?)",
                                     code: 1)
@@ -92,8 +108,9 @@ struct ControlOptions: ParsableArguments {
     }
 }
 
-/// A mirror for a person: the dmsetup line, then a table.
-func describe(_ report: MirrorReport) -> String {
+/// A mirror for a person: the dmsetup line, then a table; `coloured` for a
+/// terminal (leg states in colour, a resync's progress bar).
+func describe(_ report: MirrorReport, coloured: Bool = false) -> String {
     let status = report.mirror
     func mib(_ bytes: UInt64) -> String { "\(bytes >> 20) MiB" }
     var lines = [status.dmsetupLine, ""]
@@ -104,12 +121,14 @@ func describe(_ report: MirrorReport) -> String {
     let width = max(6, status.legs.map(\.device.count).max() ?? 0) + 1
     lines.append("leg  state       " + "device".padded(width) + "  read/write errors  why out, or last error")
     for leg in status.legs {
-        lines.append("\(leg.index)".padded(5) + leg.state.description.padded(12) + leg.device.padded(width)
+        let state = leg.state.description.padded(12)
+        lines.append("\(leg.index)".padded(5) + (coloured ? colour(state, for: leg.state) : state) + leg.device.padded(width)
                      + "  " + "\(leg.readErrors)/\(leg.writeErrors)".padded(19) + (leg.why ?? leg.error ?? "-"))
     }
     let resync = status.resync
     if resync.active {
         lines.append("resync (\(resync.reason)): \(resync.summary)")
+        if coloured { lines.append(progressBar(done: resync.regionsDone, of: resync.regionsTotal)) }
     } else if !resync.lastResult.isEmpty {
         lines.append("last resync: \(resync.lastResult)")
     }
@@ -117,12 +136,63 @@ func describe(_ report: MirrorReport) -> String {
 }
 
 
+/// `text` in the colour of `state`: green in sync, yellow rebuilding, red degraded.
+private func colour(_ text: String, for state: LegState) -> String {
+    let code = switch state {
+    case .inSync: "32"
+    case .rebuilding: "33"
+    case .degraded: "31;1"
+    }
+    return "\u{1B}[\(code)m\(text)\u{1B}[0m"
+}
+
+/// `[########------------]  40%`, 40 columns of bar.
+private func progressBar(done: Int, of total: Int) -> String {
+    let width = 40
+    let filled = total > 0 ? min(width, done * width / total) : width
+    let percent = total > 0 ? done * 100 / total : 100
+    return "[" + String(repeating: "#", count: filled) + String(repeating: "-", count: width - filled) + "] \(percent)%"
+}
+
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show each mirror's legs, their health and the resync's progress.",
-        discussion: "With no mirror named, every mirror served on this machine.")
+        discussion: """
+            With no mirror named, every mirror served on this machine. With --watch, on a terminal the \
+            table is redrawn every second (leg states in colour, a resync's progress bar); elsewhere (a \
+            pipe, a journal) one line is printed each time the mirror changes, until the server stops.
+            """)
+    @Flag(help: "Keep watching: redraw on a terminal, a line a change elsewhere.") var watch = false
     @OptionGroup var options: ControlOptions
-    func run() throws { options.print(try options.reports().map(\.report)) }
+
+    func run() throws {
+        guard watch else { return options.print(try options.reports().map(\.report)) }
+        if options.json { throw CleanExit.message("--watch and --json: use `dmio-nbd events --json` for a stream", code: 64) }
+        let control = try options.oneControl()
+        if isatty(STDOUT_FILENO) == 1 {
+            while true {
+                let reports = try options.reports()
+                Swift.print("\u{1B}[H\u{1B}[2J" + reports.map { describe($0.report, coloured: true) }.joined(separator: "\n\n"))
+                fflush(stdout)
+                sleep(1)
+            }
+        }
+        // Not a terminal: a line a change, pushed by the server's events.
+        let fd = try options.connect(control, sending: ControlRequest(command: .events, now: true))
+        defer { close(fd) }
+        var last = ""
+        while let line = readLine(fd, limit: 1 << 20) {
+            guard let event = try? JSONDecoder().decode(Event.self, from: Data(line.utf8)),
+                  event.verb == "change" || event.verb == "resync" || (event.verb == "exists" && event.object == "-") else { continue }
+            guard let report = try options.reports().first else { return }
+            let summary = report.report.mirror.summaryLine
+            if summary != last {
+                Swift.print(summary)
+                fflush(stdout)
+                last = summary
+            }
+        }
+    }
 }
 
 struct FailLeg: ParsableCommand {
@@ -151,6 +221,42 @@ struct ReplaceLeg: ParsableCommand {
     func run() throws {
         // The server resolves nothing: it may stand in another folder.
         try options.send(ControlRequest(command: .replaceLeg, leg: leg, device: absolutePath(device), force: force))
+    }
+}
+
+struct Events: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print each change of a mirror as it happens, one line each, until the server stops.",
+        discussion: """
+            Lines as drbdsetup's events2: `change leg mirror:UUID leg:1 state:in_sync->degraded cause:write \
+            errno:ENOSPC`, `resync started|progress|finished ...`, `metadata written ...`, \
+            `connection opened|closed ...`. A watcher too slow to read them is dropped, with a last line \
+            `dropped - reason:...`, and exits 1, as when the server refuses it (`refused - reason:...`).
+            """)
+    @Flag(help: "First the mirror as it is: `exists` lines, then `exists -`.") var now = false
+    @OptionGroup var options: ControlOptions
+
+    func run() throws {
+        let fd = try options.connect(try options.oneControl(), sending: ControlRequest(command: .events, now: now))
+        defer { close(fd) }
+        while let line = readLine(fd, limit: 1 << 20) {
+            guard let event = try? JSONDecoder().decode(Event.self, from: Data(line.utf8)) else {
+                throw CleanExit.message("the server cut this watcher in the middle of an event (it read too slowly), "
+                                        + "or it is another version of dmio-nbd", code: 1)
+            }
+            if options.json {
+                let fields = Dictionary(event.fields.map { ($0.key, $0.value) }) { first, _ in first }
+                print(encodeJSON(fields.merging(["verb": event.verb, "object": event.object]) { first, _ in first }))
+            } else {
+                print(event.line)
+            }
+            // A pipe (a script, a journal) gets each line as it happens.
+            fflush(stdout)
+            if event.verb == "dropped" || event.verb == "refused" {
+                throw CleanExit.message("the server \(event.verb) this watcher: \(event["reason"] ?? "no reason given")",
+                                        code: 1)
+            }
+        }
     }
 }
 

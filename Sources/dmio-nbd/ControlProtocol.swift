@@ -8,7 +8,9 @@ import Mirror
 /// closes. Client and server are the same program; the JSON output of the
 /// commands (`--json`) is documented in the README.
 struct ControlRequest: Codable, Equatable {
-    enum Command: String, Codable { case status, failLeg = "fail-leg", readdLeg = "readd-leg", replaceLeg = "replace-leg" }
+    enum Command: String, Codable {
+        case status, failLeg = "fail-leg", readdLeg = "readd-leg", replaceLeg = "replace-leg", events
+    }
 
     var command: Command
     var leg: Int?
@@ -16,12 +18,14 @@ struct ControlRequest: Codable, Equatable {
     var device: String?
     /// replace-leg: overwrite what the device holds.
     var force: Bool?
+    /// events: the mirror as it is first (`exists` events).
+    var now: Bool?
 
     /// The request in `line`, or nil when it is not one.
     static func parse(_ line: String) -> ControlRequest? {
         guard let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line.utf8)) else { return nil }
         switch request.command {
-        case .status: return request
+        case .status, .events: return request
         case .failLeg, .readdLeg: return request.leg == nil ? nil : request
         case .replaceLeg: return request.leg == nil || request.device == nil ? nil : request
         }
@@ -57,26 +61,31 @@ func encodeJSON<Value: Encodable>(_ value: Value) -> String {
     return (try? String(decoding: encoder.encode(value), as: UTF8.self)) ?? "{}"
 }
 
-/// One line from `fd` (4 KiB at most), without its newline.
-func readLine(_ fd: Int32) -> String? {
+/// One line from `fd` (`limit` bytes at most), without its newline.
+func readLine(_ fd: Int32, limit: Int = 4096) -> String? {
     var bytes: [UInt8] = []
     var byte: UInt8 = 0
-    while bytes.count < 4096, read(fd, &byte, 1) == 1 {
+    while bytes.count < limit, read(fd, &byte, 1) == 1 {
         if byte == UInt8(ascii: "\n") { return String(decoding: bytes, as: UTF8.self) }
         bytes.append(byte)
     }
     return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
 }
 
-func writeAll(_ fd: Int32, _ text: String) {
+/// Sends all of `text` on socket `fd` (never raising SIGPIPE); false when
+/// the peer went away or stopped reading for the socket's send timeout.
+@discardableResult
+func sendAll(_ fd: Int32, _ text: String) -> Bool {
     var bytes = Array(text.utf8)[...]
     while !bytes.isEmpty {
-        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        if written < 0 && errno == EINTR { continue }
-        if written <= 0 { return }
-        bytes = bytes.dropFirst(written)
+        let sent = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        if sent < 0 && errno == EINTR { continue }
+        if sent <= 0 { return false }
+        bytes = bytes.dropFirst(sent)
     }
+    return true
 }
+
 
 /// Where the control sockets of the mirrors served on this machine are,
 /// one per mirror, named after its UUID: `status` finds every running

@@ -1,3 +1,4 @@
+import CDMIOSupport
 import DMIO
 import Glibc
 import Logging
@@ -11,15 +12,17 @@ final class ControlServer: @unchecked Sendable {
     private let listener: Listener
     private let mirror: Mirror
     private let served: [String]
+    private let events: EventHub
     private let logger: Logger
     private var thread: pthread_t?
 
     /// Serves `mirror`, which clients reach on `served`, on `listener`
     /// (bound before the mirror was opened).
-    init(listener: Listener, mirror: Mirror, served: [String], logger: Logger) {
+    init(listener: Listener, mirror: Mirror, served: [String], events: EventHub, logger: Logger) {
         self.listener = listener
         self.mirror = mirror
         self.served = served
+        self.events = events
         self.logger = logger
         thread = startThread(named: "dmio-control") { [self] in serve() }
         logger.info("control socket \(listener.path ?? "")")
@@ -33,7 +36,8 @@ final class ControlServer: @unchecked Sendable {
 
     private func serve() {
         while true {
-            let connection = accept(listener.socket, nil, nil)
+            // Not inherited by an event program the server starts.
+            let connection = dmio_accept_cloexec(listener.socket)
             if connection < 0 {
                 if errno == EINTR || errno == ECONNABORTED { continue }
                 return
@@ -42,7 +46,12 @@ final class ControlServer: @unchecked Sendable {
             var timeout = timeval(tv_sec: 5, tv_usec: 0)
             setsockopt(connection, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             let line = readLine(connection) ?? ""
-            writeAll(connection, encodeJSON(answer(line)) + "\n")
+            // A watcher of events keeps its connection, on a thread of its own.
+            if let request = ControlRequest.parse(line), request.command == .events {
+                EventWatch.start(connection, hub: events, now: request.now == true ? { [mirror] in mirror.status.existsEvents } : nil)
+                continue
+            }
+            sendAll(connection, encodeJSON(answer(line)) + "\n")
             close(connection)
         }
     }
@@ -56,6 +65,8 @@ final class ControlServer: @unchecked Sendable {
             switch request.command {
             case .status:
                 return answer(error: nil)
+            case .events:
+                return answer(error: "events are answered as a stream, not an answer")
             case .failLeg:
                 try mirror.failLeg(request.leg!)
             case .readdLeg:

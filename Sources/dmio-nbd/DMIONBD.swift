@@ -15,7 +15,7 @@ struct DMIONBD: AsyncParsableCommand {
             Exit status: 0 done (or a clean stop); 1 refused or failed, with a message that says \
             why, or a stop forced by a second signal; 64 a command line that could not be read.
             """,
-        subcommands: [Serve.self, Create.self, Status.self, FailLeg.self, ReaddLeg.self, ReplaceLeg.self,
+        subcommands: [Serve.self, Create.self, Status.self, Events.self, FailLeg.self, ReaddLeg.self, ReplaceLeg.self,
                       Examine.self, Wipe.self],
         defaultSubcommand: Serve.self)
 }

@@ -6,6 +6,7 @@ import Dispatch
 import Glibc
 import Logging
 import Mirror
+import Monitoring
 import NBD
 
 struct Serve: AsyncParsableCommand {
@@ -98,6 +99,27 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "I/O engine: io_uring or threads (default: io_uring where the kernel allows it).")
     var engine: IOEngineKind?
 
+    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://ADDRESS/metrics: host:port, :port, or unix:PATH.",
+                               valueName: "address"))
+    var metrics: MetricsAddress?
+
+    @Option(name: .customLong("on-event"),
+            help: ArgumentHelp("Run PROGRAM for each event, as mdadm --monitor --program: PROGRAM EVENT MIRROR "
+                               + "[LEG-DEVICE], with DMIO_* variables (README, 'Watching it').", valueName: "program"))
+    var eventProgram: String?
+
+    @Option(name: .customLong("on-event-timeout"),
+            help: ArgumentHelp("Kill an event program still running after this many seconds.", valueName: "seconds"))
+    var eventTimeout = Int(EventHooks.defaultTimeout.components.seconds)
+
+    @Option(name: .customLong("on-event-increment"),
+            help: ArgumentHelp("Run the event program with RebuildNN each time a resync passes a multiple of this "
+                               + "many percent (mdadm's --increment).", valueName: "percent"))
+    var eventIncrement = EventHooks.defaultIncrement
+
+    @Flag(name: .customLong("test-event"), help: "Run the event program once at the start with TestMessage.")
+    var testEvent = false
+
     @Flag(name: .shortAndLong, help: "Log each connection and refused request.")
     var verbose = false
 
@@ -105,6 +127,10 @@ struct Serve: AsyncParsableCommand {
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
         if readOnly && legs.count != 1 { throw ValidationError("--read-only serves one device; a mirror is always writable") }
         if remoteTimeout < 0 { throw ValidationError("--remote-timeout: \(remoteTimeout) seconds is negative") }
+        if eventTimeout < 1 { throw ValidationError("--on-event-timeout: at least 1 second") }
+        if eventProgram != nil && legs.count == 1 { throw ValidationError("--on-event watches a mirror; one device has no events") }
+        if testEvent && eventProgram == nil { throw ValidationError("--test-event needs --on-event PROGRAM") }
+        if !(1...99).contains(eventIncrement) { throw ValidationError("--on-event-increment: 1 to 99 percent") }
         if let bufferLimit, bufferLimit.bytes < 1 << 20 {
             throw ValidationError("--buffer-limit \(bufferLimit): at least 1M (one request of up to 32M may pass it anyway)")
         }
@@ -133,26 +159,33 @@ struct Serve: AsyncParsableCommand {
         let listeners = try listeningSockets()
         warnIfOpen(listeners, tls: serverTLS, logger: logger)
         var controlListener: Listener?
+        var metricsListener: Listener?
+        let events = EventHub()
         let served: ServedTarget
         do {
+            metricsListener = try metrics?.bind()
             if legs.count != 1 { controlListener = try bindControl() }
             let client = try DMIOClient(engine: engine.map { .only($0) } ?? .automatic)
             served = legs.count == 1
                 ? try serveOne(client: client, logger: logger)
-                : try serveMirror(client: client, control: &controlListener, stops: stops, logger: logger)
+                : try serveMirror(client: client, control: &controlListener, events: events, stops: stops, logger: logger)
         } catch {
-            for listener in listeners + [controlListener].compactMap({ $0 }) { listener.close() }
+            for listener in listeners + [controlListener, metricsListener].compactMap({ $0 }) { listener.close() }
             if case StartInterrupted.before(let signal) = error {
                 logger.info("\(signal) during start-up: stopped before the mirror started (nothing was written)")
                 return
             }
             throw error
         }
+        // Request metrics count in a decorator over the target, stacked only when asked for.
+        let counted = metrics == nil ? nil : StatsTarget(served.target)
         let server = NBDServer(
-            exports: [Export(name: export, description: description, readOnly: readOnly, target: served.target)],
+            exports: [Export(name: export, description: description, readOnly: readOnly, target: counted ?? served.target)],
             tls: serverTLS, ringPerLoop: served.engineKind == .ioUring,
-            bufferLimit: Int(clamping: bufferLimit?.bytes ?? UInt64(NBDServer.defaultBufferLimit)), logger: logger)
+            bufferLimit: Int(clamping: bufferLimit?.bytes ?? UInt64(NBDServer.defaultBufferLimit)),
+            events: (served.target as? Mirror).map { ServerEventSink(hub: events, mirror: "\($0.uuid)") }, logger: logger)
         var pidFile: PidFile?
+        var metricsEndpoint: MetricsEndpoint?
         do {
             for listener in listeners {
                 do {
@@ -163,18 +196,26 @@ struct Serve: AsyncParsableCommand {
                 let tlsNote = serverTLS.map { ", TLS \($0.policy) with \($0.summary)" } ?? ""
                 logger.info("serving \(served.summary) (\(served.target.size) bytes, engine \(served.engineKind)) on \(listener.address)\(tlsNote)")
             }
+            if let metricsListener, let counted {
+                let sources = MetricsSources(version: dmioVersion, requests: counted.statistics,
+                                             mirror: served.target as? Mirror, connections: { server.connectionCount })
+                metricsEndpoint = try await MetricsEndpoint.start(on: metricsListener, sources: sources, logger: logger)
+            }
             pidFile = try self.pidfile.map { try PidFile.write(absolutePath($0)) }
         } catch {
             // Nothing was served: the mirror stops cleanly all the same.
             await server.shutdown()
+            await metricsEndpoint?.stop()
+            if metricsEndpoint == nil { metricsListener?.close() }
             served.stop()
+            events.close(within: .seconds(eventTimeout))
             controlListener?.close()
             for listener in listeners { listener.removeFile() }
             throw error
         }
         let controlServer = controlListener.map { listener in
             ControlServer(listener: listener, mirror: served.target as! Mirror,
-                          served: listeners.map { "\($0.address)" }, logger: logger)
+                          served: listeners.map { "\($0.address)" }, events: events, logger: logger)
         }
         notifier?.ready(status: served.statusLine)
         if legs.isEmpty, case .unix(let path) = listeners.last?.address { printAttachLines(socketPath: path) }
@@ -187,7 +228,11 @@ struct Serve: AsyncParsableCommand {
         // socket (status answers until the mirror is stopped).
         await server.shutdown()
         served.stop()
+        // Watchers and the event program get what happened up to here, then
+        // the end; a program still running after its timeout is killed.
+        events.close(within: .seconds(eventTimeout))
         controlServer?.stop()
+        await metricsEndpoint?.stop()
         for listener in listeners { listener.removeFile() }
         pidFile?.remove()
         logger.info("stopped")
@@ -243,8 +288,12 @@ struct Serve: AsyncParsableCommand {
     }
 
     private func deviceOptions(createSize: UInt64?) -> DeviceOptions {
-        DeviceOptions(readOnly: readOnly, direct: direct, createSize: createSize,
-                      remoteTimeout: remoteTimeout == 0 ? nil : .seconds(remoteTimeout), remoteTLS: remoteTLS.settings)
+        var options = DeviceOptions(readOnly: readOnly, direct: direct, createSize: createSize,
+                                    remoteTimeout: remoteTimeout == 0 ? nil : .seconds(remoteTimeout),
+                                    remoteTLS: remoteTLS.settings)
+        // The legs' metrics count every bio (a mirror's: one device served has no leg metrics).
+        options.countsRequests = metrics != nil && legs.count != 1
+        return options
     }
 
     private func serveOne(client: DMIOClient, logger: Logger) throws -> ServedTarget {
@@ -286,7 +335,7 @@ struct Serve: AsyncParsableCommand {
     /// Opens the mirror (which writes nothing), names its control socket
     /// after it, and starts it. A signal before the start stops there; one
     /// during it, once the start is done.
-    private func serveMirror(client: DMIOClient, control: inout Listener?, stops: StopSignals,
+    private func serveMirror(client: DMIOClient, control: inout Listener?, events: EventHub, stops: StopSignals,
                              logger: Logger) throws -> ServedTarget {
         let specs = legs.isEmpty ? try DefaultMirror.legPaths() : legs.map(absolutePath)
         let createSize = legs.isEmpty ? ByteSize("1G") : create
@@ -296,10 +345,20 @@ struct Serve: AsyncParsableCommand {
         do {
             mirror = try Mirror.open(specs, client: client, rateLimit: resyncRate?.bytes ?? 0,
                                      deviceOptions: deviceOptions(createSize: nil),
-                                     allowMissingLegs: allowMissingLegs, logger: logger)
+                                     allowMissingLegs: allowMissingLegs, eventSink: events, logger: logger)
             if let signal = stops.received { throw StartInterrupted.before(signal) }
             // The mirror's lock is held now: a socket of its name is a dead server's.
             if self.control == nil { try control?.move(to: ControlFolder.socket(for: mirror.uuid)) }
+            // Listening before the start: a resync it begins is an event too.
+            if let eventProgram {
+                do {
+                    _ = try EventHooks(program: eventProgram, hub: events, status: { mirror.status },
+                                       timeout: .seconds(eventTimeout), increment: eventIncrement, test: testEvent,
+                                       logger: logger)
+                } catch {
+                    throw CleanExit.message("--on-event \(eventProgram): \(error)", code: 1)
+                }
+            }
             try mirror.start()
         } catch let error as MirrorError {
             throw CleanExit.message("\(error)", code: 1)

@@ -46,7 +46,11 @@ let commandPath: String = {
 }()
 
 func makeLogger(verbose: Bool) -> Logger {
-    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+    let journal = JournalLogHandler.standardErrorIsJournal
+    LoggingSystem.bootstrap { label -> any LogHandler in
+        if journal { return JournalLogHandler() }
+        return StreamLogHandler.standardError(label: label)
+    }
     var logger = Logger(label: "dmio-nbd")
     logger.logLevel = verbose ? .debug : .info
     return logger

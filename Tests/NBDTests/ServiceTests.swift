@@ -88,6 +88,28 @@ import Testing
         #expect(receive(listener).contains("STOPPING=1"))
     }
 
+    /// Under systemd, standard error is the journal (JOURNAL_STREAM names
+    /// it): lines carry their syslog priority and no timestamp of their own.
+    @Test func theLogToTheJournalCarriesPrioritiesAndNoTimestamps() throws {
+        try makeMirror()
+        let log = dir + "/journal.txt"
+        let socketPath = dir + "/nbd.sock"
+        try run(["bash", "-c", """
+            exec 2>'\(log)'
+            export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2)
+            '\(dmioNBDExecutable)' serve --socket '\(socketPath)' --tcp 127.0.0.1:0 '\(legs[0])' '\(legs[1])' &
+            for i in $(seq 200); do [ -S '\(socketPath)' ] && break; sleep 0.05; done
+            sleep 0.5; kill $!; wait $!
+            """])
+        let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").map(String.init)
+        #expect(!lines.isEmpty)
+        #expect(lines.allSatisfy { $0.range(of: #"^<[2-7]>"#, options: .regularExpression) != nil }, "\(lines)")
+        #expect(lines.allSatisfy { $0.range(of: #"\d{4}-\d\d-\d\dT\d\d:"#, options: .regularExpression) == nil },
+                "no timestamp of its own: \(lines)")
+        #expect(lines.contains { $0.hasPrefix("<4>") && $0.contains("without --tls=require") }, "the warning is priority 4: \(lines)")
+        #expect(lines.contains { $0.hasPrefix("<6>") && $0.contains("serving") }, "\(lines)")
+    }
+
     private func receive(_ fd: Int32) -> String {
         var bytes = [UInt8](repeating: 0, count: 4096)
         let count = recv(fd, &bytes, bytes.count, 0)

@@ -49,3 +49,19 @@ int dmio_return_free_memory(void);
 
 /// memfd_create(2) with MFD_CLOEXEC: a file in memory; -1 with errno set.
 int dmio_memfd(const char *name);
+
+/// sched_getcpu(3): the CPU the calling thread runs on, or -1.
+int dmio_current_cpu(void);
+/// get_nprocs_conf(3): the CPUs the system has, online or not.
+int dmio_cpu_count(void);
+
+/// accept4(2) with SOCK_CLOEXEC: a connection no child process inherits; -1 with errno set.
+int dmio_accept_cloexec(int fd);
+/// 1 when the peer of connected socket `fd` closed its end or the socket
+/// failed (poll's POLLRDHUP, POLLHUP, POLLERR, without waiting), else 0.
+int dmio_peer_hung_up(int fd);
+
+/// A monotonic clock in nanoseconds for timing requests (its zero is not
+/// CLOCK_MONOTONIC's): the TSC where the kernel keeps time with it, else
+/// clock_gettime. The first call measures the TSC for 2 ms.
+unsigned long long dmio_request_clock_ns(void);

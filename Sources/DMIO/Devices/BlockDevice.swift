@@ -22,6 +22,9 @@ public struct DeviceOptions: Sendable, Hashable {
     public var remoteTimeout: Duration?
     /// The TLS credentials of remote devices named by `nbds` URIs.
     public var remoteTLS: NBDTLSOptions
+    /// Count every bio the device is given (`BlockDevice.statistics`): two
+    /// clock reads and a few atomic adds each, for the metrics.
+    public var countsRequests = false
 
     /// 30 seconds, the SCSI layer's default command timeout: a mirror whose
     /// remote leg hangs goes on without it after this long.
@@ -101,13 +104,17 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     public let wasCreated: Bool
     let memoryAlignment: Int
     let driver: any DeviceDriver
+    /// What the device's bios did, by `IOOperation`, when `DeviceOptions.countsRequests`.
+    public let statistics: RequestStatistics?
 
     public var sectors: UInt64 { size >> sectorShift }
     public var description: String { name }
 
-    private init(name: String, driver: any DeviceDriver) {
+    private init(name: String, driver: any DeviceDriver, countsRequests: Bool) {
         self.name = name
         self.driver = driver
+        statistics = countsRequests
+            ? RequestStatistics(operations: IOOperation.allCases.map(\.metricName), countsSizes: false) : nil
         kind = driver.kind
         size = driver.size & ~UInt64(sectorSize - 1)
         blockSize = driver.blockSize
@@ -120,7 +127,7 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// URI (`nbd://host[:port]/name`, `nbd+unix:///name?socket=PATH`, and
     /// their `nbds` forms with TLS).
     public static func open(_ spec: String, options: DeviceOptions = DeviceOptions()) throws(DMIOError) -> BlockDevice {
-        BlockDevice(name: spec, driver: try DeviceSpec(spec).open(options: options))
+        BlockDevice(name: spec, driver: try DeviceSpec(spec).open(options: options), countsRequests: options.countsRequests)
     }
 
     /// Whether write-zeroes that may unmap is cheap here (a hole punched in

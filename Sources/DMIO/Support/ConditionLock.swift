@@ -78,8 +78,31 @@ extension Duration {
     }
 }
 
-/// Starts a named, joinable thread running `body`.
+/// Starts a named, joinable thread running `body`: one the process cannot
+/// do without (it stops when the system has no thread to give).
 public func startThread(named name: String, _ body: @escaping () -> Void) -> pthread_t {
+    switch spawnThread(named: name, detached: false, body) {
+    case .success(let thread): return thread
+    case .failure(let error): preconditionFailure("pthread_create: \(errnoDescription(error.code))")
+    }
+}
+
+/// Starts a named thread running `body` that nobody joins (it frees itself
+/// when `body` returns); returns the errno when the system has no thread
+/// to give, for work the process can refuse (a watcher, a hook).
+public func startDetachedThread(named name: String, _ body: @escaping () -> Void) -> Int32? {
+    switch spawnThread(named: name, detached: true, body) {
+    case .success: nil
+    case .failure(let error): error.code
+    }
+}
+
+private struct ThreadError: Error {
+    let code: Int32
+}
+
+private func spawnThread(named name: String, detached: Bool,
+                         _ body: @escaping () -> Void) -> Result<pthread_t, ThreadError> {
     final class Box {
         let name: String
         let body: () -> Void
@@ -88,14 +111,21 @@ public func startThread(named name: String, _ body: @escaping () -> Void) -> pth
             self.body = body
         }
     }
+    var attributes = pthread_attr_t()
+    pthread_attr_init(&attributes)
+    defer { pthread_attr_destroy(&attributes) }
+    if detached { pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED)) }
     var thread = pthread_t()
     let box = Unmanaged.passRetained(Box(name, body)).toOpaque()
-    let rc = pthread_create(&thread, nil, { raw in
+    let rc = pthread_create(&thread, &attributes, { raw in
         let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
         dmio_set_thread_name(box.name)
         box.body()
         return nil
     }, box)
-    precondition(rc == 0, "pthread_create: \(errnoDescription(rc))")
-    return thread
+    guard rc == 0 else {
+        Unmanaged<AnyObject>.fromOpaque(box).release()
+        return .failure(ThreadError(code: rc))
+    }
+    return .success(thread)
 }

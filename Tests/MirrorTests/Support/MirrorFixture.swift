@@ -146,3 +146,27 @@ extension MirrorStatus {
     func state(_ leg: Int) -> LegState { legs[leg].state }
     var allInSync: Bool { legs.allSatisfy { $0.state == .inSync } && !resync.active }
 }
+
+/// A mirror of a local leg 0 and a leg 1 behind nbdkit's error filter, made
+/// in sync: leg 1's writes fail with `errno` while `failWrites` holds.
+struct FailingLegMirror {
+    let leg0: String
+    let remoteFile: String
+    private let trigger: String
+    let remote: NBDKit
+
+    init(_ fixture: MirrorFixture, errno: String, size: String = "64M") throws {
+        leg0 = fixture.path("leg0.img")
+        remoteFile = fixture.path("leg1.img")
+        trigger = fixture.path("fail-writes")
+        try run(["truncate", "-s", size, remoteFile, leg0])
+        remote = try NBDKit(["--filter=error", "file", remoteFile, "error-pwrite=\(errno)",
+                             "error-pwrite-rate=100%", "error-pwrite-file=\(trigger)"])
+        try run([dmioNBDExecutable, "create", "--assume-clean", leg0, remote.uri])
+    }
+
+    var legs: [String] { [leg0, remote.uri] }
+
+    func failWrites() { _ = FileManager.default.createFile(atPath: trigger, contents: nil) }
+    func healWrites() throws { try FileManager.default.removeItem(atPath: trigger) }
+}
