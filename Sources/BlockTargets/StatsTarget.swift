@@ -29,8 +29,12 @@ public final class StatsTarget: BlockTarget {
     public let inner: any BlockTarget
     public let statistics = RequestStatistics(operations: Operation.allCases.map(\.metricName))
 
+    /// Where the requests count.
+    private let recorder: RequestStatistics.Recorder
+
     public init(_ inner: any BlockTarget) {
         self.inner = inner
+        recorder = statistics.recorder
     }
 
     public var size: UInt64 { inner.size }
@@ -38,14 +42,14 @@ public final class StatsTarget: BlockTarget {
     public var capabilities: TargetCapabilities { inner.capabilities }
     public var metaContexts: [String] { inner.metaContexts }
 
-    /// `completion`, counting the request's end first. The statistics are
-    /// not retained for each request: the served target (and so its
-    /// statistics) outlives every request the server answers.
+    /// `completion`, counting the request's end first. The recorder holds
+    /// no reference: the served target (and so its statistics) outlives
+    /// every request the server answers.
     private func counting(_ operation: Operation, bytes: UInt64,
                           _ completion: @escaping TargetCompletion) -> TargetCompletion {
-        let startedAt = statistics.start(operation.rawValue)
-        return { [unowned(unsafe) statistics] result in
-            statistics.end(operation.rawValue, bytes: bytes, errno: result.errno, startedAt: startedAt)
+        let startedAt = recorder.start(operation.rawValue)
+        return { [recorder] result in
+            recorder.end(operation.rawValue, bytes: bytes, errno: result.errno, startedAt: startedAt)
             completion(result)
         }
     }
@@ -97,11 +101,11 @@ public final class StatsTarget: BlockTarget {
         let startedAt = RequestStatistics.now()
         do {
             let extents = try body()
-            statistics.record(Operation.blockStatus.rawValue, bytes: length, errno: 0, startedAt: startedAt)
+            recorder.record(Operation.blockStatus.rawValue, bytes: length, errno: 0, startedAt: startedAt)
             return extents
         } catch {
             let errno = (error as? TargetResult)?.errno ?? EIO
-            statistics.record(Operation.blockStatus.rawValue, bytes: length, errno: errno, startedAt: startedAt)
+            recorder.record(Operation.blockStatus.rawValue, bytes: length, errno: errno, startedAt: startedAt)
             throw error
         }
     }
@@ -111,7 +115,7 @@ public final class StatsTarget: BlockTarget {
     public func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool {
         let startedAt = RequestStatistics.now()
         let zeroes = inner.readsAsZeroes(offset: offset, length: length)
-        if zeroes { statistics.record(Operation.read.rawValue, bytes: length, errno: 0, startedAt: startedAt) }
+        if zeroes { recorder.record(Operation.read.rawValue, bytes: length, errno: 0, startedAt: startedAt) }
         return zeroes
     }
 

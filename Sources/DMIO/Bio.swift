@@ -77,7 +77,7 @@ final class Bio: @unchecked Sendable {
         self.offset = offset
         self.remaining = length
         self.length = length
-        if let statistics = device.statistics { startedAt = statistics.start(operation.rawValue) }
+        if let recorder = device.recorder { startedAt = recorder.start(operation.rawValue) }
         firstIovec = 0
         iovecEnd = 0
         next = nil
@@ -223,7 +223,7 @@ final class Bio: @unchecked Sendable {
             free(bounce)
             self.bounce = nil
         }
-        device.statistics?.end(operation.rawValue, bytes: length, errno: errno, startedAt: startedAt)
+        device.recorder?.end(operation.rawValue, bytes: length, errno: errno, startedAt: startedAt)
         let job = self.job!
         let region = self.region
         let pool = self.pool!

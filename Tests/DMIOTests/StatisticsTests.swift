@@ -10,8 +10,8 @@ import Testing
         let statistics = RequestStatistics(operations: ["read", "write"])
         DispatchQueue.concurrentPerform(iterations: 8) { thread in
             for _ in 0..<10_000 {
-                let started = statistics.start(1)
-                statistics.end(1, bytes: 4096, errno: thread == 0 ? ENOSPC : 0, startedAt: started)
+                let started = statistics.recorder.start(1)
+                statistics.recorder.end(1, bytes: 4096, errno: thread == 0 ? ENOSPC : 0, startedAt: started)
             }
         }
         let writes = statistics.totals(1)
@@ -28,7 +28,7 @@ import Testing
         let now = RequestStatistics.now()
         // Sizes: 512 B is bucket 0 (at most 512), 513 B bucket 1, 1 MiB bucket 11.
         for bytes: UInt64 in [512, 513, 1 << 20, 1 << 40] {
-            statistics.record(0, bytes: bytes, errno: EBADF, startedAt: now)
+            statistics.recorder.record(0, bytes: bytes, errno: EBADF, startedAt: now)
         }
         let totals = statistics.totals(0)
         #expect(totals.sizes[0] == 1 && totals.sizes[1] == 1 && totals.sizes[11] == 1)
@@ -39,8 +39,8 @@ import Testing
         // 2.5 µs is bucket 2 (more than 2, at most 4 µs); an hour, the last.
         // (Counted apart: the requests above took a few µs of their own.)
         let timed = RequestStatistics(operations: ["write"])
-        timed.record(0, bytes: 0, errno: 0, startedAt: RequestStatistics.now() - 2_500)
-        timed.record(0, bytes: 0, errno: 0, startedAt: RequestStatistics.now() - 3_600_000_000_000)
+        timed.recorder.record(0, bytes: 0, errno: 0, startedAt: RequestStatistics.now() - 2_500)
+        timed.recorder.record(0, bytes: 0, errno: 0, startedAt: RequestStatistics.now() - 3_600_000_000_000)
         let durations = timed.totals(0).durations
         #expect(durations[2] == 1, "\(durations)")
         #expect(durations[RequestStatistics.durationBuckets - 1] == 1, "\(durations)")

@@ -106,6 +106,8 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     let driver: any DeviceDriver
     /// What the device's bios did, by `IOOperation`, when `DeviceOptions.countsRequests`.
     public let statistics: RequestStatistics?
+    /// Where its bios count (the device keeps `statistics` while they do).
+    let recorder: RequestStatistics.Recorder?
 
     public var sectors: UInt64 { size >> sectorShift }
     public var description: String { name }
@@ -115,6 +117,7 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
         self.driver = driver
         statistics = countsRequests
             ? RequestStatistics(operations: IOOperation.allCases.map(\.metricName), countsSizes: false) : nil
+        recorder = statistics?.recorder
         kind = driver.kind
         size = driver.size & ~UInt64(sectorSize - 1)
         blockSize = driver.blockSize

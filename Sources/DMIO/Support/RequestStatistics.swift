@@ -8,42 +8,49 @@ import Glibc
 /// add: no lock, no allocation. The sums are exact once the additions are
 /// done; a sum taken meanwhile may miss the ones in progress.
 public final class ShardedCounters: @unchecked Sendable {
-    /// A power of two, so that a CPU's shard is a mask away, not a division.
-    private let shards: Int
-    /// Counters a shard takes, rounded up to whole cache lines.
-    private let stride: Int
-    private let storage: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    /// What the I/O path adds through.
+    public let view: View
 
     public init(count: Int) {
         var shards = 1
         while shards < min(64, Int(dmio_cpu_count())) { shards *= 2 }
-        self.shards = shards
-        stride = (count + 7) & ~7
-        storage = UnsafeMutableRawPointer
+        let stride = (count + 7) & ~7
+        let storage = UnsafeMutableRawPointer
             .allocate(byteCount: shards * stride * MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride, alignment: 64)
             .bindMemory(to: UnsafeAtomic<UInt64>.Storage.self, capacity: shards * stride)
         storage.initialize(repeating: UnsafeAtomic<UInt64>.Storage(0), count: shards * stride)
+        view = View(storage: storage, shards: shards, stride: stride)
     }
 
     deinit {
-        storage.deinitialize(count: shards * stride)
-        UnsafeMutableRawPointer(storage).deallocate()
-    }
-
-    /// The calling thread's shard, for the additions of one request.
-    @inline(__always)
-    public func shard() -> Shard {
-        let cpu = Int(dmio_current_cpu())
-        return Shard(base: storage + (cpu & (shards - 1)) * stride)
+        view.storage.deinitialize(count: view.shards * view.stride)
+        UnsafeMutableRawPointer(view.storage).deallocate()
     }
 
     /// Counter `index`, summed over the shards.
     public func sum(_ index: Int) -> UInt64 {
         var total: UInt64 = 0
-        for shard in 0..<shards {
-            total &+= UnsafeAtomic<UInt64>(at: storage + shard * stride + index).load(ordering: .relaxed)
+        for shard in 0..<view.shards {
+            total &+= UnsafeAtomic<UInt64>(at: view.storage + shard * view.stride + index).load(ordering: .relaxed)
         }
         return total
+    }
+
+    /// The counters without a reference to the object that owns them, so
+    /// that an addition costs no retain and release; valid while it lives.
+    public struct View: @unchecked Sendable {
+        fileprivate let storage: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+        /// A power of two, so that a CPU's shard is a mask away, not a division.
+        fileprivate let shards: Int
+        /// Counters a shard takes, rounded up to whole cache lines.
+        fileprivate let stride: Int
+
+        /// The calling thread's shard, for the additions of one request.
+        @inline(__always)
+        public func shard() -> Shard {
+            let cpu = Int(dmio_current_cpu())
+            return Shard(base: storage + (cpu & (shards - 1)) * stride)
+        }
     }
 
     public struct Shard {
@@ -90,47 +97,63 @@ public final class RequestStatistics: Sendable {
     }
 
     private let counters: ShardedCounters
-    /// Whether the size histogram is kept (the metrics show the NBD
-    /// requests' sizes, not the legs').
-    public let countsSizes: Bool
+    /// Where the layer counts its requests. It holds no reference to this
+    /// object: the layer's owner keeps the statistics for as long as the
+    /// layer counts.
+    public let recorder: Recorder
+    public var countsSizes: Bool { recorder.countsSizes }
 
     public init(operations: [String], countsSizes: Bool = true) {
         self.operations = operations
-        self.countsSizes = countsSizes
         counters = ShardedCounters(count: operations.count * Slot.count)
+        recorder = Recorder(counters: counters.view, countsSizes: countsSizes)
         // The clock measures itself once, now rather than on a request.
         _ = Self.now()
     }
 
-    /// Counts a request of `operation` as started; returns the time to pass to `end`.
-    @inline(__always)
-    public func start(_ operation: Int) -> UInt64 {
-        counters.shard().add(operation * Slot.count + Slot.started)
-        return Self.now()
-    }
+    /// Counts requests as they start and end: a clock read and an atomic add
+    /// to start, a clock read and three or four atomic adds to end; no lock,
+    /// no allocation, no retain.
+    public struct Recorder: Sendable {
+        fileprivate let counters: ShardedCounters.View
+        /// Whether the size histogram is kept (the metrics show the NBD
+        /// requests' sizes, not the legs').
+        public let countsSizes: Bool
 
-    /// Counts the end of a request that `start` returned `startedAt` for.
-    @inline(__always)
-    public func end(_ operation: Int, bytes: UInt64, errno: Int32, startedAt: UInt64) {
-        let elapsed = Self.now() &- startedAt
-        let shard = counters.shard()
-        let base = operation * Slot.count
-        if errno == 0 {
-            shard.add(base + Slot.bytes, bytes)
-        } else {
-            shard.add(base + Slot.failedBytes, bytes)
-            shard.add(base + Slot.errors + (Self.errnos.firstIndex(of: errno) ?? Self.errnos.count))
+        /// Counts a request of `operation` as started; returns the time to pass to `end`.
+        @inline(__always)
+        public func start(_ operation: Int) -> UInt64 {
+            counters.shard().add(operation * Slot.count + Slot.started)
+            return Statistics.now()
         }
-        shard.add(base + Slot.durationNanoseconds, elapsed)
-        shard.add(base + Slot.durations + Self.bucket((elapsed + 999) / 1000, buckets: Self.durationBuckets))
-        if countsSizes { shard.add(base + Slot.sizes + Self.bucket((bytes + 511) >> 9, buckets: Self.sizeBuckets)) }
-    }
 
-    /// Counts a request that started at `startedAt` (`now()`) and is over
-    /// already: one answered within the call.
-    public func record(_ operation: Int, bytes: UInt64, errno: Int32, startedAt: UInt64) {
-        counters.shard().add(operation * Slot.count + Slot.started)
-        end(operation, bytes: bytes, errno: errno, startedAt: startedAt)
+        /// Counts the end of a request that `start` returned `startedAt` for.
+        @inline(__always)
+        public func end(_ operation: Int, bytes: UInt64, errno: Int32, startedAt: UInt64) {
+            let elapsed = Statistics.now() &- startedAt
+            let shard = counters.shard()
+            let base = operation * Slot.count
+            if errno == 0 {
+                shard.add(base + Slot.bytes, bytes)
+            } else {
+                shard.add(base + Slot.failedBytes, bytes)
+                shard.add(base + Slot.errors + (Statistics.errnos.firstIndex(of: errno) ?? Statistics.errnos.count))
+            }
+            shard.add(base + Slot.durationNanoseconds, elapsed)
+            shard.add(base + Slot.durations + Statistics.bucket((elapsed + 999) / 1000, buckets: Statistics.durationBuckets))
+            if countsSizes {
+                shard.add(base + Slot.sizes + Statistics.bucket((bytes + 511) >> 9, buckets: Statistics.sizeBuckets))
+            }
+        }
+
+        /// Counts a request that started at `startedAt` (`now()`) and is over
+        /// already: one answered within the call.
+        public func record(_ operation: Int, bytes: UInt64, errno: Int32, startedAt: UInt64) {
+            counters.shard().add(operation * Slot.count + Slot.started)
+            end(operation, bytes: bytes, errno: errno, startedAt: startedAt)
+        }
+
+        private typealias Statistics = RequestStatistics
     }
 
     /// The bucket of `value` among `buckets` of at most 2^k each.
