@@ -4,7 +4,7 @@ BENCH_FLAGS ?=
 # Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
 SHARED ?= ../shared
 
-.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads example clean
 PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
@@ -57,6 +57,11 @@ bench-tls: deps
 bench-metrics: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	scripts/bench-variants --suite metrics $(BENCH_FLAGS)
+
+## Reads from a mirror with one slow remote leg, --read-policy first and balanced, beside nbdkit file (BENCHMARKS.md).
+bench-reads: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	scripts/bench-variants --suite reads $(BENCH_FLAGS)
 
 ## One device served as it is, against nbdkit file and qemu-nbd (BENCHMARKS.md).
 bench-linear: deps

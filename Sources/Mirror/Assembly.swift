@@ -83,6 +83,7 @@ extension Mirror {
     /// it needs a replacement). A leg of another mirror is refused. Nothing
     /// is written until `start()`.
     public static func open(_ specs: [String], client: DMIOClient, rateLimit: UInt64 = 0,
+                            readPolicy: ReadPolicy = .balanced, redundancy: RedundancyPolicy = .default,
                             deviceOptions: DeviceOptions = DeviceOptions(), allowMissingLegs: Bool = false,
                             eventSink: (any EventSink)? = nil,
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
@@ -248,8 +249,8 @@ extension Mirror {
         return Mirror(uuid: freshest.mirror, layout: layout, members: members, bitmap: bitmap,
                       events: freshest.events, eventsCleared: freshest.eventsCleared, generation: generation,
                       recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
-                      client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, eventSink: eventSink,
-                      logger: logger)
+                      client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, readPolicy: readPolicy,
+                      redundancy: redundancy, eventSink: eventSink, logger: logger)
     }
 
     /// The mirror that `device` is a leg of, if any: a device served on its

@@ -34,6 +34,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private let exclusive: MirrorLock
     /// Resync passes, on the background thread.
     let pass: RegionPass
+    /// Which in-sync leg each read goes to.
+    let readBalancer: ReadBalancer
+    public var readPolicy: ReadPolicy { readBalancer.policy }
+    /// Whether a write may go to the legs with as few in sync as now.
+    let redundancy: RedundancyGuard
 
     private let lock = ConditionLock()
     /// Held by whatever changes the set of legs or clears dirty bits, so that
@@ -49,8 +54,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
 
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
          events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock,
-         client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, eventSink: (any EventSink)?,
-         logger: Logger) {
+         client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, readPolicy: ReadPolicy,
+         redundancy: RedundancyPolicy, eventSink: (any EventSink)?, logger: Logger) {
         self.uuid = uuid
         self.exclusive = exclusive
         self.layout = layout
@@ -58,6 +63,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.logger = logger
         self.deviceOptions = deviceOptions
         self.recoveryPending = recoveryPending
+        readBalancer = ReadBalancer(policy: readPolicy)
+        self.redundancy = RedundancyGuard(policy: redundancy)
         let announce = MirrorEvents(sink: eventSink, mirror: "\(uuid)")
         legs = LegTable(members, generation: generation) { before, after in announce.legsChanged(from: before, to: after) }
         let bitmap = RegionBitmap(regionCount: layout.regionCount, bitmap: bitmap)
@@ -125,6 +132,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         lock.broadcast()
         if let worker { pthread_join(worker, nil) }
         worker = nil
+        stopHoldingWrites()
         flushLegs()
         let recovering = lock.withLock { recoveryPending }
         if legs.allInSync && !recovering {
@@ -140,6 +148,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         exclusive.release()
     }
 
+    /// Writes held for want of legs in sync fail now, and no write is held
+    /// from now on: the server is stopping, and waits for its requests.
+    public func stopHoldingWrites() {
+        redundancy.close()
+    }
+
     private func background() {
         var lastClean = ContinuousClock.now
         while true {
@@ -147,6 +161,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 (stopping, recoveryPending)
             }
             if stop { return }
+            redundancy.release(inSync: legs.snapshot.readable.count)
             let rebuilding = legs.all.contains { $0.state == .rebuilding }
             if recover || rebuilding {
                 runResync(recovery: recover)

@@ -3,8 +3,8 @@ import Glibc
 import BlockTargets
 
 /// The mirror's I/O path: every write goes to every writable leg in one
-/// DMIO request; reads go to the first in-sync leg and move on when it
-/// fails. A request whose legs failed answers only once the superblocks
+/// DMIO request; a read goes to the in-sync leg the read policy picks
+/// (`ReadBalancer`) and moves on to the others when it fails. A request whose legs failed answers only once the superblocks
 /// record those legs as degraded, so that no restart can take a leg that
 /// missed a write for one that has it.
 ///
@@ -14,38 +14,50 @@ import BlockTargets
 extension Mirror {
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: IOContext,
                      completion: @escaping TargetCompletion) {
-        read(into: buffer, offset: offset, from: legs.snapshot.readable, next: 0, failures: [],
+        let candidates = legs.snapshot.readable
+        read(into: buffer, offset: offset, from: candidates,
+             first: readBalancer.choose(offset: offset, among: candidates.lazy.map(\.index)), tried: 0, failures: [],
              on: context.client(or: client), completion: completion)
     }
 
-    /// Reads from `candidates[next]`; on an error, fails that leg and tries
-    /// the one after. When no in-sync leg is left, a rebuilding leg serves
-    /// regions that it already holds (clean ones). Retries run in the
-    /// failed read's completion: on the mirror's own client.
+    /// Reads from the candidate `tried` places after `first` (round the
+    /// list); on an error, fails that leg and tries the next. When no
+    /// in-sync leg is left, a rebuilding leg serves regions that it already
+    /// holds (clean ones). Retries run in the failed read's completion: on
+    /// the mirror's own client.
     private func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, from candidates: [LegTable.Leg],
-                      next: Int, failures: [LegFailure], on io: DMIOClient,
+                      first: Int, tried: Int, failures: [LegFailure], on io: DMIOClient,
                       completion: @escaping TargetCompletion) {
         var candidates = candidates
-        var next = next
-        if next == candidates.count, !failures.isEmpty {
-            let tried = Set(failures.map(\.leg.index))
+        var first = first
+        var tried = tried
+        if tried == candidates.count, !failures.isEmpty {
+            let failed = Set(failures.map(\.leg.index))
             let regions = regionHash.regions(offset: offset, length: UInt64(buffer.count))
             candidates = regions.contains(where: bitmap.isDirty) ? [] : legs.snapshot.writable.filter {
-                !tried.contains($0.index) && legs.member($0.index).state == .rebuilding
+                !failed.contains($0.index) && legs.member($0.index).state == .rebuilding
             }
-            next = 0
+            first = 0
+            tried = 0
         }
-        guard next < candidates.count else {
+        guard tried < candidates.count else {
             return completion(everyLegFailed("read", failures))
         }
-        let started = submit(.read, [candidates[next]], offset: offset, length: UInt64(buffer.count),
+        let leg = candidates[(first + tried) % candidates.count]
+        let length = UInt64(buffer.count)
+        readBalancer.started(leg.index, offset: offset, length: length)
+        let started = submit(.read, [leg], offset: offset, length: length,
                              memory: .buffer(buffer), on: io) { [self] failed in
+            readBalancer.ended(leg.index)
             guard let failure = failed.first else { return completion(.success) }
             legFailures.record([failure], reading: true)
-            read(into: buffer, offset: offset, from: candidates, next: next + 1,
+            read(into: buffer, offset: offset, from: candidates, first: first, tried: tried + 1,
                  failures: failures + [failure], on: client, completion: completion)
         }
-        if !started { completion(TargetResult(errno: EINVAL, message: "read refused by DMIO")) }
+        if !started {
+            readBalancer.ended(leg.index)
+            completion(TargetResult(errno: EINVAL, message: "read refused by DMIO"))
+        }
     }
 
     public func write(_ data: IOMemory, offset: UInt64, fua: Bool, context: IOContext,
@@ -122,6 +134,22 @@ extension Mirror {
                         flags: IOFlags, context: IOContext, completion: @escaping TargetCompletion) {
         let change = Change(operation: operation, regions: regionHash.regions(offset: offset, length: length),
                             offset: offset, length: length, memory: memory, flags: flags, completion: completion)
+        // With the default policy (one leg in sync is enough: there is
+        // always one) no write asks.
+        if redundancy.policy.minInSync > 1 {
+            let admission = redundancy.admit(inSync: legs.snapshot.readable.count) { [self] admitted in
+                guard admitted else {
+                    return completion(TargetResult(errno: EIO, message: "the server stopped while the write waited "
+                                                   + "for enough legs in sync (--min-in-sync-legs)"))
+                }
+                startAfterWaiting(change)
+            }
+            switch admission {
+            case .go: break
+            case .refused(let result): return completion(result)
+            case .held: return
+            }
+        }
         if regionHash.tryStartWrite(change.regions) { return issue(change, on: context.client(or: client)) }
         startAfterWaiting(change)
     }

@@ -66,6 +66,8 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
     public var events: UInt64
     /// Bitmap writes since the start (each a commit of marked regions).
     public var bitmapWrites: UInt64?
+    /// `--read-policy`: "balanced" or "first".
+    public var readPolicy: String?
     public var legs: [Leg]
     public var resync: Resync
 
@@ -131,7 +133,7 @@ extension Mirror {
             uuid: "\(uuid)", size: layout.dataBytes, regionBytes: layout.regionBytes, regions: layout.regionCount,
             dirtyRegions: dirty,
             inSyncRegions: allInSync && !progress.active ? layout.regionCount : layout.regionCount - (progress.active ? left : dirty),
-            events: metadata.eventCount, bitmapWrites: metadata.bitmapWrites,
+            events: metadata.eventCount, bitmapWrites: metadata.bitmapWrites, readPolicy: readPolicy.rawValue,
             legs: members.enumerated().map { index, member in
                 MirrorStatus.Leg(index: index, device: member.name, kind: member.device.map { "\($0.kind)" },
                                  state: member.state,

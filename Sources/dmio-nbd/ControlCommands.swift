@@ -116,7 +116,8 @@ func describe(_ report: MirrorReport, coloured: Bool = false) -> String {
     var lines = [status.dmsetupLine, ""]
     lines.append("mirror \(status.uuid): \(mib(status.size)), \(status.regions) regions of \(status.regionBytes >> 10) KiB, "
                  + "\(status.dirtyRegions) dirty, event \(status.events)")
-    lines.append("served on \(report.served.joined(separator: ", "))")
+    lines.append("served on \(report.served.joined(separator: ", "))"
+                 + (status.readPolicy.map { "; reads: \($0)" } ?? ""))
     // One column wider than the longest name: `padded` adds a space at least.
     let width = max(6, status.legs.map(\.device.count).max() ?? 0) + 1
     lines.append("leg  state       " + "device".padded(width) + "  read/write errors  why out, or last error")

@@ -76,6 +76,20 @@ struct Serve: AsyncParsableCommand {
             transform: ByteSize.parse)
     var resyncRate: ByteSize?
 
+    @Option(help: ArgumentHelp("Which in-sync leg a read goes to: balanced (a read that continues the last one "
+                               + "stays on its leg, others go to the leg with the fewest reads in flight) or first "
+                               + "(the first in-sync leg, others only when it fails); default: balanced.", valueName: "policy"))
+    var readPolicy: ReadPolicy?
+
+    @Option(help: ArgumentHelp("Writes need this many legs in sync (default 1: any leg in sync takes writes); "
+                               + "with fewer, --on-lost-redundancy says what a write does.", valueName: "count"))
+    var minInSyncLegs: Int?
+
+    @Option(help: ArgumentHelp("What a write does when fewer than --min-in-sync-legs legs are in sync: fail "
+                               + "(EIO, the default) or hold (it waits until a leg's copy ends, or the server stops).",
+                               valueName: "fail|hold"))
+    var onLostRedundancy: RedundancyPolicy.OnLoss?
+
     @Flag(help: "Bypass the page cache (O_DIRECT) for files and block devices.")
     var direct = false
 
@@ -129,6 +143,13 @@ struct Serve: AsyncParsableCommand {
         if remoteTimeout < 0 { throw ValidationError("--remote-timeout: \(remoteTimeout) seconds is negative") }
         if eventTimeout < 1 { throw ValidationError("--on-event-timeout: at least 1 second") }
         if eventProgram != nil && legs.count == 1 { throw ValidationError("--on-event watches a mirror; one device has no events") }
+        if (minInSyncLegs != nil || onLostRedundancy != nil) && legs.count == 1 {
+            throw ValidationError("--min-in-sync-legs and --on-lost-redundancy count a mirror's legs; one device has one")
+        }
+        if let minInSyncLegs, minInSyncLegs < 1 || minInSyncLegs > max(legs.count, 2) {
+            throw ValidationError("--min-in-sync-legs \(minInSyncLegs): from 1 to the number of legs (\(max(legs.count, 2)))")
+        }
+        if readPolicy != nil && legs.count == 1 { throw ValidationError("--read-policy picks among a mirror's legs; one device has one") }
         if testEvent && eventProgram == nil { throw ValidationError("--test-event needs --on-event PROGRAM") }
         if !(1...99).contains(eventIncrement) { throw ValidationError("--on-event-increment: 1 to 99 percent") }
         if let bufferLimit, bufferLimit.bytes < 1 << 20 {
@@ -226,6 +247,8 @@ struct Serve: AsyncParsableCommand {
         // In order: no new connection or request, the requests in flight
         // answered, the mirror's metadata written clean, then the control
         // socket (status answers until the mirror is stopped).
+        // A write held for want of legs in sync would keep the shutdown waiting.
+        (served.target as? Mirror)?.stopHoldingWrites()
         await server.shutdown()
         served.stop()
         // Watchers and the event program get what happened up to here, then
@@ -344,6 +367,9 @@ struct Serve: AsyncParsableCommand {
         let mirror: Mirror
         do {
             mirror = try Mirror.open(specs, client: client, rateLimit: resyncRate?.bytes ?? 0,
+                                     readPolicy: readPolicy ?? .balanced,
+                                     redundancy: RedundancyPolicy(minInSync: minInSyncLegs ?? 1,
+                                                                  onLoss: onLostRedundancy ?? .fail),
                                      deviceOptions: deviceOptions(createSize: nil),
                                      allowMissingLegs: allowMissingLegs, eventSink: events, logger: logger)
             if let signal = stops.received { throw StartInterrupted.before(signal) }
@@ -493,4 +519,6 @@ enum CleanExit: Error, CustomStringConvertible {
 }
 
 extension IOEngineKind: ExpressibleByArgument {}
+extension ReadPolicy: ExpressibleByArgument {}
+extension RedundancyPolicy.OnLoss: ExpressibleByArgument {}
 extension TCPAddress: ExpressibleByArgument {}

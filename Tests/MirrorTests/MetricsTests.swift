@@ -10,65 +10,19 @@ import Testing
 @Suite(.serialized) struct MetricsTests {
     static let legSize = "64M"
 
-    /// One sample of the text: its name, labels and value.
-    struct Sample: Decodable {
-        let name: String
-        let labels: [String: String]
-        let value: Double
-    }
-
-    /// The parsed metrics: samples by name, filtered by labels.
-    struct Scraped {
-        let samples: [Sample]
-        let families: [String: String]
-
-        func values(_ name: String, _ labels: [String: String] = [:]) -> [Double] {
-            samples.filter { sample in
-                sample.name == name && labels.allSatisfy { key, value in sample.labels[key] == value }
-            }.map(\.value)
-        }
-
-        func value(_ name: String, _ labels: [String: String] = [:]) -> Double? {
-            let found = values(name, labels)
-            return found.count == 1 ? found[0] : nil
-        }
-    }
-
-    private static let parser = """
-        import json, sys
-        from prometheus_client.parser import text_string_to_metric_families
-        samples, families = [], {}
-        for family in text_string_to_metric_families(sys.stdin.read()):
-            families[family.name] = family.type
-            for sample in family.samples:
-                samples.append({"name": sample.name, "labels": sample.labels, "value": sample.value})
-        print(json.dumps({"samples": samples, "families": families}))
-        """
-
-    /// GET /metrics on the unix socket `path`, parsed.
-    private func scrape(_ path: String) throws -> Scraped {
-        let text = try run(["curl", "--silent", "--show-error", "--fail", "--unix-socket", path, "http://localhost/metrics"])
-        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("metrics-\(getpid()).txt").path
-        try text.write(toFile: folder, atomically: true, encoding: .utf8)
-        let json = try run(["bash", "-c", "/usr/bin/python3 -c \"$0\" < \(folder)", Self.parser])
-        struct Parsed: Decodable { let samples: [Sample]; let families: [String: String] }
-        let parsed = try JSONDecoder().decode(Parsed.self, from: Data(json.utf8))
-        return Scraped(samples: parsed.samples, families: parsed.families)
-    }
-
     /// Scrapes until `condition` holds, for `timeout` seconds at most.
     @discardableResult
     private func waitFor(_ what: String, on path: String, timeout: Double = 1,
                          _ condition: (Scraped) -> Bool) throws -> Scraped {
         let deadline = Date().addingTimeInterval(timeout)
-        var last = try scrape(path)
+        var last = try Scraped.read(path)
         while !condition(last) {
             guard Date() < deadline else {
                 Issue.record("metrics: not within \(timeout) s: \(what)")
                 return last
             }
             usleep(20_000)
-            last = try scrape(path)
+            last = try Scraped.read(path)
         }
         return last
     }
@@ -83,7 +37,7 @@ import Testing
         try handle.expectReadBack(written)
         try handle.flush()
 
-        let scraped = try scrape(metrics)
+        let scraped = try Scraped.read(metrics)
         let uuid = try fixture.status().uuid
         // The text format wants each family's lines together, under one TYPE (Go's parser refuses a second).
         let text = try run(["curl", "--silent", "--unix-socket", metrics, "http://localhost/metrics"])
@@ -138,7 +92,7 @@ import Testing
         let server = try fixture.serve(legs.legs + ["--metrics", "unix:" + metrics])
         let handle = try fixture.connect()
         var written = try handle.writeRegions(0..<2, seed: 5)
-        var scraped = try scrape(metrics)
+        var scraped = try Scraped.read(metrics)
         #expect(scraped.value("dmio_leg_state", ["leg": "1", "state": "in_sync"]) == 1)
         #expect(scraped.value("dmio_leg_info", ["leg": "1", "kind": "nbd"]) == 1)
 

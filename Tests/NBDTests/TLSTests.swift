@@ -208,7 +208,12 @@ import Testing
                                "--tls-certificates=\(certificates.server)", "file", remoteFile]
         tcpRemote.standardError = FileHandle.nullDevice
         try tcpRemote.run()
-        defer { tcpRemote.terminate() }
+        // SIGKILL: the test's threads block SIGTERM, and nbdkit, started
+        // from one of them, inherits the mask (it would outlive the test).
+        defer {
+            kill(tcpRemote.processIdentifier, SIGKILL)
+            tcpRemote.waitUntilExit()
+        }
         let tcpURI = "nbds://localhost:\(port)/"
         for _ in 0..<100 {
             if (try? run(["nbdinfo", "--size", tcpURI + "?tls-certificates=\(certificates.client)"])) != nil { break }
