@@ -51,7 +51,8 @@ final class LegTable: @unchecked Sendable {
         /// Counts the table's changes: a request that saw this snapshot may
         /// answer once the superblocks record this version.
         let version: UInt64
-        /// In-sync legs, in order: reads go to the first.
+        /// In-sync legs, in order: reads go to one the read policy picks;
+        /// a resync copies from the first.
         let readable: [Leg]
         /// In-sync and rebuilding legs: writes go to all of them.
         let writable: [Leg]

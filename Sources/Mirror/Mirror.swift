@@ -1,3 +1,4 @@
+import Atomics
 import DMIO
 import Glibc
 import Logging
@@ -46,7 +47,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private let maintenance = ConditionLock()
     /// Set when the last stop was not clean: in-sync legs may differ in the
     /// dirty regions, so they are copied from the first one.
-    private var recoveryPending: Bool
+    /// Read without the lock too: while it is set, reads come from the
+    /// leg the recovery copies from (see `Mirror.read`).
+    private let recoveryPending: ManagedAtomic<Bool>
     private var stopping = false
     private var worker: pthread_t?
     /// How often the dirty log's idle bits are cleared.
@@ -62,7 +65,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.client = client
         self.logger = logger
         self.deviceOptions = deviceOptions
-        self.recoveryPending = recoveryPending
+        self.recoveryPending = ManagedAtomic(recoveryPending)
         readBalancer = ReadBalancer(policy: readPolicy)
         self.redundancy = RedundancyGuard(policy: redundancy)
         let announce = MirrorEvents(sink: eventSink, mirror: "\(uuid)")
@@ -121,6 +124,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard wrote, superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }
+        let inSync = legs.snapshot.readable.count
+        if inSync < redundancy.policy.minInSync {
+            let writes = redundancy.policy.onLoss == .fail ? "fail" : "wait"
+            logger.warning("only \(inSync) of \(legs.count) legs in sync, fewer than --min-in-sync-legs \(redundancy.policy.minInSync): writes \(writes) until a leg is back in sync")
+        }
         worker = startThread(named: "dmio-mirror") { [self] in background() }
     }
 
@@ -134,7 +142,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         worker = nil
         stopHoldingWrites()
         flushLegs()
-        let recovering = lock.withLock { recoveryPending }
+        let recovering = isRecoveryPending
         if legs.allInSync && !recovering {
             regionHash.clearAllIdle()
             metadata.noteBitsCleared()
@@ -157,9 +165,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private func background() {
         var lastClean = ContinuousClock.now
         while true {
-            let (stop, recover) = lock.withLock {
-                (stopping, recoveryPending)
-            }
+            let stop = lock.withLock { stopping }
+            let recover = isRecoveryPending
             if stop { return }
             redundancy.release(inSync: legs.snapshot.readable.count)
             let rebuilding = legs.all.contains { $0.state == .rebuilding }
@@ -173,7 +180,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 cleanIdleRegions()
             }
             lock.withLock {
-                if !stopping && !recoveryPending { lock.wait(for: max(.milliseconds(50), Self.cleanInterval - (ContinuousClock.now - lastClean))) }
+                if !stopping && !isRecoveryPending { lock.wait(for: max(.milliseconds(50), Self.cleanInterval - (ContinuousClock.now - lastClean))) }
             }
         }
     }
@@ -192,7 +199,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             : rebuilding
         if targets.isEmpty {
             // Nothing to copy to: the dirty bits stay for the degraded legs.
-            lock.withLock { recoveryPending = false }
+            recoveryPending.store(false, ordering: .releasing)
             return
         }
         legs.beginRebuildPass()
@@ -204,7 +211,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             flushLegs()
             // nil: a rebuilding leg got ahead of the in-sync legs during the pass.
             if let rebuilt = legs.finishRebuilds(rebuilding) {
-                if recovery { lock.withLock { recoveryPending = false } }
+                if recovery { recoveryPending.store(false, ordering: .releasing) }
                 if !rebuilt.isEmpty {
                     logger.info("legs \(rebuilt) are in sync")
                     _ = superblocks.commitAndWait()
@@ -246,7 +253,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         return result.succeeded
     }
 
-    var isRecoveryPending: Bool { lock.withLock { recoveryPending } }
+    var isRecoveryPending: Bool { recoveryPending.load(ordering: .acquiring) }
 
     private func wake() {
         lock.broadcast()

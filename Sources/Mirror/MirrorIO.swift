@@ -4,9 +4,10 @@ import BlockTargets
 
 /// The mirror's I/O path: every write goes to every writable leg in one
 /// DMIO request; a read goes to the in-sync leg the read policy picks
-/// (`ReadBalancer`) and moves on to the others when it fails. A request whose legs failed answers only once the superblocks
-/// record those legs as degraded, so that no restart can take a leg that
-/// missed a write for one that has it.
+/// (`ReadBalancer`) and moves on to the others when it fails. A request
+/// whose legs failed answers only once the superblocks record those legs
+/// as degraded, so that no restart can take a leg that missed a write for
+/// one that has it.
 ///
 /// A request's first I/O goes on the caller's client (`IOContext`: the
 /// event loop's own ring); what starts later, from a completion or after a
@@ -15,8 +16,12 @@ extension Mirror {
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: IOContext,
                      completion: @escaping TargetCompletion) {
         let candidates = legs.snapshot.readable
-        read(into: buffer, offset: offset, from: candidates,
-             first: readBalancer.choose(offset: offset, among: candidates.lazy.map(\.index)), tried: 0, failures: [],
+        // After an unclean stop the legs may differ in their dirty regions
+        // until the recovery has copied them from the first: read what it
+        // will copy, never what it will overwrite (md reads the first disk
+        // where it has not resynced).
+        let first = isRecoveryPending ? 0 : readBalancer.choose(offset: offset, among: candidates.lazy.map(\.index))
+        read(into: buffer, offset: offset, from: candidates, first: first, tried: 0, failures: [],
              on: context.client(or: client), completion: completion)
     }
 
@@ -147,7 +152,10 @@ extension Mirror {
             switch admission {
             case .go: break
             case .refused(let result): return completion(result)
-            case .held: return
+            case .held:
+                // Enough legs may have come back between the count and the
+                // parking, after the background thread let the held writes go.
+                return redundancy.release(inSync: legs.snapshot.readable.count)
             }
         }
         if regionHash.tryStartWrite(change.regions) { return issue(change, on: context.client(or: client)) }

@@ -75,8 +75,6 @@ final class RedundancyGuard: @unchecked Sendable {
         for resume in take() { resume(false) }
     }
 
-    var heldCount: Int { lock.withLock { held.count } }
-
     func lostRedundancy(_ inSync: Int) -> TargetResult {
         TargetResult(errno: EIO, message: "only \(inSync) leg\(inSync == 1 ? "" : "s") in sync, fewer than "
                      + "--min-in-sync-legs \(policy.minInSync): writes are refused until a leg is back in sync")

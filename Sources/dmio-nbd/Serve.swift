@@ -143,6 +143,10 @@ struct Serve: AsyncParsableCommand {
         if remoteTimeout < 0 { throw ValidationError("--remote-timeout: \(remoteTimeout) seconds is negative") }
         if eventTimeout < 1 { throw ValidationError("--on-event-timeout: at least 1 second") }
         if eventProgram != nil && legs.count == 1 { throw ValidationError("--on-event watches a mirror; one device has no events") }
+        if onLostRedundancy != nil && (minInSyncLegs ?? 1) < 2 {
+            throw ValidationError("--on-lost-redundancy says what a write does with fewer than --min-in-sync-legs legs "
+                                  + "in sync: give --min-in-sync-legs 2 or more with it")
+        }
         if (minInSyncLegs != nil || onLostRedundancy != nil) && legs.count == 1 {
             throw ValidationError("--min-in-sync-legs and --on-lost-redundancy count a mirror's legs; one device has one")
         }
@@ -205,6 +209,12 @@ struct Serve: AsyncParsableCommand {
             tls: serverTLS, ringPerLoop: served.engineKind == .ioUring,
             bufferLimit: Int(clamping: bufferLimit?.bytes ?? UInt64(NBDServer.defaultBufferLimit)),
             events: (served.target as? Mirror).map { ServerEventSink(hub: events, mirror: "\($0.uuid)") }, logger: logger)
+        /// The shutdown waits for every request in flight: a write held for
+        /// want of legs in sync fails first, or it would wait for ever.
+        func shutDownServer() async {
+            (served.target as? Mirror)?.stopHoldingWrites()
+            await server.shutdown()
+        }
         var pidFile: PidFile?
         var metricsEndpoint: MetricsEndpoint?
         do {
@@ -225,7 +235,7 @@ struct Serve: AsyncParsableCommand {
             pidFile = try self.pidfile.map { try PidFile.write(absolutePath($0)) }
         } catch {
             // Nothing was served: the mirror stops cleanly all the same.
-            await server.shutdown()
+            await shutDownServer()
             await metricsEndpoint?.stop()
             if metricsEndpoint == nil { metricsListener?.close() }
             served.stop()
@@ -247,9 +257,7 @@ struct Serve: AsyncParsableCommand {
         // In order: no new connection or request, the requests in flight
         // answered, the mirror's metadata written clean, then the control
         // socket (status answers until the mirror is stopped).
-        // A write held for want of legs in sync would keep the shutdown waiting.
-        (served.target as? Mirror)?.stopHoldingWrites()
-        await server.shutdown()
+        await shutDownServer()
         served.stop()
         // Watchers and the event program get what happened up to here, then
         // the end; a program still running after its timeout is killed.

@@ -22,7 +22,16 @@ struct ReadBalancerTests {
         balancer.started(1, offset: 65536, length: 65536)
         #expect(balancer.choose(offset: 131072, among: [0, 1]) == 1, "busier, but the stream is there")
         #expect(balancer.choose(offset: 196608, among: [0, 1]) == 0, "not where leg 1's last read ended")
-        #expect(balancer.choose(offset: 0, among: [0, 1]) == 0, "offset 0 continues no read")
+    }
+
+    @Test func aLegNotReadYetContinuesNothing() {
+        let balancer = ReadBalancer(policy: .balanced)
+        for leg in [0, 1] {
+            balancer.started(leg, offset: 1 << 20, length: 4096)
+            balancer.ended(leg)
+        }
+        // Leg 2 has read nothing: a read at offset 0 does not continue it.
+        #expect(balancer.choose(offset: 0, among: [0, 1, 2]) == 0, "a tie goes to the first")
     }
 
     @Test func aStreamLeavesALegThatFallsBehind() {

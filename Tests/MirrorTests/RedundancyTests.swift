@@ -89,7 +89,7 @@ import Testing
         #expect(!server.process.isRunning, "the stop waits for the held write")
         #expect(server.stop(signal: server.process.isRunning ? SIGKILL : 0) == 0)
         #expect(held.done(within: 5))
-        #expect(held.result != nil, "the held write failed")
+        #expect(held.result == EIO, "the held write failed: \(String(describing: held.result))")
         mirror.handle.shutdown()
     }
 
@@ -98,6 +98,8 @@ import Testing
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
         let refused = try fixture.serveRefused(legs + ["--create", "16M", "--min-in-sync-legs", "3"])
         #expect(refused.contains("--min-in-sync-legs 3"), "\(refused)")
+        let alone = try fixture.serveRefused(legs + ["--create", "16M", "--on-lost-redundancy", "hold"])
+        #expect(alone.contains("--min-in-sync-legs 2 or more"), "\(alone)")
     }
 }
 

@@ -40,8 +40,10 @@ struct Scraped: Decodable {
     /// GET /metrics on the unix socket `path`, parsed.
     static func read(_ path: String) throws -> Scraped {
         let text = try run(["curl", "--silent", "--show-error", "--fail", "--unix-socket", path, "http://localhost/metrics"])
-        let file = FileManager.default.temporaryDirectory.appendingPathComponent("metrics-\(getpid()).txt").path
+        // A file of its own: suites that scrape run at once.
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("metrics-\(UUID().uuidString).txt").path
         try text.write(toFile: file, atomically: true, encoding: .utf8)
+        defer { unlink(file) }
         let json = try run(["bash", "-c", "/usr/bin/python3 -c \"$0\" < \(file)", parser])
         return try JSONDecoder().decode(Scraped.self, from: Data(json.utf8))
     }
