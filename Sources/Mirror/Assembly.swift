@@ -88,6 +88,9 @@ extension Mirror {
                             eventSink: (any EventSink)? = nil,
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
         try checkCount(specs.count)
+        guard (1...specs.count).contains(redundancy.minInSync) else {
+            throw .invalidMinInSync(redundancy.minInSync, legCount: specs.count)
+        }
         var found: [Int: (device: BlockDevice, superblock: Superblock)] = [:]
         var unavailable: [Int: Int32] = [:]
         /// Legs with no usable metadata (none, or both copies damaged).

@@ -42,6 +42,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     /// Another process has the mirror open (it serves it); its pid where
     /// the lock file tells.
     case inUse(mirror: MirrorUUID, lock: String, pid: Int32?)
+    /// A minimum of legs in sync that no write could meet (or none).
+    case invalidMinInSync(Int, legCount: Int)
 
     public var description: String {
         switch self {
@@ -49,6 +51,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
             "a mirror needs at least 2 legs, \(count) given"
         case .tooManyLegs(let count):
             "a mirror has at most \(Superblock.maxLegs) legs, \(count) given"
+        case .invalidMinInSync(let count, let legCount):
+            "--min-in-sync-legs \(count): from 1 to the number of legs (\(legCount))"
         case .invalidRegionSize(let bytes):
             "region size \(bytes): must be a power of two of at least 4096 bytes"
         case .legTooSmall(let bytes, let needed):

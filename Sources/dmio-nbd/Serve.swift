@@ -151,7 +151,7 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--min-in-sync-legs and --on-lost-redundancy count a mirror's legs; one device has one")
         }
         if let minInSyncLegs, minInSyncLegs < 1 || minInSyncLegs > max(legs.count, 2) {
-            throw ValidationError("--min-in-sync-legs \(minInSyncLegs): from 1 to the number of legs (\(max(legs.count, 2)))")
+            throw ValidationError("\(MirrorError.invalidMinInSync(minInSyncLegs, legCount: max(legs.count, 2)))")
         }
         if readPolicy != nil && legs.count == 1 { throw ValidationError("--read-policy picks among a mirror's legs; one device has one") }
         if testEvent && eventProgram == nil { throw ValidationError("--test-event needs --on-event PROGRAM") }
