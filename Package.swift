@@ -70,11 +70,7 @@ let package = Package(
             swiftSettings: hotPath),
         .target(
             name: "Mirror",
-            dependencies: [
-                "DMIO", "BlockTargets",
-                .product(name: "Atomics", package: "swift-atomics"),
-                .product(name: "Logging", package: "swift-log"),
-            ],
+            dependencies: ["DMIO", "BlockTargets", .product(name: "Logging", package: "swift-log")],
             swiftSettings: hotPath),
         .target(
             name: "Monitoring",

@@ -1,7 +1,7 @@
-import Atomics
 import DMIO
 import Glibc
 import Logging
+import Synchronization
 import BlockTargets
 
 /// A dm-raid1-style mirror served as one NBD target: 2 to 64 legs of equal
@@ -49,7 +49,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// dirty regions, so they are copied from the first one.
     /// Read without the lock too: while it is set, reads come from the
     /// leg the recovery copies from (see `Mirror.read`).
-    private let recoveryPending: ManagedAtomic<Bool>
+    private let recoveryPending: Atomic<Bool>
     private var stopping = false
     private var worker: pthread_t?
     /// How often the dirty log's idle bits are cleared.
@@ -65,7 +65,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.client = client
         self.logger = logger
         self.deviceOptions = deviceOptions
-        self.recoveryPending = ManagedAtomic(recoveryPending)
+        self.recoveryPending = Atomic(recoveryPending)
         readBalancer = ReadBalancer(policy: readPolicy)
         self.redundancy = RedundancyGuard(policy: redundancy)
         let announce = MirrorEvents(sink: eventSink, mirror: "\(uuid)")
@@ -124,11 +124,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard wrote, superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }
-        let inSync = legs.snapshot.readable.count
-        if inSync < redundancy.policy.minInSync {
-            let writes = redundancy.policy.onLoss == .fail ? "fail" : "wait"
-            logger.warning("only \(inSync) of \(legs.count) legs in sync, fewer than --min-in-sync-legs \(redundancy.policy.minInSync): writes \(writes) until a leg is back in sync")
-        }
+        if let shortfall = redundancy.shortfall(inSync: legs.snapshot.readable.count) { logger.warning("\(shortfall)") }
         worker = startThread(named: "dmio-mirror") { [self] in background() }
     }
 

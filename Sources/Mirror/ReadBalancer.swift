@@ -1,4 +1,4 @@
-import Atomics
+import DMIO
 
 /// Which in-sync leg a read goes to first.
 public enum ReadPolicy: String, CaseIterable, Sendable {
@@ -19,26 +19,18 @@ public enum ReadPolicy: String, CaseIterable, Sendable {
 /// pick the same leg.
 final class ReadBalancer: @unchecked Sendable {
     let policy: ReadPolicy
-    private let slots: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     /// A leg's slot is a cache line: reads in flight, then the offset just
-    /// past its last read.
+    /// past its last read (0 ends no read: a leg not read yet continues
+    /// nothing).
+    private let slots = AtomicWords(count: Superblock.maxLegs * ReadBalancer.slotStride)
+    private let words: AtomicWords.Words
     private static let slotStride = 8
     private static let inFlight = 0
     private static let sequentialOffset = 1
 
     init(policy: ReadPolicy) {
         self.policy = policy
-        let count = Superblock.maxLegs * Self.slotStride
-        slots = UnsafeMutableRawPointer
-            .allocate(byteCount: count * MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride, alignment: 64)
-            .bindMemory(to: UnsafeAtomic<UInt64>.Storage.self, capacity: count)
-        // 0 ends no read: a leg not read yet continues nothing.
-        slots.initialize(repeating: UnsafeAtomic<UInt64>.Storage(0), count: count)
-    }
-
-    deinit {
-        slots.deinitialize(count: Superblock.maxLegs * Self.slotStride)
-        UnsafeMutableRawPointer(slots).deallocate()
+        words = slots.words
     }
 
     /// The position in `legs` (the in-sync legs' indices, in order) of the
@@ -50,9 +42,9 @@ final class ReadBalancer: @unchecked Sendable {
         var fewestInFlight = UInt64.max
         var continuing: (position: Int, inFlight: UInt64)?
         for (position, leg) in legs.enumerated() {
-            let inFlight = counter(leg, Self.inFlight).load(ordering: .relaxed)
+            let inFlight = words.load(slot(leg) + Self.inFlight)
             if continuing == nil && offset != 0
-                && counter(leg, Self.sequentialOffset).load(ordering: .relaxed) == offset {
+                && words.load(slot(leg) + Self.sequentialOffset) == offset {
                 continuing = (position, inFlight)
             }
             if inFlight < fewestInFlight {
@@ -74,17 +66,15 @@ final class ReadBalancer: @unchecked Sendable {
     /// A read of `length` bytes at `offset` goes to leg `index`.
     func started(_ index: Int, offset: UInt64, length: UInt64) {
         guard policy == .balanced else { return }
-        counter(index, Self.inFlight).wrappingIncrement(ordering: .relaxed)
-        counter(index, Self.sequentialOffset).store(offset &+ length, ordering: .relaxed)
+        words.add(slot(index) + Self.inFlight)
+        words.store(slot(index) + Self.sequentialOffset, offset &+ length)
     }
 
     /// A read that `started` on leg `index` is done.
     func ended(_ index: Int) {
         guard policy == .balanced else { return }
-        counter(index, Self.inFlight).wrappingDecrement(ordering: .relaxed)
+        words.subtract(slot(index) + Self.inFlight)
     }
 
-    private func counter(_ leg: Int, _ field: Int) -> UnsafeAtomic<UInt64> {
-        UnsafeAtomic(at: slots + leg * Self.slotStride + field)
-    }
+    private func slot(_ leg: Int) -> Int { leg * Self.slotStride }
 }

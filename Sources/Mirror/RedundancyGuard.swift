@@ -75,9 +75,20 @@ final class RedundancyGuard: @unchecked Sendable {
         for resume in take() { resume(false) }
     }
 
-    func lostRedundancy(_ inSync: Int) -> TargetResult {
-        TargetResult(errno: EIO, message: "only \(inSync) leg\(inSync == 1 ? "" : "s") in sync, fewer than "
-                     + "--min-in-sync-legs \(policy.minInSync): writes are refused until a leg is back in sync")
+    /// What a mirror starting with `inSync` legs in sync says, when they
+    /// are too few.
+    func shortfall(inSync: Int) -> String? {
+        guard inSync < policy.minInSync else { return nil }
+        return shortOfLegs(inSync, writes: policy.onLoss == .fail ? "are refused" : "wait")
+    }
+
+    private func lostRedundancy(_ inSync: Int) -> TargetResult {
+        TargetResult(errno: EIO, message: shortOfLegs(inSync, writes: "are refused"))
+    }
+
+    private func shortOfLegs(_ inSync: Int, writes: String) -> String {
+        "only \(inSync) leg\(inSync == 1 ? "" : "s") in sync, fewer than --min-in-sync-legs \(policy.minInSync): "
+            + "writes \(writes) until a leg is back in sync"
     }
 
     private func take() -> [(Bool) -> Void] {

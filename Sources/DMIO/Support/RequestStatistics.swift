@@ -1,4 +1,3 @@
-import Atomics
 import CDMIOSupport
 import Glibc
 
@@ -10,36 +9,26 @@ import Glibc
 public final class ShardedCounters: @unchecked Sendable {
     /// What the I/O path adds through.
     public let view: View
+    private let block: AtomicWords
 
     public init(count: Int) {
         var shards = 1
         while shards < min(64, Int(dmio_cpu_count())) { shards *= 2 }
+        // Whole cache lines a shard.
         let stride = (count + 7) & ~7
-        let storage = UnsafeMutableRawPointer
-            .allocate(byteCount: shards * stride * MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride, alignment: 64)
-            .bindMemory(to: UnsafeAtomic<UInt64>.Storage.self, capacity: shards * stride)
-        storage.initialize(repeating: UnsafeAtomic<UInt64>.Storage(0), count: shards * stride)
-        view = View(storage: storage, shards: shards, stride: stride)
-    }
-
-    deinit {
-        view.storage.deinitialize(count: view.shards * view.stride)
-        UnsafeMutableRawPointer(view.storage).deallocate()
+        block = AtomicWords(count: shards * stride)
+        view = View(words: block.words, shards: shards, stride: stride)
     }
 
     /// Counter `index`, summed over the shards.
     public func sum(_ index: Int) -> UInt64 {
-        var total: UInt64 = 0
-        for shard in 0..<view.shards {
-            total &+= UnsafeAtomic<UInt64>(at: view.storage + shard * view.stride + index).load(ordering: .relaxed)
-        }
-        return total
+        (0..<view.shards).reduce(0) { total, shard in total &+ view.words.load(shard * view.stride + index) }
     }
 
     /// The counters without a reference to the object that owns them, so
     /// that an addition costs no retain and release; valid while it lives.
-    public struct View: @unchecked Sendable {
-        fileprivate let storage: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    public struct View: Sendable {
+        fileprivate let words: AtomicWords.Words
         /// A power of two, so that a CPU's shard is a mask away, not a division.
         fileprivate let shards: Int
         /// Counters a shard takes, rounded up to whole cache lines.
@@ -47,18 +36,8 @@ public final class ShardedCounters: @unchecked Sendable {
 
         /// The calling thread's shard, for the additions of one request.
         @inline(__always)
-        public func shard() -> Shard {
-            let cpu = Int(dmio_current_cpu())
-            return Shard(base: storage + (cpu & (shards - 1)) * stride)
-        }
-    }
-
-    public struct Shard {
-        fileprivate let base: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
-
-        @inline(__always)
-        public func add(_ index: Int, _ value: UInt64 = 1) {
-            UnsafeAtomic<UInt64>(at: base + index).wrappingIncrement(by: value, ordering: .relaxed)
+        public func shard() -> AtomicWords.Words {
+            words.from((Int(dmio_current_cpu()) & (shards - 1)) * stride)
         }
     }
 }
