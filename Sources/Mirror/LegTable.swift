@@ -124,8 +124,7 @@ final class LegTable: @unchecked Sendable {
     }
 
     private func failLocked(_ leg: Leg, errno: Int32, reading: Bool) -> Bool {
-        let index = leg.index
-        guard members[index].device === leg.device else { return false }
+        guard let index = position(of: leg) else { return false }
         if reading { members[index].readErrors += 1 } else { members[index].writeErrors += 1 }
         members[index].errno = errno
         switch members[index].state {
@@ -136,6 +135,24 @@ final class LegTable: @unchecked Sendable {
         case .inSync, .rebuilding:
             degradeLocked(index, cause: reading ? .read : .write)
             return true
+        }
+    }
+
+    /// Where `leg` is now: at its index, or elsewhere when legs were added
+    /// or removed since it was seen; nil when its device left the mirror
+    /// (re-added, replaced or removed since); lock held.
+    private func position(of leg: Leg) -> Int? {
+        if leg.index < members.count && members[leg.index].device === leg.device { return leg.index }
+        return members.firstIndex { $0.device === leg.device }
+    }
+
+    /// Counts an error that does not degrade the leg: one a scrub rewrote
+    /// from another leg.
+    func countError(_ failure: LegFailure, reading: Bool) {
+        lock.withLock {
+            guard let index = position(of: failure.leg) else { return }
+            if reading { members[index].readErrors += 1 } else { members[index].writeErrors += 1 }
+            members[index].errno = failure.errno
         }
     }
 
@@ -172,9 +189,9 @@ final class LegTable: @unchecked Sendable {
         lock.withLock {
             let degraded = failures.filter { failLocked($0.leg, errno: $0.errno, reading: false) }.map(\.leg)
             let failed = Set(failures.map(\.leg.index))
-            let holders = snapshot.writable.filter { !failed.contains($0.index) && members[$0.index].device === $0.device }
-            let held = holders.contains { members[$0.index].state == .inSync }
-            if !held && holders.contains(where: { members[$0.index].state == .rebuilding }) { rebuildSpoiled = true }
+            let holders = snapshot.writable.filter { !failed.contains($0.index) }.compactMap(position(of:))
+            let held = holders.contains { members[$0].state == .inSync }
+            if !held && holders.contains(where: { members[$0].state == .rebuilding }) { rebuildSpoiled = true }
             return Settlement(degraded: degraded, held: held, version: version)
         }
     }
@@ -241,15 +258,17 @@ final class LegTable: @unchecked Sendable {
 
     /// Legs a copy goes to, each on the device it had when the copy began:
     /// a leg re-added or replaced since is not among them.
+    /// Known by device, not by index: legs added or removed meanwhile
+    /// move the others.
     struct Targets {
-        private let devices: [Int: ObjectIdentifier]
+        private let devices: Set<ObjectIdentifier>
 
         init<Legs: Sequence<Leg>>(_ legs: Legs) {
-            devices = Dictionary(uniqueKeysWithValues: legs.map { ($0.index, ObjectIdentifier($0.device)) })
+            devices = Set(legs.map { ObjectIdentifier($0.device) })
         }
 
-        func contains(_ leg: Leg) -> Bool { devices[leg.index] == ObjectIdentifier(leg.device) }
-        var indices: [Int] { devices.keys.sorted() }
+        func contains(_ leg: Leg) -> Bool { devices.contains(ObjectIdentifier(leg.device)) }
+        func contains(_ device: BlockDevice) -> Bool { devices.contains(ObjectIdentifier(device)) }
         var isEmpty: Bool { devices.isEmpty }
     }
 
@@ -259,9 +278,9 @@ final class LegTable: @unchecked Sendable {
     func finishRebuilds(_ targets: Targets) -> [Int]? {
         lock.withLock {
             guard !rebuildSpoiled else { return nil }
-            let rebuilt = targets.indices.filter { index in
+            let rebuilt = members.indices.filter { index in
                 guard members[index].state == .rebuilding, let device = members[index].device else { return false }
-                return targets.contains(Leg(index: index, device: device))
+                return targets.contains(device)
             }
             for index in rebuilt { members[index].state = .inSync }
             changed()

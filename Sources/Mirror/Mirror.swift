@@ -51,6 +51,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// leg the recovery copies from (see `Mirror.read`).
     private let recoveryPending: Atomic<Bool>
     private var stopping = false
+    /// The scrub asked for, until it ends; and whether it was asked to stop.
+    private var scrubAsked: ScrubAction?
+    private var scrubCancelled = false
     private var worker: pthread_t?
     /// How often the dirty log's idle bits are cleared.
     static let cleanInterval = Duration.seconds(2)
@@ -90,7 +93,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
 
         blockSizes = .over(deviceBlockSize: members.compactMap(\.device).map(\.blockSize).max() ?? sectorSize)
         pass = RegionPass(bitmap: bitmap, regionHash: regionHash, legs: legs,
-                          copier: Copier(client: client, layout: layout), failures: legFailures,
+                          copier: Copier(client: client, layout: layout),
+                          scrubber: Scrubber(client: client, layout: layout), failures: legFailures,
                           rateLimit: rateLimit, events: announce, logger: logger)
     }
 
@@ -170,13 +174,17 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 runResync(recovery: recover)
                 continue
             }
+            if let scrub = lock.withLock({ scrubAsked }) {
+                runScrub(scrub)
+                continue
+            }
             let now = ContinuousClock.now
             if now - lastClean >= Self.cleanInterval {
                 lastClean = now
                 cleanIdleRegions()
             }
             lock.withLock {
-                if !stopping && !isRecoveryPending { lock.wait(for: max(.milliseconds(50), Self.cleanInterval - (ContinuousClock.now - lastClean))) }
+                if !stopping && !isRecoveryPending && scrubAsked == nil { lock.wait(for: max(.milliseconds(50), Self.cleanInterval - (ContinuousClock.now - lastClean))) }
             }
         }
     }
@@ -200,8 +208,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
         legs.beginRebuildPass()
         let stopping = { [self] in lock.withLock { self.stopping } }
-        let complete = pass.run(.resync, reason: recovery ? "recovery after an unclean stop" : "rebuild",
-                                targets: targets, stopping: stopping)
+        let complete = pass.resync(reason: recovery ? "recovery after an unclean stop" : "rebuild",
+                                   targets: targets, stopping: stopping)
         if stopping() { return }
         if complete {
             flushLegs()
@@ -219,6 +227,57 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         // operator may change legs meanwhile).
         lock.withLock { if !self.stopping { lock.wait(for: .seconds(5)) } }
     }
+
+    /// A scrub goes through every region once, unless the server stops, an
+    /// operator cancels it, or legs need a resync (which comes first: a
+    /// scrub compares legs in sync).
+    private func runScrub(_ action: ScrubAction) {
+        let interrupted = { [self] in
+            lock.withLock { stopping || scrubCancelled } || isRecoveryPending || legs.all.contains { $0.state == .rebuilding }
+        }
+        _ = pass.scrub(action, stopping: interrupted)
+        lock.withLock {
+            scrubAsked = nil
+            scrubCancelled = false
+        }
+    }
+
+    // MARK: Scrubbing
+
+    /// Starts a check or a repair of every region in the background (md's
+    /// `echo check > sync_action`); its progress and findings are in the
+    /// status. Refused while another runs, while a resync is due, and with
+    /// fewer than two legs in sync.
+    public func startScrub(_ action: ScrubAction) throws(MirrorError) {
+        let inSync = legs.snapshot.readable.count
+        guard inSync >= 2 else {
+            throw .scrubRefused("a \(action) compares the legs in sync, and \(inSync) is: nothing to compare")
+        }
+        guard !isRecoveryPending && !legs.all.contains(where: { $0.state == .rebuilding }) else {
+            throw .scrubRefused("a resync is under way: \(action) once the legs are in sync")
+        }
+        lock.lock()
+        defer { lock.unlock() }
+        if let running = scrubAsked {
+            throw .scrubRefused("a \(running) is under way already (`dmio-nbd check --cancel` stops it)")
+        }
+        guard !stopping else { throw .scrubRefused("the server is stopping") }
+        scrubAsked = action
+        logger.info("\(action) of every region asked for")
+        lock.broadcast()
+    }
+
+    /// Stops the check or repair under way; what it found so far stays in
+    /// the status.
+    public func cancelScrub() throws(MirrorError) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let running = scrubAsked else { throw .scrubRefused("no check or repair is under way") }
+        scrubCancelled = true
+        logger.info("\(running) cancelled")
+    }
+
+    var isScrubAsked: Bool { lock.withLock { scrubAsked != nil } }
 
     /// Clears the bits of regions idle for a while, once the legs hold their
     /// data durably (a flush first), when every leg is in sync.

@@ -37,6 +37,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     /// A leg to re-add was used without the legs now in sync.
     case usedAlone(leg: String)
     case invalidLegChange(String)
+    /// A check or repair that cannot start (or stop) now, and why.
+    case scrubRefused(String)
     /// A leg with no usable metadata, which the other legs say is `index`.
     case unusableLeg(leg: String, index: Int, mirror: MirrorUUID, reason: String)
     /// Another process has the mirror open (it serves it); its pid where
@@ -101,6 +103,8 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
         case .usedAlone(let leg):
             "leg \(leg) was used without the legs now in sync (its metadata records them as failed) and may hold "
                 + "newer data; restart the mirror with it, or give it a full copy with replace-leg"
+        case .scrubRefused(let reason):
+            reason
         case .invalidLegChange(let reason):
             reason
         case .unusableLeg(_, let index, let mirror, let reason):

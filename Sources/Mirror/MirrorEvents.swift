@@ -31,19 +31,56 @@ struct MirrorEvents: Sendable {
         }
     }
 
-    func resyncStarted(reason: String, regions: Int, bytes: UInt64) {
-        publish("resync", "started", [Event.Field("reason", reason), Event.Field("regions", "\(regions)"),
-                                      Event.Field("bytes", "\(bytes)")])
+    /// `resync started|progress|finished`, or `scrub ...` with the scrub's `action:check|repair`.
+    private func publishPass(_ action: RegionPass.Action, _ object: String, _ fields: [Event.Field]) {
+        switch action {
+        case .resync: publish("resync", object, fields)
+        case .scrub(let scrub): publish("scrub", object, [Event.Field("action", scrub.rawValue)] + fields)
+        }
     }
 
-    func resyncProgress(percent: Int, regionsDone: Int, regions: Int) {
-        publish("resync", "progress", [Event.Field("percent", "\(percent)"), Event.Field("regions-done", "\(regionsDone)"),
-                                       Event.Field("regions", "\(regions)")])
+    func passStarted(_ action: RegionPass.Action, reason: String, regions: Int, bytes: UInt64) {
+        publishPass(action, "started", [Event.Field("reason", reason), Event.Field("regions", "\(regions)"),
+                                        Event.Field("bytes", "\(bytes)")])
     }
 
-    func resyncFinished(outcome: String, regionsDone: Int, regions: Int) {
-        publish("resync", "finished", [Event.Field("result", outcome), Event.Field("regions-done", "\(regionsDone)"),
-                                       Event.Field("regions", "\(regions)")])
+    func passProgress(_ action: RegionPass.Action, percent: Int, regionsDone: Int, regions: Int) {
+        publishPass(action, "progress", [Event.Field("percent", "\(percent)"), Event.Field("regions-done", "\(regionsDone)"),
+                                         Event.Field("regions", "\(regions)")])
+    }
+
+    func passFinished(_ action: RegionPass.Action, outcome: String, regionsDone: Int, regions: Int,
+                      findings: RegionPass.Findings?) {
+        var fields = [Event.Field("result", outcome), Event.Field("regions-done", "\(regionsDone)"),
+                      Event.Field("regions", "\(regions)")]
+        if let findings {
+            fields += [Event.Field("mismatched-regions", "\(findings.mismatchedRegions)"),
+                       Event.Field("mismatched-bytes", "\(findings.mismatchedBytes)"),
+                       Event.Field("repaired-regions", "\(findings.repairedRegions)"),
+                       Event.Field("unresolved-regions", "\(findings.unresolvedRegions)"),
+                       Event.Field("read-errors-repaired", "\(findings.readErrorsRepaired)")]
+        }
+        publishPass(action, "finished", fields)
+    }
+
+    /// `scrub mismatch region:R offset:O bytes:B vote:majority winner:0 outvoted:2 repaired:yes`
+    func scrubMismatch(region: Int, offset: UInt64, bytes: Int, vote: Vote, repaired: Bool) {
+        let (kind, winner) = switch vote {
+        case .majority(let winner, _): ("majority", "\(winner)")
+        case .firstOfTwo(let winner, _): ("first-of-two", "\(winner)")
+        case .none, .agree: ("none", "-")
+        }
+        publish("scrub", "mismatch", [Event.Field("region", "\(region)"), Event.Field("offset", "\(offset)"),
+                                      Event.Field("bytes", "\(bytes)"), Event.Field("vote", kind),
+                                      Event.Field("winner", winner),
+                                      Event.Field("outvoted", vote.outvoted.isEmpty ? "-" : vote.outvoted.map(String.init).joined(separator: ",")),
+                                      Event.Field("repaired", repaired ? "yes" : "no")])
+    }
+
+    /// `scrub read-error leg:1 region:R errno:EIO repaired:yes`
+    func scrubReadError(leg: Int, region: Int, errno: Int32, repaired: Bool) {
+        publish("scrub", "read-error", [Event.Field("leg", "\(leg)"), Event.Field("region", "\(region)"),
+                                        Event.Field("errno", errnoName(errno)), Event.Field("repaired", repaired ? "yes" : "no")])
     }
 
     func metadataWritten(event: UInt64, legs: Int) {

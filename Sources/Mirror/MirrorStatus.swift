@@ -49,10 +49,55 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
 
         /// "40% (820/2048 regions, 410 MiB), 210 MiB/s, ETA 6 s"
         public var summary: String {
-            let percent = regionsTotal > 0 ? regionsDone * 100 / regionsTotal : 100
-            let eta = etaSeconds.map { ", ETA \(Int($0.rounded(.up))) s" } ?? ""
-            return "\(percent)% (\(regionsDone)/\(regionsTotal) regions, \(bytesCopied >> 20) MiB), "
-                + "\(Int(bytesPerSecond) >> 20) MiB/s\(eta)"
+            passSummary(regionsDone: regionsDone, regionsTotal: regionsTotal, bytes: bytesCopied,
+                        bytesPerSecond: bytesPerSecond, etaSeconds: etaSeconds)
+        }
+    }
+
+    /// A check or a repair (`dmio-nbd check`, `dmio-nbd repair`): under way,
+    /// or the last one since the server started.
+    public struct Scrub: Sendable, Codable, Hashable {
+        /// "check" or "repair".
+        public var action: String
+        /// Also while asked for and about to start.
+        public var active: Bool
+        public var regionsDone: Int
+        public var regionsTotal: Int
+        /// Bytes of the mirror compared so far (each leg's copy of them read).
+        public var bytesChecked: UInt64
+        public var bytesPerSecond: Double
+        public var etaSeconds: Double?
+        /// Regions whose copies differed when read twice (md's mismatch_cnt, in regions).
+        public var mismatchedRegions: Int
+        /// Bytes at which they differed.
+        public var mismatchedBytes: UInt64
+        /// Of those, the regions rewritten from the winning copy (a repair).
+        public var repairedRegions: Int
+        /// Of those, the regions where three or more legs had no majority:
+        /// reported, never rewritten.
+        public var unresolvedRegions: Int
+        /// Regions a leg could not read, rewritten from another leg.
+        public var readErrorsRepaired: Int
+        /// Regions no leg could read.
+        public var unreadableRegions: Int
+        /// How the last one ended, with what it found.
+        public var lastResult: String
+        /// How it ended: "done" when it went through every region, "stopped"
+        /// (cancelled, the server stopping, a resync due), or why it could not
+        /// go on; nil while under way.
+        public var result: String?
+
+        /// Whether it went through every region and left no copy that differs
+        /// (a repair: none it could not rewrite) and nothing unreadable.
+        public var isClean: Bool {
+            let unrepaired = action == ScrubAction.repair.rawValue ? mismatchedRegions - repairedRegions : mismatchedRegions
+            return result == "done" && unrepaired == 0 && unreadableRegions == 0
+        }
+
+        public var summary: String {
+            "\(action): " + passSummary(regionsDone: regionsDone, regionsTotal: regionsTotal, bytes: bytesChecked,
+                                        bytesPerSecond: bytesPerSecond, etaSeconds: etaSeconds)
+                + "; \(mismatchedRegions) regions differ"
         }
     }
 
@@ -70,6 +115,8 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
     public var readPolicy: String?
     public var legs: [Leg]
     public var resync: Resync
+    /// nil until a check or repair is asked for.
+    public var scrub: Scrub?
 
     /// "2 of 2 legs in sync", with a resync's progress: one line for a
     /// service manager's status.
@@ -77,6 +124,7 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         let inSync = legs.filter { $0.state == .inSync }.count
         var line = "mirror \(uuid): \(inSync) of \(legs.count) legs in sync"
         if resync.active { line += ", resyncing \(resync.summary)" }
+        if let scrub, scrub.active { line += ", \(scrub.summary)" }
         return line
     }
 
@@ -143,7 +191,32 @@ extension Mirror {
                                  readErrors: member.readErrors, writeErrors: member.writeErrors,
                                  outOfSyncBytes: outOfSync(member.state))
             },
-            resync: MirrorStatus.Resync(progress, rateLimit: pass.rateLimit))
+            resync: MirrorStatus.Resync(progress, rateLimit: pass.rateLimit),
+            scrub: MirrorStatus.Scrub(pass.currentScrub, asked: isScrubAsked))
+    }
+}
+
+/// "40% (820/2048 regions, 410 MiB), 210 MiB/s, ETA 6 s"
+private func passSummary(regionsDone: Int, regionsTotal: Int, bytes: UInt64, bytesPerSecond: Double,
+                         etaSeconds: Double?) -> String {
+    let percent = regionsTotal > 0 ? regionsDone * 100 / regionsTotal : 100
+    let eta = etaSeconds.map { ", ETA \(Int($0.rounded(.up))) s" } ?? ""
+    return "\(percent)% (\(regionsDone)/\(regionsTotal) regions, \(bytes >> 20) MiB), \(Int(bytesPerSecond) >> 20) MiB/s\(eta)"
+}
+
+extension MirrorStatus.Scrub {
+    /// nil when no scrub ran or was asked for.
+    init?(_ progress: RegionPass.Progress, asked: Bool) {
+        guard asked || !progress.reason.isEmpty else { return nil }
+        let findings = progress.findings
+        self.init(action: progress.reason, active: progress.active || asked,
+                  regionsDone: progress.regionsDone, regionsTotal: progress.regionsTotal,
+                  bytesChecked: progress.bytesCopied, bytesPerSecond: progress.bytesPerSecond,
+                  etaSeconds: progress.etaSeconds, mismatchedRegions: findings.mismatchedRegions,
+                  mismatchedBytes: findings.mismatchedBytes, repairedRegions: findings.repairedRegions,
+                  unresolvedRegions: findings.unresolvedRegions, readErrorsRepaired: findings.readErrorsRepaired,
+                  unreadableRegions: findings.unreadableRegions, lastResult: progress.lastResult,
+                  result: progress.active || asked ? nil : progress.outcome)
     }
 }
 

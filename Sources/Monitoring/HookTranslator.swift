@@ -37,9 +37,9 @@ public struct HookTranslator {
         HookCall(event: event, mirror: mirror, leg: leg, device: leg.flatMap { devices[$0] }, errno: errno, line: line)
     }
 
-    /// The events that can make a call: leg changes and resyncs (not
+    /// The events that can make a call: leg changes, resyncs and scrubs (not
     /// connections, not metadata writes, which would fill the hook's queue).
-    public static let wants: @Sendable (Event) -> Bool = { $0.verb == "change" || $0.verb == "resync" }
+    public static let wants: @Sendable (Event) -> Bool = { ["change", "resync", "scrub"].contains($0.verb) }
 
     /// What the start calls: DegradedArray for a mirror that starts with a leg out, and TestMessage.
     public func startCalls(test: Bool) -> [HookCall] {
@@ -49,7 +49,9 @@ public struct HookTranslator {
 
     public mutating func calls(for event: Event) -> [HookCall] {
         guard event["mirror"] == mirror else { return [] }
-        switch (event.verb, event.object) {
+        // mdadm tells a check or repair as it tells a resync (md runs them as
+        // sync actions); the line says which, and what it found.
+        switch (event.verb == "scrub" ? "resync" : event.verb, event.object) {
         case ("change", "leg"):
             guard let leg = event["leg"].flatMap(Int.init), let state = event["state"] else { return [] }
             if let device = event["device"]?.split(separator: "->").last.map(String.init) { devices[leg] = device }

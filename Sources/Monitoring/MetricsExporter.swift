@@ -109,6 +109,27 @@ public final class MetricsExporter: Sendable {
                      help: "Bytes of the current (or last) resync's regions")
         scrape.gauge("dmio_resync_rate_limit_bytes_per_second", mirror, Double(resync.rateLimit ?? 0),
                      help: "The resync's speed limit (--resync-rate); 0 when unlimited")
+        // Zero before any scrub: an alert on mismatches needs no special case.
+        let scrub = status.scrub
+        scrape.gauge("dmio_scrub_active", mirror, scrub?.active == true ? 1 : 0,
+                     help: "1 while a check or repair goes through the regions, else 0")
+        scrape.gauge("dmio_scrub_done_bytes", mirror, Double(scrub?.bytesChecked ?? 0),
+                     help: "Bytes of the mirror the current (or last) check or repair compared")
+        scrape.gauge("dmio_scrub_total_bytes", mirror,
+                     Double(min(status.size, UInt64(scrub?.regionsTotal ?? 0) * regionBytes)),
+                     help: "Bytes of the mirror the current (or last) check or repair goes through")
+        let findings: [(String, Int, String)] = [
+            ("mismatched_regions", scrub?.mismatchedRegions ?? 0, "Regions whose copies differed (read twice)"),
+            ("mismatched_bytes", Int(scrub?.mismatchedBytes ?? 0), "Bytes at which the copies differed"),
+            ("repaired_regions", scrub?.repairedRegions ?? 0, "Regions rewritten from the winning copy"),
+            ("unresolved_regions", scrub?.unresolvedRegions ?? 0, "Regions whose copies had no majority (not rewritten)"),
+            ("read_errors_repaired_regions", scrub?.readErrorsRepaired ?? 0,
+             "Regions a leg could not read, rewritten from another leg"),
+            ("unreadable_regions", scrub?.unreadableRegions ?? 0, "Regions no leg could read"),
+        ]
+        for (name, value, help) in findings {
+            scrape.gauge("dmio_scrub_\(name)", mirror, Double(value), help: help + ", in the current (or last) check or repair")
+        }
     }
 
     /// Requests, errors, requests in flight and the histograms of one layer's statistics.

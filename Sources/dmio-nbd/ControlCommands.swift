@@ -70,9 +70,15 @@ struct ControlOptions: ParsableArguments {
     /// Sends `request` to the one mirror named and prints the mirror as it
     /// is after it; fails when the request did.
     func send(_ request: ControlRequest) throws {
-        let answer = try exchange(request, with: try oneControl())
+        print([try ask(request, of: try oneControl())])
+    }
+
+    /// Sends `request` to the control socket at `path`; the mirror as it is
+    /// after it, or the refusal as the error.
+    func ask(_ request: ControlRequest, of path: String) throws -> MirrorReport {
+        let answer = try exchange(request, with: path)
         guard answer.ok else { throw CleanExit.message(answer.error ?? "refused", code: 1) }
-        print([answer.report])
+        return answer.report
     }
 
     /// Prints mirrors' reports: as JSON, or for a person.
@@ -132,6 +138,14 @@ func describe(_ report: MirrorReport, coloured: Bool = false) -> String {
         if coloured { lines.append(progressBar(done: resync.regionsDone, of: resync.regionsTotal)) }
     } else if !resync.lastResult.isEmpty {
         lines.append("last resync: \(resync.lastResult)")
+    }
+    if let scrub = status.scrub {
+        if scrub.active {
+            lines.append(scrub.summary)
+            if coloured { lines.append(progressBar(done: scrub.regionsDone, of: scrub.regionsTotal)) }
+        } else {
+            lines.append("last \(scrub.lastResult)")
+        }
     }
     return lines.joined(separator: "\n")
 }

@@ -10,6 +10,7 @@ import Mirror
 struct ControlRequest: Codable, Equatable {
     enum Command: String, Codable {
         case status, failLeg = "fail-leg", readdLeg = "readd-leg", replaceLeg = "replace-leg", events
+        case check, repair, cancelScrub = "cancel-scrub"
     }
 
     var command: Command
@@ -25,7 +26,7 @@ struct ControlRequest: Codable, Equatable {
     static func parse(_ line: String) -> ControlRequest? {
         guard let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line.utf8)) else { return nil }
         switch request.command {
-        case .status, .events: return request
+        case .status, .events, .check, .repair, .cancelScrub: return request
         case .failLeg, .readdLeg: return request.leg == nil ? nil : request
         case .replaceLeg: return request.leg == nil || request.device == nil ? nil : request
         }

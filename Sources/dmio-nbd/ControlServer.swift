@@ -73,6 +73,12 @@ final class ControlServer: @unchecked Sendable {
                 try mirror.readdLeg(request.leg!)
             case .replaceLeg:
                 try mirror.replaceLeg(request.leg!, with: request.device!, force: request.force ?? false)
+            case .check:
+                try mirror.startScrub(.check)
+            case .repair:
+                try mirror.startScrub(.repair)
+            case .cancelScrub:
+                try mirror.cancelScrub()
             }
             logger.info("control: \(request.description) done")
             return answer(error: nil)

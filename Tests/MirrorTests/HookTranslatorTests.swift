@@ -69,3 +69,19 @@ struct HookTranslatorTests {
         #expect(calls(increment: 5, [5]) == ["RebuildStarted", "Rebuild05", "RebuildFinished"])
     }
 }
+
+extension HookTranslatorTests {
+    /// mdadm tells md's check and repair as resyncs; a finding is in the line.
+    @Test func aScrubIsToldAsARebuildAndItsMismatchesAreNot() {
+        var translator = HookTranslator(status([.inSync, .inSync]), increment: 50)
+        let mirror = Event.Field("mirror", Self.uuid)
+        let scrub = { (object: String, fields: [Event.Field]) in Event("scrub", object, [mirror] + fields) }
+        #expect(translator.calls(for: scrub("started", [Event.Field("action", "check")])).map(\.event) == ["RebuildStarted"])
+        #expect(translator.calls(for: scrub("progress", [Event.Field("percent", "50")])).map(\.event) == ["Rebuild50"])
+        #expect(translator.calls(for: scrub("mismatch", [Event.Field("region", "3")])).isEmpty)
+        let finished = scrub("finished", [Event.Field("mismatched-regions", "1")])
+        #expect(translator.calls(for: finished) == [HookCall(event: "RebuildFinished", mirror: Self.uuid, leg: nil,
+                                                             device: nil, errno: nil, line: finished.line)])
+        #expect(HookTranslator.wants(finished))
+    }
+}

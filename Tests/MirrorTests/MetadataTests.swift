@@ -78,4 +78,16 @@ import Testing
         #expect(RegionPass.runs(of: [1, 2, 3, 5, 6, 10], longest: 2) == [1..<3, 3..<4, 5..<7, 10..<11])
         #expect(RegionPass.runs(of: [], longest: 8).isEmpty)
     }
+
+    /// A scrub's vote, from the legs grouped by identical copies.
+    @Test func theMajorityOfThreeOrMoreWinsAndTwoLegsHaveNone() {
+        #expect(Vote([[0, 1, 2]]) == .agree)
+        #expect(Vote([[0], [1]]) == .firstOfTwo(winner: 0, outvoted: [1]))
+        #expect(Vote([[0], [1, 2]]) == .majority(winner: 1, outvoted: [0]))
+        #expect(Vote([[0, 2], [1]]) == .majority(winner: 0, outvoted: [1]))
+        #expect(Vote([[0], [1], [2]]) == .none)
+        #expect(Vote([[0, 1], [2, 3]]) == .none, "two against two is no majority")
+        #expect(Vote([[0, 3, 4], [1], [2]]) == .majority(winner: 0, outvoted: [1, 2]))
+        #expect(Vote([[0, 1], [2], [3]]) == .none, "two of four is not more than half")
+    }
 }

@@ -129,16 +129,21 @@ import Testing
 
     /// The units pass `systemd-analyze verify` without a word (an unknown
     /// key is only a warning there), as an instance, with the binary built.
+    /// So does the monthly check's timer in examples/.
     @Test func theSystemdUnitsVerify() throws {
-        let contrib = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("contrib/systemd").path
-        for unit in ["service", "socket"] {
-            let text = try String(contentsOfFile: "\(contrib)/dmio-nbd@.\(unit)", encoding: .utf8)
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let units = ["contrib/systemd/dmio-nbd@.service", "contrib/systemd/dmio-nbd@.socket",
+                     "examples/systemd/dmio-nbd-check@.service", "examples/systemd/dmio-nbd-check@.timer"]
+        var instances: [String] = []
+        for unit in units {
+            let text = try String(contentsOfFile: root.appendingPathComponent(unit).path, encoding: .utf8)
                 .replacingOccurrences(of: "/usr/local/bin/dmio-nbd", with: dmioNBDExecutable)
-            try text.write(toFile: "\(dir)/dmio-nbd@mirror0.\(unit)", atomically: true, encoding: .utf8)
+            let instance = "\(dir)/" + URL(fileURLWithPath: unit).lastPathComponent.replacingOccurrences(of: "@.", with: "@mirror0.")
+            try text.write(toFile: instance, atomically: true, encoding: .utf8)
+            instances.append("'\(instance)'")
         }
-        let checked = try run(["bash", "-c", "systemd-analyze verify '\(dir)/dmio-nbd@mirror0.service' "
-                               + "'\(dir)/dmio-nbd@mirror0.socket' 2>&1"])
+        let checked = try run(["bash", "-c", "systemd-analyze verify \(instances.joined(separator: " ")) 2>&1"])
         #expect(checked.isEmpty, "\(checked)")
     }
 
