@@ -129,10 +129,17 @@ extension Mirror {
             }
         }
         // The mirror most legs belong to (the freshest among equals): a
-        // foreign leg is then the odd one out, whatever its event count.
-        let mirrors = Dictionary(grouping: found.values.map(\.superblock), by: \.mirror).values
+        // foreign leg is then the odd one out, whatever its event count. A
+        // leg removed from its mirror is none of its legs.
+        let mirrors = Dictionary(grouping: found.values.map(\.superblock).filter { !$0.removed }, by: \.mirror).values
             .map { superblocks in (legs: superblocks.count, newest: superblocks.max(by: Superblock.isLessCurrent)!) }
-        guard let freshest = mirrors.max(by: { ($0.legs, $0.newest.events) < ($1.legs, $1.newest.events) })?.newest else {
+        let freshest = mirrors.max(by: { ($0.legs, $0.newest.events) < ($1.legs, $1.newest.events) })?.newest
+        if let (_, (device, removed)) = found.sorted(by: { $0.key < $1.key }).first(where: { $0.value.superblock.removed }) {
+            // The legs it left recorded, or those the others record now.
+            let now = (freshest?.mirror == removed.mirror ? freshest?.legs : nil) ?? removed.legs
+            throw .removedLeg(leg: device.name, mirror: removed.mirror, legsNow: now.map(\.name))
+        }
+        guard let freshest else {
             if let (_, error) = unusable.min(by: { $0.key < $1.key }) { throw error }
             throw .noLegAvailable(specs)
         }
@@ -166,7 +173,8 @@ extension Mirror {
         }
         for (index, (device, superblock)) in legs {
             guard superblock.legs.count == specs.count else {
-                throw .wrongLegCount(mirror: freshest.mirror, has: superblock.legs.count, given: specs.count)
+                throw .wrongLegCount(mirror: freshest.mirror, has: superblock.legs.count, given: specs.count,
+                                     legsNow: freshest.legs.map(\.name))
             }
             guard superblock.legIndex == index else {
                 throw .wrongPosition(leg: device.name, isLeg: superblock.legIndex, givenAs: index)
@@ -218,9 +226,10 @@ extension Mirror {
                 return LegTable.Member(name: specs[index], device: nil, uuid: record.uuid, state: .degraded,
                                        errno: record.errno, cause: record.cause, failedGeneration: record.failedGeneration)
             }
-            return LegTable.Member(name: specs[index], device: device, uuid: record.uuid,
-                                   state: stale.contains(index) ? .rebuilding : record.state, errno: record.errno,
-                                   cause: record.cause, failedGeneration: record.failedGeneration)
+            let state = stale.contains(index) ? .rebuilding : record.state
+            return LegTable.Member(name: specs[index], device: device, uuid: record.uuid, state: state, errno: record.errno,
+                                   cause: record.cause, failedGeneration: record.failedGeneration,
+                                   replaces: state == .rebuilding ? record.replaces : nil)
         }
         guard members.contains(where: { $0.state == .inSync }) else {
             throw .noLegAvailable(specs.indices.filter { freshest.legs[$0].state == .inSync }.map { specs[$0] })

@@ -14,6 +14,8 @@ public struct LegMetadata: Sendable, Codable, Hashable {
         public var errno: String?
         /// The path or URI it was last served by, if recorded.
         public var name: String?
+        /// For a leg being copied to in place of another: that leg's index.
+        public var replaces: Int?
     }
 
     public struct Slot: Sendable, Codable, Hashable {
@@ -34,6 +36,10 @@ public struct LegMetadata: Sendable, Codable, Hashable {
     public var clean: Bool
     /// Whether the leg was served on its own, writable, since (it will get a full copy).
     public var servedRaw: Bool
+    /// Whether the leg was taken out of the mirror for good (remove-leg, or
+    /// replaced); then `legIndex` means nothing and `legs` are the mirror's
+    /// legs as they were when it left.
+    public var removed: Bool?
     /// The event at which bits were last cleared (an older copy needs a full copy).
     public var eventsCleared: UInt64
     public var regionBytes: UInt32
@@ -60,14 +66,14 @@ extension Mirror {
             device: device.name, mirror: "\(superblock.mirror)", legIndex: superblock.legIndex,
             legCount: superblock.legs.count, events: superblock.events,
             generation: String(superblock.generation, radix: 16), clean: superblock.clean,
-            servedRaw: superblock.servedRaw, eventsCleared: superblock.eventsCleared,
+            servedRaw: superblock.servedRaw, removed: superblock.removed, eventsCleared: superblock.eventsCleared,
             regionBytes: superblock.regionBytes, legBytes: superblock.legBytes, dataOffset: superblock.dataOffset,
             dataBytes: superblock.dataBytes, dirtyRegions: dirty,
             legs: superblock.legs.enumerated().map { index, record in
                 LegMetadata.Leg(index: index, uuid: "\(record.uuid)", state: record.state,
                                 cause: record.cause == .unknown ? nil : record.cause,
                                 errno: record.errno == 0 ? nil : errnoName(record.errno),
-                                name: record.name.isEmpty ? nil : record.name)
+                                name: record.name.isEmpty ? nil : record.name, replaces: record.replaces)
             },
             slots: slots.enumerated().map { index, slot in
                 let offset = MirrorLayout.slotOffset(index)
@@ -105,11 +111,13 @@ extension Mirror {
             return "damaged mirror metadata (\(reason))"
         }
         guard let superblock else { throw .notAMirror(leg: device.name) }
-        // The lock stays held while the metadata goes: no server starts meanwhile.
-        let lock = try MirrorLock(superblock.mirror)
-        defer { lock.release() }
+        // The lock stays held while the metadata goes: no server starts
+        // meanwhile. A leg removed from its mirror is not the mirror's to guard.
+        let lock = superblock.removed ? nil : try MirrorLock(superblock.mirror)
+        defer { lock?.release() }
         try MetadataStore.writeBytes([UInt8](repeating: 0, count: Int(superblock.dataOffset)), offset: 0,
                                      to: [device], client: client)
-        return "the metadata of leg \(superblock.legIndex) of mirror \(superblock.mirror)"
+        return superblock.removed ? "the metadata of a leg removed from mirror \(superblock.mirror)"
+                                  : "the metadata of leg \(superblock.legIndex) of mirror \(superblock.mirror)"
     }
 }

@@ -22,17 +22,21 @@ final class LegTable: @unchecked Sendable {
         var failedGeneration: UInt64 = 0
         var readErrors = 0
         var writeErrors = 0
+        /// A rebuilding leg that takes leg `replaces`'s place once in sync.
+        var replaces: Int?
     }
 
     /// A member as a change tells it (the mirror's events): nothing that
     /// holds its device open, which a leg re-added must open anew.
     struct Told {
+        let uuid: MirrorUUID
         let name: String
         let condition: LegCondition
         let cause: LegCause
         let errno: Int32
 
         init(_ member: Member) {
+            uuid = member.uuid
             name = member.name
             condition = member.condition
             cause = member.cause
@@ -238,13 +242,37 @@ final class LegTable: @unchecked Sendable {
         }
     }
 
-    /// Makes `device` leg `index`, rebuilding; refused if the leg is the
-    /// last in-sync one (its data would be lost).
-    func bringIn(_ index: Int, device: BlockDevice, uuid: MirrorUUID) throws(MirrorError) {
+    /// Where a leg brought in goes.
+    enum Placement {
+        /// In place of leg `index` (a re-added or replaced leg).
+        case at(Int)
+        /// After the others: a leg added, or (`replacing`) the replacement
+        /// of a leg in sync that stays in service until the copy ends.
+        case added(replacing: Int?)
+    }
+
+    /// Makes `device` a rebuilding leg, placed as `placement` says; returns
+    /// its index. Refused in place of the last in-sync leg (its data would
+    /// be lost), or beyond the most legs a mirror has.
+    func bringIn(_ placement: Placement, device: BlockDevice, uuid: MirrorUUID) throws(MirrorError) -> Int {
         lock.lock()
         defer { lock.unlock() }
-        if members[index].state == .inSync && inSyncCount == 1 {
-            throw .invalidLegChange("leg \(index) is the last in-sync leg; put the new leg in place of another")
+        let index: Int
+        switch placement {
+        case .at(let place):
+            if members[place].state == .inSync && inSyncCount == 1 {
+                throw .invalidLegChange("leg \(place) is the last in-sync leg; put the new leg in place of another")
+            }
+            index = place
+        case .added(let replacing):
+            guard members.count < Superblock.maxLegs else {
+                throw .invalidLegChange("the mirror has \(members.count) legs, the most it can have")
+            }
+            if let replacing, let other = members.firstIndex(where: { $0.replaces == replacing }) {
+                throw .invalidLegChange("leg \(other) is already being copied to in place of leg \(replacing)")
+            }
+            members.append(Member(name: device.name, device: device, uuid: uuid, state: .rebuilding, replaces: replacing))
+            index = members.count - 1
         }
         members[index].device = device
         members[index].name = device.name
@@ -254,6 +282,37 @@ final class LegTable: @unchecked Sendable {
         members[index].cause = .unknown
         members[index].failedGeneration = 0
         changed()
+        return index
+    }
+
+    /// Takes leg `index` out of the mirror for good; the legs after it move
+    /// down one. Refused when two legs would not be left, for the last leg
+    /// in sync, and for a leg a replacement is being copied for.
+    func remove(_ index: Int) throws(MirrorError) -> Member {
+        lock.lock()
+        defer { lock.unlock() }
+        guard members.count > 2 else {
+            throw .invalidLegChange("a mirror keeps two legs at least; replace-leg puts another in place of leg \(index)")
+        }
+        if members[index].state == .inSync && inSyncCount == 1 {
+            throw .invalidLegChange("leg \(index) is the last in-sync leg; removing it would lose the data")
+        }
+        if let replacement = members.firstIndex(where: { $0.replaces == index }) {
+            throw .invalidLegChange("leg \(replacement) is being copied to in place of leg \(index), which goes once "
+                                    + "that copy ends; remove-leg \(replacement) stops the replacement")
+        }
+        let removed = removeLocked(index)
+        changed()
+        return removed
+    }
+
+    /// Removes member `index` and renumbers what the others replace; lock held.
+    private func removeLocked(_ index: Int) -> Member {
+        let removed = members.remove(at: index)
+        for other in members.indices {
+            if let replaces = members[other].replaces, replaces > index { members[other].replaces = replaces - 1 }
+        }
+        return removed
     }
 
     /// Legs a copy goes to, each on the device it had when the copy began:
@@ -272,17 +331,40 @@ final class LegTable: @unchecked Sendable {
         var isEmpty: Bool { devices.isEmpty }
     }
 
+    /// How a rebuild pass ended for the legs it copied to.
+    struct Rebuilt {
+        /// The legs in sync now, by their index now.
+        var inSync: [Int] = []
+        /// The legs that replacements took the place of: out of the mirror.
+        var retired: [Member] = []
+    }
+
     /// Ends the rebuild of `targets`: those still rebuilding, on the same
-    /// device, are in sync. nil, and nothing changes, when a change the
-    /// in-sync legs refused reached a rebuilding leg during the pass.
-    func finishRebuilds(_ targets: Targets) -> [Int]? {
+    /// device, are in sync, and a replacement among them takes the place of
+    /// the leg it replaces, which leaves the mirror. nil, and nothing
+    /// changes, when a change the in-sync legs refused reached a rebuilding
+    /// leg during the pass.
+    func finishRebuilds(_ targets: Targets) -> Rebuilt? {
         lock.withLock {
             guard !rebuildSpoiled else { return nil }
-            let rebuilt = members.indices.filter { index in
-                guard members[index].state == .rebuilding, let device = members[index].device else { return false }
-                return targets.contains(device)
+            let copied = members.compactMap { member -> ObjectIdentifier? in
+                guard member.state == .rebuilding, let device = member.device, targets.contains(device) else { return nil }
+                return ObjectIdentifier(device)
             }
-            for index in rebuilt { members[index].state = .inSync }
+            var rebuilt = Rebuilt()
+            for device in copied {
+                guard var index = members.firstIndex(where: { $0.device.map(ObjectIdentifier.init) == device }) else { continue }
+                members[index].state = .inSync
+                if let old = members[index].replaces {
+                    // The replacement takes the old leg's place; its own goes.
+                    members[index].replaces = nil
+                    rebuilt.retired.append(members[old])
+                    members[old] = members[index]
+                    _ = removeLocked(index)
+                    index = old > index ? old - 1 : old
+                }
+                rebuilt.inSync.append(index)
+            }
             changed()
             return rebuilt
         }
@@ -294,7 +376,8 @@ final class LegTable: @unchecked Sendable {
     var recorded: (legs: [LegRecord], generation: UInt64, snapshot: Snapshot) {
         lock.withLock {
             (members.map { LegRecord(uuid: $0.uuid, state: $0.state, cause: $0.cause, errno: $0.errno,
-                                     failedGeneration: $0.failedGeneration, name: $0.name) }, generation, current)
+                                     failedGeneration: $0.failedGeneration, name: $0.name, replaces: $0.replaces) },
+             generation, current)
         }
     }
 }

@@ -214,14 +214,19 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         if complete {
             flushLegs()
             // nil: a rebuilding leg got ahead of the in-sync legs during the pass.
-            if let rebuilt = legs.finishRebuilds(rebuilding) {
+            let finished: Bool = maintenance.withLock {
+                guard let rebuilt = legs.finishRebuilds(rebuilding) else { return false }
                 if recovery { recoveryPending.store(false, ordering: .releasing) }
-                if !rebuilt.isEmpty {
-                    logger.info("legs \(rebuilt) are in sync")
-                    _ = superblocks.commitAndWait()
+                if !rebuilt.inSync.isEmpty {
+                    logger.info("legs \(rebuilt.inSync) are in sync")
+                    // The others stop listing a replaced leg before it is told it left.
+                    if superblocks.commitAndWait() {
+                        for old in rebuilt.retired { retire(old, why: "replaced") }
+                    }
                 }
-                return
+                return true
             }
+            if finished { return }
         }
         // The source failed, or the pass was spoiled: try again later (an
         // operator may change legs meanwhile).
@@ -340,7 +345,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             // regions are dirty and get copied again: take that report here.
             _ = try? client.sync(.flush, regions: [IORegion(device: device, sector: 0, count: 0)])
             let fullCopy = try needsFullCopy(device, comingBackAs: index, member: member)
-            try bringIn(index, device: device, uuid: member.uuid, fullCopy: fullCopy)
+            try bringIn(.at(index), device: device, uuid: member.uuid, fullCopy: fullCopy)
         } catch {
             legs.keepDevice(device, ofDegraded: index)
             throw error
@@ -401,26 +406,86 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
     }
 
-    /// Puts the device at `spec` in place of leg `index`; it gets a full copy.
-    /// A device that holds mirror metadata (of this mirror or another) is
-    /// refused: it may be a leg that someone still needs. So is one that
-    /// holds a file system or a partition table, unless `force`.
+    /// Puts the device at `spec` in place of leg `index`; it gets a full
+    /// copy. A leg in sync stays in service (read and written) until the
+    /// copy ends, then leaves the mirror (md's --replace); any other is
+    /// replaced at once. A device that holds mirror metadata (of this mirror
+    /// or another) is refused: it may be a leg that someone still needs. So
+    /// is one that holds a file system or a partition table, unless `force`.
     public func replaceLeg(_ index: Int, with spec: String, force: Bool = false) throws(MirrorError) {
         try checkIndex(index)
+        let device = try openNewLeg(spec, force: force)
+        let healthy = legs.member(index).state == .inSync && legs.count < Superblock.maxLegs
+        try bringIn(healthy ? .added(replacing: index) : .at(index), device: device, uuid: .random(), fullCopy: true)
+    }
+
+    /// Adds the device at `spec` as a new leg (the mirror grows by one, up to
+    /// 64); it gets a full copy, and is read only once it holds everything.
+    /// Refused as `replaceLeg` refuses a device. Returns its index.
+    @discardableResult
+    public func addLeg(_ spec: String, force: Bool = false) throws(MirrorError) -> Int {
+        let device = try openNewLeg(spec, force: force)
+        return try bringIn(.added(replacing: nil), device: device, uuid: .random(), fullCopy: true)
+    }
+
+    /// Takes leg `index` out of the mirror for good: the legs after it move
+    /// down one, the others' superblocks stop listing it, then its own says
+    /// it was removed, so that it is never served as one of the mirror's
+    /// legs again. Refused for the last leg in sync, below two legs, and
+    /// below --min-in-sync-legs.
+    public func removeLeg(_ index: Int) throws(MirrorError) {
+        try checkIndex(index)
+        maintenance.lock()
+        defer { maintenance.unlock() }
+        guard legs.count - 1 >= redundancy.policy.minInSync else {
+            throw .invalidLegChange("--min-in-sync-legs \(redundancy.policy.minInSync) needs that many legs; "
+                                    + "the mirror would have \(legs.count - 1)")
+        }
+        let removed = try legs.remove(index)
+        guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
+        retire(removed, why: "removed")
+        let now = legs.all.map(\.name).joined(separator: " ")
+        logger.info("leg \(index) (\(removed.name)) removed from the mirror; its legs now: \(now)")
+    }
+
+    /// Opens a device to become a leg: as large as the legs, holding no
+    /// mirror's metadata, and nothing libblkid knows unless `force`.
+    private func openNewLeg(_ spec: String, force: Bool) throws(MirrorError) -> BlockDevice {
         let device: BlockDevice
         do { device = try BlockDevice.open(spec, options: deviceOptions) } catch { throw .open(error) }
         guard device.size >= layout.legBytes else {
             throw .sizeChanged(leg: device.name, bytes: device.size, expected: layout.legBytes)
         }
         if let found = try Mirror.readSuperblock(of: device, client: client) {
-            throw .invalidLegChange("\(device.name) holds the metadata of mirror \(found.mirror) (leg \(found.legIndex)); "
-                                    + "a replacement must be a device no mirror uses")
+            let what = found.removed ? "a leg removed from it" : "leg \(found.legIndex)"
+            throw .invalidLegChange("\(device.name) holds the metadata of mirror \(found.mirror) (\(what)); a new leg "
+                                    + "must be a device no mirror uses (`dmio-nbd wipe` frees one no longer wanted)")
         }
         try Mirror.checkNothingIsLost(on: device, client: client, force: force, logger: logger)
-        try bringIn(index, device: device, uuid: .random(), fullCopy: true)
+        return device
     }
 
-    private func bringIn(_ index: Int, device: BlockDevice, uuid: MirrorUUID, fullCopy: Bool) throws(MirrorError) {
+    /// Writes, on a leg that has left the mirror, a superblock that says so
+    /// (in both slots), listing the legs as they are now: a leg whose
+    /// superblock could not be written still lists itself with a UUID the
+    /// mirror no longer has, and is refused for that.
+    private func retire(_ member: LegTable.Member, why: String) {
+        guard let device = member.device else { return }
+        let now = legs.recorded
+        var superblock = Superblock(mirror: uuid, legIndex: 0, events: metadata.eventCount, generation: now.generation,
+                                    clean: true, layout: layout, legs: now.legs)
+        superblock.removed = true
+        let slot = superblock.encoded()
+        do {
+            try MetadataStore.writeBytes(slot + slot, offset: 0, to: [device], client: client)
+        } catch {
+            logger.warning("\(member.name) left the mirror (\(why)) but its superblock could not say so: \(error)")
+        }
+    }
+
+    @discardableResult
+    private func bringIn(_ placement: LegTable.Placement, device: BlockDevice, uuid: MirrorUUID,
+                         fullCopy: Bool) throws(MirrorError) -> Int {
         // Clients were told the block size when they connected.
         guard device.blockSize <= blockSizes.minimum else {
             throw .invalidLegChange("\(device.name) needs I/O aligned to \(device.blockSize) bytes; "
@@ -437,12 +502,18 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         // The leg's bitmap may be old: it gets the whole bitmap before it is written.
         try MetadataStore.writeBytes(bitmap.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
                                      to: [device], client: client)
-        try legs.bringIn(index, device: device, uuid: uuid)
+        let index = try legs.bringIn(placement, device: device, uuid: uuid)
         guard bitmapCommit.commitAndWait(), superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }
-        logger.info("leg \(index) (\(device.name)) \(fullCopy ? "replaced: full copy" : "re-added: copying the regions written meanwhile")")
+        let how = switch placement {
+        case .at: fullCopy ? "replaced: full copy" : "re-added: copying the regions written meanwhile"
+        case .added(let replacing?): "added to replace leg \(replacing), which serves until this one has a full copy"
+        case .added(nil): "added: full copy"
+        }
+        logger.info("leg \(index) (\(device.name)) \(how)")
         wake()
+        return index
     }
 
     private func checkIndex(_ index: Int) throws(MirrorError) {

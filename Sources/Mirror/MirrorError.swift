@@ -23,7 +23,9 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     /// A leg that was replaced; `now` is the leg in its place, as the mirror
     /// last served it ("" if not known).
     case replacedLeg(leg: String, index: Int, mirror: MirrorUUID, now: String)
-    case wrongLegCount(mirror: MirrorUUID, has: Int, given: Int)
+    case wrongLegCount(mirror: MirrorUUID, has: Int, given: Int, legsNow: [String])
+    /// A leg taken out of its mirror for good (remove-leg, or replaced).
+    case removedLeg(leg: String, mirror: MirrorUUID, legsNow: [String])
     case sizeChanged(leg: String, bytes: UInt64, expected: UInt64)
     case metadataIO(leg: String, errno: Int32)
     case noSuchLeg(Int, legCount: Int)
@@ -84,8 +86,11 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
             "\(leg) was replaced in mirror \(mirror) and is no longer leg \(index)"
                 + (now.isEmpty ? "" : "; leg \(index) is now \(now)")
                 + " (give that instead; `dmio-nbd examine` tells what a device is, `dmio-nbd wipe` frees an old leg)"
-        case .wrongLegCount(let mirror, let has, let given):
-            "mirror \(mirror) has \(has) legs, \(given) given"
+        case .wrongLegCount(let mirror, let has, let given, let legsNow):
+            "mirror \(mirror) has \(has) legs, \(given) given" + Self.legsHint(legsNow)
+        case .removedLeg(let leg, let mirror, let legsNow):
+            "\(leg) was removed from mirror \(mirror) and is none of its legs" + Self.legsHint(legsNow)
+                + " (`dmio-nbd wipe` frees it for another use)"
         case .sizeChanged(let leg, let bytes, let expected):
             "leg \(leg) has \(bytes) bytes; the mirror was made with legs of \(expected)"
         case .metadataIO(let leg, let errno):
@@ -115,5 +120,11 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
             "mirror \(mirror) is in use by \(pid.map { "pid \($0)" } ?? "another process") (it holds \(lock)): "
                 + "two servers on the same legs would overwrite each other's writes; stop the other one first"
         }
+    }
+
+    /// "; its legs, in order: /srv/a.img /srv/c.img", from the names the
+    /// superblocks record (a leg's may be missing: "?").
+    private static func legsHint(_ names: [String]) -> String {
+        names.isEmpty ? "" : "; its legs, in order: " + names.map { $0.isEmpty ? "?" : $0 }.joined(separator: " ")
     }
 }

@@ -13,17 +13,44 @@ struct MirrorEvents: Sendable {
         sink?.publish(Event(verb, object, [Event.Field("mirror", mirror)] + fields))
     }
 
-    /// One `change leg` event for each leg whose state, cause or device changed.
+    /// One `change leg` event for each leg whose state, cause or device
+    /// changed, or that moved (`moved-from:`, when a leg before it left);
+    /// `create leg` for a leg added, `destroy leg` for one that left. A leg
+    /// is followed by its UUID; one put in place of another (a replacement
+    /// with a new UUID, at the same index) is a change of device.
     func legsChanged(from old: [LegTable.Told], to new: [LegTable.Told]) {
         guard sink != nil else { return }
-        for (index, (before, after)) in zip(old, new).enumerated() {
-            let was = before.condition, now = after.condition
+        var unmatched = Set(old.indices)
+        var formerIndex: [Int: Int] = [:]
+        for (index, after) in new.enumerated() {
+            let match = old.indices.first { unmatched.contains($0) && old[$0].uuid == after.uuid }
+                ?? (unmatched.contains(index) && !new.contains { $0.uuid == old[index].uuid } ? index : nil)
+            if let match {
+                unmatched.remove(match)
+                formerIndex[index] = match
+            }
+        }
+        for gone in unmatched.sorted() {
+            publish("destroy", "leg", [Event.Field("leg", "\(gone)"), Event.Field("device", old[gone].name)])
+        }
+        for (index, after) in new.enumerated() {
+            guard let was = formerIndex[index] else {
+                publish("create", "leg", [Event.Field("leg", "\(index)"), Event.Field("device", after.name),
+                                          Event.Field("state", after.condition.rawValue)])
+                continue
+            }
+            let before = old[was]
             let replaced = before.name != after.name
-            guard was != now || replaced || before.cause != after.cause else { continue }
+            guard before.condition != after.condition || replaced || before.cause != after.cause || was != index else { continue }
             var fields = [Event.Field("leg", "\(index)"),
-                          Event.Field("state", was == now ? now.rawValue : "\(was.rawValue)->\(now.rawValue)")]
+                          Event.Field("state", before.condition == after.condition ? after.condition.rawValue
+                                                                               : "\(before.condition.rawValue)->\(after.condition.rawValue)")]
             if replaced { fields.append(Event.Field("device", "\(before.name)->\(after.name)")) }
-            if now == .degraded || now == .missing {
+            if was != index {
+                fields.append(Event.Field("moved-from", "\(was)"))
+                if !replaced { fields.append(Event.Field("device", after.name)) }
+            }
+            if after.condition == .degraded || after.condition == .missing {
                 fields.append(Event.Field("cause", after.cause.word))
                 if after.errno != 0 { fields.append(Event.Field("errno", errnoName(after.errno))) }
             }

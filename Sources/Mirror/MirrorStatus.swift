@@ -22,6 +22,10 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         /// to it, or those written while it was out. Nil in the answer of a
         /// server older than this field, as the other new fields.
         public var outOfSyncBytes: UInt64?
+        /// A rebuilding leg copied to in place of leg `replaces`, which
+        /// stays in service until this one is in sync (replace-leg of a
+        /// leg in sync).
+        public var replaces: Int?
 
         /// What the metrics and the events call the leg's state.
         public var condition: LegCondition { LegCondition(state: state, cause: cause, opened: kind != nil) }
@@ -189,7 +193,7 @@ extension Mirror {
                                  cause: member.state == .degraded && member.cause != .unknown ? member.cause : nil,
                                  errno: member.errno == 0 ? nil : errnoName(member.errno),
                                  readErrors: member.readErrors, writeErrors: member.writeErrors,
-                                 outOfSyncBytes: outOfSync(member.state))
+                                 outOfSyncBytes: outOfSync(member.state), replaces: member.replaces)
             },
             resync: MirrorStatus.Resync(progress, rateLimit: pass.rateLimit),
             scrub: MirrorStatus.Scrub(pass.currentScrub, asked: isScrubAsked))

@@ -91,6 +91,10 @@ struct LegRecord: Sendable, Hashable {
     /// The path or URI the leg was last served by, "" if not known: a hint
     /// for the person who gives an old command line.
     var name = ""
+    /// For a leg being copied to in place of a leg in sync (replace-leg of a
+    /// healthy leg, md's --replace), the index of that leg: once the copy
+    /// ends, this leg takes its place and that one is removed.
+    var replaces: Int?
 }
 
 /// The superblock: one 4 KiB slot, little-endian, CRC32C in its last four
@@ -99,7 +103,9 @@ struct LegRecord: Sendable, Hashable {
 struct Superblock: Sendable, Hashable {
     static let magic: [UInt8] = Array("DMIOMIRR".utf8)
     /// 2 adds the generation, each leg's cause, failed generation and name,
-    /// the event of the last bit clearing and the raw-use flag; version 1
+    /// the event of the last bit clearing and the raw-use flag (later, in
+    /// bits a version 2 reader ignores: the removed flag and the leg a
+    /// replacement replaces); version 1
     /// (where they read as 0, not recorded) is read too, and written as 2.
     static let version: UInt32 = 2
     static let readableVersions: ClosedRange<UInt32> = 1...2
@@ -121,6 +127,10 @@ struct Superblock: Sendable, Hashable {
     /// Set on a leg served on its own, writable (`serve --force`), by that
     /// server: its data may differ from the other legs' anywhere.
     var servedRaw = false
+    /// Set on a leg taken out of the mirror for good (remove-leg, or the old
+    /// leg once a replacement is in sync): it can no longer be served as one
+    /// of the mirror's legs.
+    var removed = false
     /// The event of the last superblock written after bits were cleared
     /// (md's events_cleared): a leg older than that may lack data in
     /// regions whose bits are gone, so no bitmap says what it misses.
@@ -150,7 +160,7 @@ struct Superblock: Sendable, Hashable {
         bytes.store(UInt32(legs.count), at: Field.legCount)
         bytes.store(events, at: Field.events)
         bytes.store(regionBytes, at: Field.regionBytes)
-        bytes.store(UInt32(clean ? 1 : 0) | UInt32(servedRaw ? 2 : 0), at: Field.flags)
+        bytes.store(UInt32(clean ? 1 : 0) | UInt32(servedRaw ? 2 : 0) | UInt32(removed ? 4 : 0), at: Field.flags)
         bytes.store(eventsCleared, at: Field.eventsCleared)
         bytes.store(legBytes, at: Field.legBytes)
         bytes.store(dataOffset, at: Field.dataOffset)
@@ -159,8 +169,10 @@ struct Superblock: Sendable, Hashable {
         for (index, leg) in legs.enumerated() {
             let at = Field.legs + index * Field.legRecordBytes
             bytes.store(leg.uuid, at: at)
-            // The state's low byte, the cause in the next (0 in older metadata).
-            bytes.store(leg.state.rawValue | leg.cause.rawValue << 8, at: at + 16)
+            // The state's low byte, the cause in the next, then the leg it
+            // replaces plus one (0 in older metadata, and for none).
+            let replaces = UInt32(leg.replaces.map { $0 + 1 } ?? 0)
+            bytes.store(leg.state.rawValue | leg.cause.rawValue << 8 | replaces << 16, at: at + 16)
             bytes.store(UInt32(bitPattern: leg.errno), at: at + 20)
             bytes.store(leg.failedGeneration, at: at + 24)
         }
@@ -210,7 +222,8 @@ struct Superblock: Sendable, Hashable {
                                   cause: LegCause(rawValue: word >> 8 & 0xFF) ?? .unknown,
                                   errno: Int32(bitPattern: bytes.load(UInt32.self, at: at + 20)),
                                   failedGeneration: bytes.load(UInt64.self, at: at + 24),
-                                  name: String(decoding: bytes[nameAt + 2..<nameAt + 2 + nameLength], as: UTF8.self)))
+                                  name: String(decoding: bytes[nameAt + 2..<nameAt + 2 + nameLength], as: UTF8.self),
+                                  replaces: (1...legCount).contains(Int(word >> 16 & 0xFF)) ? Int(word >> 16 & 0xFF) - 1 : nil))
             nameAt += 2 + nameLength
         }
         return .superblock(Superblock(
@@ -220,6 +233,7 @@ struct Superblock: Sendable, Hashable {
             regionBytes: bytes.load(UInt32.self, at: Field.regionBytes),
             clean: bytes.load(UInt32.self, at: Field.flags) & 1 != 0,
             servedRaw: bytes.load(UInt32.self, at: Field.flags) & 2 != 0,
+            removed: bytes.load(UInt32.self, at: Field.flags) & 4 != 0,
             eventsCleared: bytes.load(UInt64.self, at: Field.eventsCleared),
             legBytes: bytes.load(UInt64.self, at: Field.legBytes),
             dataOffset: bytes.load(UInt64.self, at: Field.dataOffset),

@@ -130,7 +130,8 @@ func describe(_ report: MirrorReport, coloured: Bool = false) -> String {
     for leg in status.legs {
         let state = leg.state.description.padded(12)
         lines.append("\(leg.index)".padded(5) + (coloured ? colour(state, for: leg.state) : state) + leg.device.padded(width)
-                     + "  " + "\(leg.readErrors)/\(leg.writeErrors)".padded(19) + (leg.why ?? leg.error ?? "-"))
+                     + "  " + "\(leg.readErrors)/\(leg.writeErrors)".padded(19)
+                     + (leg.why ?? leg.replaces.map { "replaces leg \($0) once in sync" } ?? leg.error ?? "-"))
     }
     let resync = status.resync
     if resync.active {
@@ -228,7 +229,10 @@ struct ReaddLeg: ParsableCommand {
 
 struct ReplaceLeg: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "replace-leg", abstract: "Put a new device in place of a leg; it gets a full copy, online.")
+        commandName: "replace-leg", abstract: "Put a new device in place of a leg; it gets a full copy, online.",
+        discussion: """
+            A leg in sync stays in service, read and written, until the new one has its copy; then the new             one takes its place and it leaves the mirror (md's --replace). Any other leg is replaced at once.
+            """)
     @Argument(help: "The leg's number (0 is the first).") var leg: Int
     @Argument(help: "The new leg: a file, a block device or an NBD URI, at least as large as the others.") var device: String
     @Flag(help: "Overwrite a device that holds a file system or a partition table.") var force = false
@@ -237,6 +241,31 @@ struct ReplaceLeg: ParsableCommand {
         // The server resolves nothing: it may stand in another folder.
         try options.send(ControlRequest(command: .replaceLeg, leg: leg, device: absolutePath(device), force: force))
     }
+}
+
+struct AddLeg: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "add-leg", abstract: "Grow the mirror by a leg (up to 64), online; it gets a full copy.",
+        discussion: """
+            The new leg is written from the start and read once its copy has ended. Its place is after             the others: give it last on the serve command line from now on.
+            """)
+    @Argument(help: "The new leg: a file, a block device or an NBD URI, at least as large as the others.") var device: String
+    @Flag(help: "Overwrite a device that holds a file system or a partition table.") var force = false
+    @OptionGroup var options: ControlOptions
+    func run() throws {
+        try options.send(ControlRequest(command: .addLeg, device: absolutePath(device), force: force))
+    }
+}
+
+struct RemoveLeg: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "remove-leg", abstract: "Take a leg out of the mirror for good; the legs after it move down one.",
+        discussion: """
+            Its superblock then says it was removed: it is never served as one of the mirror's legs             again (`dmio-nbd wipe` frees it for another use). Leave it off the serve command line from now             on. Refused for the last leg in sync, and when fewer than two legs would be left.
+            """)
+    @Argument(help: "The leg's number (0 is the first).") var leg: Int
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.send(ControlRequest(command: .removeLeg, leg: leg)) }
 }
 
 struct Events: ParsableCommand {

@@ -10,14 +10,15 @@ import Mirror
 struct ControlRequest: Codable, Equatable {
     enum Command: String, Codable {
         case status, failLeg = "fail-leg", readdLeg = "readd-leg", replaceLeg = "replace-leg", events
+        case addLeg = "add-leg", removeLeg = "remove-leg"
         case check, repair, cancelScrub = "cancel-scrub"
     }
 
     var command: Command
     var leg: Int?
-    /// replace-leg: the new device, as an absolute path or a URI.
+    /// replace-leg, add-leg: the new device, as an absolute path or a URI.
     var device: String?
-    /// replace-leg: overwrite what the device holds.
+    /// replace-leg, add-leg: overwrite what the device holds.
     var force: Bool?
     /// events: the mirror as it is first (`exists` events).
     var now: Bool?
@@ -27,8 +28,9 @@ struct ControlRequest: Codable, Equatable {
         guard let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line.utf8)) else { return nil }
         switch request.command {
         case .status, .events, .check, .repair, .cancelScrub: return request
-        case .failLeg, .readdLeg: return request.leg == nil ? nil : request
+        case .failLeg, .readdLeg, .removeLeg: return request.leg == nil ? nil : request
         case .replaceLeg: return request.leg == nil || request.device == nil ? nil : request
+        case .addLeg: return request.device == nil ? nil : request
         }
     }
 }

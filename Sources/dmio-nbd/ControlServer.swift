@@ -73,6 +73,10 @@ final class ControlServer: @unchecked Sendable {
                 try mirror.readdLeg(request.leg!)
             case .replaceLeg:
                 try mirror.replaceLeg(request.leg!, with: request.device!, force: request.force ?? false)
+            case .addLeg:
+                try mirror.addLeg(request.device!, force: request.force ?? false)
+            case .removeLeg:
+                try mirror.removeLeg(request.leg!)
             case .check:
                 try mirror.startScrub(.check)
             case .repair:

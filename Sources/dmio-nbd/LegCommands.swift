@@ -28,7 +28,8 @@ struct Examine: ParsableCommand {
         var lines = [
             "\(found.device):",
             "      Mirror : \(found.mirror)",
-            "         Leg : \(found.legIndex) of \(found.legCount)",
+            "         Leg : " + (found.removed == true ? "removed from the mirror (its legs then are below)"
+                                                           : "\(found.legIndex) of \(found.legCount)"),
             "      Events : \(found.events) (\(slots.joined(separator: ", ")))",
             "  Generation : \(found.generation)",
             "       State : \(found.clean ? "stopped cleanly" : "in use, or not stopped cleanly")"
@@ -41,7 +42,8 @@ struct Examine: ParsableCommand {
         ]
         for leg in found.legs {
             let why = leg.state == .degraded ? [leg.cause?.word, leg.errno].compactMap { $0 }.joined(separator: ": ") : ""
-            lines.append("  " + "\(leg.index)".padded(5) + leg.state.description.padded(12) + leg.uuid.padded(38)
+            let state = leg.state.description + (leg.replaces.map { " for \($0)" } ?? "")
+            lines.append("  " + "\(leg.index)".padded(5) + state.padded(12) + leg.uuid.padded(38)
                          + (why.isEmpty ? "-" : why).padded(15) + (leg.name ?? "-"))
         }
         return lines.joined(separator: "\n")

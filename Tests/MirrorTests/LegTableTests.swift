@@ -39,7 +39,7 @@ import Testing
         #expect(third.legs[2].failedGeneration == second.generation)
         #expect(third.legs[0].failedGeneration == first)
         #expect(third.generation != second.generation)
-        try legs.bringIn(0, device: devices[0], uuid: .random())
+        try legs.bringIn(.at(0), device: devices[0], uuid: .random())
         #expect(legs.recorded.legs[0].failedGeneration == 0)
         #expect(legs.recorded.generation == third.generation)
     }
@@ -68,7 +68,7 @@ import Testing
     @Test func aRebuildThatFinishedFirstMakesItsLegAHolder() {
         let legs = table([.inSync, .rebuilding])
         let sent = legs.snapshot
-        #expect(legs.finishRebuilds(LegTable.Targets([sent.writable[1]])) == [1])
+        #expect(legs.finishRebuilds(LegTable.Targets([sent.writable[1]]))?.inSync == [1])
         let settlement = legs.settle([failure(sent, leg: 0)], sentTo: sent)
         #expect(settlement.held, "leg 1 is in sync now and holds it")
         #expect(legs.member(0).state == .degraded)
@@ -85,6 +85,39 @@ import Testing
         #expect(legs.member(1).state == .rebuilding)
         // The next pass starts afresh.
         legs.beginRebuildPass()
-        #expect(legs.finishRebuilds(LegTable.Targets([sent.writable[1]])) == [1])
+        #expect(legs.finishRebuilds(LegTable.Targets([sent.writable[1]]))?.inSync == [1])
+    }
+}
+
+extension LegTableTests {
+    /// A replacement of a leg in sync is copied to beside it and takes its
+    /// place once in sync; a failure seen before the legs moved still finds
+    /// its leg.
+    @Test func aReplacementTakesItsLegsPlaceAndFailuresFollowTheLegsThatMoved() throws {
+        let legs = table([.inSync, .inSync])
+        let before = legs.snapshot
+        let index = try legs.bringIn(.added(replacing: 0), device: devices[2], uuid: .random())
+        #expect(index == 2 && legs.member(2).replaces == 0)
+        #expect(throws: MirrorError.self) { try legs.remove(0) }
+        let copying = LegTable.Targets(legs.snapshot.writable.filter { $0.index == 2 })
+        let rebuilt = try #require(legs.finishRebuilds(copying))
+        #expect(rebuilt.inSync == [0] && rebuilt.retired.map(\.name) == [devices[0].name])
+        #expect(legs.all.map(\.name) == [devices[2].name, devices[1].name])
+        #expect(legs.all.allSatisfy { $0.state == .inSync && $0.replaces == nil })
+        // Leg 1 was seen at index 1 and is still there; the old leg 0 is gone.
+        #expect(legs.fail(failure(before, leg: 1).leg, errno: EIO, reading: false))
+        #expect(!legs.fail(failure(before, leg: 0).leg, errno: EIO, reading: false), "a leg that left is not failed")
+    }
+
+    @Test func removingALegMovesTheOthersDownAndKeepsTwo() throws {
+        let legs = table([.inSync, .degraded, .inSync])
+        let before = legs.snapshot
+        let removed = try legs.remove(0)
+        #expect(removed.name == devices[0].name)
+        #expect(legs.all.map(\.name) == [devices[1].name, devices[2].name])
+        // Leg 2, seen before at index 2, fails at index 1 now.
+        #expect(legs.fail(failure(before, leg: 2).leg, errno: EIO, reading: false) == false, "the last in-sync leg stays")
+        #expect(legs.member(1).writeErrors == 1)
+        #expect(throws: MirrorError.self) { try legs.remove(0) }
     }
 }
