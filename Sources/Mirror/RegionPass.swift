@@ -146,7 +146,7 @@ final class RegionPass: @unchecked Sendable {
                            bytes: min(dataBytes, UInt64(total) * UInt64(regionHash.regionBytes)))
         // Told at each whole percent: a hook's RebuildNN at any increment.
         var percentTold = 0
-        var buffers = Buffers()
+        var buffers = Buffers(bytes: (runs.map(\.count).max() ?? 1) * Int(regionBytes))
         var outcome = "done"
         defer { finish(action, outcome) }
         var loggedAt = ContinuousClock.now
@@ -195,12 +195,16 @@ final class RegionPass: @unchecked Sendable {
         return runs
     }
 
-    /// A pass's buffers, one a leg read at once, made as they are needed.
+    /// A pass's buffers, each as long as its longest run, one for each leg
+    /// read at once, made as they are needed.
     private struct Buffers {
+        let bytes: Int
         private var made: [AlignedBytes] = []
 
-        mutating func take(_ count: Int, bytes: Int) -> [UnsafeMutableRawBufferPointer] {
-            while made.count < count { made.append(AlignedBytes(count: max(RegionPass.copyBytes, bytes))) }
+        init(bytes: Int) { self.bytes = bytes }
+
+        mutating func take(_ count: Int) -> [UnsafeMutableRawBufferPointer] {
+            while made.count < count { made.append(AlignedBytes(count: bytes)) }
             return made.prefix(count).map(\.bytes)
         }
     }
@@ -218,7 +222,7 @@ final class RegionPass: @unchecked Sendable {
             guard let source = snapshot.readable.first, !copyTo.isEmpty else { return "no leg left to copy to" }
             do {
                 let copied = try copier.copy(offset: offset, length: length, from: source, to: copyTo,
-                                             through: buffers.take(1, bytes: Int(length))[0])
+                                             through: buffers.take(1)[0])
                 if let failure = copied.sourceFailure {
                     failures.record([failure], reading: true)
                     return "source leg \(source.index) failed"
@@ -234,7 +238,7 @@ final class RegionPass: @unchecked Sendable {
             let inSync = snapshot.readable
             guard inSync.count >= 2 else { return "fewer than two legs in sync" }
             let found = scrubber.scrub(run, offset: offset, length: length, legs: inSync,
-                                       buffers: buffers.take(inSync.count, bytes: Int(length)), repair: scrub == .repair)
+                                       buffers: buffers.take(inSync.count), repair: scrub == .repair)
             report(found, of: scrub)
             return nil
         }

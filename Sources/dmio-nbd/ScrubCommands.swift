@@ -29,7 +29,7 @@ struct ScrubOptions: ParsableArguments {
         var report = try control.ask(ControlRequest(command: request), of: socket)
         guard wait else { return control.print([report]) }
         while report.mirror.scrub?.active ?? false {
-            sleep(1)
+            usleep(250_000)
             report = try control.ask(ControlRequest(command: .status), of: socket)
         }
         control.print([report])

@@ -121,3 +121,19 @@ extension LegTableTests {
         #expect(throws: MirrorError.self) { try legs.remove(0) }
     }
 }
+
+extension LegTableTests {
+    @Test func aMirrorGrowsToSixtyFourLegsAndNoFurther() throws {
+        var members = (0..<2).map { LegTable.Member(name: devices[$0].name, device: devices[$0], uuid: .random(), state: .inSync) }
+        members += (2..<Superblock.maxLegs).map { LegTable.Member(name: "gone\($0)", device: nil, uuid: .random(), state: .degraded) }
+        let legs = LegTable(members, generation: 1)
+        do {
+            _ = try legs.bringIn(.added(replacing: nil), device: devices[2], uuid: .random())
+            Issue.record("a 65th leg was added")
+        } catch {
+            #expect("\(error)".contains("the mirror has 64 legs, the most it can have"))
+        }
+        _ = try legs.remove(63)
+        #expect(try legs.bringIn(.added(replacing: nil), device: devices[2], uuid: .random()) == 63)
+    }
+}
