@@ -136,7 +136,7 @@ extension Mirror {
         let freshest = mirrors.max(by: { ($0.legs, $0.newest.events) < ($1.legs, $1.newest.events) })?.newest
         if let (_, (device, removed)) = found.sorted(by: { $0.key < $1.key }).first(where: { $0.value.superblock.removed }) {
             // The legs it left recorded, or those the others record now.
-            let now = (freshest?.mirror == removed.mirror ? freshest?.legs : nil) ?? removed.legs
+            let now = (freshest?.mirror == removed.mirror ? freshest?.legs : nil) ?? Array(removed.legs.prefix(removed.legIndex))
             throw .removedLeg(leg: device.name, mirror: removed.mirror, legsNow: now.map(\.name))
         }
         guard let freshest else {
@@ -160,26 +160,32 @@ extension Mirror {
         // diverged, and no event count can say which to keep. (One that
         // recorded the other's failure and was then failed itself is only
         // behind: the other's generation moved on, its own did not.)
+        // Legs are known by their UUIDs: one whose superblock was not written
+        // when the legs moved (it was out) has them at other places.
         for (first, a) in legs {
-            for (second, b) in legs where first < second
-                && a.superblock.legs.count > second && b.superblock.legs.count > first {
-                let aRecordsB = a.superblock.legs[second], bRecordsA = b.superblock.legs[first]
-                guard aRecordsB.state == .degraded && bRecordsA.state == .degraded else { continue }
+            for (second, b) in legs where first < second {
+                guard let aRecordsB = a.superblock.record(of: b.superblock.own.uuid),
+                      let bRecordsA = b.superblock.record(of: a.superblock.own.uuid),
+                      aRecordsB.state == .degraded && bRecordsA.state == .degraded else { continue }
                 let bMovedOn = b.superblock.movedOn(sinceFailedIn: aRecordsB.failedGeneration)
                 let aMovedOn = a.superblock.movedOn(sinceFailedIn: bRecordsA.failedGeneration)
                 // Metadata too old to tell: each was used alone, as far as anyone knows.
                 if bMovedOn ?? true && aMovedOn ?? true { throw .diverged(a.device.name, b.device.name) }
             }
         }
+        // The freshest superblock says what the legs are; a leg's own may be
+        // older (it was out, or a crash came between the legs' writes) and
+        // have the legs at other places, or fewer or more of them.
+        guard freshest.legs.count == specs.count else {
+            throw .wrongLegCount(mirror: freshest.mirror, has: freshest.legs.count, given: specs.count,
+                                 legsNow: freshest.legs.map(\.name))
+        }
         for (index, (device, superblock)) in legs {
-            guard superblock.legs.count == specs.count else {
-                throw .wrongLegCount(mirror: freshest.mirror, has: superblock.legs.count, given: specs.count,
-                                     legsNow: freshest.legs.map(\.name))
-            }
-            guard superblock.legIndex == index else {
-                throw .wrongPosition(leg: device.name, isLeg: superblock.legIndex, givenAs: index)
-            }
-            guard superblock.legs[index].uuid == freshest.legs[index].uuid else {
+            let own = superblock.own.uuid
+            guard own == freshest.legs[index].uuid else {
+                if let place = freshest.legs.firstIndex(where: { $0.uuid == own }) {
+                    throw .wrongPosition(leg: device.name, isLeg: place, givenAs: index)
+                }
                 throw .replacedLeg(leg: device.name, index: index, mirror: freshest.mirror,
                                    now: freshest.legs[index].name)
             }

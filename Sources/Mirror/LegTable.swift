@@ -165,6 +165,8 @@ final class LegTable: @unchecked Sendable {
     /// wrote to it meanwhile.
     private func degradeLocked(_ index: Int, cause: LegCause) {
         members[index].state = .degraded
+        // A replacement that fails replaces nothing: it is one leg more, out.
+        members[index].replaces = nil
         members[index].cause = cause
         members[index].failedGeneration = generation
         generation = Superblock.newGeneration()
@@ -209,6 +211,7 @@ final class LegTable: @unchecked Sendable {
     func failByOperator(_ index: Int) throws(MirrorError) {
         lock.lock()
         defer { lock.unlock() }
+        try checkLocked(index)
         switch members[index].state {
         case .degraded:
             throw .invalidLegChange("leg \(index) is already degraded")
@@ -227,6 +230,7 @@ final class LegTable: @unchecked Sendable {
     func releaseDevice(of index: Int) throws(MirrorError) -> Member {
         lock.lock()
         defer { lock.unlock() }
+        try checkLocked(index)
         guard members[index].state == .degraded else {
             throw .invalidLegChange("leg \(index) is \(members[index].state), not degraded")
         }
@@ -260,6 +264,7 @@ final class LegTable: @unchecked Sendable {
         let index: Int
         switch placement {
         case .at(let place):
+            try checkLocked(place)
             if members[place].state == .inSync && inSyncCount == 1 {
                 throw .invalidLegChange("leg \(place) is the last in-sync leg; put the new leg in place of another")
             }
@@ -281,6 +286,7 @@ final class LegTable: @unchecked Sendable {
         members[index].errno = 0
         members[index].cause = .unknown
         members[index].failedGeneration = 0
+        if case .at = placement { members[index].replaces = nil }
         changed()
         return index
     }
@@ -288,14 +294,19 @@ final class LegTable: @unchecked Sendable {
     /// Takes leg `index` out of the mirror for good; the legs after it move
     /// down one. Refused when two legs would not be left, for the last leg
     /// in sync, and for a leg a replacement is being copied for.
-    func remove(_ index: Int) throws(MirrorError) -> Member {
+    func remove(_ index: Int, keepingInSync minInSync: Int = 1) throws(MirrorError) -> Member {
         lock.lock()
         defer { lock.unlock() }
+        try checkLocked(index)
         guard members.count > 2 else {
             throw .invalidLegChange("a mirror keeps two legs at least; replace-leg puts another in place of leg \(index)")
         }
         if members[index].state == .inSync && inSyncCount == 1 {
             throw .invalidLegChange("leg \(index) is the last in-sync leg; removing it would lose the data")
+        }
+        if members[index].state == .inSync && inSyncCount - 1 < minInSync || members.count - 1 < minInSync {
+            throw .invalidLegChange("--min-in-sync-legs \(minInSync): without leg \(index), \(inSyncCount - 1) of "
+                                    + "\(members.count - 1) legs would be in sync, and writes would stop")
         }
         if let replacement = members.firstIndex(where: { $0.replaces == index }) {
             throw .invalidLegChange("leg \(replacement) is being copied to in place of leg \(index), which goes once "
@@ -304,6 +315,12 @@ final class LegTable: @unchecked Sendable {
         let removed = removeLocked(index)
         changed()
         return removed
+    }
+
+    /// Refuses an index the legs do not have (they may have moved since the
+    /// caller looked); lock held.
+    private func checkLocked(_ index: Int) throws(MirrorError) {
+        guard members.indices.contains(index) else { throw .noSuchLeg(index, legCount: members.count) }
     }
 
     /// Removes member `index` and renumbers what the others replace; lock held.

@@ -82,7 +82,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let legFailures = LegFailures(legs: legs, metadata: metadata, logger: logger)
         self.legFailures = legFailures
         superblocks = legFailures.superblocks
-        bitmapCommit = GroupCommit { done in
+        let bitmapCommit = GroupCommit { done in
             let pages = bitmap.changedPages()
             metadata.writeBitmap(pages.map { ($0.index, $0.bytes) }) { written in
                 legFailures.record(written.failures, reading: false)
@@ -90,11 +90,13 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 done(written.durable, false)
             }
         }
+        self.bitmapCommit = bitmapCommit
 
         blockSizes = .over(deviceBlockSize: members.compactMap(\.device).map(\.blockSize).max() ?? sectorSize)
         pass = RegionPass(bitmap: bitmap, regionHash: regionHash, legs: legs,
                           copier: Copier(client: client, layout: layout),
                           scrubber: Scrubber(client: client, layout: layout), failures: legFailures,
+                          markDirty: { regions in bitmap.mark(regions) || bitmapCommit.commitAndWait() },
                           rateLimit: rateLimit, events: announce, logger: logger)
     }
 
@@ -268,6 +270,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
         guard !stopping else { throw .scrubRefused("the server is stopping") }
         scrubAsked = action
+        pass.prepareScrub(action)
         logger.info("\(action) of every region asked for")
         lock.broadcast()
     }
@@ -323,8 +326,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
 
     /// Takes leg `index` out of the mirror, as if it had failed.
     public func failLeg(_ index: Int) throws(MirrorError) {
-        try checkIndex(index)
-        maintenance.lock()
+        try changingLegs(index)
         defer { maintenance.unlock() }
         try legs.failByOperator(index)
         logger.warning("leg \(index) (\(legs.member(index).name)) failed by the operator")
@@ -336,7 +338,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// say what it misses. Refused for a leg used without the legs in sync;
     /// a refused leg stays degraded, its device still claimed.
     public func readdLeg(_ index: Int) throws(MirrorError) {
-        try checkIndex(index)
+        try changingLegs(index)
+        defer { maintenance.unlock() }
         let member = try legs.releaseDevice(of: index)
         let device = try reopen(member.name)
         do {
@@ -360,16 +363,17 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             throw .notAMirror(leg: device.name)
         }
         guard found.mirror == uuid else { throw .foreignLeg(leg: device.name, belongsTo: found.mirror, expected: uuid) }
-        guard found.legIndex == index, found.legs[index].uuid == member.uuid else {
+        // By UUID: a leg that was out when the legs moved has an old index.
+        guard found.own.uuid == member.uuid else {
             throw .invalidLegChange("\(device.name) is not leg \(index) of this mirror any more; use replace-leg")
         }
         // A leg written since it was failed was used without the legs now in
         // sync: it may hold newer data, and a partial copy would mix. Where
         // the metadata is too old to say, a leg that records the legs now in
         // sync as failed is taken for one.
-        let inSyncNow = legs.snapshot.readable.map(\.index)
+        let inSyncNow = legs.snapshot.readable.map { legs.member($0.index).uuid }
         let usedAlone = found.movedOn(sinceFailedIn: member.failedGeneration)
-            ?? inSyncNow.contains { $0 < found.legs.count && found.legs[$0].state == .degraded }
+            ?? inSyncNow.contains { found.record(of: $0)?.state == .degraded }
         guard !usedAlone else { throw .usedAlone(leg: device.name) }
         if found.servedRaw {
             logger.warning("leg \(index) (\(device.name)) was served on its own, writable: it gets a full copy")
@@ -413,9 +417,15 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// or another) is refused: it may be a leg that someone still needs. So
     /// is one that holds a file system or a partition table, unless `force`.
     public func replaceLeg(_ index: Int, with spec: String, force: Bool = false) throws(MirrorError) {
-        try checkIndex(index)
+        try changingLegs(index)
+        defer { maintenance.unlock() }
+        let healthy = legs.member(index).state == .inSync
+        if healthy && legs.count == Superblock.maxLegs {
+            throw .invalidLegChange("the mirror has \(Superblock.maxLegs) legs, the most it can have, and leg \(index) "
+                                    + "is in sync: a replacement needs a place beside it while it is copied to "
+                                    + "(remove-leg another leg first, or fail-leg \(index) to replace it at once)")
+        }
         let device = try openNewLeg(spec, force: force)
-        let healthy = legs.member(index).state == .inSync && legs.count < Superblock.maxLegs
         try bringIn(healthy ? .added(replacing: index) : .at(index), device: device, uuid: .random(), fullCopy: true)
     }
 
@@ -424,6 +434,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// Refused as `replaceLeg` refuses a device. Returns its index.
     @discardableResult
     public func addLeg(_ spec: String, force: Bool = false) throws(MirrorError) -> Int {
+        try changingLegs(nil)
+        defer { maintenance.unlock() }
         let device = try openNewLeg(spec, force: force)
         return try bringIn(.added(replacing: nil), device: device, uuid: .random(), fullCopy: true)
     }
@@ -434,14 +446,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// legs again. Refused for the last leg in sync, below two legs, and
     /// below --min-in-sync-legs.
     public func removeLeg(_ index: Int) throws(MirrorError) {
-        try checkIndex(index)
-        maintenance.lock()
+        try changingLegs(index)
         defer { maintenance.unlock() }
-        guard legs.count - 1 >= redundancy.policy.minInSync else {
-            throw .invalidLegChange("--min-in-sync-legs \(redundancy.policy.minInSync) needs that many legs; "
-                                    + "the mirror would have \(legs.count - 1)")
-        }
-        let removed = try legs.remove(index)
+        let removed = try legs.remove(index, keepingInSync: redundancy.policy.minInSync)
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
         retire(removed, why: "removed")
         let now = legs.all.map(\.name).joined(separator: " ")
@@ -471,9 +478,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// mirror no longer has, and is refused for that.
     private func retire(_ member: LegTable.Member, why: String) {
         guard let device = member.device else { return }
+        // Its own entry after the legs the mirror has now: a reader that
+        // knew nothing of the removed flag finds no place for it either.
         let now = legs.recorded
-        var superblock = Superblock(mirror: uuid, legIndex: 0, events: metadata.eventCount, generation: now.generation,
-                                    clean: true, layout: layout, legs: now.legs)
+        let own = LegRecord(uuid: member.uuid, state: .degraded, cause: .operator, errno: 0, name: member.name)
+        var superblock = Superblock(mirror: uuid, legIndex: now.legs.count, events: metadata.eventCount,
+                                    generation: now.generation, clean: true, layout: layout, legs: now.legs + [own])
         superblock.removed = true
         let slot = superblock.encoded()
         do {
@@ -483,6 +493,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
     }
 
+    /// Makes `device` a leg, placed as `placement` says, with `maintenance` held.
     @discardableResult
     private func bringIn(_ placement: LegTable.Placement, device: BlockDevice, uuid: MirrorUUID,
                          fullCopy: Bool) throws(MirrorError) -> Int {
@@ -491,8 +502,6 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             throw .invalidLegChange("\(device.name) needs I/O aligned to \(device.blockSize) bytes; "
                                     + "the mirror's clients were told \(blockSizes.minimum)")
         }
-        maintenance.lock()
-        defer { maintenance.unlock() }
         if fullCopy {
             bitmap.markAll()
             // No superblock older than this mirror's may outrank its own.
@@ -516,7 +525,14 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         return index
     }
 
-    private func checkIndex(_ index: Int) throws(MirrorError) {
-        guard (0..<legs.count).contains(index) else { throw .noSuchLeg(index, legCount: legs.count) }
+    /// Takes `maintenance` for an operator's change of the legs, and checks
+    /// `index` under it: the legs move when a replacement ends or a leg is
+    /// removed, which holds it too. The caller unlocks it.
+    private func changingLegs(_ index: Int?) throws(MirrorError) {
+        maintenance.lock()
+        if let index, !(0..<legs.count).contains(index) {
+            maintenance.unlock()
+            throw .noSuchLeg(index, legCount: legs.count)
+        }
     }
 }

@@ -37,10 +37,12 @@ extension Mirror {
         var first = first
         var tried = tried
         if tried == candidates.count, !failures.isEmpty {
-            let failed = Set(failures.map(\.leg.index))
+            // Rebuilding legs: written, not yet read. Known by device: the
+            // legs may have moved since the failed reads.
             let regions = regionHash.regions(offset: offset, length: UInt64(buffer.count))
-            candidates = regions.contains(where: bitmap.isDirty) ? [] : legs.snapshot.writable.filter {
-                !failed.contains($0.index) && legs.member($0.index).state == .rebuilding
+            let snapshot = legs.snapshot
+            candidates = regions.contains(where: bitmap.isDirty) ? [] : snapshot.writable.filter { leg in
+                !snapshot.isReadable(leg) && !failures.contains { $0.leg.device === leg.device }
             }
             first = 0
             tried = 0

@@ -80,8 +80,12 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         /// Of those, the regions where three or more legs had no majority:
         /// reported, never rewritten.
         public var unresolvedRegions: Int
-        /// Regions a leg could not read, rewritten from another leg.
+        /// Copies a leg could not read (a leg's region each), rewritten from
+        /// another leg.
         public var readErrorsRepaired: Int
+        /// Copies a leg could not read and that were not rewritten (no copy
+        /// all the others agree on, or the write failed: the leg is then out).
+        public var readErrorsLeft: Int?
         /// Regions no leg could read.
         public var unreadableRegions: Int
         /// How the last one ended, with what it found.
@@ -95,7 +99,7 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         /// (a repair: none it could not rewrite) and nothing unreadable.
         public var isClean: Bool {
             let unrepaired = action == ScrubAction.repair.rawValue ? mismatchedRegions - repairedRegions : mismatchedRegions
-            return result == "done" && unrepaired == 0 && unreadableRegions == 0
+            return result == "done" && unrepaired == 0 && unreadableRegions == 0 && (readErrorsLeft ?? 0) == 0
         }
 
         public var summary: String {
@@ -219,6 +223,7 @@ extension MirrorStatus.Scrub {
                   etaSeconds: progress.etaSeconds, mismatchedRegions: findings.mismatchedRegions,
                   mismatchedBytes: findings.mismatchedBytes, repairedRegions: findings.repairedRegions,
                   unresolvedRegions: findings.unresolvedRegions, readErrorsRepaired: findings.readErrorsRepaired,
+                  readErrorsLeft: findings.readErrorsLeft,
                   unreadableRegions: findings.unreadableRegions, lastResult: progress.lastResult,
                   result: progress.active || asked ? nil : progress.outcome)
     }

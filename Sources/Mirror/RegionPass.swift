@@ -42,8 +42,12 @@ final class RegionPass: @unchecked Sendable {
         var repairedRegions = 0
         /// Of those, the ones whose copies had no majority (three or more legs).
         var unresolvedRegions = 0
-        /// Regions a leg could not read, rewritten from a good copy.
+        /// Copies a leg could not read (a leg's region each), rewritten from
+        /// a good copy.
         var readErrorsRepaired = 0
+        /// Copies a leg could not read and that were not rewritten (no copy
+        /// to trust, or the write failed too).
+        var readErrorsLeft = 0
         /// Regions that no leg could read.
         var unreadableRegions = 0
     }
@@ -87,6 +91,9 @@ final class RegionPass: @unchecked Sendable {
     private let copier: Copier
     private let scrubber: Scrubber
     private let failures: LegFailures
+    /// Makes regions' bits durable (marked, and the bitmap committed);
+    /// false when the bitmap could not be written.
+    private let markDirty: (ClosedRange<Int>) -> Bool
     private let dataBytes: UInt64
     private let events: MirrorEvents
     private let logger: Logger
@@ -95,7 +102,9 @@ final class RegionPass: @unchecked Sendable {
     private var scrubProgress = Progress()
 
     init(bitmap: RegionBitmap, regionHash: RegionHash, legs: LegTable, copier: Copier, scrubber: Scrubber,
-         failures: LegFailures, rateLimit: UInt64, events: MirrorEvents, logger: Logger) {
+         failures: LegFailures, markDirty: @escaping (ClosedRange<Int>) -> Bool, rateLimit: UInt64,
+         events: MirrorEvents, logger: Logger) {
+        self.markDirty = markDirty
         self.bitmap = bitmap
         self.events = events
         self.regionHash = regionHash
@@ -121,6 +130,12 @@ final class RegionPass: @unchecked Sendable {
         let longest = max(1, Self.copyBytes / Int(regionHash.regionBytes))
         return run(.resync(targets), reason: reason, runs: Self.runs(of: bitmap.dirtyRegions, longest: longest),
                    stopping: stopping)
+    }
+
+    /// A scrub was asked for: until it starts, the status shows it, with
+    /// nothing found yet.
+    func prepareScrub(_ action: ScrubAction) {
+        lock.withLock { scrubProgress = Progress(reason: action.rawValue) }
     }
 
     /// Scrubs every region, a run at a time, each run small enough that the
@@ -237,8 +252,12 @@ final class RegionPass: @unchecked Sendable {
         case .scrub(let scrub):
             let inSync = snapshot.readable
             guard inSync.count >= 2 else { return "fewer than two legs in sync" }
+            // While a leg is out, a region rewritten must be dirty first:
+            // the leg, re-added, is copied only what the bitmap says.
             let found = scrubber.scrub(run, offset: offset, length: length, legs: inSync,
-                                       buffers: buffers.take(inSync.count), repair: scrub == .repair)
+                                       buffers: buffers.take(inSync.count), repair: scrub == .repair) { [self] region in
+                legs.allInSync || markDirty(region...region)
+            }
             report(found, of: scrub)
             return nil
         }
@@ -286,6 +305,7 @@ final class RegionPass: @unchecked Sendable {
             scrubProgress.findings.repairedRegions += found.mismatches.count { $0.repaired }
             scrubProgress.findings.unresolvedRegions += found.mismatches.count { $0.vote == .none }
             scrubProgress.findings.readErrorsRepaired += found.readErrors.count { $0.repaired }
+            scrubProgress.findings.readErrorsLeft += found.readErrors.count { !$0.repaired }
             scrubProgress.findings.unreadableRegions += found.unreadable
         }
     }
@@ -325,6 +345,8 @@ extension RegionPass.Findings {
         "\(mismatchedRegions) \(mismatchedRegions == 1 ? "region differs" : "regions differ") "
             + "(\(mismatchedBytes) \(mismatchedBytes == 1 ? "byte" : "bytes")): "
             + "\(repairedRegions) rewritten, \(unresolvedRegions) without a majority; "
-            + "\(readErrorsRepaired) read errors rewritten" + (unreadableRegions > 0 ? ", \(unreadableRegions) regions unreadable" : "")
+            + "\(readErrorsRepaired) read errors rewritten"
+            + (readErrorsLeft > 0 ? ", \(readErrorsLeft) not" : "")
+            + (unreadableRegions > 0 ? ", \(unreadableRegions) regions unreadable" : "")
     }
 }

@@ -12,30 +12,34 @@ public enum ScrubAction: String, Sendable, Codable, CaseIterable {
 
 /// Which copy of a region wins, from the copies grouped by content.
 enum Vote: Equatable {
-    /// Every copy is the same.
+    /// Every copy read is the same.
     case agree
     /// More than half of three or more legs hold `winner`'s copy.
     case majority(winner: Int, outvoted: [Int])
     /// Two copies that differ: the first leg's wins, as md's repair has it,
     /// though nothing says that it is the right one.
     case firstOfTwo(winner: Int, outvoted: [Int])
-    /// Three or more legs and no copy held by more than half of them: no
-    /// copy is guessed at.
+    /// No copy held by more than half of three or more legs, or two legs
+    /// whose copies differ while another could not be read: no copy is
+    /// guessed at.
     case none
 
     /// `groups`: the legs with identical copies, each group in leg order and
-    /// the groups in the order of their first leg.
-    init(_ groups: [[Int]]) {
+    /// the groups in the order of their first leg; `legs`: how many legs
+    /// are in sync, those that could not be read included. A majority is
+    /// of them all: a copy that a read error kept out of the vote might
+    /// have been the one the others agree with.
+    init(_ groups: [[Int]], of legs: Int) {
         let total = groups.reduce(0) { $0 + $1.count }
         guard groups.count > 1 else {
             self = .agree
             return
         }
-        if total == 2 {
+        if legs == 2 && total == 2 {
             self = .firstOfTwo(winner: groups[0][0], outvoted: Array(groups.dropFirst().joined()))
             return
         }
-        guard let biggest = groups.max(by: { $0.count < $1.count }), biggest.count * 2 > total else {
+        guard let biggest = groups.max(by: { $0.count < $1.count }), biggest.count * 2 > legs else {
             self = .none
             return
         }
@@ -107,8 +111,11 @@ struct Scrubber {
     /// Scrubs the regions `regions` (bytes `offset..<offset+length` of the
     /// mirror) of `legs`, reading each leg's copy into its buffer of
     /// `buffers` (as many as legs, each `length` long at least).
+    /// `beforeRewrite` runs before a copy goes over another in `region`,
+    /// and says whether it may (see `RegionPass`: the region is marked
+    /// dirty first while a leg is out).
     func scrub(_ regions: Range<Int>, offset: UInt64, length: UInt64, legs: [LegTable.Leg],
-               buffers: [UnsafeMutableRawBufferPointer], repair: Bool) -> Outcome {
+               buffers: [UnsafeMutableRawBufferPointer], repair: Bool, beforeRewrite: (Int) -> Bool) -> Outcome {
         var outcome = Outcome()
         let regionBytes = UInt64(layout.regionBytes)
         var failedRun: [Int: Int32] = [:]
@@ -128,7 +135,7 @@ struct Scrubber {
             }
             var readable = legs.indices.filter { unreadable[$0] == nil }
             if readable.isEmpty { outcome.unreadable += 1 }
-            var vote = Vote(Self.groups(readable, slices))
+            var vote = Vote(Self.groups(readable, slices), of: legs.count)
             if vote != .agree {
                 // Read again before it counts: only a difference that stays is one.
                 for position in readable {
@@ -137,11 +144,14 @@ struct Scrubber {
                     }
                 }
                 readable = legs.indices.filter { unreadable[$0] == nil }
-                vote = Vote(Self.groups(readable, slices))
+                vote = Vote(Self.groups(readable, slices), of: legs.count)
             }
-            let source = vote.winner ?? (vote == .agree ? readable.first : nil)
+            // A check rewrites only what a leg could not read, and only from
+            // copies that all agree; a repair also what the vote overruled.
+            let source = vote == .agree ? readable.first : repair ? vote.winner : nil
             let outvoted = repair ? vote.outvoted : []
-            let rewrite = source == nil ? [] : unreadable.keys.sorted() + outvoted
+            var rewrite = source == nil ? [] : unreadable.keys.sorted() + outvoted
+            if !rewrite.isEmpty && !beforeRewrite(region) { rewrite = [] }
             var failedWrites: Set<Int> = []
             if let source, !rewrite.isEmpty {
                 let targets = rewrite.map { legs[$0] }
@@ -154,11 +164,12 @@ struct Scrubber {
             if vote != .agree {
                 outcome.mismatches.append(Mismatch(
                     region: region, bytes: Self.differingBytes(slices, among: readable), vote: vote.map { legs[$0].index },
-                    repaired: !outvoted.isEmpty && outvoted.allSatisfy { !failedWrites.contains(legs[$0].index) }))
+                    repaired: !outvoted.isEmpty && rewrite.contains(outvoted[0])
+                        && outvoted.allSatisfy { !failedWrites.contains(legs[$0].index) }))
             }
             outcome.readErrors += unreadable.map { position, errno in
                 ReadError(failure: LegFailure(leg: legs[position], errno: errno), region: region,
-                          repaired: source != nil && !failedWrites.contains(legs[position].index))
+                          repaired: rewrite.contains(position) && !failedWrites.contains(legs[position].index))
             }
         }
         return outcome
@@ -192,14 +203,14 @@ struct Scrubber {
     static func differingBytes(_ slices: [UnsafeMutableRawBufferPointer], among positions: [Int]) -> Int {
         guard let first = positions.first else { return 0 }
         let reference = slices[first]
-        var differs = [Bool](repeating: false, count: reference.count)
-        for other in positions.dropFirst().map({ slices[$0] }) {
-            for page in stride(from: 0, to: reference.count, by: 4096) {
-                let end = min(page + 4096, reference.count)
-                guard memcmp(reference.baseAddress! + page, other.baseAddress! + page, end - page) != 0 else { continue }
-                for byte in page..<end where reference[byte] != other[byte] { differs[byte] = true }
-            }
+        let others = positions.dropFirst().map { slices[$0] }
+        var differing = 0
+        for page in stride(from: 0, to: reference.count, by: 4096) {
+            let end = min(page + 4096, reference.count)
+            let differ = others.filter { memcmp(reference.baseAddress! + page, $0.baseAddress! + page, end - page) != 0 }
+            guard !differ.isEmpty else { continue }
+            for byte in page..<end where differ.contains(where: { $0[byte] != reference[byte] }) { differing += 1 }
         }
-        return differs.count(where: \.self)
+        return differing
     }
 }

@@ -251,6 +251,12 @@ extension Superblock {
                   legBytes: layout.legBytes, dataOffset: layout.dataOffset, dataBytes: layout.dataBytes, legs: legs)
     }
 
+    /// This leg's own entry.
+    var own: LegRecord { legs[legIndex] }
+
+    /// The entry of the leg whose UUID is `uuid`, if this superblock has one.
+    func record(of uuid: MirrorUUID) -> LegRecord? { legs.first { $0.uuid == uuid } }
+
     /// Whether this leg was written after the mirror failed it in
     /// `failedGeneration` (a server ran it without the legs that recorded
     /// its failure): then it may hold data they lack. nil when the

@@ -123,8 +123,9 @@ public final class MetricsExporter: Sendable {
             ("mismatched_bytes", Int(scrub?.mismatchedBytes ?? 0), "Bytes at which the copies differed"),
             ("repaired_regions", scrub?.repairedRegions ?? 0, "Regions rewritten from the winning copy"),
             ("unresolved_regions", scrub?.unresolvedRegions ?? 0, "Regions whose copies had no majority (not rewritten)"),
-            ("read_errors_repaired_regions", scrub?.readErrorsRepaired ?? 0,
-             "Regions a leg could not read, rewritten from another leg"),
+            ("read_errors_repaired", scrub?.readErrorsRepaired ?? 0,
+             "Copies a leg could not read (a leg's region each), rewritten from the others"),
+            ("read_errors_left", scrub?.readErrorsLeft ?? 0, "Copies a leg could not read that were not rewritten"),
             ("unreadable_regions", scrub?.unreadableRegions ?? 0, "Regions no leg could read"),
         ]
         for (name, value, help) in findings {

@@ -19,8 +19,8 @@ struct ScrubOptions: ParsableArguments {
         rewritten from another leg, in a check too (as md does).
 
         With --wait, exit status 0: every region compared and nothing left differing; 2: copies \
-        differ (a check), or a repair left some (no majority, or a rewrite failed), or regions \
-        could not be read; 1: it did not run to the end.
+        differ (a check), or a repair left some (no majority, or a rewrite failed), or a copy \
+        could not be read and was not rewritten; 1: it did not run to the end.
         """
 
     /// Asks for `request` and, with --wait, follows the scrub to its end.

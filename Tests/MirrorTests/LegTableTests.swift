@@ -120,6 +120,13 @@ extension LegTableTests {
         #expect(legs.member(1).writeErrors == 1)
         #expect(throws: MirrorError.self) { try legs.remove(0) }
     }
+
+    @Test func removingALegKeepsTheLegsInSyncThatWritesNeed() throws {
+        let legs = table([.inSync, .inSync, .degraded])
+        #expect(throws: MirrorError.self) { try legs.remove(0, keepingInSync: 2) }
+        #expect(throws: MirrorError.self) { try legs.remove(3) }
+        #expect(try legs.remove(2, keepingInSync: 2).name == devices[2].name)
+    }
 }
 
 extension LegTableTests {

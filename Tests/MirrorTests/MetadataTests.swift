@@ -81,13 +81,18 @@ import Testing
 
     /// A scrub's vote, from the legs grouped by identical copies.
     @Test func theMajorityOfThreeOrMoreWinsAndTwoLegsHaveNone() {
-        #expect(Vote([[0, 1, 2]]) == .agree)
-        #expect(Vote([[0], [1]]) == .firstOfTwo(winner: 0, outvoted: [1]))
-        #expect(Vote([[0], [1, 2]]) == .majority(winner: 1, outvoted: [0]))
-        #expect(Vote([[0, 2], [1]]) == .majority(winner: 0, outvoted: [1]))
-        #expect(Vote([[0], [1], [2]]) == .none)
-        #expect(Vote([[0, 1], [2, 3]]) == .none, "two against two is no majority")
-        #expect(Vote([[0, 3, 4], [1], [2]]) == .majority(winner: 0, outvoted: [1, 2]))
-        #expect(Vote([[0, 1], [2], [3]]) == .none, "two of four is not more than half")
+        #expect(Vote([[0, 1, 2]], of: 3) == .agree)
+        #expect(Vote([[0], [1]], of: 2) == .firstOfTwo(winner: 0, outvoted: [1]))
+        #expect(Vote([[0], [1, 2]], of: 3) == .majority(winner: 1, outvoted: [0]))
+        #expect(Vote([[0, 2], [1]], of: 3) == .majority(winner: 0, outvoted: [1]))
+        #expect(Vote([[0], [1], [2]], of: 3) == .none)
+        #expect(Vote([[0, 1], [2, 3]], of: 4) == .none, "two against two is no majority")
+        #expect(Vote([[0, 3, 4], [1], [2]], of: 5) == .majority(winner: 0, outvoted: [1, 2]))
+        #expect(Vote([[0, 1], [2], [3]], of: 4) == .none, "two of four is not more than half")
+        // A leg that could not be read still counts: it may hold the copy the others would agree with.
+        #expect(Vote([[0], [1]], of: 3) == .none, "two copies of three legs, one unread")
+        #expect(Vote([[0, 1], [2]], of: 4) == .none, "two of four, one unread")
+        #expect(Vote([[0, 1], [2]], of: 3) == .majority(winner: 0, outvoted: [2]))
+        #expect(Vote([[1]], of: 3) == .agree, "the one copy that could be read")
     }
 }

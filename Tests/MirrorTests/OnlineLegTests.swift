@@ -63,7 +63,7 @@ import Testing
         #expect(shrunk.legs.map(\.device) == [legs[1], legs[2]])
         watcher.waitFor("destroy leg", "leg:0", "device:\(legs[0])")
         watcher.waitFor("change leg", "leg:0", "moved-from:1", "device:\(legs[1])")
-        // The legs that moved take writes and a failure at their new place.
+        // The legs that moved take writes at their new place.
         let later = try handle.writeRegions(8..<12, seed: 22)
         try handle.expectReadBack(written.merging(later) { $1 })
         let examined = try run([dmioNBDExecutable, "examine", legs[0], "--json"])
@@ -135,5 +135,30 @@ import Testing
         #expect(server.stop() == 0)
         let old = try fixture.serveRefused(legs)
         #expect(old.contains("\(legs[1]) was replaced in mirror") && old.contains("leg 1 is now \(replacement)"), "\(old)")
+    }
+
+    /// A leg that was out while the legs moved keeps a superblock of the old
+    /// shape: the mirror still starts with it in its new place, and it is
+    /// re-added with a copy of only what it missed.
+    @Test func aLegThatWasOutWhileTheLegsMovedComesBackInItsNewPlace() throws {
+        let fixture = MirrorFixture()
+        let legs = try mirror(fixture, legs: 3)
+        var server = try fixture.serve(legs)
+        let handle = try fixture.connect()
+        let before = try handle.writeRegions(0..<4, seed: 31)
+        try fixture.control(["fail-leg", "2"])
+        try fixture.control(["remove-leg", "0"])
+        let missed = try handle.writeRegions(4..<6, seed: 32)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        server = try fixture.serve([legs[1], legs[2]])
+        let restarted = try fixture.status()
+        #expect(restarted.legs.map(\.device) == [legs[1], legs[2]] && restarted.state(1) == .degraded)
+        try fixture.control(["readd-leg", "1"])
+        let back = try fixture.waitFor("leg 1 back") { $0.allInSync }
+        #expect(back.resync.regionsTotal < back.regions, "only what it missed: \(back.resync)")
+        try fixture.connect().expectReadBack(before.merging(missed) { $1 })
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[1], legs[2]))
     }
 }

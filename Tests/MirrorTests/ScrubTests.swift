@@ -111,7 +111,7 @@ import Testing
         let fio = Process()
         fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
         fio.arguments = ["--name=verify", "--ioengine=nbd", "--uri=\(fixture.uri)", "--rw=randwrite", "--bs=4k-256k",
-                         "--iodepth=16", "--size=32M", "--offset_increment=32M", "--runtime=6", "--time_based",
+                         "--iodepth=16", "--size=31M", "--offset_increment=31M", "--runtime=6", "--time_based",
                          "--verify=crc32c", "--verify_backlog=256", "--numjobs=2", "--randrepeat=0",
                          "--output=/dev/null"]
         try fio.run()
@@ -165,7 +165,12 @@ import Testing
         let server = try fixture.serve(legs + ["--resync-rate", "8M"])
         let started = try fixture.control(["check"])
         #expect(started.scrub?.active == true)
-        #expect(throws: CommandFailed.self) { try fixture.control(["repair"]) }
+        do {
+            try fixture.control(["repair"])
+            Issue.record("a repair started during a check")
+        } catch let failed as CommandFailed {
+            #expect(failed.output.contains("a check is under way already"), "\(failed.output)")
+        }
         try fixture.waitFor("the check under way") { ($0.scrub?.regionsDone ?? 0) > 0 }
         try fixture.control(["check", "--cancel"])
         let stopped = try fixture.waitFor("the check stopped") { $0.scrub?.active == false }
@@ -178,6 +183,41 @@ import Testing
         } catch let failed as CommandFailed {
             #expect(failed.output.contains("nothing to compare"), "\(failed.output)")
         }
+        #expect(server.stop() == 0)
+    }
+
+    /// Three legs, one of which cannot be read: the two copies read differ,
+    /// and the third might be the one that agrees with either. Nothing is
+    /// rewritten, the unread leg least of all, until it can be read again.
+    @Test func aReadErrorAndTwoCopiesThatDifferMakeNoMajority() throws {
+        let fixture = MirrorFixture()
+        let leg0 = fixture.path("leg0.img"), leg1 = fixture.path("leg1.img")
+        let remoteFile = fixture.path("leg2.img"), trigger = fixture.path("fail-reads")
+        try run(["truncate", "-s", "64M", leg0, leg1, remoteFile])
+        let remote = try NBDKit(["--filter=error", "file", remoteFile, "error-pread=EIO", "error-pread-rate=100%",
+                                 "error-pread-file=\(trigger)"])
+        try run([dmioNBDExecutable, "create", "--assume-clean", leg0, leg1, remote.uri])
+        let server = try fixture.serve([leg0, leg1, remote.uri, "--read-policy", "first"])
+        let handle = try fixture.connect()
+        let written = try handle.writeRegions(0..<8, seed: 8)
+        try handle.flush()
+        try poke(leg0, at: 2 * testRegionBytes + 9, 0x77)
+        _ = FileManager.default.createFile(atPath: trigger, contents: nil)
+        for command in ["check", "repair"] {
+            let scrubbed = try scrub(fixture, command)
+            #expect(scrubbed.exit == 2, "\(command): \(scrubbed.scrub)")
+            #expect(scrubbed.scrub.unresolvedRegions == 1 && scrubbed.scrub.repairedRegions == 0, "\(command): \(scrubbed.scrub)")
+            // Every other region: leg 2's copy rewritten from the two that agree.
+            #expect(scrubbed.scrub.readErrorsRepaired == scrubbed.scrub.regionsTotal - 1)
+            #expect(scrubbed.scrub.readErrorsLeft == 1)
+        }
+        #expect(!fixture.legsEqual(leg0, leg1) && fixture.legsEqual(leg1, remoteFile), "leg 2 keeps its good copy")
+        try FileManager.default.removeItem(atPath: trigger)
+        let repaired = try scrub(fixture, "repair")
+        #expect(repaired.exit == 0 && repaired.scrub.repairedRegions == 1, "\(repaired.scrub)")
+        #expect(fixture.legsEqual(leg0, leg1) && fixture.legsEqual(leg0, remoteFile))
+        try handle.expectReadBack(written)
+        handle.shutdown()
         #expect(server.stop() == 0)
     }
 }
