@@ -81,9 +81,12 @@ extension Mirror {
     /// it), so the mirror starts without it only if `allowMissingLegs`. So
     /// does a leg whose metadata is missing or damaged (it is not touched;
     /// it needs a replacement). A leg of another mirror is refused. Nothing
-    /// is written until `start()`.
+    /// is written until `start()`. A remote leg that goes away is tried
+    /// again `reconnectAfter` after (then less often) and re-added once it
+    /// answers as the same leg; nil leaves that to an operator.
     public static func open(_ specs: [String], client: DMIOClient, rateLimit: UInt64 = 0,
                             readPolicy: ReadPolicy = .balanced, redundancy: RedundancyPolicy = .default,
+                            reconnectAfter: Duration? = nil,
                             deviceOptions: DeviceOptions = DeviceOptions(), allowMissingLegs: Bool = false,
                             eventSink: (any EventSink)? = nil,
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
@@ -268,7 +271,7 @@ extension Mirror {
                       events: freshest.events, eventsCleared: freshest.eventsCleared, generation: generation,
                       recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
                       client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, readPolicy: readPolicy,
-                      redundancy: redundancy, eventSink: eventSink, logger: logger)
+                      redundancy: redundancy, reconnectAfter: reconnectAfter, eventSink: eventSink, logger: logger)
     }
 
     /// The mirror that `device` is a leg of, if any: a device served on its

@@ -238,6 +238,9 @@ final class LegTable: @unchecked Sendable {
         return members[index]
     }
 
+    /// Where the leg whose UUID is `uuid` is now, if it is a leg.
+    func index(of uuid: MirrorUUID) -> Int? { lock.withLock { members.firstIndex { $0.uuid == uuid } } }
+
     /// Gives degraded leg `index` back a device it was refused with, so that
     /// it stays claimed.
     func keepDevice(_ device: BlockDevice, ofDegraded index: Int) {

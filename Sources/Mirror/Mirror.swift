@@ -51,6 +51,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// leg the recovery copies from (see `Mirror.read`).
     private let recoveryPending: Atomic<Bool>
     private var stopping = false
+    /// How soon a remote leg that went away is tried again (nil: never).
+    private let reconnectAfter: Duration?
+    /// What the mirror tells its event sink.
+    let announce: MirrorEvents
     /// The scrub asked for, until it ends; and whether it was asked to stop.
     private var scrubAsked: ScrubAction?
     private var scrubCancelled = false
@@ -61,7 +65,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
          events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock,
          client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, readPolicy: ReadPolicy,
-         redundancy: RedundancyPolicy, eventSink: (any EventSink)?, logger: Logger) {
+         redundancy: RedundancyPolicy, reconnectAfter: Duration?, eventSink: (any EventSink)?, logger: Logger) {
+        self.reconnectAfter = reconnectAfter
         self.uuid = uuid
         self.exclusive = exclusive
         self.layout = layout
@@ -72,6 +77,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         readBalancer = ReadBalancer(policy: readPolicy)
         self.redundancy = RedundancyGuard(policy: redundancy)
         let announce = MirrorEvents(sink: eventSink, mirror: "\(uuid)")
+        self.announce = announce
         legs = LegTable(members, generation: generation) { before, after in announce.legsChanged(from: before, to: after) }
         let bitmap = RegionBitmap(regionCount: layout.regionCount, bitmap: bitmap)
         self.bitmap = bitmap
@@ -132,6 +138,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
         if let shortfall = redundancy.shortfall(inSync: legs.snapshot.readable.count) { logger.warning("\(shortfall)") }
         worker = startThread(named: "dmio-mirror") { [self] in background() }
+        if let reconnectAfter {
+            // Not joined at a stop: a try may wait for a server that does not
+            // answer, for up to --remote-timeout; a stop does not wait for it.
+            let retrier = startThread(named: "dmio-reconnect") { [self] in retryRemoteLegs(first: reconnectAfter) }
+            pthread_detach(retrier)
+        }
     }
 
     /// Stops the background work, flushes every leg and, when the legs are
@@ -142,6 +154,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         lock.broadcast()
         if let worker { pthread_join(worker, nil) }
         worker = nil
+        // A leg change under way ends first; none starts from now on.
+        maintenance.withLock {}
         stopHoldingWrites()
         flushLegs()
         let recovering = isRecoveryPending
@@ -249,6 +263,50 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
     }
 
+    // MARK: Remote legs that come back
+
+    /// Tries again, with a backoff, each remote leg that went out because
+    /// its connection was lost; re-adds it once its server answers and its
+    /// superblock says it is that leg, in this mirror, not used elsewhere
+    /// meanwhile. Anything else the server answers with is refused for good
+    /// (logged, and a `reconnect leg … result:refused` event).
+    private func retryRemoteLegs(first: Duration) {
+        var retry = RemoteLegRetry(first: first)
+        // Said once a leg: the tries after the first are quiet.
+        var toldWaiting: Set<MirrorUUID> = []
+        while true {
+            let lost = legs.all.filter(\.lostItsConnection)
+            retry.track(lost.map(\.uuid), now: .now)
+            for member in lost where retry.action(for: member.uuid, now: .now) == .tryNow {
+                do {
+                    try readd(member.uuid)
+                    logger.info("remote leg \(member.name) answers again: re-added")
+                } catch {
+                    switch error {
+                    case .foreignLeg, .usedAlone, .notAMirror, .corruptLeg, .replacedLeg, .removedLeg, .sizeChanged:
+                        retry.refuse(member.uuid)
+                        logger.error("remote leg \(member.name) answers, but is not taken back: \(error)")
+                        announce.reconnectRefused(leg: legs.index(of: member.uuid) ?? -1, device: member.name,
+                                                reason: "\(error)")
+                    default:
+                        retry.failed(member.uuid, now: .now)
+                        if toldWaiting.insert(member.uuid).inserted {
+                            let line = "remote leg \(member.name) does not answer yet (\(error)): trying again, "
+                                + "less and less often, up to once a minute"
+                            logger.info("\(line)")
+                        }
+                    }
+                }
+            }
+            let wait = min(retry.nextDue(now: .now) ?? .seconds(1), .seconds(1))
+            let stop = lock.withLock {
+                if !stopping { lock.wait(for: max(wait, .milliseconds(10))) }
+                return stopping
+            }
+            if stop { return }
+        }
+    }
+
     // MARK: Scrubbing
 
     /// Starts a check or a repair of every region in the background (md's
@@ -339,9 +397,32 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// a refused leg stays degraded, its device still claimed.
     public func readdLeg(_ index: Int) throws(MirrorError) {
         try changingLegs(index)
-        defer { maintenance.unlock() }
-        let member = try legs.releaseDevice(of: index)
+        let uuid = legs.member(index).uuid
+        maintenance.unlock()
+        try readd(uuid)
+    }
+
+    /// Re-adds the degraded leg whose UUID is `uuid`. Its device is opened
+    /// outside the maintenance lock (a remote leg may take its time to
+    /// answer), and the leg found again by UUID after: the legs may move.
+    private func readd(_ uuid: MirrorUUID) throws(MirrorError) {
+        maintenance.lock()
+        let member: LegTable.Member
+        do throws(MirrorError) {
+            guard let index = legs.index(of: uuid) else { throw MirrorError.invalidLegChange("that leg left the mirror") }
+            member = try legs.releaseDevice(of: index)
+        } catch {
+            maintenance.unlock()
+            throw error
+        }
+        maintenance.unlock()
         let device = try reopen(member.name)
+        maintenance.lock()
+        defer { maintenance.unlock() }
+        guard !lock.withLock({ stopping }) else { throw .invalidLegChange("the server is stopping") }
+        guard let index = legs.index(of: uuid) else {
+            throw .invalidLegChange("\(member.name) left the mirror while it was opened again")
+        }
         do {
             // Writes that failed in the page cache while the leg was failing are
             // reported once more, to the first sync of a new file handle. Those
@@ -365,7 +446,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard found.mirror == uuid else { throw .foreignLeg(leg: device.name, belongsTo: found.mirror, expected: uuid) }
         // By UUID: a leg that was out when the legs moved has an old index.
         guard found.own.uuid == member.uuid else {
-            throw .invalidLegChange("\(device.name) is not leg \(index) of this mirror any more; use replace-leg")
+            throw .replacedLeg(leg: device.name, index: index, mirror: uuid, now: member.name)
         }
         // A leg written since it was failed was used without the legs now in
         // sync: it may hold newer data, and a partial copy would mix. Where
@@ -525,11 +606,16 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         return index
     }
 
-    /// Takes `maintenance` for an operator's change of the legs, and checks
-    /// `index` under it: the legs move when a replacement ends or a leg is
+    /// Takes `maintenance` for an operator's change of the legs (refused
+    /// once the mirror stops), and checks `index` under it: the legs move when a replacement ends or a leg is
     /// removed, which holds it too. The caller unlocks it.
     private func changingLegs(_ index: Int?) throws(MirrorError) {
         maintenance.lock()
+        // The stop writes the metadata clean: no leg changes after it.
+        if lock.withLock({ stopping }) {
+            maintenance.unlock()
+            throw .invalidLegChange("the server is stopping")
+        }
         if let index, !(0..<legs.count).contains(index) {
             maintenance.unlock()
             throw .noSuchLeg(index, legCount: legs.count)

@@ -110,6 +110,13 @@ struct MirrorEvents: Sendable {
                                         Event.Field("errno", errnoName(errno)), Event.Field("repaired", repaired ? "yes" : "no")])
     }
 
+    /// `reconnect leg leg:1 device:URI result:refused reason:...`: a remote
+    /// leg's server answers again, with something not taken back.
+    func reconnectRefused(leg: Int, device: String, reason: String) {
+        publish("reconnect", "leg", [Event.Field("leg", "\(leg)"), Event.Field("device", device),
+                                     Event.Field("result", "refused"), Event.Field("reason", reason)])
+    }
+
     func metadataWritten(event: UInt64, legs: Int) {
         publish("metadata", "written", [Event.Field("event", "\(event)"), Event.Field("legs", "\(legs)")])
     }

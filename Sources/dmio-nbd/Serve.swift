@@ -104,6 +104,12 @@ struct Serve: AsyncParsableCommand {
                                valueName: "seconds"))
     var remoteTimeout = Int(DeviceOptions.defaultRemoteTimeout.components.seconds)
 
+    @Option(help: ArgumentHelp("Try a remote leg whose server went away (or stopped answering) again after this many "
+                               + "seconds, then twice as long each time up to a minute, and take it back once it "
+                               + "answers as the same leg (0: never; an operator re-adds it).",
+                               valueName: "seconds"))
+    var reconnectInterval: Double = 2
+
     @Option(help: ArgumentHelp("Buffer at most about this many bytes of requests and replies, all clients together "
                                + "(default 256M): beyond it, reads wait and no new request is read.",
                                valueName: "size"),
@@ -141,6 +147,9 @@ struct Serve: AsyncParsableCommand {
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
         if readOnly && legs.count != 1 { throw ValidationError("--read-only serves one device; a mirror is always writable") }
         if remoteTimeout < 0 { throw ValidationError("--remote-timeout: \(remoteTimeout) seconds is negative") }
+        if !(reconnectInterval >= 0 && reconnectInterval <= 3600) {
+            throw ValidationError("--reconnect-interval: \(reconnectInterval) seconds is not between 0 and 3600")
+        }
         if eventTimeout < 1 { throw ValidationError("--on-event-timeout: at least 1 second") }
         if eventProgram != nil && legs.count == 1 { throw ValidationError("--on-event watches a mirror; one device has no events") }
         if onLostRedundancy != nil && (minInSyncLegs ?? 1) < 2 {
@@ -378,6 +387,7 @@ struct Serve: AsyncParsableCommand {
                                      readPolicy: readPolicy ?? .balanced,
                                      redundancy: RedundancyPolicy(minInSync: minInSyncLegs ?? 1,
                                                                   onLoss: onLostRedundancy ?? .fail),
+                                     reconnectAfter: reconnectInterval == 0 ? nil : .seconds(reconnectInterval),
                                      deviceOptions: deviceOptions(createSize: nil),
                                      allowMissingLegs: allowMissingLegs, eventSink: events, logger: logger)
             if let signal = stops.received { throw StartInterrupted.before(signal) }

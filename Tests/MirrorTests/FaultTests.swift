@@ -113,7 +113,8 @@ import Testing
     @Test func aRemoteLegWhoseServerIsKilledMidWriteIsDegradedAndComesBack() throws {
         let fixture = MirrorFixture()
         var legs = try RemoteLegMirror(fixture)
-        let server = try fixture.serve([legs.leg0, legs.remote.uri])
+        // The operator re-adds it: the server does not try it again by itself.
+        let server = try fixture.serve([legs.leg0, legs.remote.uri, "--reconnect-interval", "0"])
         try fixture.waitFor("the first copy") { $0.allInSync }
         let handle = try fixture.connect()
 
@@ -139,7 +140,7 @@ import Testing
     @Test func aRemoteLegThatStopsAnsweringIsDegradedAfterTheTimeout() throws {
         let fixture = MirrorFixture()
         var legs = try RemoteLegMirror(fixture)
-        let server = try fixture.serve([legs.leg0, legs.remote.uri, "--remote-timeout", "2"])
+        let server = try fixture.serve([legs.leg0, legs.remote.uri, "--remote-timeout", "2", "--reconnect-interval", "0"])
         try fixture.waitFor("the first copy") { $0.allInSync }
         let handle = try fixture.connect()
         var written = try handle.writeRegions(0..<4, seed: 5)
@@ -170,7 +171,7 @@ import Testing
         #expect(refusal.contains("no answer within 2 s"), "\(refusal)")
         #expect(refusal.contains("--allow-missing-legs"), "\(refusal)")
 
-        let server = try fixture.serve(arguments + ["--allow-missing-legs"])
+        let server = try fixture.serve(arguments + ["--allow-missing-legs", "--reconnect-interval", "0"])
         #expect(try fixture.status().state(1) == .degraded)
         let handle = try fixture.connect()
         let written = try handle.writeRegions(0..<4, seed: 7)
@@ -408,7 +409,7 @@ import Testing
         // The other leg last saw it in sync: it might be newer, so the operator decides.
         let refused = try fixture.serveRefused([leg0, uri])
         #expect(refused.contains("may hold newer data"), "\(refused)")
-        let server = try fixture.serve([leg0, uri, "--allow-missing-legs"])
+        let server = try fixture.serve([leg0, uri, "--allow-missing-legs", "--reconnect-interval", "0"])
         let status = try fixture.status()
         #expect(status.state(0) == .inSync)
         #expect(status.state(1) == .degraded)

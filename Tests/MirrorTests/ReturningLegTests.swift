@@ -29,7 +29,8 @@ import Testing
             let first = try NBDKit(["file", remoteFile], socket: remoteSocket)
             legs = [leg0, leg1, first.uri]
             try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
-            server = try fixture.serve(legs)
+            // The operator re-adds leg 2: the server does not try it again by itself.
+            server = try fixture.serve(legs + ["--reconnect-interval", "0"])
             handle = try fixture.connect()
 
             try fixture.control(["fail-leg", "0"])

@@ -197,7 +197,9 @@ private final class RemoteConnection: @unchecked Sendable {
             try command(handle, userData)
         } catch {
             Unmanaged<Bio>.fromOpaque(userData).release()
-            partEnded(bio, errno: error.errno != 0 ? error.errno : EIO)
+            // libnbd refuses a command on a dead connection as if it were
+            // invalid (EINVAL): the leg's server went away.
+            partEnded(bio, errno: handle.isDead ? ENOTCONN : error.errno != 0 ? error.errno : EIO)
         }
     }
 
