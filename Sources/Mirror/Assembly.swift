@@ -86,7 +86,7 @@ extension Mirror {
     /// answers as the same leg; nil leaves that to an operator.
     public static func open(_ specs: [String], client: DMIOClient, rateLimit: UInt64 = 0,
                             readPolicy: ReadPolicy = .balanced, redundancy: RedundancyPolicy = .default,
-                            reconnectAfter: Duration? = nil,
+                            reconnectAfter: Duration? = nil, ownership: Ownership = .none,
                             deviceOptions: DeviceOptions = DeviceOptions(), allowMissingLegs: Bool = false,
                             eventSink: (any EventSink)? = nil,
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
@@ -158,6 +158,12 @@ extension Mirror {
             throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
         }
         let exclusive = try MirrorLock(freshest.mirror)
+        do {
+            try checkOwner(of: Array(found.values), freshest: freshest, ownership: ownership, client: client, logger: logger)
+        } catch {
+            exclusive.release()
+            throw error
+        }
         // Two legs that each record the other as failed, and were each written
         // after the other failed them, were each used alone: their data
         // diverged, and no event count can say which to keep. (One that
@@ -271,7 +277,27 @@ extension Mirror {
                       events: freshest.events, eventsCleared: freshest.eventsCleared, generation: generation,
                       recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
                       client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, readPolicy: readPolicy,
-                      redundancy: redundancy, reconnectAfter: reconnectAfter, eventSink: eventSink, logger: logger)
+                      redundancy: redundancy, reconnectAfter: reconnectAfter, ownership: ownership,
+                      eventSink: eventSink, logger: logger)
+    }
+
+    /// Refuses legs that a server on another machine holds: it renewed its
+    /// lease while this one watched the legs for a lease and a fifth
+    /// (their newest event moved), or, unless `takeover`, it did not (it
+    /// may only be cut off, and could write again). A server of this
+    /// machine is not watched: this one holds the mirror's lock, so that
+    /// server is gone. Watching needs no clock shared with the other machine.
+    static func checkOwner(of found: [(device: BlockDevice, superblock: Superblock)], freshest: Superblock,
+                           ownership: Ownership, client: DMIOClient, logger: Logger) throws(MirrorError) {
+        guard let holder = freshest.owner, holder.host != ownership.me?.host else { return }
+        let watch = holder.lease + holder.lease / 5
+        logger.info("the legs were last held by the server on \(holder): watching them for \(watch) for a renewal of its lease")
+        pause(for: watch)
+        let newest = found.compactMap { try? readSuperblock(of: $0.device, client: client) }
+            .filter { $0.mirror == freshest.mirror }.map(\.events).max() ?? freshest.events
+        guard newest == freshest.events else { throw .ownedElsewhere(owner: holder, alive: true, lease: holder.lease) }
+        guard ownership.takeover else { throw .ownedElsewhere(owner: holder, alive: false, lease: watch) }
+        logger.warning("taking the legs over from the server on \(holder): its lease was not renewed for \(watch) (--takeover)")
     }
 
     /// The mirror that `device` is a leg of, if any: a device served on its

@@ -40,6 +40,9 @@ public struct LegMetadata: Sendable, Codable, Hashable {
     /// replaced); then `legIndex` means nothing and `legs` are the mirror's
     /// legs as they were when it left.
     public var removed: Bool?
+    /// The server that holds the legs (a lease), if one does: "host UUID (pid
+    /// N, boot UUID)"; nil when nobody does (a clean stop, or no lease).
+    public var owner: String?
     /// The event at which bits were last cleared (an older copy needs a full copy).
     public var eventsCleared: UInt64
     public var regionBytes: UInt32
@@ -66,7 +69,8 @@ extension Mirror {
             device: device.name, mirror: "\(superblock.mirror)", legIndex: superblock.legIndex,
             legCount: superblock.legs.count, events: superblock.events,
             generation: String(superblock.generation, radix: 16), clean: superblock.clean,
-            servedRaw: superblock.servedRaw, removed: superblock.removed, eventsCleared: superblock.eventsCleared,
+            servedRaw: superblock.servedRaw, removed: superblock.removed, owner: superblock.owner.map { "\($0)" },
+            eventsCleared: superblock.eventsCleared,
             regionBytes: superblock.regionBytes, legBytes: superblock.legBytes, dataOffset: superblock.dataOffset,
             dataBytes: superblock.dataBytes, dirtyRegions: dirty,
             legs: superblock.legs.enumerated().map { index, record in

@@ -22,6 +22,13 @@ final class MetadataStore: @unchecked Sendable {
     private let lock = ConditionLock()
     private var events: UInt64
     private var clean = false
+    /// What the last superblock written said that a `metadata written`
+    /// event tells of: the leg table's version and the clean flag.
+    private var told: (version: UInt64, clean: Bool)?
+    /// Recorded in every superblock while set (a lease is held).
+    private var owner: MirrorOwner?
+    /// Once fenced, nothing is written: another server owns the legs.
+    private let lease: Lease?
     /// See `Superblock.eventsCleared`; the next superblock takes its own
     /// event for it when bits were cleared since the last one.
     private var eventsCleared: UInt64
@@ -32,7 +39,8 @@ final class MetadataStore: @unchecked Sendable {
     private let bitmapCommits = Atomic<UInt64>(0)
 
     init(layout: MirrorLayout, mirror: MirrorUUID, events: UInt64, eventsCleared: UInt64, legs: LegTable,
-         client: DMIOClient, announce: MirrorEvents) {
+         client: DMIOClient, lease: Lease?, announce: MirrorEvents) {
+        self.lease = lease
         self.layout = layout
         self.announce = announce
         self.mirror = mirror
@@ -46,6 +54,8 @@ final class MetadataStore: @unchecked Sendable {
     func isDurable(_ version: UInt64) -> Bool { durableVersion.load(ordering: .acquiring) >= version }
 
     func setClean(_ value: Bool) { lock.withLock { clean = value } }
+
+    func setOwner(_ value: MirrorOwner?) { lock.withLock { owner = value } }
 
     var eventCount: UInt64 { lock.withLock { events } }
 
@@ -61,31 +71,38 @@ final class MetadataStore: @unchecked Sendable {
 
     /// Writes a new superblock (the next event) to every leg not degraded.
     func writeSuperblocks(then done: @escaping @Sendable (MetadataWrite) -> Void) {
+        if lease?.isFenced == true { return done(MetadataWrite(durable: false, failures: [])) }
         let recorded = legs.recorded
         let snapshot = recorded.snapshot
-        let (event, isClean, cleared): (UInt64, Bool, UInt64) = lock.withLock {
+        let (event, isClean, cleared, owner): (UInt64, Bool, UInt64, MirrorOwner?) = lock.withLock {
             self.events += 1
             if bitsClearedSince {
                 eventsCleared = self.events
                 bitsClearedSince = false
             }
-            return (self.events, self.clean, eventsCleared)
+            return (self.events, self.clean, eventsCleared, self.owner)
         }
         let targets = snapshot.writable
         let slot = MirrorLayout.slotOffset(Int(event % 2))
+        // A lease's renewal changes nothing but the event: it is not told.
+        let news = lock.withLock {
+            defer { told = (snapshot.version, isClean) }
+            return told.map { $0.version != snapshot.version || $0.clean != isClean } ?? true
+        }
         let gather = Gather(count: targets.count) { [self] failures in
             let durable = failures.count < targets.count
             if durable {
                 durableVersion.max(snapshot.version, ordering: .releasing)
-                announce.metadataWritten(event: event, legs: targets.count - failures.count)
+                if news { announce.metadataWritten(event: event, legs: targets.count - failures.count) }
             }
             done(MetadataWrite(durable: durable, failures: failures))
         }
         for leg in targets {
-            let superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event,
+            var superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event,
                                         generation: recorded.generation, clean: isClean, eventsCleared: cleared,
                                         layout: layout,
                                         legs: recorded.legs)
+            superblock.owner = owner
             write(superblock.encoded(), at: slot, to: [leg]) { failures in gather.add(failures) }
         }
     }
@@ -95,6 +112,7 @@ final class MetadataStore: @unchecked Sendable {
     /// all of them.
     func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])], then done: @escaping @Sendable (MetadataWrite) -> Void) {
         let targets = legs.snapshot.writable
+        if lease?.isFenced == true { return done(MetadataWrite(durable: false, failures: [])) }
         guard !pages.isEmpty else { return done(MetadataWrite(durable: !targets.isEmpty, failures: [])) }
         bitmapCommits.add(1, ordering: .relaxed)
         let gather = Gather(count: pages.count) { failures in

@@ -53,6 +53,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private var stopping = false
     /// How soon a remote leg that went away is tried again (nil: never).
     private let reconnectAfter: Duration?
+    /// The hold on legs another machine could open, if this server keeps one.
+    let lease: Lease?
+    private let ownership: Ownership
+    private var leaseKeeper: pthread_t?
     /// What the mirror tells its event sink.
     let announce: MirrorEvents
     /// The scrub asked for, until it ends; and whether it was asked to stop.
@@ -65,8 +69,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
          events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock,
          client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, readPolicy: ReadPolicy,
-         redundancy: RedundancyPolicy, reconnectAfter: Duration?, eventSink: (any EventSink)?, logger: Logger) {
+         redundancy: RedundancyPolicy, reconnectAfter: Duration?, ownership: Ownership, eventSink: (any EventSink)?,
+         logger: Logger) {
         self.reconnectAfter = reconnectAfter
+        self.ownership = ownership
+        let lease = ownership.holdsLease ? ownership.me.map(Lease.init(owner:)) : nil
+        self.lease = lease
         self.uuid = uuid
         self.exclusive = exclusive
         self.layout = layout
@@ -83,7 +91,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.bitmap = bitmap
         regionHash = RegionHash(regionBytes: layout.regionBytes, bitmap: bitmap)
         let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, eventsCleared: eventsCleared,
-                                     legs: legs, client: client, announce: announce)
+                                     legs: legs, client: client, lease: lease, announce: announce)
         self.metadata = metadata
         let legFailures = LegFailures(legs: legs, metadata: metadata, logger: logger)
         self.legFailures = legFailures
@@ -125,6 +133,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// and the clearing of idle dirty bits.
     public func start() throws(MirrorError) {
         metadata.setClean(false)
+        metadata.setOwner(lease?.owner)
+        let leaseFrom = ContinuousClock.now
         // Legs that were stale or re-added get the whole bitmap.
         let whole = [(page: 0, bytes: bitmap.image(bitmapBytes: layout.bitmapBytes))]
         let wrote = waitForCallback { done in
@@ -135,6 +145,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
         guard wrote, superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
+        }
+        if let lease {
+            lease.renewed(startedAt: leaseFrom)
+            leaseKeeper = startThread(named: "dmio-lease") { [self] in hold(lease) }
         }
         if let shortfall = redundancy.shortfall(inSync: legs.snapshot.readable.count) { logger.warning("\(shortfall)") }
         worker = startThread(named: "dmio-mirror") { [self] in background() }
@@ -153,7 +167,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         lock.withLock { stopping = true }
         lock.broadcast()
         if let worker { pthread_join(worker, nil) }
+        if let leaseKeeper { pthread_join(leaseKeeper, nil) }
         worker = nil
+        leaseKeeper = nil
         // A leg change under way ends first; none starts from now on.
         maintenance.withLock {}
         stopHoldingWrites()
@@ -163,8 +179,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             regionHash.clearAllIdle()
             metadata.noteBitsCleared()
         }
-        // A recovery cut short must run again at the next start.
+        // A recovery cut short must run again at the next start. The legs
+        // are nobody's once stopped cleanly: another machine may start at once.
         metadata.setClean(!recovering)
+        if !recovering { metadata.setOwner(nil) }
         let bitmapWritten = bitmapCommit.commitAndWait()
         let recorded = superblocks.commitAndWait()
         let how = bitmapWritten && recorded ? "cleanly" : "but its metadata could not be written"
@@ -223,10 +241,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             return
         }
         legs.beginRebuildPass()
-        let stopping = { [self] in lock.withLock { self.stopping } }
+        let stopping = { [self] in lock.withLock { self.stopping } || lease?.isValid == false }
         let complete = pass.resync(reason: recovery ? "recovery after an unclean stop" : "rebuild",
                                    targets: targets, stopping: stopping)
-        if stopping() { return }
+        if lock.withLock({ self.stopping }) { return }
         if complete {
             flushLegs()
             // nil: a rebuilding leg got ahead of the in-sync legs during the pass.
@@ -255,12 +273,54 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private func runScrub(_ action: ScrubAction) {
         let interrupted = { [self] in
             lock.withLock { stopping || scrubCancelled } || isRecoveryPending || legs.all.contains { $0.state == .rebuilding }
+                || lease?.isValid == false
         }
         _ = pass.scrub(action, stopping: interrupted)
         lock.withLock {
             scrubAsked = nil
             scrubCancelled = false
         }
+    }
+
+    // MARK: Holding the legs (a lease)
+
+    /// Renews the lease every fifth of it while the mirror runs. When it
+    /// ran out first (this server was frozen, or its legs stalled), the
+    /// legs' superblocks are read before anything more is written: if
+    /// another server owns them now, this one is fenced and told to stop.
+    private func hold(_ lease: Lease) {
+        while true {
+            let started = ContinuousClock.now
+            // No leg readable: nothing can be told, and the writes wait.
+            var mayRenew = lease.isValid
+            if !mayRenew, let holder = legsOwner() {
+                guard let holder, holder.isSameServer(as: lease.owner) else {
+                    lease.fence()
+                    let reason = "the legs are \(holder.map { "held by the server on \($0)" } ?? "no longer this server's") "
+                        + "now: this server's lease ran out (it was stopped or cut off for longer than "
+                        + "\(lease.owner.lease)) and another took them over; it writes nothing more, and stops"
+                    logger.error("\(reason)")
+                    announce.ownershipLost(owner: holder)
+                    ownership.lost(reason)
+                    return
+                }
+                mayRenew = true
+            }
+            if mayRenew && superblocks.commitAndWait() { lease.renewed(startedAt: started) }
+            let stop = lock.withLock {
+                if !stopping { lock.wait(for: lease.renewInterval) }
+                return stopping
+            }
+            if stop { return }
+        }
+    }
+
+    /// The owner the newest superblock among the legs in sync records
+    /// (nil inside: none); nil when no leg could be read.
+    private func legsOwner() -> MirrorOwner?? {
+        let newest = legs.snapshot.readable.compactMap { try? Mirror.readSuperblock(of: $0.device, client: client) }
+            .max { $0.events < $1.events }
+        return newest.map(\.owner)
     }
 
     // MARK: Remote legs that come back
@@ -348,6 +408,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// Clears the bits of regions idle for a while, once the legs hold their
     /// data durably (a flush first), when every leg is in sync.
     private func cleanIdleRegions() {
+        // Clearing bits is a write too: not without a valid lease.
+        guard lease?.isValid ?? true else { return }
         maintenance.withLock {
             let before = legs.snapshot
             guard legs.allInSync else { return }

@@ -39,6 +39,10 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     /// A leg to re-add was used without the legs now in sync.
     case usedAlone(leg: String)
     case invalidLegChange(String)
+    /// Legs held by a server on another machine: its lease is current
+    /// (`alive`), or ran out (then --takeover may take them).
+    case ownedElsewhere(owner: MirrorOwner, alive: Bool, lease: Duration)
+    case invalidOwnership(String)
     /// A check or repair that cannot start (or stop) now, and why.
     case scrubRefused(String)
     /// A leg with no usable metadata, which the other legs say is `index`.
@@ -108,8 +112,15 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
         case .usedAlone(let leg):
             "leg \(leg) was used without the legs now in sync (its metadata records them as failed) and may hold "
                 + "newer data; restart the mirror with it, or give it a full copy with replace-leg"
-        case .scrubRefused(let reason):
+        case .scrubRefused(let reason), .invalidOwnership(let reason):
             reason
+        case .ownedElsewhere(let owner, let alive, let lease):
+            alive
+                ? "the legs are held by the server on \(owner), which renewed its lease within the last "
+                    + "\(lease) (two servers writing the same legs would destroy each other's data): stop it first"
+                : "the legs were held by the server on \(owner), which has not renewed its lease for \(lease): "
+                    + "if that machine is down or cut off for good, --takeover takes the legs over (it then "
+                    + "writes nothing more, and stops serving, once it finds them taken)"
         case .invalidLegChange(let reason):
             reason
         case .unusableLeg(_, let index, let mirror, let reason):

@@ -117,6 +117,11 @@ struct MirrorEvents: Sendable {
                                      Event.Field("result", "refused"), Event.Field("reason", reason)])
     }
 
+    /// `ownership lost owner:HOST-UUID`: another server took the legs over.
+    func ownershipLost(owner: MirrorOwner?) {
+        publish("ownership", "lost", [Event.Field("owner", owner.map { "\($0.host)" } ?? "-")])
+    }
+
     func metadataWritten(event: UInt64, legs: Int) {
         publish("metadata", "written", [Event.Field("event", "\(event)"), Event.Field("legs", "\(legs)")])
     }

@@ -141,6 +141,24 @@ extension Mirror {
                         flags: IOFlags, context: IOContext, completion: @escaping TargetCompletion) {
         let change = Change(operation: operation, regions: regionHash.regions(offset: offset, length: length),
                             offset: offset, length: length, memory: memory, flags: flags, completion: completion)
+        // Legs another machine could open: nothing is written once the lease
+        // ran out, until it is renewed (or found taken: then never).
+        if let lease, !lease.isValid {
+            return lease.whenValid { [self] valid in
+                guard valid else {
+                    return completion(TargetResult(errno: EIO, message: "another server took this mirror's legs over; "
+                                                   + "this one writes nothing more"))
+                }
+                start(change, on: nil)
+            }
+        }
+        start(change, on: context.client(or: client))
+    }
+
+    /// Starts a change: on `io` (the caller's) when it can go at once, else
+    /// (or when `io` is nil: it waited) on the mirror's own client.
+    private func start(_ change: Change, on io: DMIOClient?) {
+        let completion = change.completion
         // With the default policy (one leg in sync is enough: there is
         // always one) no write asks.
         if redundancy.policy.minInSync > 1 {
@@ -160,7 +178,7 @@ extension Mirror {
                 return redundancy.release(inSync: legs.snapshot.readable.count)
             }
         }
-        if regionHash.tryStartWrite(change.regions) { return issue(change, on: context.client(or: client)) }
+        if let io, regionHash.tryStartWrite(change.regions) { return issue(change, on: io) }
         startAfterWaiting(change)
     }
 

@@ -139,11 +139,17 @@ struct Superblock: Sendable, Hashable {
     var dataOffset: UInt64
     var dataBytes: UInt64
     var legs: [LegRecord]
+    /// The server that holds the legs, while it serves a mirror that
+    /// another machine could open (DRBD's primary, sanlock's lease): set in
+    /// every superblock it writes, cleared at its clean stop.
+    var owner: MirrorOwner?
 
     private enum Field {
         static let magic = 0, version = 8, mirror = 16, legIndex = 32, legCount = 36, events = 40
         static let regionBytes = 48, flags = 52, legBytes = 56, dataOffset = 64, dataBytes = 72, generation = 80
-        static let eventsCleared = 88
+        static let eventsCleared = 88, ownerHost = 96, ownerBoot = 112
+        /// The owner's pid and lease, in the last 16 bytes before the checksum.
+        static let ownerPid = checksum - 16, ownerLease = checksum - 12, namesEnd = checksum - 16
         static let legs = 128, legRecordBytes = 32
         /// Each leg's name (a 2-byte length, then UTF-8), in leg order, after
         /// the largest leg table; one that does not fit is left out (length 0).
@@ -160,7 +166,14 @@ struct Superblock: Sendable, Hashable {
         bytes.store(UInt32(legs.count), at: Field.legCount)
         bytes.store(events, at: Field.events)
         bytes.store(regionBytes, at: Field.regionBytes)
-        bytes.store(UInt32(clean ? 1 : 0) | UInt32(servedRaw ? 2 : 0) | UInt32(removed ? 4 : 0), at: Field.flags)
+        bytes.store(UInt32(clean ? 1 : 0) | UInt32(servedRaw ? 2 : 0) | UInt32(removed ? 4 : 0) | UInt32(owner == nil ? 0 : 8),
+                    at: Field.flags)
+        if let owner {
+            bytes.store(owner.host, at: Field.ownerHost)
+            bytes.store(owner.boot, at: Field.ownerBoot)
+            bytes.store(owner.pid, at: Field.ownerPid)
+            bytes.store(owner.leaseMilliseconds, at: Field.ownerLease)
+        }
         bytes.store(eventsCleared, at: Field.eventsCleared)
         bytes.store(legBytes, at: Field.legBytes)
         bytes.store(dataOffset, at: Field.dataOffset)
@@ -180,7 +193,7 @@ struct Superblock: Sendable, Hashable {
         for (index, leg) in legs.enumerated() {
             let name = Array(leg.name.utf8)
             // Room for this name and an empty one for each leg after it.
-            let fits = at + 2 + name.count + 2 * (legs.count - index - 1) <= Field.checksum && name.count <= 0xFFFF
+            let fits = at + 2 + name.count + 2 * (legs.count - index - 1) <= Field.namesEnd && name.count <= 0xFFFF
             bytes.store(UInt16(fits ? name.count : 0), at: at)
             if fits { bytes.replaceSubrange(at + 2..<at + 2 + name.count, with: name) }
             at += 2 + (fits ? name.count : 0)
@@ -238,8 +251,29 @@ struct Superblock: Sendable, Hashable {
             legBytes: bytes.load(UInt64.self, at: Field.legBytes),
             dataOffset: bytes.load(UInt64.self, at: Field.dataOffset),
             dataBytes: bytes.load(UInt64.self, at: Field.dataBytes),
-            legs: legs))
+            legs: legs,
+            owner: bytes.load(UInt32.self, at: Field.flags) & 8 == 0 ? nil
+                : MirrorOwner(host: bytes.loadUUID(at: Field.ownerHost), boot: bytes.loadUUID(at: Field.ownerBoot),
+                        pid: bytes.load(UInt32.self, at: Field.ownerPid),
+                        leaseMilliseconds: bytes.load(UInt32.self, at: Field.ownerLease))))
     }
+}
+
+/// Who holds a mirror's legs: a machine (its host id, /etc/machine-id or
+/// --host-id), its boot, the server's pid, and how long its lease lasts
+/// without a renewal.
+public struct MirrorOwner: Sendable, Hashable, CustomStringConvertible {
+    public var host: MirrorUUID
+    public var boot: MirrorUUID
+    public var pid: UInt32
+    public var leaseMilliseconds: UInt32
+
+    public var lease: Duration { .milliseconds(leaseMilliseconds) }
+
+    /// The same server (not only the same machine).
+    func isSameServer(as other: MirrorOwner) -> Bool { host == other.host && boot == other.boot && pid == other.pid }
+
+    public var description: String { "host \(host) (pid \(pid), boot \(boot))" }
 }
 
 extension Superblock {

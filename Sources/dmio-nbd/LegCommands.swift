@@ -32,6 +32,7 @@ struct Examine: ParsableCommand {
                                                            : "\(found.legIndex) of \(found.legCount)"),
             "      Events : \(found.events) (\(slots.joined(separator: ", ")))",
             "  Generation : \(found.generation)",
+            "       Owner : \(found.owner.map { "\($0), while its lease is renewed" } ?? "none")",
             "       State : \(found.clean ? "stopped cleanly" : "in use, or not stopped cleanly")"
                 + (found.servedRaw ? ", served on its own since (it gets a full copy)" : ""),
             "   Bit clear : event \(found.eventsCleared)",

@@ -110,6 +110,17 @@ struct Serve: AsyncParsableCommand {
                                valueName: "seconds"))
     var reconnectInterval: Double = 2
 
+    @Option(help: ArgumentHelp("Hold the legs with a lease of this many seconds, renewed every fifth of it, so that a "
+                               + "server on another machine never writes them at the same time (default 10 for a "
+                               + "mirror with a remote leg, else 0: none).", valueName: "seconds"))
+    var lease: Double?
+
+    @Option(help: ArgumentHelp("This machine's id in the legs' lease (default: /etc/machine-id).", valueName: "uuid"))
+    var hostID: String?
+
+    @Flag(help: "Take legs over from a server on another machine whose lease has run out (a failover).")
+    var takeover = false
+
     @Option(help: ArgumentHelp("Buffer at most about this many bytes of requests and replies, all clients together "
                                + "(default 256M): beyond it, reads wait and no new request is read.",
                                valueName: "size"),
@@ -147,6 +158,9 @@ struct Serve: AsyncParsableCommand {
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
         if readOnly && legs.count != 1 { throw ValidationError("--read-only serves one device; a mirror is always writable") }
         if remoteTimeout < 0 { throw ValidationError("--remote-timeout: \(remoteTimeout) seconds is negative") }
+        if let lease, !(lease == 0 || (lease >= 1 && lease <= 600)) {
+            throw ValidationError("--lease: \(lease) seconds is not 0 (none) or between 1 and 600")
+        }
         if !(reconnectInterval >= 0 && reconnectInterval <= 3600) {
             throw ValidationError("--reconnect-interval: \(reconnectInterval) seconds is not between 0 and 3600")
         }
@@ -261,7 +275,7 @@ struct Serve: AsyncParsableCommand {
         if legs.isEmpty, case .unix(let path) = listeners.last?.address { printAttachLines(socketPath: path) }
 
         let signal = await stops.wait()
-        logger.info("\(signal): answering the requests in flight, then stopping")
+        logger.info("\(stops.reason ?? signal): answering the requests in flight, then stopping")
         notifier?.stopping("\(signal): answering the requests in flight, then stopping")
         // In order: no new connection or request, the requests in flight
         // answered, the mirror's metadata written clean, then the control
@@ -276,6 +290,9 @@ struct Serve: AsyncParsableCommand {
         for listener in listeners { listener.removeFile() }
         pidFile?.remove()
         logger.info("stopped")
+        if signal == StopSignals.ownershipLost {
+            throw CleanExit.message("stopped: \(stops.reason ?? "another server took the legs over")", code: 1)
+        }
     }
 
     /// The NBD sockets: handed over by socket activation, else bound and
@@ -388,6 +405,7 @@ struct Serve: AsyncParsableCommand {
                                      redundancy: RedundancyPolicy(minInSync: minInSyncLegs ?? 1,
                                                                   onLoss: onLostRedundancy ?? .fail),
                                      reconnectAfter: reconnectInterval == 0 ? nil : .seconds(reconnectInterval),
+                                     ownership: try ownership(of: specs, stops: stops),
                                      deviceOptions: deviceOptions(createSize: nil),
                                      allowMissingLegs: allowMissingLegs, eventSink: events, logger: logger)
             if let signal = stops.received { throw StartInterrupted.before(signal) }
@@ -447,6 +465,26 @@ func openLeg(_ spec: String, options: DeviceOptions) throws -> BlockDevice {
         return try BlockDevice.open(spec, options: options)
     } catch {
         throw CleanExit.message("leg \(error)", code: 1)
+    }
+}
+
+extension Serve {
+    /// The lease on the legs: by default only a mirror with a remote leg
+    /// holds one (another machine can reach only those). Losing it stops
+    /// the server, with exit status 1.
+    func ownership(of specs: [String], stops: StopSignals) throws -> Ownership {
+        let seconds = lease ?? (specs.contains(where: DeviceSpec.isURI) ? 10 : 0)
+        let me: MirrorOwner?
+        do {
+            me = try MirrorOwner.local(hostID: hostID, lease: .seconds(max(seconds, 1)))
+        } catch {
+            // Without an identity a lease cannot be held, nor told from another machine's.
+            if seconds > 0 || hostID != nil { throw CleanExit.message("\(error)", code: 1) }
+            me = nil
+        }
+        return Ownership(me: me, holdsLease: seconds > 0, takeover: takeover) { reason in
+            stops.request(StopSignals.ownershipLost, because: reason)
+        }
     }
 }
 

@@ -154,6 +154,23 @@ final class StopSignals: @unchecked Sendable {
     /// The first signal, if one came.
     var received: String? { queue.sync { first } }
 
+    /// What a stop that the server asked for itself (`request`) is named.
+    static let ownershipLost = "ownership-lost"
+    /// Why the server asked for its own stop, if it did.
+    var reason: String? { queue.sync { requestedBecause } }
+    /// Touched on `queue` only.
+    private var requestedBecause: String?
+
+    /// A stop the server asks for itself, as if a first signal named `name`
+    /// came; nothing when a stop is under way already.
+    func request(_ name: String, because why: String) {
+        queue.async { [self] in
+            guard first == nil else { return }
+            requestedBecause = why
+            arrived(name)
+        }
+    }
+
     /// What a second signal does before the process exits: say so.
     func whenForced(_ body: @escaping (String) -> Void) {
         queue.sync { onSecond = body }

@@ -15,12 +15,14 @@ public final class ServeProcess {
     /// `dmio-nbd serve ARGUMENTS`, or with `subcommand` nil `dmio-nbd
     /// ARGUMENTS` (the default command), run in `directory` if given.
     /// `environment` adds to the test's own (an empty value unsets one, as
-    /// far as dmio-nbd is concerned).
+    /// far as dmio-nbd is concerned). `launcher` runs it, if given (a
+    /// command that ends by running its arguments, as `unshare`).
     public init(arguments: [String], socket: String, subcommand: String? = "serve", directory: String? = nil,
-                environment: [String: String] = [:]) throws {
+                environment: [String: String] = [:], launcher: [String] = []) throws {
         self.socket = socket
-        process.executableURL = URL(fileURLWithPath: dmioNBDExecutable)
-        process.arguments = (subcommand.map { [$0] } ?? []) + arguments
+        let command = launcher + [dmioNBDExecutable] + (subcommand.map { [$0] } ?? []) + arguments
+        process.executableURL = URL(fileURLWithPath: command[0])
+        process.arguments = Array(command.dropFirst())
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
         if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
         process.standardError = errors

@@ -1,0 +1,134 @@
+import DMIO
+import Glibc
+import Synchronization
+
+extension MirrorUUID {
+    /// 32 hex digits, dashes allowed (a UUID, /etc/machine-id, boot_id).
+    public init?(hex text: String) {
+        let digits = text.filter { $0 != "-" }.lowercased()
+        guard digits.count == 32, let high = UInt64(digits.prefix(16), radix: 16),
+              let low = UInt64(digits.suffix(16), radix: 16) else { return nil }
+        self.init(high: high, low: low)
+    }
+}
+
+extension MirrorOwner {
+    /// This server: `hostID` (else /etc/machine-id), this boot, this pid.
+    public static func local(hostID: String?, lease: Duration) throws(MirrorError) -> MirrorOwner {
+        func firstLine(_ path: String) -> String? {
+            guard let file = fopen(path, "r") else { return nil }
+            defer { fclose(file) }
+            var line = [CChar](repeating: 0, count: 128)
+            guard fgets(&line, Int32(line.count), file) != nil else { return nil }
+            return String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                .trimmingCharacters(in: "\n ")
+        }
+        guard let host = MirrorUUID(hex: hostID ?? firstLine("/etc/machine-id") ?? "") else {
+            throw .invalidOwnership(hostID.map { "--host-id \($0) is not 32 hex digits (a UUID, as /etc/machine-id)" }
+                                    ?? "this machine has no /etc/machine-id: give it a --host-id (a UUID)")
+        }
+        let boot = firstLine("/proc/sys/kernel/random/boot_id").flatMap(MirrorUUID.init(hex:)) ?? .random()
+        let milliseconds = UInt32(clamping: lease.components.seconds * 1000 + lease.components.attoseconds / 1_000_000_000_000_000)
+        return MirrorOwner(host: host, boot: boot, pid: UInt32(bitPattern: getpid()), leaseMilliseconds: milliseconds)
+    }
+}
+
+extension String {
+    fileprivate func trimmingCharacters(in set: String) -> String {
+        var text = Substring(self)
+        while let first = text.first, set.contains(first) { text = text.dropFirst() }
+        while let last = text.last, set.contains(last) { text = text.dropLast() }
+        return String(text)
+    }
+}
+
+/// This server's hold on legs that another machine could open: it writes
+/// nothing once its lease has run out without a renewal (a freeze, a
+/// stall), until it has read the legs' superblocks again and found itself
+/// still their owner; if another server took them over, it is fenced for
+/// good: every write fails, and no metadata is written. Writes checked
+/// here cost a clock read and an atomic load.
+final class Lease: @unchecked Sendable {
+    let owner: MirrorOwner
+    /// Renewals come this often: five to a lease.
+    var renewInterval: Duration { owner.lease / 5 }
+    private let origin = ContinuousClock.now
+    /// Nanoseconds after `origin` until which writes may go on.
+    private let validUntil = Atomic<Int64>(0)
+    private let fenced = Atomic<Bool>(false)
+    private let lock = ConditionLock()
+    /// Writes that came after the lease ran out, waiting for the re-read.
+    private var waiting: [@Sendable (Bool) -> Void] = []
+
+    init(owner: MirrorOwner) {
+        self.owner = owner
+    }
+
+    private func nanoseconds(_ instant: ContinuousClock.Instant) -> Int64 {
+        let (seconds, attoseconds) = (instant - origin).components
+        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+    }
+
+    /// Whether a write may go to the legs now.
+    var isValid: Bool { nanoseconds(.now) < validUntil.load(ordering: .acquiring) && !isFenced }
+
+    var isFenced: Bool { fenced.load(ordering: .acquiring) }
+
+    /// A renewal that began at `started` is on the legs: the lease runs
+    /// from then; writes that waited go on.
+    func renewed(startedAt started: ContinuousClock.Instant) {
+        validUntil.store(nanoseconds(started + owner.lease), ordering: .releasing)
+        let resumed = lock.withLock {
+            defer { waiting = [] }
+            return waiting
+        }
+        for resume in resumed { resume(true) }
+    }
+
+    /// Another server owns the legs now: nothing more is written, and the
+    /// writes that waited fail.
+    func fence() {
+        fenced.store(true, ordering: .releasing)
+        let failed = lock.withLock {
+            defer { waiting = [] }
+            return waiting
+        }
+        for resume in failed { resume(false) }
+    }
+
+    /// Calls `resume` once the lease is renewed (true) or lost (false);
+    /// at once when it is valid, or fenced, already.
+    func whenValid(_ resume: @escaping @Sendable (Bool) -> Void) {
+        let now: Bool? = lock.withLock {
+            if isFenced { return false }
+            if isValid { return true }
+            waiting.append(resume)
+            return nil
+        }
+        if let now { resume(now) }
+    }
+}
+
+/// How a server holds a mirror whose legs another machine could open
+/// (`serve --lease`, `--host-id`, `--takeover`).
+public struct Ownership: Sendable {
+    /// This server; nil when its machine has no identity, and then any
+    /// owner recorded on the legs counts as another machine's.
+    public var me: MirrorOwner?
+    /// Whether this server holds a lease on the legs while it serves.
+    public var holdsLease: Bool
+    /// Whether it may take legs over from an owner whose lease ran out.
+    public var takeover: Bool
+    /// Called once if the legs turn out to be another server's: this one
+    /// then writes nothing more, and should stop serving.
+    public var lost: @Sendable (String) -> Void
+
+    public init(me: MirrorOwner?, holdsLease: Bool, takeover: Bool, lost: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.me = me
+        self.holdsLease = holdsLease
+        self.takeover = takeover
+        self.lost = lost
+    }
+
+    public static let none = Ownership(me: nil, holdsLease: false, takeover: false)
+}
