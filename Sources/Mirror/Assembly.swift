@@ -289,12 +289,17 @@ extension Mirror {
     /// server is gone. Watching needs no clock shared with the other machine.
     static func checkOwner(of found: [(device: BlockDevice, superblock: Superblock)], freshest: Superblock,
                            ownership: Ownership, client: DMIOClient, logger: Logger) throws(MirrorError) {
-        guard let holder = freshest.owner, holder.host != ownership.me?.host else { return }
+        // The same machine in the same boot: the mirror's lock, held now,
+        // says that server is gone. A clone with the same machine id boots
+        // with another boot id, and is watched.
+        guard let holder = freshest.owner,
+              !(holder.host == ownership.me?.host && holder.boot == ownership.me?.boot) else { return }
         let watch = holder.lease + holder.lease / 5
         logger.info("the legs were last held by the server on \(holder): watching them for \(watch) for a renewal of its lease")
         pause(for: watch)
+        // Nothing read at the end of the watch tells nothing: refused as alive.
         let newest = found.compactMap { try? readSuperblock(of: $0.device, client: client) }
-            .filter { $0.mirror == freshest.mirror }.map(\.events).max() ?? freshest.events
+            .filter { $0.mirror == freshest.mirror }.map(\.events).max()
         guard newest == freshest.events else { throw .ownedElsewhere(owner: holder, alive: true, lease: holder.lease) }
         guard ownership.takeover else { throw .ownedElsewhere(owner: holder, alive: false, lease: watch) }
         logger.warning("taking the legs over from the server on \(holder): its lease was not renewed for \(watch) (--takeover)")

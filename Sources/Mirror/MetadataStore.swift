@@ -57,6 +57,18 @@ final class MetadataStore: @unchecked Sendable {
 
     func setOwner(_ value: MirrorOwner?) { lock.withLock { owner = value } }
 
+    /// Set by the lease keeper around a renewal it may write though the
+    /// lease lapsed (it read the legs first: they are still this server's).
+    private let renewing = Atomic<Bool>(false)
+    func renewing(_ value: Bool) { renewing.store(value, ordering: .releasing) }
+
+    /// Whether metadata may be written: not once another server may own
+    /// the legs (fenced, or the lease lapsed), but for a checked renewal.
+    private var mayWrite: Bool {
+        guard let lease else { return true }
+        return !lease.isFenced && (lease.isValid || renewing.load(ordering: .acquiring))
+    }
+
     var eventCount: UInt64 { lock.withLock { events } }
 
     /// Bitmap writes so far (one a commit, of however many pages).
@@ -71,7 +83,7 @@ final class MetadataStore: @unchecked Sendable {
 
     /// Writes a new superblock (the next event) to every leg not degraded.
     func writeSuperblocks(then done: @escaping @Sendable (MetadataWrite) -> Void) {
-        if lease?.isFenced == true { return done(MetadataWrite(durable: false, failures: [])) }
+        guard mayWrite else { return done(MetadataWrite(durable: false, failures: [])) }
         let recorded = legs.recorded
         let snapshot = recorded.snapshot
         let (event, isClean, cleared, owner): (UInt64, Bool, UInt64, MirrorOwner?) = lock.withLock {
@@ -112,7 +124,7 @@ final class MetadataStore: @unchecked Sendable {
     /// all of them.
     func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])], then done: @escaping @Sendable (MetadataWrite) -> Void) {
         let targets = legs.snapshot.writable
-        if lease?.isFenced == true { return done(MetadataWrite(durable: false, failures: [])) }
+        guard mayWrite else { return done(MetadataWrite(durable: false, failures: [])) }
         guard !pages.isEmpty else { return done(MetadataWrite(durable: !targets.isEmpty, failures: [])) }
         bitmapCommits.add(1, ordering: .relaxed)
         let gather = Gather(count: pages.count) { failures in

@@ -57,6 +57,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     let lease: Lease?
     private let ownership: Ownership
     private var leaseKeeper: pthread_t?
+    /// The event of this server's first superblock (its claim of the legs).
+    private var leaseStart: UInt64 = 0
     /// What the mirror tells its event sink.
     let announce: MirrorEvents
     /// The scrub asked for, until it ends; and whether it was asked to stop.
@@ -134,7 +136,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     public func start() throws(MirrorError) {
         metadata.setClean(false)
         metadata.setOwner(lease?.owner)
+        // The first claim of the legs: open watched any other owner's lease.
         let leaseFrom = ContinuousClock.now
+        metadata.renewing(true)
+        defer { metadata.renewing(false) }
         // Legs that were stale or re-added get the whole bitmap.
         let whole = [(page: 0, bytes: bitmap.image(bitmapBytes: layout.bitmapBytes))]
         let wrote = waitForCallback { done in
@@ -148,7 +153,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
         if let lease {
             lease.renewed(startedAt: leaseFrom)
-            leaseKeeper = startThread(named: "dmio-lease") { [self] in hold(lease) }
+            leaseStart = metadata.eventCount
+            let start = leaseStart
+            leaseKeeper = startThread(named: "dmio-lease") { [self] in hold(lease, since: start) }
         }
         if let shortfall = redundancy.shortfall(inSync: legs.snapshot.readable.count) { logger.warning("\(shortfall)") }
         worker = startThread(named: "dmio-mirror") { [self] in background() }
@@ -173,6 +180,13 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         // A leg change under way ends first; none starts from now on.
         maintenance.withLock {}
         stopHoldingWrites()
+        // A lease that lapsed (a leg stalled the last renewals): the legs
+        // are read first, and written only if still this server's.
+        if let lease, !lease.isValid, !lease.isFenced,
+           case (true, nil) = superblocksWritten(since: leaseStart, byOtherThan: lease.owner) {
+            metadata.renewing(true)
+        }
+        defer { metadata.renewing(false) }
         flushLegs()
         let recovering = isRecoveryPending
         if legs.allInSync && !recovering {
@@ -284,29 +298,35 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
 
     // MARK: Holding the legs (a lease)
 
-    /// Renews the lease every fifth of it while the mirror runs. When it
-    /// ran out first (this server was frozen, or its legs stalled), the
-    /// legs' superblocks are read before anything more is written: if
-    /// another server owns them now, this one is fenced and told to stop.
-    private func hold(_ lease: Lease) {
+    /// Renews the lease every fifth of it while the mirror runs, after
+    /// reading the superblocks (both slots) of the legs in sync: one that
+    /// another server wrote since this one started (`since`, its first
+    /// event) means the legs were taken over, and this server is fenced
+    /// and told to stop. After a lapse (it was frozen, or its legs stalled)
+    /// nothing is renewed, and the waiting writes go nowhere, until a leg
+    /// could be read.
+    private func hold(_ lease: Lease, since start: UInt64) {
         while true {
             let started = ContinuousClock.now
-            // No leg readable: nothing can be told, and the writes wait.
-            var mayRenew = lease.isValid
-            if !mayRenew, let holder = legsOwner() {
-                guard let holder, holder.isSameServer(as: lease.owner) else {
-                    lease.fence()
-                    let reason = "the legs are \(holder.map { "held by the server on \($0)" } ?? "no longer this server's") "
-                        + "now: this server's lease ran out (it was stopped or cut off for longer than "
-                        + "\(lease.owner.lease)) and another took them over; it writes nothing more, and stops"
-                    logger.error("\(reason)")
-                    announce.ownershipLost(owner: holder)
-                    ownership.lost(reason)
-                    return
-                }
-                mayRenew = true
+            let (read, other) = superblocksWritten(since: start, byOtherThan: lease.owner)
+            if let other {
+                lease.fence()
+                let reason = "the legs are \(other.map { "held by the server on \($0)" } ?? "no longer this server's") "
+                    + "now: another server took them over (this one's lease ran out: it was stopped or cut off for "
+                    + "longer than \(lease.owner.lease)); it writes nothing more, and stops"
+                logger.error("\(reason)")
+                announce.ownershipLost(owner: other)
+                ownership.lost(reason)
+                return
             }
-            if mayRenew && superblocks.commitAndWait() { lease.renewed(startedAt: started) }
+            // A renewal counts only if it was on the legs before the lease it
+            // renews ran out; else the next round reads the legs again first.
+            if lease.isValid || read {
+                metadata.renewing(true)
+                let written = superblocks.commitAndWait()
+                metadata.renewing(false)
+                if written && (lease.isValid || read) { lease.renewed(startedAt: started) }
+            }
             let stop = lock.withLock {
                 if !stopping { lock.wait(for: lease.renewInterval) }
                 return stopping
@@ -315,12 +335,19 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
     }
 
-    /// The owner the newest superblock among the legs in sync records
-    /// (nil inside: none); nil when no leg could be read.
-    private func legsOwner() -> MirrorOwner?? {
-        let newest = legs.snapshot.readable.compactMap { try? Mirror.readSuperblock(of: $0.device, client: client) }
-            .max { $0.events < $1.events }
-        return newest.map(\.owner)
+    /// Whether any leg in sync could be read, and the owner named by a
+    /// superblock of this mirror, in either slot, with an event after
+    /// `start`, that `me` did not write (nil inside: one that names none).
+    private func superblocksWritten(since start: UInt64, byOtherThan me: MirrorOwner) -> (read: Bool, other: MirrorOwner??) {
+        var read = false
+        for leg in legs.snapshot.readable {
+            guard let slots = try? MetadataStore.readSlots(leg.device, client: client) else { continue }
+            read = true
+            for case .superblock(let found) in slots where found.mirror == uuid && found.events > start {
+                if found.owner.map({ !$0.isSameServer(as: me) }) ?? true { return (true, .some(found.owner)) }
+            }
+        }
+        return (read, nil)
     }
 
     // MARK: Remote legs that come back
@@ -481,9 +508,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let device = try reopen(member.name)
         maintenance.lock()
         defer { maintenance.unlock() }
-        guard !lock.withLock({ stopping }) else { throw .invalidLegChange("the server is stopping") }
-        guard let index = legs.index(of: uuid) else {
-            throw .invalidLegChange("\(member.name) left the mirror while it was opened again")
+        guard !lock.withLock({ stopping }), lease?.isValid ?? true else {
+            throw .invalidLegChange("the server is stopping, or its lease on the legs lapsed")
+        }
+        // Re-added meanwhile (by an operator and by the retries at once).
+        guard let index = legs.index(of: uuid), legs.member(index).state == .degraded, legs.member(index).device == nil else {
+            throw .invalidLegChange("\(member.name) was re-added or changed while it was opened again")
         }
         do {
             // Writes that failed in the page cache while the leg was failing are
@@ -673,10 +703,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// removed, which holds it too. The caller unlocks it.
     private func changingLegs(_ index: Int?) throws(MirrorError) {
         maintenance.lock()
-        // The stop writes the metadata clean: no leg changes after it.
-        if lock.withLock({ stopping }) {
+        // The stop writes the metadata clean: no leg changes after it; nor
+        // while another server may own the legs.
+        if lock.withLock({ stopping }) || lease?.isValid == false {
             maintenance.unlock()
-            throw .invalidLegChange("the server is stopping")
+            throw .invalidLegChange(lease?.isValid == false ? "this server's lease on the legs has lapsed; try again"
+                                                            : "the server is stopping")
         }
         if let index, !(0..<legs.count).contains(index) {
             maintenance.unlock()
