@@ -21,7 +21,7 @@ import Testing
         fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
         fio.arguments = ["--name=verify", "--ioengine=nbd", "--uri=\(fixture.uri)", "--rw=randwrite", "--bs=4k-128k",
                          "--iodepth=8", "--size=31M", "--offset_increment=31M", "--numjobs=2", "--runtime=\(seconds)",
-                         "--time_based", "--verify=crc32c", "--verify_backlog=128", "--randrepeat=0", "--output=/dev/null"]
+                         "--time_based", "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=128", "--randrepeat=0", "--output=/dev/null"]
         try fio.run()
         return fio
     }

@@ -112,7 +112,7 @@ import Testing
         fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
         fio.arguments = ["--name=verify", "--ioengine=nbd", "--uri=\(fixture.uri)", "--rw=randwrite", "--bs=4k-256k",
                          "--iodepth=16", "--size=31M", "--offset_increment=31M", "--runtime=6", "--time_based",
-                         "--verify=crc32c", "--verify_backlog=256", "--numjobs=2", "--randrepeat=0",
+                         "--verify=crc32c", "--verify_state_save=0", "--verify_backlog=256", "--numjobs=2", "--randrepeat=0",
                          "--output=/dev/null"]
         try fio.run()
         var checks = 0
