@@ -15,30 +15,13 @@ extension MirrorUUID {
 extension MirrorOwner {
     /// This server: `hostID` (else /etc/machine-id), this boot, this pid.
     public static func local(hostID: String?, lease: Duration) throws(MirrorError) -> MirrorOwner {
-        func firstLine(_ path: String) -> String? {
-            guard let file = fopen(path, "r") else { return nil }
-            defer { fclose(file) }
-            var line = [CChar](repeating: 0, count: 128)
-            guard fgets(&line, Int32(line.count), file) != nil else { return nil }
-            return String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-                .trimmingCharacters(in: "\n ")
-        }
-        guard let host = MirrorUUID(hex: hostID ?? firstLine("/etc/machine-id") ?? "") else {
+        guard let host = MirrorUUID(hex: hostID ?? readText("/etc/machine-id")?.trimmed ?? "") else {
             throw .invalidOwnership(hostID.map { "--host-id \($0) is not 32 hex digits (a UUID, as /etc/machine-id)" }
                                     ?? "this machine has no /etc/machine-id: give it a --host-id (a UUID)")
         }
-        let boot = firstLine("/proc/sys/kernel/random/boot_id").flatMap(MirrorUUID.init(hex:)) ?? .random()
+        let boot = readText("/proc/sys/kernel/random/boot_id").flatMap { MirrorUUID(hex: $0.trimmed) } ?? .random()
         let milliseconds = UInt32(clamping: lease.components.seconds * 1000 + lease.components.attoseconds / 1_000_000_000_000_000)
         return MirrorOwner(host: host, boot: boot, pid: UInt32(bitPattern: getpid()), leaseMilliseconds: milliseconds)
-    }
-}
-
-extension String {
-    fileprivate func trimmingCharacters(in set: String) -> String {
-        var text = Substring(self)
-        while let first = text.first, set.contains(first) { text = text.dropFirst() }
-        while let last = text.last, set.contains(last) { text = text.dropLast() }
-        return String(text)
     }
 }
 
@@ -78,22 +61,22 @@ final class Lease: @unchecked Sendable {
     /// from then; writes that waited go on.
     func renewed(startedAt started: ContinuousClock.Instant) {
         validUntil.store(nanoseconds(started + owner.lease), ordering: .releasing)
-        let resumed = lock.withLock {
-            defer { waiting = [] }
-            return waiting
-        }
-        for resume in resumed { resume(true) }
+        for resume in takeWaiting() { resume(true) }
     }
 
     /// Another server owns the legs now: nothing more is written, and the
     /// writes that waited fail.
     func fence() {
         fenced.store(true, ordering: .releasing)
-        let failed = lock.withLock {
+        for resume in takeWaiting() { resume(false) }
+    }
+
+    /// The writes waiting, taken out, to be answered outside the lock.
+    private func takeWaiting() -> [@Sendable (Bool) -> Void] {
+        lock.withLock {
             defer { waiting = [] }
             return waiting
         }
-        for resume in failed { resume(false) }
     }
 
     /// Calls `resume` once the lease is renewed (true) or lost (false);

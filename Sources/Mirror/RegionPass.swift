@@ -141,7 +141,7 @@ final class RegionPass: @unchecked Sendable {
     /// Scrubs every region, a run at a time, each run small enough that the
     /// copies of all the legs in sync now fit in about `copyBytes`.
     func scrub(_ action: ScrubAction, stopping: () -> Bool) -> Bool {
-        let regionCount = Int((dataBytes + regionHash.regionBytes - 1) / regionHash.regionBytes)
+        let regionCount = copier.layout.regionCount
         let longest = max(1, Self.copyBytes / Int(regionHash.regionBytes) / max(2, legs.snapshot.readable.count))
         let runs = stride(from: 0, to: regionCount, by: longest).map { $0..<min($0 + longest, regionCount) }
         return run(.scrub(action), reason: action.rawValue, runs: runs, stopping: stopping)

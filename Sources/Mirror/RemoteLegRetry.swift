@@ -36,7 +36,7 @@ struct RemoteLegRetry {
         }
     }
 
-    mutating func action(for uuid: MirrorUUID, now: ContinuousClock.Instant) -> Action {
+    func action(for uuid: MirrorUUID, now: ContinuousClock.Instant) -> Action {
         guard let leg = legs[uuid] else { return .wait }
         return now >= leg.due ? .tryNow : .wait
     }
