@@ -15,9 +15,10 @@ extension Mirror {
     @discardableResult
     public static func create(_ devices: [BlockDevice], client: DMIOClient,
                               regionBytes: UInt32 = MirrorLayout.defaultRegionBytes,
-                              fresh: Bool, force: Bool = false,
+                              fresh: Bool, force: Bool = false, writeMostly: Set<Int> = [],
                               logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> MirrorUUID {
         try checkCount(devices.count)
+        try checkWriteMostly(writeMostly, legCount: devices.count)
         let sizes = Set(devices.map(\.size))
         guard sizes.count == 1, let legBytes = sizes.first else {
             throw .unequalSizes(Dictionary(devices.map { ($0.name, $0.size) }, uniquingKeysWith: { first, _ in first }))
@@ -42,7 +43,7 @@ extension Mirror {
         let generation = Superblock.newGeneration()
         let records = devices.indices.map { index in
             LegRecord(uuid: .random(), state: fresh || index == 0 ? .inSync : .rebuilding, errno: 0,
-                      name: devices[index].name)
+                      name: devices[index].name, writeMostly: writeMostly.contains(index))
         }
         let bitmap = RegionBitmap(regionCount: layout.regionCount)
         if !fresh { bitmap.markAll() }
@@ -59,6 +60,13 @@ extension Mirror {
                                          offset: 0, to: [device], client: client)
         }
         return uuid
+    }
+
+    /// Refuses write-mostly legs the mirror does not have.
+    static func checkWriteMostly(_ writeMostly: Set<Int>, legCount: Int) throws(MirrorError) {
+        if let index = writeMostly.sorted().first(where: { !(0..<legCount).contains($0) }) {
+            throw .noSuchLeg(index, legCount: legCount)
+        }
     }
 
     /// Refuses a device that holds a file system, a partition table, an
@@ -87,10 +95,12 @@ extension Mirror {
     public static func open(_ specs: [String], client: DMIOClient, rateLimit: UInt64 = 0,
                             readPolicy: ReadPolicy = .balanced, redundancy: RedundancyPolicy = .default,
                             reconnectAfter: Duration? = nil, ownership: Ownership = .none,
+                            writeBehind: WriteBehindPolicy = .default, writeMostly: Set<Int> = [],
                             deviceOptions: DeviceOptions = DeviceOptions(), allowMissingLegs: Bool = false,
                             eventSink: (any EventSink)? = nil,
                             logger: Logger = Logger(label: "dmio.mirror")) throws(MirrorError) -> Mirror {
         try checkCount(specs.count)
+        try checkWriteMostly(writeMostly, legCount: specs.count)
         guard (1...specs.count).contains(redundancy.minInSync) else {
             throw .invalidMinInSync(redundancy.minInSync, legCount: specs.count)
         }
@@ -228,7 +238,7 @@ extension Mirror {
                 logger.warning("leg \(index) (\(specs[index])) is older than the others (event \(superblock.events), theirs \(freshest.events)): it may be an old copy; it gets a full copy from the legs in sync")
             }
         }
-        let members = specs.indices.map { index in
+        func recorded(_ index: Int) -> LegTable.Member {
             let record = freshest.legs[index]
             guard let device = found[index]?.device else {
                 guard record.state == .degraded else {
@@ -245,6 +255,11 @@ extension Mirror {
             return LegTable.Member(name: specs[index], device: device, uuid: record.uuid, state: state, errno: record.errno,
                                    cause: record.cause, failedGeneration: record.failedGeneration,
                                    replaces: state == .rebuilding ? record.replaces : nil)
+        }
+        let members = specs.indices.map { index in
+            var member = recorded(index)
+            member.writeMostly = freshest.legs[index].writeMostly || writeMostly.contains(index)
+            return member
         }
         guard members.contains(where: { $0.state == .inSync }) else {
             throw .noLegAvailable(specs.indices.filter { freshest.legs[$0].state == .inSync }.map { specs[$0] })
@@ -278,7 +293,7 @@ extension Mirror {
                       recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
                       client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, readPolicy: readPolicy,
                       redundancy: redundancy, reconnectAfter: reconnectAfter, ownership: ownership,
-                      eventSink: eventSink, logger: logger)
+                      writeBehind: writeBehind, eventSink: eventSink, logger: logger)
     }
 
     /// Refuses legs that a server on another machine holds: it renewed its

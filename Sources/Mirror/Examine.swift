@@ -16,6 +16,8 @@ public struct LegMetadata: Sendable, Codable, Hashable {
         public var name: String?
         /// For a leg being copied to in place of another: that leg's index.
         public var replaces: Int?
+        /// Read last, written behind (nil in an older build's output: not).
+        public var writeMostly: Bool?
     }
 
     public struct Slot: Sendable, Codable, Hashable {
@@ -77,7 +79,8 @@ extension Mirror {
                 LegMetadata.Leg(index: index, uuid: "\(record.uuid)", state: record.state,
                                 cause: record.cause == .unknown ? nil : record.cause,
                                 errno: record.errno == 0 ? nil : errnoName(record.errno),
-                                name: record.name.isEmpty ? nil : record.name, replaces: record.replaces)
+                                name: record.name.isEmpty ? nil : record.name, replaces: record.replaces,
+                                writeMostly: record.writeMostly)
             },
             slots: slots.enumerated().map { index, slot in
                 let offset = MirrorLayout.slotOffset(index)

@@ -35,10 +35,10 @@ final class LegFailures: @unchecked Sendable {
         }
     }
 
-    /// Records the legs that failed a write sent to every writable leg of
-    /// `snapshot`, and says whether a leg in sync now holds the write.
-    func settle(_ failures: [LegFailure], sentTo snapshot: LegTable.Snapshot) -> LegTable.Settlement {
-        let settlement = legs.settle(failures, sentTo: snapshot)
+    /// Records the legs that failed a write sent to `targets`, and says
+    /// whether a leg in sync now holds the write.
+    func settle(_ failures: [LegFailure], sentTo targets: [LegTable.Leg]) -> LegTable.Settlement {
+        let settlement = legs.settle(failures, sentTo: targets)
         for failure in failures {
             Self.say(failure, reading: false, degraded: settlement.degraded.contains { $0.index == failure.leg.index },
                      logger: logger)

@@ -24,6 +24,9 @@ final class LegTable: @unchecked Sendable {
         var writeErrors = 0
         /// A rebuilding leg that takes leg `replaces`'s place once in sync.
         var replaces: Int?
+        /// Read only when no other leg in sync can be; written behind the
+        /// others with `--write-behind` (md's write-mostly).
+        var writeMostly = false
     }
 
     /// A member as a change tells it (the mirror's events): nothing that
@@ -48,6 +51,7 @@ final class LegTable: @unchecked Sendable {
     struct Leg {
         let index: Int
         let device: BlockDevice
+        var writeMostly = false
     }
 
     /// The legs a request may use, at one moment.
@@ -55,20 +59,31 @@ final class LegTable: @unchecked Sendable {
         /// Counts the table's changes: a request that saw this snapshot may
         /// answer once the superblocks record this version.
         let version: UInt64
-        /// In-sync legs, in order: reads go to one the read policy picks;
-        /// a resync copies from the first.
+        /// In-sync legs, in order, write-mostly ones last: reads go to one
+        /// the read policy picks among the first `readFirst`; a resync and
+        /// a scrub's tie copy from the first.
         let readable: [Leg]
+        /// How many of `readable` are read before a write-mostly leg is:
+        /// those not write-mostly, or all when every one is.
+        let readFirst: Int
         /// In-sync and rebuilding legs: writes go to all of them.
         let writable: [Leg]
+        /// The write-mostly legs written (in sync or rebuilding) while a
+        /// leg that is not write-mostly is in sync: the legs a write may be
+        /// answered without (write-behind).
+        let writeMostly: [Leg]
 
         init(_ members: [Member], version: UInt64) {
             self.version = version
-            readable = members.indices.compactMap { index in
-                members[index].state == .inSync ? members[index].device.map { Leg(index: index, device: $0) } : nil
+            let legs = members.indices.compactMap { index in
+                members[index].device.map { Leg(index: index, device: $0, writeMostly: members[index].writeMostly) }
             }
-            writable = members.indices.compactMap { index in
-                members[index].state != .degraded ? members[index].device.map { Leg(index: index, device: $0) } : nil
-            }
+            let inSync = legs.filter { members[$0.index].state == .inSync }
+            let preferred = inSync.filter { !$0.writeMostly }
+            readable = preferred + inSync.filter(\.writeMostly)
+            readFirst = preferred.isEmpty ? inSync.count : preferred.count
+            writable = legs.filter { members[$0.index].state != .degraded }
+            writeMostly = preferred.isEmpty ? [] : writable.filter(\.writeMostly)
         }
 
         func isReadable(_ leg: Leg) -> Bool { readable.contains { $0.index == leg.index && $0.device === leg.device } }
@@ -184,18 +199,19 @@ final class LegTable: @unchecked Sendable {
         var version: UInt64
     }
 
-    /// Records the legs that failed a change sent to `snapshot`'s writable
-    /// legs, then says whether a leg that took it is in sync now. Both
+    /// Records the legs that failed a change sent to `legs` (a snapshot's
+    /// writable legs, or those a write-behind waits for), then says whether
+    /// a leg that took it is in sync now. Both
     /// under one lock: the legs may have changed since the change went out
     /// (a leg failed by the operator or by another request, a rebuild
     /// finished), and a leg whose failure is refused (the last in-sync leg)
     /// stays in sync without the change, whose error must then reach the
     /// client.
-    func settle(_ failures: [LegFailure], sentTo snapshot: Snapshot) -> Settlement {
+    func settle(_ failures: [LegFailure], sentTo legs: [Leg]) -> Settlement {
         lock.withLock {
             let degraded = failures.filter { failLocked($0.leg, errno: $0.errno, reading: false) }.map(\.leg)
             let failed = Set(failures.map(\.leg.index))
-            let holders = snapshot.writable.filter { !failed.contains($0.index) }.compactMap(position(of:))
+            let holders = legs.filter { !failed.contains($0.index) }.compactMap(position(of:))
             let held = holders.contains { members[$0].state == .inSync }
             if !held && holders.contains(where: { members[$0].state == .rebuilding }) { rebuildSpoiled = true }
             return Settlement(degraded: degraded, held: held, version: version)
@@ -205,6 +221,30 @@ final class LegTable: @unchecked Sendable {
     /// A rebuild pass begins: only changes from now on can spoil it.
     func beginRebuildPass() {
         lock.withLock { rebuildSpoiled = false }
+    }
+
+    /// Takes write-mostly `leg`, whose write-behind backlog is full, out of
+    /// the writes until it drains (`--on-congestion pull-ahead`): one in
+    /// sync, or one being caught up. Never the last leg in sync. Returns
+    /// whether it changed.
+    func fallBehind(_ leg: Leg) -> Bool {
+        lock.withLock {
+            guard let index = position(of: leg), members[index].state != .degraded,
+                  members[index].state == .rebuilding || inSyncCount > 1 else { return false }
+            degradeLocked(index, cause: .behind)
+            return true
+        }
+    }
+
+    /// Marks leg `index` write-mostly, or not. Returns whether it changed.
+    func setWriteMostly(_ index: Int, _ writeMostly: Bool) throws(MirrorError) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        try checkLocked(index)
+        guard members[index].writeMostly != writeMostly else { return false }
+        members[index].writeMostly = writeMostly
+        changed()
+        return true
     }
 
     /// Degrades leg `index` at an operator's request.
@@ -279,7 +319,8 @@ final class LegTable: @unchecked Sendable {
             if let replacing, let other = members.firstIndex(where: { $0.replaces == replacing }) {
                 throw .invalidLegChange("leg \(other) is already being copied to in place of leg \(replacing)")
             }
-            members.append(Member(name: device.name, device: device, uuid: uuid, state: .rebuilding, replaces: replacing))
+            members.append(Member(name: device.name, device: device, uuid: uuid, state: .rebuilding, replaces: replacing,
+                                  writeMostly: replacing.map { members[$0].writeMostly } ?? false))
             index = members.count - 1
         }
         members[index].device = device
@@ -396,7 +437,8 @@ final class LegTable: @unchecked Sendable {
     var recorded: (legs: [LegRecord], generation: UInt64, snapshot: Snapshot) {
         lock.withLock {
             (members.map { LegRecord(uuid: $0.uuid, state: $0.state, cause: $0.cause, errno: $0.errno,
-                                     failedGeneration: $0.failedGeneration, name: $0.name, replaces: $0.replaces) },
+                                     failedGeneration: $0.failedGeneration, name: $0.name, replaces: $0.replaces,
+                                     writeMostly: $0.writeMostly) },
              generation, current)
         }
     }

@@ -40,8 +40,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     public var readPolicy: ReadPolicy { readBalancer.policy }
     /// Whether a write may go to the legs with as few in sync as now.
     let redundancy: RedundancyGuard
+    /// The writes outstanding to write-mostly legs after their answer.
+    let writeBehind: WriteBehind
 
-    private let lock = ConditionLock()
+    private let lock: ConditionLock
     /// Held by whatever changes the set of legs or clears dirty bits, so that
     /// the cleaner never clears a bit that a leg coming in still needs.
     private let maintenance = ConditionLock()
@@ -71,8 +73,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
          events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock,
          client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, readPolicy: ReadPolicy,
-         redundancy: RedundancyPolicy, reconnectAfter: Duration?, ownership: Ownership, eventSink: (any EventSink)?,
-         logger: Logger) {
+         redundancy: RedundancyPolicy, reconnectAfter: Duration?, ownership: Ownership, writeBehind: WriteBehindPolicy,
+         eventSink: (any EventSink)?, logger: Logger) {
         self.reconnectAfter = reconnectAfter
         self.ownership = ownership
         let lease = ownership.holdsLease ? ownership.me.map(Lease.init(owner:)) : nil
@@ -86,6 +88,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.recoveryPending = Atomic(recoveryPending)
         readBalancer = ReadBalancer(policy: readPolicy)
         self.redundancy = RedundancyGuard(policy: redundancy)
+        let lock = ConditionLock()
+        self.lock = lock
+        // A leg pulled ahead whose backlog drained is caught up by the background thread.
+        self.writeBehind = WriteBehind(policy: writeBehind) { lock.broadcast() }
         let announce = MirrorEvents(sink: eventSink, mirror: "\(uuid)")
         self.announce = announce
         legs = LegTable(members, generation: generation) { before, after in announce.legsChanged(from: before, to: after) }
@@ -180,6 +186,13 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         // A leg change under way ends first; none starts from now on.
         maintenance.withLock {}
         stopHoldingWrites()
+        // Answered writes still on their way to write-mostly legs: the legs
+        // are recorded clean only once every one has them (or failed them:
+        // a leg that hangs fails them after --remote-timeout).
+        if writeBehind.outstandingCount > 0 {
+            logger.info("waiting for \(writeBehind.outstandingCount) writes behind to reach the write-mostly legs")
+            writeBehind.waitUntilDrained()
+        }
         // A lease that lapsed (a leg stalled the last renewals): the legs
         // are read first, and written only if still this server's.
         if let lease, !lease.isValid, !lease.isFenced,
@@ -217,6 +230,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             let recover = isRecoveryPending
             if stop { return }
             redundancy.release(inSync: legs.snapshot.readable.count)
+            catchUpLegsBehind()
             let rebuilding = legs.all.contains { $0.state == .rebuilding }
             if recover || rebuilding {
                 runResync(recovery: recover)
@@ -469,7 +483,37 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         lock.broadcast()
     }
 
+    /// Brings back each leg pulled ahead (`--on-congestion pull-ahead`)
+    /// once it has no write outstanding: a resync copies it the regions
+    /// written since, which stayed dirty. At a start too, after a stop
+    /// that left one behind.
+    private func catchUpLegsBehind() {
+        for member in legs.all where member.state == .degraded && member.cause == .behind {
+            guard let device = member.device, writeBehind.backlog(of: device) == 0 else { continue }
+            maintenance.withLock {
+                guard !lock.withLock({ stopping }), lease?.isValid ?? true, let index = legs.index(of: member.uuid),
+                      legs.member(index).cause == .behind, legs.member(index).device === device else { return }
+                do {
+                    try bringIn(.at(index), device: device, uuid: member.uuid, fullCopy: false)
+                } catch {
+                    logger.error("leg \(index) (\(member.name)) could not be caught up: \(error)")
+                }
+            }
+        }
+    }
+
     // MARK: Changing legs
+
+    /// Marks leg `index` write-mostly (read only when no other leg in sync
+    /// can be, and written behind with `--write-behind`), or not; recorded
+    /// in the superblocks.
+    public func setWriteMostly(_ index: Int, _ writeMostly: Bool) throws(MirrorError) {
+        try changingLegs(index)
+        defer { maintenance.unlock() }
+        guard try legs.setWriteMostly(index, writeMostly) else { return }
+        logger.info("leg \(index) (\(legs.member(index).name)) is \(writeMostly ? "" : "no longer ")write-mostly")
+        guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
+    }
 
     /// Takes leg `index` out of the mirror, as if it had failed.
     public func failLeg(_ index: Int) throws(MirrorError) {

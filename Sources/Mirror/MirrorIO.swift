@@ -1,6 +1,7 @@
 import DMIO
 import Glibc
 import BlockTargets
+import Synchronization
 
 /// The mirror's I/O path: every write goes to every writable leg in one
 /// DMIO request; a read goes to the in-sync leg the read policy picks
@@ -15,12 +16,15 @@ import BlockTargets
 extension Mirror {
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: IOContext,
                      completion: @escaping TargetCompletion) {
-        let candidates = legs.snapshot.readable
+        let snapshot = legs.snapshot
+        let candidates = snapshot.readable
         // After an unclean stop the legs may differ in their dirty regions
         // until the recovery has copied them from the first: read what it
         // will copy, never what it will overwrite (md reads the first disk
-        // where it has not resynced).
-        let first = isRecoveryPending ? 0 : readBalancer.choose(offset: offset, among: candidates.lazy.map(\.index))
+        // where it has not resynced). Write-mostly legs come last, read
+        // only when the others fail.
+        let first = isRecoveryPending ? 0
+            : readBalancer.choose(offset: offset, among: candidates.prefix(snapshot.readFirst).lazy.map(\.index))
         read(into: buffer, offset: offset, from: candidates, first: first, tried: 0, failures: [],
              on: context.client(or: client), completion: completion)
     }
@@ -52,6 +56,12 @@ extension Mirror {
         }
         let leg = candidates[(first + tried) % candidates.count]
         let length = UInt64(buffer.count)
+        // A write-mostly leg may not have the writes answered before it had
+        // them yet: the read waits for those it overlaps.
+        if leg.writeMostly, !writeBehind.mayStart(offset..<offset + length, resume: { [self, candidates, first, tried] in
+            read(into: buffer, offset: offset, from: candidates, first: first, tried: tried, failures: failures,
+                 on: client, completion: completion)
+        }) { return }
         readBalancer.started(leg.index, offset: offset, length: length)
         let started = submit(.read, [leg], offset: offset, length: length,
                              memory: .buffer(buffer), on: io) { [self] failed in
@@ -87,11 +97,16 @@ extension Mirror {
                context: context, completion: completion)
     }
 
+    /// A flush waits for no leg written behind: what it makes durable is on
+    /// the others, and the regions that leg lacks stay dirty until the
+    /// cleaner, which flushes every leg, clears them.
     public func flush(context: IOContext, completion: @escaping TargetCompletion) {
         let snapshot = legs.snapshot
-        let started = submit(.flush, snapshot.writable, offset: 0, length: 0,
+        let targets = writesBehind(snapshot) ? snapshot.writable.filter { !$0.isAmong(snapshot.writeMostly) }
+                                             : snapshot.writable
+        let started = submit(.flush, targets, offset: 0, length: 0,
                              on: context.client(or: client)) { [self] failures in
-            answer(.flush, snapshot: snapshot, failures: failures, completion: completion)
+            answer(.flush, sentTo: targets, version: snapshot.version, failures: failures, completion: completion)
         }
         if !started { completion(TargetResult(errno: EINVAL, message: "flush refused by DMIO")) }
     }
@@ -124,6 +139,8 @@ extension Mirror {
         let memory: IOMemory?
         let flags: IOFlags
         let completion: TargetCompletion
+
+        var range: Range<UInt64> { offset..<offset + length }
     }
 
     /// A write or a zeroing: its regions counted and their bits durable
@@ -159,6 +176,8 @@ extension Mirror {
     /// (or when `io` is nil: it waited) on the mirror's own client.
     private func start(_ change: Change, on io: DMIOClient?) {
         let completion = change.completion
+        // After a write answered before a write-mostly leg had it (write-behind).
+        guard writeBehind.mayStart(change.range, resume: { [self] in start(change, on: nil) }) else { return }
         // With the default policy (one leg in sync is enough: there is
         // always one) no write asks.
         if redundancy.policy.minInSync > 1 {
@@ -200,10 +219,20 @@ extension Mirror {
     }
 
     private func issue(_ change: Change, on io: DMIOClient) {
-        let snapshot = legs.snapshot
+        var snapshot = legs.snapshot
+        if writesBehind(snapshot) {
+            let (ticket, full) = writeBehind.reserve(snapshot.writeMostly, range: change.range)
+            if !full.isEmpty && writeBehind.policy.onCongestion == .pullAhead {
+                pullAhead(full)
+                // The write answers once the superblocks record those legs behind.
+                snapshot = legs.snapshot
+            }
+            if let ticket { return issue(change, behind: ticket, snapshot: snapshot, on: io) }
+        }
         let started = submit(change.operation, snapshot.writable, offset: change.offset, length: change.length,
                              memory: change.memory, flags: change.flags, on: io) { [self] failures in
-            answer(change.operation, snapshot: snapshot, failures: failures, completion: change.completion)
+            answer(change.operation, sentTo: snapshot.writable, version: snapshot.version, failures: failures,
+                   completion: change.completion)
             // Only now, with the failed legs degraded: the cleaner must not
             // clear these bits while a leg that missed the write looks in sync.
             regionHash.endWrite(change.regions)
@@ -214,15 +243,84 @@ extension Mirror {
         }
     }
 
-    /// Ends a request that went to every writable leg of `snapshot`: legs
-    /// that failed are degraded (and recorded) before the answer. It
-    /// succeeded if a leg in sync now holds it; a rebuilding leg alone is
-    /// not enough, since reads do not come from it.
-    private func answer(_ operation: IOOperation, snapshot: LegTable.Snapshot, failures: [LegFailure],
-                        completion: @escaping TargetCompletion) {
+    /// Whether writes to `snapshot`'s write-mostly legs go behind.
+    private func writesBehind(_ snapshot: LegTable.Snapshot) -> Bool {
+        writeBehind.policy.limit > 0 && !snapshot.writeMostly.isEmpty
+    }
+
+    /// Issues `change` to the writable legs but those of `ticket`, and from
+    /// a copy of its bytes to those: it is answered once the others hold it
+    /// (or, when none of them does, once the legs behind have it), and its
+    /// regions stay counted, so dirty, until the legs behind have it too.
+    private func issue(_ change: Change, behind ticket: WriteBehind.Ticket, snapshot: LegTable.Snapshot,
+                       on io: DMIOClient) {
+        let front = snapshot.writable.filter { !$0.isAmong(ticket.legs) }
+        let copy = change.memory.map { memory in
+            let bytes = allocateAligned(memory.byteCount)
+            memory.copy(to: bytes)
+            return bytes
+        }
+        let parts = BehindChange()
+        let ended = { [self] in
+            guard let outcome = parts.end() else { return }
+            if !outcome.frontHeld {
+                // No leg in front holds it: the legs behind answer for it.
+                let holds = outcome.behindFailures.isEmpty && legs.snapshot.readable.contains { $0.isAmong(ticket.legs) }
+                if holds { succeed(once: legs.snapshot.version, change.completion) }
+                else { change.completion(everyLegFailed("\(change.operation)", outcome.failures)) }
+            }
+            regionHash.endWrite(change.regions)
+        }
+        let frontStarted = submit(change.operation, front, offset: change.offset, length: change.length,
+                                  memory: change.memory, flags: change.flags, on: io) { [self] failures in
+            let settlement = front.isEmpty ? nil : legFailures.settle(failures, sentTo: front)
+            if let settlement, settlement.held { succeed(once: settlement.version, change.completion) }
+            parts.frontEnded(held: settlement?.held ?? false, failures: failures)
+            ended()
+        }
+        let behindStarted = frontStarted && submit(change.operation, ticket.legs, offset: change.offset,
+                                                   length: change.length, memory: copy.map(IOMemory.buffer),
+                                                   flags: change.flags, on: io) { [self] failures in
+            if let copy { free(copy.baseAddress) }
+            legFailures.record(failures, reading: false)
+            writeBehind.ended(ticket)
+            parts.behindEnded(failures: failures)
+            ended()
+        }
+        if !behindStarted {
+            if let copy { free(copy.baseAddress) }
+            writeBehind.ended(ticket)
+            if frontStarted {
+                parts.behindEnded(failures: [])
+                ended()
+            } else {
+                regionHash.endWrite(change.regions)
+                change.completion(TargetResult(errno: EINVAL, message: "\(change.operation) refused by DMIO"))
+            }
+        }
+    }
+
+    /// Takes write-mostly legs whose backlog is full out of the writes
+    /// (`--on-congestion pull-ahead`): the background thread catches each
+    /// up once its backlog has drained.
+    private func pullAhead(_ full: [LegTable.Leg]) {
+        for leg in full where legs.fallBehind(leg) {
+            let line = "leg \(leg.index) (\(leg.device.name)) has \(writeBehind.policy.limit) writes outstanding: "
+                + "pulled ahead of it; it is caught up once they end (--on-congestion pull-ahead)"
+            logger.warning("\(line)")
+            writeBehind.pulledAhead(leg.device)
+        }
+    }
+
+    /// Ends a request that went to `targets`: legs that failed are degraded
+    /// (and recorded) before the answer. It succeeded if a leg in sync now
+    /// holds it; a rebuilding leg alone is not enough, since reads do not
+    /// come from it.
+    private func answer(_ operation: IOOperation, sentTo targets: [LegTable.Leg], version: UInt64,
+                        failures: [LegFailure], completion: @escaping TargetCompletion) {
         // Every leg took it: a leg degraded before it went out must be on record.
-        if failures.isEmpty { return succeed(once: snapshot.version, completion) }
-        let settlement = legFailures.settle(failures, sentTo: snapshot)
+        if failures.isEmpty { return succeed(once: version, completion) }
+        let settlement = legFailures.settle(failures, sentTo: targets)
         guard settlement.held else { return completion(everyLegFailed("\(operation)", failures)) }
         succeed(once: settlement.version, completion)
     }
@@ -267,4 +365,43 @@ extension Mirror {
             return false
         }
     }
+}
+
+/// The two parts of a change written behind: the legs it is answered from,
+/// and the write-mostly legs behind them. Whichever ends last ends it.
+private final class BehindChange: Sendable {
+    struct Outcome {
+        var frontHeld: Bool
+        var failures: [LegFailure]
+        var behindFailures: [LegFailure]
+    }
+
+    private let state = Mutex((partsLeft: 2, outcome: Outcome(frontHeld: false, failures: [], behindFailures: [])))
+
+    func frontEnded(held: Bool, failures: [LegFailure]) {
+        state.withLock {
+            $0.outcome.frontHeld = held
+            $0.outcome.failures += failures
+        }
+    }
+
+    func behindEnded(failures: [LegFailure]) {
+        state.withLock {
+            $0.outcome.behindFailures = failures
+            $0.outcome.failures += failures
+        }
+    }
+
+    /// Counts a part's end; the outcome once both have ended.
+    func end() -> Outcome? {
+        state.withLock {
+            $0.partsLeft -= 1
+            return $0.partsLeft == 0 ? $0.outcome : nil
+        }
+    }
+}
+
+extension LegTable.Leg {
+    /// Whether this leg, on its device, is one of `legs`.
+    func isAmong(_ legs: [LegTable.Leg]) -> Bool { legs.contains { $0.device === device } }
 }

@@ -26,6 +26,12 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
         /// stays in service until this one is in sync (replace-leg of a
         /// leg in sync).
         public var replaces: Int?
+        /// Read only when no other leg in sync can be; written behind with
+        /// --write-behind. Nil (not) in an older server's answer.
+        public var writeMostly: Bool?
+        /// Writes answered before this write-mostly leg had them, still
+        /// outstanding to it.
+        public var writesBehind: Int?
 
         /// What the metrics and the events call the leg's state.
         public var condition: LegCondition { LegCondition(state: state, cause: cause, opened: kind != nil) }
@@ -155,13 +161,13 @@ public struct MirrorStatus: Sendable, Codable, Hashable {
 /// A leg's state as the metrics (`dmio_leg_state`) and the events name it:
 /// `missing` is a degraded leg that could not be opened.
 public enum LegCondition: String, CaseIterable, Sendable {
-    case inSync = "in_sync", degraded, rebuilding, missing
+    case inSync = "in_sync", degraded, rebuilding, missing, behind
 
     init(state: LegState, cause: LegCause?, opened: Bool) {
         switch state {
         case .inSync: self = .inSync
         case .rebuilding: self = .rebuilding
-        case .degraded: self = cause == .open || !opened ? .missing : .degraded
+        case .degraded: self = cause == .open || !opened ? .missing : cause == .behind ? .behind : .degraded
         }
     }
 }
@@ -197,7 +203,9 @@ extension Mirror {
                                  cause: member.state == .degraded && member.cause != .unknown ? member.cause : nil,
                                  errno: member.errno == 0 ? nil : errnoName(member.errno),
                                  readErrors: member.readErrors, writeErrors: member.writeErrors,
-                                 outOfSyncBytes: outOfSync(member.state), replaces: member.replaces)
+                                 outOfSyncBytes: outOfSync(member.state), replaces: member.replaces,
+                                 writeMostly: member.writeMostly,
+                                 writesBehind: member.device.map(writeBehind.backlog(of:)) ?? 0)
             },
             resync: MirrorStatus.Resync(progress, rateLimit: pass.rateLimit),
             scrub: MirrorStatus.Scrub(pass.currentScrub, asked: isScrubAsked))

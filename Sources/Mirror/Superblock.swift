@@ -38,7 +38,7 @@ extension LegState: Codable {
 
 /// Why a leg left the mirror, as the superblock records it with the errno.
 /// In JSON a word ("operator", "open"...).
-public enum LegCause: UInt32, Sendable, Hashable {
+public enum LegCause: UInt32, Sendable, Hashable, CaseIterable {
     /// Not recorded (metadata from before causes were), or nothing failed.
     case unknown = 0
     /// `fail-leg`.
@@ -49,6 +49,10 @@ public enum LegCause: UInt32, Sendable, Hashable {
     case write = 4
     /// It holds no usable metadata (none, or both slots damaged).
     case metadata = 5
+    /// A write-mostly leg whose write-behind backlog filled, with
+    /// `--on-congestion pull-ahead` (DRBD's "Ahead"): written no more until
+    /// its backlog drains, then caught up by a resync of its dirty regions.
+    case behind = 6
 
     public var word: String {
         switch self {
@@ -58,6 +62,7 @@ public enum LegCause: UInt32, Sendable, Hashable {
         case .read: "read"
         case .write: "write"
         case .metadata: "metadata"
+        case .behind: "behind"
         }
     }
 }
@@ -65,7 +70,7 @@ public enum LegCause: UInt32, Sendable, Hashable {
 extension LegCause: Codable {
     public init(from decoder: Decoder) throws {
         let word = try decoder.singleValueContainer().decode(String.self)
-        guard let cause = (0...5).compactMap({ LegCause(rawValue: $0) }).first(where: { $0.word == word }) else {
+        guard let cause = LegCause.allCases.first(where: { $0.word == word }) else {
             throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "leg cause \(word)"))
         }
         self = cause
@@ -95,6 +100,10 @@ struct LegRecord: Sendable, Hashable {
     /// healthy leg, md's --replace), the index of that leg: once the copy
     /// ends, this leg takes its place and that one is removed.
     var replaces: Int?
+    /// Written, but read only when no other leg in sync can be (md's
+    /// write-mostly): a slow or remote leg, written behind the others'
+    /// answers with `--write-behind`.
+    var writeMostly = false
 }
 
 /// The superblock: one 4 KiB slot, little-endian, CRC32C in its last four
@@ -104,8 +113,8 @@ struct Superblock: Sendable, Hashable {
     static let magic: [UInt8] = Array("DMIOMIRR".utf8)
     /// 2 adds the generation, each leg's cause, failed generation and name,
     /// the event of the last bit clearing and the raw-use flag (later, in
-    /// bits a version 2 reader ignores: the removed flag and the leg a
-    /// replacement replaces); version 1
+    /// bits a version 2 reader ignores: the removed flag, the leg a
+    /// replacement replaces, the owner, write-mostly); version 1
     /// (where they read as 0, not recorded) is read too, and written as 2.
     static let version: UInt32 = 2
     static let readableVersions: ClosedRange<UInt32> = 1...2
@@ -183,9 +192,11 @@ struct Superblock: Sendable, Hashable {
             let at = Field.legs + index * Field.legRecordBytes
             bytes.store(leg.uuid, at: at)
             // The state's low byte, the cause in the next, then the leg it
-            // replaces plus one (0 in older metadata, and for none).
+            // replaces plus one (0 in older metadata, and for none), then
+            // flags: write-mostly.
             let replaces = UInt32(leg.replaces.map { $0 + 1 } ?? 0)
-            bytes.store(leg.state.rawValue | leg.cause.rawValue << 8 | replaces << 16, at: at + 16)
+            bytes.store(leg.state.rawValue | leg.cause.rawValue << 8 | replaces << 16 | (leg.writeMostly ? 1 << 24 : 0),
+                        at: at + 16)
             bytes.store(UInt32(bitPattern: leg.errno), at: at + 20)
             bytes.store(leg.failedGeneration, at: at + 24)
         }
@@ -236,7 +247,8 @@ struct Superblock: Sendable, Hashable {
                                   errno: Int32(bitPattern: bytes.load(UInt32.self, at: at + 20)),
                                   failedGeneration: bytes.load(UInt64.self, at: at + 24),
                                   name: String(decoding: bytes[nameAt + 2..<nameAt + 2 + nameLength], as: UTF8.self),
-                                  replaces: (1...legCount).contains(Int(word >> 16 & 0xFF)) ? Int(word >> 16 & 0xFF) - 1 : nil))
+                                  replaces: (1...legCount).contains(Int(word >> 16 & 0xFF)) ? Int(word >> 16 & 0xFF) - 1 : nil,
+                                  writeMostly: word >> 24 & 1 != 0))
             nameAt += 2 + nameLength
         }
         return .superblock(Superblock(

@@ -81,6 +81,8 @@ public final class MetricsExporter: Sendable {
             }
             scrape.gauge("dmio_leg_out_of_sync_bytes", labels, Double(leg.outOfSyncBytes ?? 0),
                          help: "Bytes the leg lacks: what a resync has yet to copy to it, or what was written while it was out")
+            scrape.gauge("dmio_leg_writes_behind", labels, Double(leg.writesBehind ?? 0),
+                         help: "Writes answered before this write-mostly leg had them, still outstanding to it")
             guard leg.index < statistics.count, let legStatistics = statistics[leg.index] else { continue }
             scrape.counter("dmio_leg_read_bytes_total", labels, legStatistics.totals(IOOperation.read.rawValue).bytes,
                            help: "Bytes read from the leg")
@@ -93,9 +95,9 @@ public final class MetricsExporter: Sendable {
             scrape.gauge("dmio_mirror_legs", mirror + [("state", state.rawValue)], Double(count),
                          help: "Legs of the mirror in each state")
         }
-        let out = (counts[.degraded] ?? 0) + (counts[.missing] ?? 0)
+        let out = (counts[.degraded] ?? 0) + (counts[.missing] ?? 0) + (counts[.behind] ?? 0)
         scrape.gauge("dmio_mirror_degraded", mirror, out > 0 ? 1 : 0,
-                     help: "1 when a leg is out (degraded or missing) and not being copied to, else 0")
+                     help: "1 when a leg is out (degraded, missing or behind) and not being copied to, else 0")
         scrape.gauge("dmio_bitmap_dirty_regions", mirror, Double(status.dirtyRegions),
                      help: "Regions marked in the write-intent bitmap")
         scrape.counter("dmio_bitmap_writes_total", mirror, status.bitmapWrites ?? 0,

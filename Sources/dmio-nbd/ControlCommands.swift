@@ -128,10 +128,11 @@ func describe(_ report: MirrorReport, coloured: Bool = false) -> String {
     let width = max(6, status.legs.map(\.device.count).max() ?? 0) + 1
     lines.append("leg  state       " + "device".padded(width) + "  read/write errors  why out, or last error")
     for leg in status.legs {
-        let state = leg.state.description.padded(12)
+        let state = (leg.condition == .behind ? "behind" : leg.state.description).padded(12)
         lines.append("\(leg.index)".padded(5) + (coloured ? colour(state, for: leg.state) : state) + leg.device.padded(width)
                      + "  " + "\(leg.readErrors)/\(leg.writeErrors)".padded(19)
-                     + (leg.why ?? leg.replaces.map { "replaces leg \($0) once in sync" } ?? leg.error ?? "-"))
+                     + (leg.why ?? leg.replaces.map { "replaces leg \($0) once in sync" } ?? leg.error ?? "-")
+                     + (leg.writeMostly == true ? "  (write-mostly" + (leg.writesBehind.map { $0 > 0 ? ", \($0) writes behind" : "" } ?? "") + ")" : ""))
     }
     let resync = status.resync
     if resync.active {
@@ -266,6 +267,21 @@ struct RemoveLeg: ParsableCommand {
     @Argument(help: "The leg's number (0 is the first).") var leg: Int
     @OptionGroup var options: ControlOptions
     func run() throws { try options.send(ControlRequest(command: .removeLeg, leg: leg)) }
+}
+
+struct SetLeg: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "set-leg", abstract: "Change how a leg is used, online; recorded in the legs' superblocks.",
+        discussion: """
+            A write-mostly leg is read only when no other leg in sync can be (md's write-mostly): a slow \
+            or remote leg. With --write-behind (on by default) a write is answered once the other legs in \
+            sync have it, and goes on to the write-mostly legs behind the answer.
+            """)
+    @Argument(help: "The leg's number (0 is the first).") var leg: Int
+    @Flag(inversion: .prefixedNo, help: "Read the leg only when no other leg in sync can be; write it behind.")
+    var writeMostly: Bool
+    @OptionGroup var options: ControlOptions
+    func run() throws { try options.send(ControlRequest(command: .setLeg, leg: leg, writeMostly: writeMostly)) }
 }
 
 struct Events: ParsableCommand {

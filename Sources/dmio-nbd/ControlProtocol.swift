@@ -10,7 +10,7 @@ import Mirror
 struct ControlRequest: Codable, Equatable {
     enum Command: String, Codable {
         case status, failLeg = "fail-leg", readdLeg = "readd-leg", replaceLeg = "replace-leg", events
-        case addLeg = "add-leg", removeLeg = "remove-leg"
+        case addLeg = "add-leg", removeLeg = "remove-leg", setLeg = "set-leg"
         case check, repair, cancelScrub = "cancel-scrub"
     }
 
@@ -22,6 +22,8 @@ struct ControlRequest: Codable, Equatable {
     var force: Bool?
     /// events: the mirror as it is first (`exists` events).
     var now: Bool?
+    /// set-leg: whether the leg is write-mostly.
+    var writeMostly: Bool?
 
     /// The request in `line`, or nil when it is not one.
     static func parse(_ line: String) -> ControlRequest? {
@@ -31,6 +33,7 @@ struct ControlRequest: Codable, Equatable {
         case .failLeg, .readdLeg, .removeLeg: return request.leg == nil ? nil : request
         case .replaceLeg: return request.leg == nil || request.device == nil ? nil : request
         case .addLeg: return request.device == nil ? nil : request
+        case .setLeg: return request.leg == nil || request.writeMostly == nil ? nil : request
         }
     }
 }

@@ -77,6 +77,8 @@ final class ControlServer: @unchecked Sendable {
                 try mirror.addLeg(request.device!, force: request.force ?? false)
             case .removeLeg:
                 try mirror.removeLeg(request.leg!)
+            case .setLeg:
+                try mirror.setWriteMostly(request.leg!, request.writeMostly!)
             case .check:
                 try mirror.startScrub(.check)
             case .repair:

@@ -26,6 +26,10 @@ struct Create: ParsableCommand {
             transform: ByteSize.parse)
     var regionSize: ByteSize?
 
+    @Option(help: ArgumentHelp("Make leg N write-mostly: read only when no other leg in sync can be, and written "
+                               + "behind (serve's --write-behind). Give it once per leg.", valueName: "N"))
+    var writeMostly: [Int] = []
+
     @Flag(help: "Overwrite legs that already belong to a mirror, or hold a file system or a partition table.")
     var force = false
 
@@ -38,6 +42,9 @@ struct Create: ParsableCommand {
     func validate() throws {
         guard legs.count >= 2 else { throw ValidationError("a mirror needs at least 2 legs") }
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
+        if let leg = writeMostly.first(where: { !legs.indices.contains($0) }) {
+            throw ValidationError("--write-mostly \(leg): the mirror has legs 0 to \(legs.count - 1)")
+        }
     }
 
     func run() throws {
@@ -60,7 +67,7 @@ struct Create: ParsableCommand {
             }
             let inSync = missing.count == specs.count || assumeClean
             let uuid = try Mirror.create(devices, client: client, regionBytes: regionBytes, fresh: inSync, force: force,
-                                         logger: makeLogger(verbose: false))
+                                         writeMostly: Set(writeMostly), logger: makeLogger(verbose: false))
             let layout = try MirrorLayout(legBytes: devices[0].size, regionBytes: regionBytes)
             print("made mirror \(uuid): \(specs.count) legs, \(layout.dataBytes >> 20) MiB of data"
                   + (inSync ? ", in sync" : "; " + (specs.count == 2 ? "leg 1 gets" : "legs 1 to \(specs.count - 1) get")

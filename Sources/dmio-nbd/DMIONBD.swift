@@ -16,7 +16,7 @@ struct DMIONBD: AsyncParsableCommand {
             why, or a stop forced by a second signal; 64 a command line that could not be read.
             """,
         subcommands: [Serve.self, Create.self, Status.self, Events.self, FailLeg.self, ReaddLeg.self, ReplaceLeg.self,
-                      AddLeg.self, RemoveLeg.self, Check.self, Repair.self, Examine.self, Wipe.self],
+                      AddLeg.self, RemoveLeg.self, SetLeg.self, Check.self, Repair.self, Examine.self, Wipe.self],
         defaultSubcommand: Serve.self)
 }
 

@@ -44,6 +44,7 @@ struct Examine: ParsableCommand {
         for leg in found.legs {
             let why = leg.state == .degraded ? [leg.cause?.word, leg.errno].compactMap { $0 }.joined(separator: ": ") : ""
             let state = leg.state.description + (leg.replaces.map { " for \($0)" } ?? "")
+                + (leg.writeMostly == true ? ", write-mostly" : "")
             lines.append("  " + "\(leg.index)".padded(5) + state.padded(12) + leg.uuid.padded(38)
                          + (why.isEmpty ? "-" : why).padded(15) + (leg.name ?? "-"))
         }

@@ -90,6 +90,22 @@ struct Serve: AsyncParsableCommand {
                                valueName: "fail|hold"))
     var onLostRedundancy: RedundancyPolicy.OnLoss?
 
+    @Option(help: ArgumentHelp("Make leg N write-mostly (recorded in the superblocks; `set-leg N --no-write-mostly` "
+                               + "undoes it): read only when no other leg in sync can be, and written behind. "
+                               + "Give it once per leg.", valueName: "N"))
+    var writeMostly: [Int] = []
+
+    @Option(help: ArgumentHelp("Answer a write once the legs in sync that are not write-mostly have it, with up to "
+                               + "this many writes outstanding to each write-mostly leg (default 256, as md; 0: "
+                               + "write-mostly legs are waited for as the others).", valueName: "N"))
+    var writeBehind = WriteBehindPolicy.default.limit
+
+    @Option(help: ArgumentHelp("What a write does when a write-mostly leg has --write-behind writes outstanding: "
+                               + "block (it waits for that leg, the default) or pull-ahead (that leg is no longer "
+                               + "written, its regions stay dirty, and it is caught up once its backlog drains).",
+                               valueName: "block|pull-ahead"))
+    var onCongestion: CongestionPolicy = WriteBehindPolicy.default.onCongestion
+
     @Flag(help: "Bypass the page cache (O_DIRECT) for files and block devices.")
     var direct = false
 
@@ -163,6 +179,13 @@ struct Serve: AsyncParsableCommand {
         }
         if !(reconnectInterval >= 0 && reconnectInterval <= 3600) {
             throw ValidationError("--reconnect-interval: \(reconnectInterval) seconds is not between 0 and 3600")
+        }
+        if !(0...WriteBehindPolicy.maxLimit).contains(writeBehind) {
+            throw ValidationError("--write-behind: \(writeBehind) is not between 0 and \(WriteBehindPolicy.maxLimit)")
+        }
+        if !writeMostly.isEmpty && legs.count == 1 { throw ValidationError("--write-mostly marks a mirror's legs; one device has one") }
+        if let leg = writeMostly.first(where: { $0 < 0 || $0 >= max(legs.count, 2) }) {
+            throw ValidationError("--write-mostly \(leg): the mirror has legs 0 to \(max(legs.count, 2) - 1)")
         }
         if eventTimeout < 1 { throw ValidationError("--on-event-timeout: at least 1 second") }
         if eventProgram != nil && legs.count == 1 { throw ValidationError("--on-event watches a mirror; one device has no events") }
@@ -406,6 +429,8 @@ struct Serve: AsyncParsableCommand {
                                                                   onLoss: onLostRedundancy ?? .fail),
                                      reconnectAfter: reconnectInterval == 0 ? nil : .seconds(reconnectInterval),
                                      ownership: try ownership(of: specs, stops: stops),
+                                     writeBehind: WriteBehindPolicy(limit: writeBehind, onCongestion: onCongestion),
+                                     writeMostly: Set(writeMostly),
                                      deviceOptions: deviceOptions(createSize: nil),
                                      allowMissingLegs: allowMissingLegs, eventSink: events, logger: logger)
             if let signal = stops.received { throw StartInterrupted.before(signal) }
@@ -577,4 +602,5 @@ enum CleanExit: Error, CustomStringConvertible {
 extension IOEngineKind: ExpressibleByArgument {}
 extension ReadPolicy: ExpressibleByArgument {}
 extension RedundancyPolicy.OnLoss: ExpressibleByArgument {}
+extension CongestionPolicy: ExpressibleByArgument {}
 extension TCPAddress: ExpressibleByArgument {}

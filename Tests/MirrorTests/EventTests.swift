@@ -269,7 +269,7 @@ import Testing
         while threadCount(pid) > threadsBefore && Date() < deadline { usleep(50_000) }
         #expect(threadCount(pid) <= threadsBefore, "threads left behind: \(threadCount(pid) - threadsBefore)")
         let again = try Watcher(["--now", "--socket", fixture.socket])
-        again.waitFor("exists -")
+        again.waitFor("exists -", timeout: 10)
         #expect(server.stop() == 0)
     }
 

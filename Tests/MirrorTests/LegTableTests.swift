@@ -49,7 +49,7 @@ import Testing
         let sent = legs.snapshot
         try legs.failByOperator(0)
         // Leg 1, now the last in sync, refuses it: it stays in sync, without it.
-        let settlement = legs.settle([failure(sent, leg: 1)], sentTo: sent)
+        let settlement = legs.settle([failure(sent, leg: 1)], sentTo: sent.writable)
         #expect(!settlement.held)
         #expect(settlement.degraded.isEmpty)
         #expect(legs.member(1).state == .inSync)
@@ -58,7 +58,7 @@ import Testing
     @Test func aChangeHeldByAnotherInSyncLegDegradesTheLegThatFailed() {
         let legs = table([.inSync, .inSync, .inSync])
         let sent = legs.snapshot
-        let settlement = legs.settle([failure(sent, leg: 0)], sentTo: sent)
+        let settlement = legs.settle([failure(sent, leg: 0)], sentTo: sent.writable)
         #expect(settlement.held)
         #expect(settlement.degraded.map(\.index) == [0])
         #expect(settlement.version == legs.snapshot.version)
@@ -69,7 +69,7 @@ import Testing
         let legs = table([.inSync, .rebuilding])
         let sent = legs.snapshot
         #expect(legs.finishRebuilds(LegTable.Targets([sent.writable[1]]))?.inSync == [1])
-        let settlement = legs.settle([failure(sent, leg: 0)], sentTo: sent)
+        let settlement = legs.settle([failure(sent, leg: 0)], sentTo: sent.writable)
         #expect(settlement.held, "leg 1 is in sync now and holds it")
         #expect(legs.member(0).state == .degraded)
     }
@@ -78,7 +78,7 @@ import Testing
         let legs = table([.inSync, .rebuilding])
         legs.beginRebuildPass()
         let sent = legs.snapshot
-        let settlement = legs.settle([failure(sent, leg: 0)], sentTo: sent)
+        let settlement = legs.settle([failure(sent, leg: 0)], sentTo: sent.writable)
         #expect(!settlement.held)
         #expect(legs.member(0).state == .inSync, "the last in-sync leg is never degraded")
         #expect(legs.finishRebuilds(LegTable.Targets([sent.writable[1]])) == nil)
@@ -142,5 +142,50 @@ extension LegTableTests {
         }
         _ = try legs.remove(63)
         #expect(try legs.bringIn(.added(replacing: nil), device: devices[2], uuid: .random()) == 63)
+    }
+}
+
+/// Write-mostly legs (md's): read last, written behind only while another
+/// leg is in sync, and pulled ahead never as the last leg in sync.
+extension LegTableTests {
+    @Test func writeMostlyLegsAreReadLastAndWrittenBehindOnlyBesideAnotherInSyncLeg() throws {
+        let legs = table([.inSync, .inSync, .rebuilding])
+        #expect(try legs.setWriteMostly(0, true))
+        #expect(try !legs.setWriteMostly(0, true))
+        var snapshot = legs.snapshot
+        #expect(snapshot.readable.map(\.index) == [1, 0])
+        #expect(snapshot.readFirst == 1)
+        #expect(snapshot.writeMostly.map(\.index) == [0])
+        #expect(snapshot.writable.map(\.index) == [0, 1, 2])
+        #expect(legs.recorded.legs.map(\.writeMostly) == [true, false, false])
+        // Leg 1 out: the write-mostly leg is the only one to read, and to wait for.
+        try legs.failByOperator(1)
+        snapshot = legs.snapshot
+        #expect(snapshot.readable.map(\.index) == [0])
+        #expect(snapshot.readFirst == 1)
+        #expect(snapshot.writeMostly.isEmpty)
+        // The last leg in sync is never pulled ahead.
+        #expect(!legs.fallBehind(snapshot.readable[0]))
+    }
+
+    /// A leg being caught up is written behind too, and may be pulled
+    /// ahead of again.
+    @Test func aRebuildingWriteMostlyLegIsWrittenBehind() throws {
+        let legs = table([.inSync, .rebuilding])
+        _ = try legs.setWriteMostly(1, true)
+        #expect(legs.snapshot.writeMostly.map(\.index) == [1])
+        #expect(legs.fallBehind(legs.snapshot.writeMostly[0]))
+        #expect(legs.member(1).cause == .behind)
+    }
+
+    @Test func aLegPulledAheadIsOutForThatCause() throws {
+        let legs = table([.inSync, .inSync])
+        _ = try legs.setWriteMostly(1, true)
+        let version = legs.snapshot.version
+        #expect(legs.fallBehind(legs.snapshot.writeMostly[0]))
+        #expect(legs.member(1).state == .degraded && legs.member(1).cause == .behind)
+        #expect(legs.member(1).condition == .behind)
+        #expect(legs.snapshot.version > version)
+        #expect(legs.snapshot.writable.map(\.index) == [0])
     }
 }

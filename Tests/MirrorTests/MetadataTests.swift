@@ -21,6 +21,21 @@ import Testing
         #expect(read == written)
     }
 
+    /// In bits a version-2 reader of before ignores: it reads the leg as
+    /// degraded, cause unknown, and not write-mostly.
+    @Test func aWriteMostlyLegAndALegBehindReadBackAsWritten() throws {
+        var written = superblock(events: 9, leg: 0)
+        written.legs[0].writeMostly = true
+        written.legs[1].cause = .behind
+        guard case .superblock(let read) = Superblock.decode(written.encoded()) else {
+            Issue.record("not decoded")
+            return
+        }
+        #expect(read.legs[0].writeMostly && !read.legs[1].writeMostly)
+        #expect(read.legs[1].cause == .behind)
+        #expect(read == written)
+    }
+
     @Test(arguments: [9, 100, 200, 4000, 4095])
     func anyDamagedByteIsCaught(offset: Int) {
         var bytes = superblock(events: 3).encoded()

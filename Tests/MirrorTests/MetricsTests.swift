@@ -45,6 +45,7 @@ import Testing
         #expect(Set(types).count == types.count, "a family twice: \(types.sorted())")
         for name in ["dmio_build_info", "dmio_mirror_info", "dmio_leg_info", "dmio_leg_state", "dmio_mirror_legs",
                      "dmio_mirror_degraded", "dmio_bitmap_dirty_regions", "dmio_bitmap_writes", "dmio_leg_out_of_sync_bytes",
+                     "dmio_leg_writes_behind",
                      "dmio_resync_active", "dmio_resync_done_bytes", "dmio_resync_total_bytes",
                      "dmio_resync_rate_limit_bytes_per_second", "dmio_leg_read_bytes", "dmio_leg_written_bytes",
                      "dmio_leg_requests", "dmio_leg_request_duration_seconds", "dmio_leg_inflight_requests",

@@ -1,0 +1,143 @@
+import DMIO
+import Synchronization
+
+/// What a write does when a write-mostly leg has its `--write-behind`
+/// writes outstanding already (DRBD's on-congestion).
+public enum CongestionPolicy: String, Sendable, CaseIterable {
+    /// It waits for that leg, as a write to a leg without write-behind
+    /// does (md: a write beyond max_write_behind goes synchronously).
+    case block
+    /// That leg is written no more ("behind", DRBD's Ahead): its regions
+    /// stay dirty, and once its backlog has drained a resync catches it up.
+    case pullAhead = "pull-ahead"
+}
+
+/// How writes to write-mostly legs go (md's --write-behind).
+public struct WriteBehindPolicy: Sendable, Hashable {
+    /// Writes outstanding to one write-mostly leg at most, each answered
+    /// without it; 0 writes write-mostly legs as the others are.
+    public var limit: Int
+    public var onCongestion: CongestionPolicy
+
+    /// 256 writes, md's default; block, DRBD's.
+    public static let `default` = WriteBehindPolicy(limit: 256, onCongestion: .block)
+    public static let maxLimit = 16383
+
+    public init(limit: Int, onCongestion: CongestionPolicy) {
+        self.limit = limit
+        self.onCongestion = onCongestion
+    }
+}
+
+/// The writes outstanding to write-mostly legs after their answer (md's
+/// behind writes): how many per leg, and which bytes. A write that
+/// overlaps one waits for it, so that a client that rewrites what it was
+/// told is written never has the older bytes land last; so does a read of
+/// a write-mostly leg. It starts no I/O.
+final class WriteBehind: @unchecked Sendable {
+    let policy: WriteBehindPolicy
+    /// Writes outstanding, all legs together: while 0 (most of the time
+    /// without write-mostly legs) no write looks further.
+    private let outstanding = Atomic<Int>(0)
+    private let lock = ConditionLock()
+    private var perLeg: [ObjectIdentifier: Int] = [:]
+    private var ranges: [UInt64: Range<UInt64>] = [:]
+    private var nextTicket: UInt64 = 0
+    private var waiting: [(range: Range<UInt64>, resume: () -> Void)] = []
+    /// Legs pulled ahead: told (`drained`) once their backlog is empty.
+    private var pulledAhead: Set<ObjectIdentifier> = []
+    private let drained: @Sendable () -> Void
+
+    init(policy: WriteBehindPolicy, drained: @escaping @Sendable () -> Void) {
+        self.policy = policy
+        self.drained = drained
+    }
+
+    /// One write behind, outstanding on some legs.
+    struct Ticket {
+        fileprivate let number: UInt64
+        let legs: [LegTable.Leg]
+    }
+
+    /// Whether I/O to `range` may start now; otherwise `resume` runs once
+    /// the writes outstanding that it overlaps have ended.
+    func mayStart(_ range: Range<UInt64>, resume: @escaping () -> Void) -> Bool {
+        guard outstanding.load(ordering: .acquiring) > 0 else { return true }
+        return lock.withLock {
+            guard ranges.values.contains(where: { $0.overlaps(range) }) else { return true }
+            waiting.append((range, resume))
+            return false
+        }
+    }
+
+    /// Takes a place for a write to `range` on each of `legs` that has one:
+    /// those go behind (the ticket's legs); the others are full.
+    func reserve(_ legs: [LegTable.Leg], range: Range<UInt64>) -> (ticket: Ticket?, full: [LegTable.Leg]) {
+        lock.withLock {
+            var behind: [LegTable.Leg] = []
+            var full: [LegTable.Leg] = []
+            for leg in legs {
+                let key = ObjectIdentifier(leg.device)
+                if perLeg[key, default: 0] < policy.limit {
+                    perLeg[key, default: 0] += 1
+                    behind.append(leg)
+                } else {
+                    full.append(leg)
+                }
+            }
+            guard !behind.isEmpty else { return (nil, full) }
+            nextTicket += 1
+            ranges[nextTicket] = range
+            outstanding.add(1, ordering: .releasing)
+            return (Ticket(number: nextTicket, legs: behind), full)
+        }
+    }
+
+    /// The write of `ticket` ended on its legs: writes and reads that
+    /// waited for it go on (outside the lock; they look again).
+    func ended(_ ticket: Ticket) {
+        let (resumed, emptied) = lock.withLock {
+            ranges[ticket.number] = nil
+            outstanding.subtract(1, ordering: .releasing)
+            var emptied = false
+            for leg in ticket.legs {
+                let key = ObjectIdentifier(leg.device)
+                perLeg[key, default: 1] -= 1
+                if perLeg[key] == 0 {
+                    perLeg[key] = nil
+                    emptied = pulledAhead.remove(key) != nil || emptied
+                }
+            }
+            if ranges.isEmpty { lock.broadcast() }
+            let range = ranges.values
+            let resumed = waiting.filter { waiter in !range.contains { $0.overlaps(waiter.range) } }
+            waiting.removeAll { waiter in !range.contains { $0.overlaps(waiter.range) } }
+            return (resumed.map(\.resume), emptied)
+        }
+        resumed.forEach { $0() }
+        if emptied { drained() }
+    }
+
+    /// Writes outstanding, all legs together.
+    var outstandingCount: Int { outstanding.load(ordering: .acquiring) }
+
+    /// Waits until no write is outstanding.
+    func waitUntilDrained() {
+        lock.withLock { while !ranges.isEmpty { lock.wait() } }
+    }
+
+    /// Writes outstanding to `device`.
+    func backlog(of device: BlockDevice) -> Int { lock.withLock { perLeg[ObjectIdentifier(device)] ?? 0 } }
+
+    /// `device` was pulled ahead: `drained` is told when its backlog is
+    /// empty (at once when it is already).
+    func pulledAhead(_ device: BlockDevice) {
+        let empty = lock.withLock {
+            let key = ObjectIdentifier(device)
+            guard perLeg[key] != nil else { return true }
+            pulledAhead.insert(key)
+            return false
+        }
+        if empty { drained() }
+    }
+}

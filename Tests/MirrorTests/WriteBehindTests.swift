@@ -1,0 +1,186 @@
+import Foundation
+import LibNBD
+import Mirror
+import TestSupport
+import Testing
+
+/// Write-mostly legs (md's --write-mostly, --write-behind) and pull-ahead
+/// (DRBD's on-congestion), over a leg that nbdkit's delay filter makes slow.
+@Suite(.serialized) struct WriteBehindTests {
+    /// A mirror, in sync, of leg `slowLeg` a file behind nbdkit's delay
+    /// filter (each write `delay` late) and the other a local file.
+    private struct SlowLegMirror {
+        let localFile: String
+        let remoteFile: String
+        let socket: String
+        let slowLeg: Int
+        let delay: String
+        var remote: NBDKit
+
+        init(_ fixture: MirrorFixture, slowLeg: Int = 1, delay: String, reads: String = "0") throws {
+            localFile = fixture.path("local.img")
+            remoteFile = fixture.path("remote.img")
+            socket = fixture.path("slow.sock")
+            self.slowLeg = slowLeg
+            self.delay = delay
+            try run(["truncate", "-s", "64M", localFile, remoteFile])
+            remote = try NBDKit(["--filter=delay", "file", remoteFile, "wdelay=\(delay)", "rdelay=\(reads)"], socket: socket)
+            try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
+        }
+
+        var uri: String { "nbd+unix:///?socket=\(socket)" }
+        var legs: [String] { slowLeg == 0 ? [uri, localFile] : [localFile, uri] }
+
+        /// SIGKILL, then the same file again on the same socket.
+        mutating func restartRemote() throws {
+            remote.kill()
+            remote = try NBDKit(["--filter=delay", "file", remoteFile, "wdelay=\(delay)"], socket: socket)
+        }
+    }
+
+    /// Seconds that `body` takes.
+    private func seconds(_ body: () throws -> Void) rethrows -> Double {
+        let start = ContinuousClock.now
+        try body()
+        let (whole, fraction) = (ContinuousClock.now - start).components
+        return Double(whole) + Double(fraction) / 1e18
+    }
+
+    /// Writes `count` 4 KiB blocks side by side from `offset`, one at a
+    /// time; returns what it wrote.
+    private func writeBlocks(_ handle: NBDHandle, from offset: UInt64, count: Int, seed: UInt8) throws -> [UInt8] {
+        let bytes = pattern(count * 4096, seed: seed)
+        for block in 0..<count {
+            try handle.write(Array(bytes[block * 4096..<(block + 1) * 4096]), at: offset + UInt64(block * 4096))
+        }
+        return bytes
+    }
+
+    @Test func aWriteIsAnsweredWithoutWaitingForAWriteMostlyLeg() throws {
+        let fixture = MirrorFixture()
+        let legs = try SlowLegMirror(fixture, delay: "1")
+        let server = try fixture.serve(legs.legs + ["--write-mostly", "1"])
+        let handle = try fixture.connect()
+        // The region's bit goes to every leg first, the slow one too.
+        _ = try writeBlocks(handle, from: 0, count: 1, seed: 1)
+        var written: [UInt8] = []
+        let took = try seconds { written = try writeBlocks(handle, from: 4096, count: 8, seed: 2) }
+        // Eight writes behind a leg that takes a second each: without write-behind, 8 s.
+        #expect(took < 1, "8 writes took \(took) s")
+        let status = try fixture.status()
+        #expect(status.legs[1].writeMostly == true && status.legs[0].writeMostly == false)
+        #expect(status.state(1) == .inSync)
+        #expect(status.legs[1].writesBehind ?? 0 > 0, "\(status.legs[1])")
+        #expect(try handle.read(written.count, at: 4096) == written)
+        handle.shutdown()
+        // The stop waits for the writes behind before it records the legs clean.
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs.localFile, legs.remoteFile))
+        #expect(server.stderr().contains("writes behind to reach the write-mostly legs"))
+    }
+
+    @Test func withoutWriteBehindAWriteWaitsForTheWriteMostlyLeg() throws {
+        let fixture = MirrorFixture()
+        let legs = try SlowLegMirror(fixture, delay: "300ms")
+        let server = try fixture.serve(legs.legs + ["--write-mostly", "1", "--write-behind", "0"])
+        let handle = try fixture.connect()
+        _ = try writeBlocks(handle, from: 0, count: 1, seed: 1)
+        let took = try seconds { _ = try writeBlocks(handle, from: 4096, count: 4, seed: 2) }
+        #expect(took >= 1.2, "4 writes took \(took) s")
+        handle.shutdown()
+        #expect(server.stop() == 0)
+    }
+
+    /// Reads avoid a write-mostly leg: leg 0, slow to read, would be the
+    /// balanced policy's first pick among idle legs.
+    @Test func readsGoToTheOtherLegsAndTheMarkIsKeptAndChangedOnline() throws {
+        let fixture = MirrorFixture()
+        let legs = try SlowLegMirror(fixture, slowLeg: 0, delay: "0", reads: "200ms")
+        var server = try fixture.serve(legs.legs)
+        try fixture.control(["set-leg", "0", "--write-mostly"])
+        var handle = try fixture.connect()
+        let took = try seconds {
+            for block in 0..<10 { _ = try handle.read(4096, at: UInt64(block) << 20) }
+        }
+        #expect(took < 1, "10 reads took \(took) s")
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        let examined = try run([dmioNBDExecutable, "examine", legs.localFile])
+        #expect(examined.contains("in sync, write-mostly"), "\(examined)")
+        // Recorded: the next start needs no flag.
+        server = try fixture.serve(legs.legs)
+        #expect(try fixture.status().legs[0].writeMostly == true)
+        let undone = try fixture.control(["set-leg", "0", "--no-write-mostly"])
+        #expect(undone.legs[0].writeMostly == false)
+        handle = try fixture.connect()
+        handle.shutdown()
+        #expect(server.stop() == 0)
+    }
+
+    /// Leg 0 is the slow write-mostly leg: the recovery after the kill must
+    /// copy from leg 1, which has every write answered, never from leg 0.
+    /// No lease: its renewals would leave a superblock write to leg 0 in
+    /// flight at the kill, and leg 0 would get a full copy instead.
+    @Test func aKillWithWritesBehindLosesNothing() throws {
+        let fixture = MirrorFixture()
+        var legs = try SlowLegMirror(fixture, slowLeg: 0, delay: "1")
+        var server = try fixture.serve(legs.legs + ["--write-mostly", "0", "--lease", "0"])
+        var handle = try fixture.connect()
+        _ = try writeBlocks(handle, from: 0, count: 1, seed: 3)
+        let written = try writeBlocks(handle, from: 0, count: 32, seed: 4)
+        let behind = try fixture.status().legs[0].writesBehind ?? 0
+        #expect(behind > 0, "writes outstanding to leg 0: \(behind)")
+        handle.shutdown()
+        _ = server.stop(signal: SIGKILL)
+        // The writes the slow leg had not done yet die with its server.
+        try legs.restartRemote()
+        server = try fixture.serve(legs.legs + ["--lease", "0"])
+        let status = try fixture.waitFor("recovery", timeout: 30) { $0.allInSync && !$0.resync.lastResult.isEmpty }
+        #expect(status.resync.reason.contains("recovery"), "\(status.resync)")
+        handle = try fixture.connect()
+        #expect(try handle.read(written.count, at: 0) == written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs.localFile, legs.remoteFile))
+    }
+
+    @Test func aCongestedLegIsPulledAheadAndCaughtUp() throws {
+        let fixture = MirrorFixture()
+        let legs = try SlowLegMirror(fixture, delay: "1")
+        let server = try fixture.serve(legs.legs + ["--write-mostly", "1", "--write-behind", "2",
+                                                    "--on-congestion", "pull-ahead"])
+        let watcher = try EventTests.Watcher(["--now", "--socket", fixture.socket])
+        watcher.waitFor("exists -", timeout: 10)
+        let handle = try fixture.connect()
+        _ = try writeBlocks(handle, from: 0, count: 1, seed: 5)
+        var written: [UInt8] = []
+        // Two writes fill its backlog; the third pulls ahead of it, and no write waits for it.
+        let took = try seconds { written = try writeBlocks(handle, from: 4096, count: 6, seed: 6) }
+        #expect(took < 1, "6 writes took \(took) s")
+        watcher.waitFor("change leg", "leg:1", "state:in_sync->behind", timeout: 10)
+        // Once its two writes end, a resync copies it what it missed.
+        watcher.waitFor("change leg", "leg:1", "state:behind->rebuilding", timeout: 10)
+        let back = try fixture.waitFor("leg 1 caught up", timeout: 20) { $0.allInSync }
+        #expect(back.resync.regionsTotal >= 1 && back.resync.regionsTotal < back.regions / 2, "\(back.resync)")
+        #expect(try handle.read(written.count, at: 4096) == written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs.localFile, legs.remoteFile))
+        #expect(server.stderr().contains("pulled ahead of it"))
+    }
+
+    /// Many writes in flight at once, some rewriting what was just answered,
+    /// over a write-mostly leg that is slow and a backlog that fills and
+    /// blocks: what fio verifies, and the legs equal once it drained.
+    @Test func fioVerifiesOverAWriteMostlyLegThatBlocks() throws {
+        let fixture = MirrorFixture()
+        let legs = try SlowLegMirror(fixture, delay: "5ms")
+        let server = try fixture.serve(legs.legs + ["--write-mostly", "1", "--write-behind", "16"])
+        try run(["fio", "--name=behind", "--ioengine=nbd", "--uri=\(fixture.uri)", "--rw=randwrite", "--bs=4k",
+                 "--size=4M", "--offset_increment=8M", "--numjobs=2", "--iodepth=16", "--loops=3",
+                 "--verify=crc32c", "--verify_backlog=64", "--verify_state_save=0", "--group_reporting"])
+        _ = try fixture.waitFor("no write behind", timeout: 20) { $0.legs[1].writesBehind == 0 }
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs.localFile, legs.remoteFile))
+    }
+}
