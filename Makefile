@@ -4,7 +4,7 @@ BENCH_FLAGS ?=
 # Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
 SHARED ?= ../shared
 
-.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-behind bench-scrub example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-behind bench-scrub fuzz example clean
 PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
@@ -67,6 +67,11 @@ bench-reads: deps
 bench-behind: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	scripts/bench-variants --suite behind $(BENCH_FLAGS)
+
+## Each fuzz target for FUZZ_SECONDS (default 60): libFuzzer with the address sanitizer (README, "Fuzzing").
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	scripts/fuzz --seconds $(FUZZ_SECONDS)
 
 ## How fast `dmio-nbd check` compares the legs, beside `cmp` of the leg files (BENCHMARKS.md).
 bench-scrub: deps

@@ -82,10 +82,12 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]),
+        // The control socket's requests: parsed on their own (fuzzed).
+        .target(name: "ControlProtocol"),
         .executableTarget(
             name: "dmio-nbd",
             dependencies: [
-                "DMIO", "LibNBD", "BlockTargets", "NBD", "Mirror", "Monitoring", "CDMIOSupport",
+                "DMIO", "LibNBD", "BlockTargets", "NBD", "Mirror", "Monitoring", "CDMIOSupport", "ControlProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -105,6 +107,23 @@ let package = Package(
         .executableTarget(
             name: "dmio-copy-example", dependencies: ["DMIO"], path: "examples/copy-region"),
 
+        // Fuzzing (`make fuzz`): the inputs the server reads from outside,
+        // one libFuzzer executable each (built by product, with FUZZING),
+        // replayed from their corpus and crashes by FuzzReplayTests.
+        .target(
+            name: "Fuzzing",
+            dependencies: [
+                "NBD", "Mirror", "BlockTargets", "DMIO", "ControlProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Fuzz/Fuzzing"),
+        .executableTarget(name: "fuzz-handshake", dependencies: ["Fuzzing"], path: "Fuzz/Targets/handshake"),
+        .executableTarget(name: "fuzz-requests", dependencies: ["Fuzzing"], path: "Fuzz/Targets/requests"),
+        .executableTarget(name: "fuzz-metadata", dependencies: ["Fuzzing"], path: "Fuzz/Targets/metadata"),
+        .executableTarget(name: "fuzz-control", dependencies: ["Fuzzing"], path: "Fuzz/Targets/control"),
+
         .target(name: "TestSupport", dependencies: ["LibNBD"], path: "Tests/TestSupport"),
         .testTarget(name: "DMIOTests", dependencies: ["DMIO", "LibNBD", "TestSupport"]),
         .testTarget(
@@ -116,6 +135,7 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
+        .testTarget(name: "FuzzReplayTests", dependencies: ["Fuzzing"], path: "Fuzz/ReplayTests"),
         .testTarget(
             name: "MirrorTests",
             dependencies: [

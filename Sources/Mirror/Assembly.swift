@@ -230,6 +230,22 @@ extension Mirror {
            let newest = recordedInSync.max(by: { Superblock.isLessCurrent($0.value.superblock, $1.value.superblock) }) {
             stale.remove(newest.key)
         }
+        // A write-mostly leg may lack writes answered before a crash (they
+        // were on their way to it): when the only legs in sync that are up
+        // to date are write-mostly, the crash fell between the legs' writes
+        // of the last commit, and the newest other leg in sync, one commit
+        // behind, holds those writes: it stays in sync, and they are copied.
+        let upToDate = recordedInSync.map(\.key).filter { !stale.contains($0) }
+        if !freshest.clean, !upToDate.isEmpty, upToDate.allSatisfy({ freshest.legs[$0].writeMostly }),
+           let newest = recordedInSync.filter({ !freshest.legs[$0.key].writeMostly && !$0.value.superblock.servedRaw })
+               .max(by: { Superblock.isLessCurrent($0.value.superblock, $1.value.superblock) }),
+           newest.value.superblock.events + 1 == freshest.events {
+            let line = "leg \(newest.key) (\(specs[newest.key])) missed the last superblock write of a crash, and the "
+                + "legs that have it are write-mostly: it stays the source, and they get a full copy from it"
+            logger.warning("\(line)")
+            stale.remove(newest.key)
+            stale.formUnion(upToDate)
+        }
         for index in stale.sorted() {
             let superblock = found[index]!.superblock
             if superblock.servedRaw {

@@ -147,6 +147,13 @@ final class LegTable: @unchecked Sendable {
         if reading { members[index].readErrors += 1 } else { members[index].writeErrors += 1 }
         members[index].errno = errno
         switch members[index].state {
+        case .degraded where members[index].cause == .behind:
+            // A leg pulled ahead whose writes behind fail is out for that
+            // now: not caught up, but re-added as any failed leg is (by the
+            // retries, for a lost connection).
+            members[index].cause = reading ? .read : .write
+            changed()
+            return false
         case .degraded:
             return false
         case .inSync where inSyncCount == 1:
@@ -229,7 +236,8 @@ final class LegTable: @unchecked Sendable {
     /// whether it changed.
     func fallBehind(_ leg: Leg) -> Bool {
         lock.withLock {
-            guard let index = position(of: leg), members[index].state != .degraded,
+            // Not a replacement: out, it would replace nothing.
+            guard let index = position(of: leg), members[index].state != .degraded, members[index].replaces == nil,
                   members[index].state == .rebuilding || inSyncCount > 1 else { return false }
             degradeLocked(index, cause: .behind)
             return true

@@ -229,7 +229,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             let stop = lock.withLock { stopping }
             let recover = isRecoveryPending
             if stop { return }
-            redundancy.release(inSync: legs.snapshot.readable.count)
+            redundancy.release(inSync: legsAnswering(legs.snapshot))
             catchUpLegsBehind()
             let rebuilding = legs.all.contains { $0.state == .rebuilding }
             if recover || rebuilding {
@@ -352,9 +352,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// Whether any leg in sync could be read, and the owner named by a
     /// superblock of this mirror, in either slot, with an event after
     /// `start`, that `me` did not write (nil inside: one that names none).
+    /// Not the write-mostly legs while others are in sync: a read there
+    /// waits behind their backlog, and another server writes every leg.
     private func superblocksWritten(since start: UInt64, byOtherThan me: MirrorOwner) -> (read: Bool, other: MirrorOwner??) {
         var read = false
-        for leg in legs.snapshot.readable {
+        let snapshot = legs.snapshot
+        for leg in snapshot.readable.prefix(snapshot.readFirst) {
             guard let slots = try? MetadataStore.readSlots(leg.device, client: client) else { continue }
             read = true
             for case .superblock(let found) in slots where found.mirror == uuid && found.events > start {
@@ -494,8 +497,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 guard !lock.withLock({ stopping }), lease?.isValid ?? true, let index = legs.index(of: member.uuid),
                       legs.member(index).cause == .behind, legs.member(index).device === device else { return }
                 do {
-                    try bringIn(.at(index), device: device, uuid: member.uuid, fullCopy: false)
+                    // As a re-added leg: one used elsewhere meanwhile is not taken back.
+                    let fullCopy = try needsFullCopy(device, comingBackAs: index, member: legs.member(index))
+                    try bringIn(.at(index), device: device, uuid: member.uuid, fullCopy: fullCopy)
                 } catch {
+                    // Out for good, until an operator's readd-leg judges it again.
+                    legs.fail(LegTable.Leg(index: index, device: device), errno: EIO, reading: false)
                     logger.error("leg \(index) (\(member.name)) could not be caught up: \(error)")
                 }
             }
@@ -510,6 +517,18 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     public func setWriteMostly(_ index: Int, _ writeMostly: Bool) throws(MirrorError) {
         try changingLegs(index)
         defer { maintenance.unlock() }
+        let member = legs.member(index)
+        guard member.writeMostly != writeMostly else { return }
+        if let device = member.device {
+            if writeMostly {
+                writeBehind.open(device)
+            } else {
+                // Read from once it is not write-mostly: first it is written
+                // as the others are, and what is on its way to it lands.
+                writeBehind.close(device)
+                writeBehind.waitUntilDrained(device)
+            }
+        }
         guard try legs.setWriteMostly(index, writeMostly) else { return }
         logger.info("leg \(index) (\(legs.member(index).name)) is \(writeMostly ? "" : "no longer ")write-mostly")
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
@@ -519,6 +538,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     public func failLeg(_ index: Int) throws(MirrorError) {
         try changingLegs(index)
         defer { maintenance.unlock() }
+        try checkNotLastAnswering(index)
         try legs.failByOperator(index)
         logger.warning("leg \(index) (\(legs.member(index).name)) failed by the operator")
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
@@ -642,6 +662,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                                     + "is in sync: a replacement needs a place beside it while it is copied to "
                                     + "(remove-leg another leg first, or fail-leg \(index) to replace it at once)")
         }
+        if !healthy { try checkNotLastAnswering(index) }
         let device = try openNewLeg(spec, force: force)
         try bringIn(healthy ? .added(replacing: index) : .at(index), device: device, uuid: .random(), fullCopy: true)
     }
@@ -665,6 +686,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     public func removeLeg(_ index: Int) throws(MirrorError) {
         try changingLegs(index)
         defer { maintenance.unlock() }
+        try checkNotLastAnswering(index)
         let removed = try legs.remove(index, keepingInSync: redundancy.policy.minInSync)
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
         retire(removed, why: "removed")
@@ -740,6 +762,19 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         logger.info("leg \(index) (\(device.name)) \(how)")
         wake()
         return index
+    }
+
+    /// Refuses to take out leg `index` while it is the last leg in sync that
+    /// writes are answered from and writes are still on their way to the
+    /// write-mostly legs: it alone holds them until they land.
+    private func checkNotLastAnswering(_ index: Int) throws(MirrorError) {
+        let snapshot = legs.snapshot
+        let answering = snapshot.readable.prefix(snapshot.readFirst)
+        guard writeBehind.outstandingCount > 0, !snapshot.writeMostly.isEmpty,
+              answering.count == 1, answering.first?.index == index else { return }
+        throw .invalidLegChange("leg \(index) is the last leg in sync that is not write-mostly, and "
+                                + "\(writeBehind.outstandingCount) writes it holds are still on their way to the "
+                                + "write-mostly legs; try again once they land")
     }
 
     /// Takes `maintenance` for an operator's change of the legs (refused

@@ -115,15 +115,22 @@ extension Mirror {
         completion(.success)
     }
 
+    /// From the first leg in sync; a write-mostly one may not hold the
+    /// writes still on their way to it, and says data while any is.
     public func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws -> [Extent] {
         guard let leg = legs.snapshot.readable.first else {
             throw TargetResult(errno: EIO, message: "no leg in sync")
+        }
+        if leg.writeMostly && writeBehind.outstandingCount > 0 {
+            return [Extent(length: UInt32(clamping: length), flags: 0)]
         }
         return try leg.device.extents(offset: layout.dataOffset + offset, length: length, maxExtents: maxExtents)
     }
 
     public func readsAsZeroes(offset: UInt64, length: UInt64) -> Bool {
-        guard let leg = legs.snapshot.readable.first else { return false }
+        guard let leg = legs.snapshot.readable.first, !(leg.writeMostly && writeBehind.outstandingCount > 0) else {
+            return false
+        }
         return leg.device.isHole(offset: layout.dataOffset + offset, length: length)
     }
 
@@ -181,7 +188,7 @@ extension Mirror {
         // With the default policy (one leg in sync is enough: there is
         // always one) no write asks.
         if redundancy.policy.minInSync > 1 {
-            let admission = redundancy.admit(inSync: legs.snapshot.readable.count) { [self] admitted in
+            let admission = redundancy.admit(inSync: legsAnswering(legs.snapshot)) { [self] admitted in
                 guard admitted else {
                     return completion(TargetResult(errno: EIO, message: "the server stopped while the write waited "
                                                    + "for enough legs in sync (--min-in-sync-legs)"))
@@ -194,7 +201,7 @@ extension Mirror {
             case .held:
                 // Enough legs may have come back between the count and the
                 // parking, after the background thread let the held writes go.
-                return redundancy.release(inSync: legs.snapshot.readable.count)
+                return redundancy.release(inSync: legsAnswering(legs.snapshot))
             }
         }
         if let io, regionHash.tryStartWrite(change.regions) { return issue(change, on: io) }
@@ -221,7 +228,8 @@ extension Mirror {
     private func issue(_ change: Change, on io: DMIOClient) {
         var snapshot = legs.snapshot
         if writesBehind(snapshot) {
-            let (ticket, full) = writeBehind.reserve(snapshot.writeMostly, range: change.range)
+            let (ticket, full) = writeBehind.reserve(snapshot.writeMostly, range: change.range,
+                                                     copying: change.memory?.byteCount ?? 0)
             if !full.isEmpty && writeBehind.policy.onCongestion == .pullAhead {
                 pullAhead(full)
                 // The write answers once the superblocks record those legs behind.
@@ -248,6 +256,12 @@ extension Mirror {
         writeBehind.policy.limit > 0 && !snapshot.writeMostly.isEmpty
     }
 
+    /// The legs in sync that a write is answered from (`--min-in-sync-legs`
+    /// counts them): not those it may be written behind.
+    func legsAnswering(_ snapshot: LegTable.Snapshot) -> Int {
+        writesBehind(snapshot) ? snapshot.readFirst : snapshot.readable.count
+    }
+
     /// Issues `change` to the writable legs but those of `ticket`, and from
     /// a copy of its bytes to those: it is answered once the others hold it
     /// (or, when none of them does, once the legs behind have it), and its
@@ -263,10 +277,13 @@ extension Mirror {
         let parts = BehindChange()
         let ended = { [self] in
             guard let outcome = parts.end() else { return }
-            if !outcome.frontHeld {
-                // No leg in front holds it: the legs behind answer for it.
-                let holds = outcome.behindFailures.isEmpty && legs.snapshot.readable.contains { $0.isAmong(ticket.legs) }
-                if holds { succeed(once: legs.snapshot.version, change.completion) }
+            if outcome.frontHeld {
+                legFailures.record(outcome.behindFailures, reading: false)
+            } else {
+                // No leg in front holds it: the legs behind answer for it (and
+                // a rebuild of theirs that alone took it cannot finish on it).
+                let settlement = legFailures.settle(outcome.behindFailures, sentTo: ticket.legs)
+                if settlement.held { succeed(once: settlement.version, change.completion) }
                 else { change.completion(everyLegFailed("\(change.operation)", outcome.failures)) }
             }
             regionHash.endWrite(change.regions)
@@ -278,11 +295,12 @@ extension Mirror {
             parts.frontEnded(held: settlement?.held ?? false, failures: failures)
             ended()
         }
+        // On the mirror's own client, whose reaper outlives the event loops:
+        // a write behind may still be on its way when the server stops them.
         let behindStarted = frontStarted && submit(change.operation, ticket.legs, offset: change.offset,
                                                    length: change.length, memory: copy.map(IOMemory.buffer),
-                                                   flags: change.flags, on: io) { [self] failures in
+                                                   flags: change.flags, on: client) { [self] failures in
             if let copy { free(copy.baseAddress) }
-            legFailures.record(failures, reading: false)
             writeBehind.ended(ticket)
             parts.behindEnded(failures: failures)
             ended()
@@ -291,7 +309,8 @@ extension Mirror {
             if let copy { free(copy.baseAddress) }
             writeBehind.ended(ticket)
             if frontStarted {
-                parts.behindEnded(failures: [])
+                // The legs behind lack it: out, before its bits can be cleared.
+                parts.behindEnded(failures: ticket.legs.map { LegFailure(leg: $0, errno: EIO) })
                 ended()
             } else {
                 regionHash.endWrite(change.regions)

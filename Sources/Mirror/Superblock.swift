@@ -117,7 +117,11 @@ struct Superblock: Sendable, Hashable {
     /// replacement replaces, the owner, write-mostly); version 1
     /// (where they read as 0, not recorded) is read too, and written as 2.
     static let version: UInt32 = 2
-    static let readableVersions: ClosedRange<UInt32> = 1...2
+    /// Written while a leg is write-mostly: a build that knows nothing of
+    /// it (it reads 1 and 2) refuses the legs rather than take a leg that
+    /// lacks writes answered before a crash for the source of a recovery.
+    static let writeMostlyVersion: UInt32 = 3
+    static let readableVersions: ClosedRange<UInt32> = 1...3
     static let maxLegs = 64
 
     var mirror: MirrorUUID
@@ -169,7 +173,7 @@ struct Superblock: Sendable, Hashable {
     func encoded() -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: MirrorLayout.slotBytes)
         bytes.replaceSubrange(0..<8, with: Self.magic)
-        bytes.store(Self.version, at: Field.version)
+        bytes.store(legs.contains(where: \.writeMostly) ? Self.writeMostlyVersion : Self.version, at: Field.version)
         bytes.store(mirror, at: Field.mirror)
         bytes.store(UInt32(legIndex), at: Field.legIndex)
         bytes.store(UInt32(legs.count), at: Field.legCount)

@@ -19,13 +19,19 @@ public struct WriteBehindPolicy: Sendable, Hashable {
     public var limit: Int
     public var onCongestion: CongestionPolicy
 
-    /// 256 writes, md's default; block, DRBD's.
+    /// The bytes of the writes outstanding, all legs together (each holds a
+    /// copy of its bytes, shared by its legs): beyond, a write finds every
+    /// write-mostly leg full.
+    public var maxBytes: Int
+
+    /// 256 writes, md's default, and at most 64 MiB of them; block, DRBD's.
     public static let `default` = WriteBehindPolicy(limit: 256, onCongestion: .block)
     public static let maxLimit = 16383
 
-    public init(limit: Int, onCongestion: CongestionPolicy) {
+    public init(limit: Int, onCongestion: CongestionPolicy, maxBytes: Int = 64 << 20) {
         self.limit = limit
         self.onCongestion = onCongestion
+        self.maxBytes = maxBytes
     }
 }
 
@@ -42,8 +48,13 @@ final class WriteBehind: @unchecked Sendable {
     private let lock = ConditionLock()
     private var perLeg: [ObjectIdentifier: Int] = [:]
     private var ranges: [UInt64: Range<UInt64>] = [:]
+    /// The bytes copied for the writes outstanding.
+    private var bytes = 0
     private var nextTicket: UInt64 = 0
     private var waiting: [(range: Range<UInt64>, resume: () -> Void)] = []
+    /// Legs no write goes behind to (one that is no longer write-mostly,
+    /// until what is on its way to it has landed).
+    private var closed: Set<ObjectIdentifier> = []
     /// Legs pulled ahead: told (`drained`) once their backlog is empty.
     private var pulledAhead: Set<ObjectIdentifier> = []
     private let drained: @Sendable () -> Void
@@ -57,6 +68,7 @@ final class WriteBehind: @unchecked Sendable {
     struct Ticket {
         fileprivate let number: UInt64
         let legs: [LegTable.Leg]
+        fileprivate let bytes: Int
     }
 
     /// Whether I/O to `range` may start now; otherwise `resume` runs once
@@ -71,14 +83,17 @@ final class WriteBehind: @unchecked Sendable {
     }
 
     /// Takes a place for a write to `range` on each of `legs` that has one:
-    /// those go behind (the ticket's legs); the others are full.
-    func reserve(_ legs: [LegTable.Leg], range: Range<UInt64>) -> (ticket: Ticket?, full: [LegTable.Leg]) {
+    /// those go behind (the ticket's legs); the others are full. A closed
+    /// leg is neither: it is written as the others are.
+    func reserve(_ legs: [LegTable.Leg], range: Range<UInt64>, copying count: Int) -> (ticket: Ticket?, full: [LegTable.Leg]) {
         lock.withLock {
             var behind: [LegTable.Leg] = []
             var full: [LegTable.Leg] = []
+            let room = bytes == 0 || bytes + count <= policy.maxBytes
             for leg in legs {
                 let key = ObjectIdentifier(leg.device)
-                if perLeg[key, default: 0] < policy.limit {
+                if closed.contains(key) { continue }
+                if room && perLeg[key, default: 0] < policy.limit {
                     perLeg[key, default: 0] += 1
                     behind.append(leg)
                 } else {
@@ -88,8 +103,9 @@ final class WriteBehind: @unchecked Sendable {
             guard !behind.isEmpty else { return (nil, full) }
             nextTicket += 1
             ranges[nextTicket] = range
+            bytes += count
             outstanding.add(1, ordering: .releasing)
-            return (Ticket(number: nextTicket, legs: behind), full)
+            return (Ticket(number: nextTicket, legs: behind, bytes: count), full)
         }
     }
 
@@ -98,6 +114,7 @@ final class WriteBehind: @unchecked Sendable {
     func ended(_ ticket: Ticket) {
         let (resumed, emptied) = lock.withLock {
             ranges[ticket.number] = nil
+            bytes -= ticket.bytes
             outstanding.subtract(1, ordering: .releasing)
             var emptied = false
             for leg in ticket.legs {
@@ -108,7 +125,8 @@ final class WriteBehind: @unchecked Sendable {
                     emptied = pulledAhead.remove(key) != nil || emptied
                 }
             }
-            if ranges.isEmpty { lock.broadcast() }
+            // For those that wait for every write, or a leg's, to land.
+            lock.broadcast()
             let range = ranges.values
             let resumed = waiting.filter { waiter in !range.contains { $0.overlaps(waiter.range) } }
             waiting.removeAll { waiter in !range.contains { $0.overlaps(waiter.range) } }
@@ -125,6 +143,17 @@ final class WriteBehind: @unchecked Sendable {
     func waitUntilDrained() {
         lock.withLock { while !ranges.isEmpty { lock.wait() } }
     }
+
+    /// Waits until no write is outstanding to `device`.
+    func waitUntilDrained(_ device: BlockDevice) {
+        lock.withLock { while perLeg[ObjectIdentifier(device)] != nil { lock.wait() } }
+    }
+
+    /// No write goes behind to `device` from now on.
+    func close(_ device: BlockDevice) { _ = lock.withLock { closed.insert(ObjectIdentifier(device)) } }
+
+    /// Writes may go behind to `device` again.
+    func open(_ device: BlockDevice) { _ = lock.withLock { closed.remove(ObjectIdentifier(device)) } }
 
     /// Writes outstanding to `device`.
     func backlog(of device: BlockDevice) -> Int { lock.withLock { perLeg[ObjectIdentifier(device)] ?? 0 } }

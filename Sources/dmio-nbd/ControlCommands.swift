@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockTargets
+import ControlProtocol
 import DMIO
 import FoundationEssentials
 import Glibc

@@ -1,42 +1,8 @@
+import ControlProtocol
 import DMIO
 import FoundationEssentials
 import Glibc
 import Mirror
-
-/// The control socket's protocol: a client connects, sends one request as
-/// one line of JSON, and reads one answer, a JSON object, until the server
-/// closes. Client and server are the same program; the JSON output of the
-/// commands (`--json`) is documented in the README.
-struct ControlRequest: Codable, Equatable {
-    enum Command: String, Codable {
-        case status, failLeg = "fail-leg", readdLeg = "readd-leg", replaceLeg = "replace-leg", events
-        case addLeg = "add-leg", removeLeg = "remove-leg", setLeg = "set-leg"
-        case check, repair, cancelScrub = "cancel-scrub"
-    }
-
-    var command: Command
-    var leg: Int?
-    /// replace-leg, add-leg: the new device, as an absolute path or a URI.
-    var device: String?
-    /// replace-leg, add-leg: overwrite what the device holds.
-    var force: Bool?
-    /// events: the mirror as it is first (`exists` events).
-    var now: Bool?
-    /// set-leg: whether the leg is write-mostly.
-    var writeMostly: Bool?
-
-    /// The request in `line`, or nil when it is not one.
-    static func parse(_ line: String) -> ControlRequest? {
-        guard let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line.utf8)) else { return nil }
-        switch request.command {
-        case .status, .events, .check, .repair, .cancelScrub: return request
-        case .failLeg, .readdLeg, .removeLeg: return request.leg == nil ? nil : request
-        case .replaceLeg: return request.leg == nil || request.device == nil ? nil : request
-        case .addLeg: return request.device == nil ? nil : request
-        case .setLeg: return request.leg == nil || request.writeMostly == nil ? nil : request
-        }
-    }
-}
 
 /// One mirror as a control socket reports it: its status, and where it is
 /// served (`unix:/run/dmio-nbd.sock`, `127.0.0.1:10809`).

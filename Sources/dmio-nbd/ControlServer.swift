@@ -1,4 +1,5 @@
 import CDMIOSupport
+import ControlProtocol
 import DMIO
 import Glibc
 import Logging
@@ -96,13 +97,5 @@ final class ControlServer: @unchecked Sendable {
 
     private func answer(error: String?) -> ControlAnswer {
         ControlAnswer(ok: error == nil, error: error, report: MirrorReport(mirror: mirror.status, served: served))
-    }
-}
-
-extension ControlRequest: CustomStringConvertible {
-    /// "replace-leg 1 /srv/c.img --force", for the log.
-    var description: String {
-        ([command.rawValue] + [leg.map { "\($0)" }, device, force == true ? "--force" : nil].compactMap { $0 })
-            .joined(separator: " ")
     }
 }

@@ -183,6 +183,10 @@ struct Serve: AsyncParsableCommand {
         if !(0...WriteBehindPolicy.maxLimit).contains(writeBehind) {
             throw ValidationError("--write-behind: \(writeBehind) is not between 0 and \(WriteBehindPolicy.maxLimit)")
         }
+        if onCongestion == .pullAhead && writeBehind == 0 {
+            throw ValidationError("--on-congestion pull-ahead: with --write-behind 0 nothing is written behind, "
+                                  + "so no leg's backlog can fill")
+        }
         if !writeMostly.isEmpty && legs.count == 1 { throw ValidationError("--write-mostly marks a mirror's legs; one device has one") }
         if let leg = writeMostly.first(where: { $0 < 0 || $0 >= max(legs.count, 2) }) {
             throw ValidationError("--write-mostly \(leg): the mirror has legs 0 to \(max(legs.count, 2) - 1)")
