@@ -4,7 +4,7 @@ BENCH_FLAGS ?=
 # Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
 SHARED ?= ../shared
 
-.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-behind bench-scrub fuzz example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-connections bench-behind bench-scrub fuzz example clean
 PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
@@ -62,6 +62,11 @@ bench-metrics: deps
 bench-reads: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	scripts/bench-variants --suite reads $(BENCH_FLAGS)
+
+## A remote leg behind a delay on one connection and on four (NBD multi-conn), beside nbdkit file (BENCHMARKS.md).
+bench-connections: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	scripts/bench-variants --suite connections $(BENCH_FLAGS)
 
 ## Writes to a mirror with a slow remote write-mostly leg: waited for, written behind, pulled ahead of (BENCHMARKS.md).
 bench-behind: deps

@@ -57,6 +57,9 @@ final class Bio: @unchecked Sendable {
     let firstPartError = Atomic<Int32>(0)
     /// A FUA write to a device that has no FUA flag is followed by a flush.
     var needsFlushAfterWrite = false
+    /// The connection of a remote device that carries the bio's commands;
+    /// their completions end there. Unowned: the device keeps it.
+    unowned(unsafe) var remoteConnection: RemoteConnection?
 
     /// Links bios into batches and queues.
     var next: Bio?

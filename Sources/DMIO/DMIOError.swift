@@ -13,6 +13,9 @@ public enum DMIOError: Error, Sendable, Hashable, CustomStringConvertible {
     case remoteFailed(device: String, message: String)
     /// A device spec that names a scheme no driver takes (`DeviceSpec`).
     case invalidDeviceSpec(String)
+    /// A device spec whose parameter of dmio's own (`connections=N` in a
+    /// URI) has a value it cannot take, and why.
+    case invalidDeviceParameter(device: String, why: String)
     /// A write-class request to a device opened read-only.
     case readOnlyDevice(device: String, operation: IOOperation)
     /// The region reaches past the end of its device.
@@ -44,6 +47,8 @@ public enum DMIOError: Error, Sendable, Hashable, CustomStringConvertible {
             "\(device): \(message)"
         case .invalidDeviceSpec(let spec):
             "\(spec): not a file, a block device, or an nbd://, nbds://, nbd+unix:// or nbds+unix:// URI"
+        case .invalidDeviceParameter(let device, let why):
+            "\(device): \(why)"
         case .readOnlyDevice(let device, let operation):
             "\(device): read-only device, \(operation) refused"
         case .beyondEnd(let device, let sector, let count, let deviceSectors):

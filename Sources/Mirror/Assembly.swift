@@ -113,8 +113,9 @@ extension Mirror {
             if DeviceSpec.isURI(spec) { logger.info("leg \(index): connecting to \(spec)") }
             let device: BlockDevice
             do {
-                device = try BlockDevice.open(spec, options: deviceOptions)
-                logger.info("leg \(index): \(spec) opened (\(device.kind), \(device.size >> 20) MiB)")
+                device = try openLeg(spec, options: deviceOptions, logger: logger)
+                let connections = device.connectionCount.map { ", \($0) connection\($0 == 1 ? "" : "s")" } ?? ""
+                logger.info("leg \(index): \(spec) opened (\(device.kind)\(connections), \(device.size >> 20) MiB)")
             } catch {
                 logger.error("leg \(index): \(error)")
                 switch error {
@@ -334,6 +335,14 @@ extension Mirror {
         guard newest == freshest.events else { throw .ownedElsewhere(owner: holder, alive: true, lease: holder.lease) }
         guard ownership.takeover else { throw .ownedElsewhere(owner: holder, alive: false, lease: watch) }
         logger.warning("taking the legs over from the server on \(holder): its lease was not renewed for \(watch) (--takeover)")
+    }
+
+    /// Opens a leg's device, and logs what the open could not do as asked
+    /// (a remote leg on fewer connections).
+    public static func openLeg(_ spec: String, options: DeviceOptions, logger: Logger) throws(DMIOError) -> BlockDevice {
+        let device = try BlockDevice.open(spec, options: options)
+        if let warning = device.openWarning { logger.warning("leg \(spec): \(warning)") }
+        return device
     }
 
     /// The mirror that `device` is a leg of, if any: a device served on its

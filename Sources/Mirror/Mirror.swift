@@ -632,7 +632,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let deadline = ContinuousClock.now + .seconds(2)
         while true {
             do {
-                return try BlockDevice.open(name, options: deviceOptions)
+                return try Mirror.openLeg(name, options: deviceOptions, logger: logger)
             } catch {
                 guard case .busy(_, let holder) = error else { throw .open(error) }
                 guard ContinuousClock.now < deadline else {
@@ -698,7 +698,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// mirror's metadata, and nothing libblkid knows unless `force`.
     private func openNewLeg(_ spec: String, force: Bool) throws(MirrorError) -> BlockDevice {
         let device: BlockDevice
-        do { device = try BlockDevice.open(spec, options: deviceOptions) } catch { throw .open(error) }
+        do { device = try Mirror.openLeg(spec, options: deviceOptions, logger: logger) } catch { throw .open(error) }
         guard device.size >= layout.legBytes else {
             throw .sizeChanged(leg: device.name, bytes: device.size, expected: layout.legBytes)
         }

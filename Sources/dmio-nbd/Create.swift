@@ -39,9 +39,12 @@ struct Create: ParsableCommand {
     @OptionGroup(title: "Remote legs over TLS")
     var remoteTLS: RemoteTLSOptions
 
+    @OptionGroup var connectionOptions: RemoteConnectionOptions
+
     func validate() throws {
         guard legs.count >= 2 else { throw ValidationError("a mirror needs at least 2 legs") }
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
+        try checkLegSpecs(legs)
         if let leg = writeMostly.first(where: { !legs.indices.contains($0) }) {
             throw ValidationError("--write-mostly \(leg): the mirror has legs 0 to \(legs.count - 1)")
         }
@@ -49,6 +52,7 @@ struct Create: ParsableCommand {
 
     func run() throws {
         let client = try DMIOClient()
+        let logger = makeLogger(verbose: false)
         let specs = legs.map(absolutePath)
         let missing = specs.filter { !DeviceSpec.isURI($0) && access($0, F_OK) != 0 }
         if !missing.isEmpty && size == nil {
@@ -61,13 +65,15 @@ struct Create: ParsableCommand {
         do {
             var devices: [BlockDevice] = []
             for spec in specs {
-                let device = try openLeg(spec, options: DeviceOptions(createSize: size?.bytes, remoteTLS: remoteTLS.settings))
+                let options = DeviceOptions(createSize: size?.bytes, remoteTLS: remoteTLS.settings,
+                                            remoteConnections: connectionOptions.remoteConnections)
+                let device = try openLeg(spec, options: options, logger: logger)
                 if device.wasCreated { made.append(spec) }
                 devices.append(device)
             }
             let inSync = missing.count == specs.count || assumeClean
             let uuid = try Mirror.create(devices, client: client, regionBytes: regionBytes, fresh: inSync, force: force,
-                                         writeMostly: Set(writeMostly), logger: makeLogger(verbose: false))
+                                         writeMostly: Set(writeMostly), logger: logger)
             let layout = try MirrorLayout(legBytes: devices[0].size, regionBytes: regionBytes)
             print("made mirror \(uuid): \(specs.count) legs, \(layout.dataBytes >> 20) MiB of data"
                   + (inSync ? ", in sync" : "; " + (specs.count == 2 ? "leg 1 gets" : "legs 1 to \(specs.count - 1) get")

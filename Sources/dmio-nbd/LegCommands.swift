@@ -15,7 +15,8 @@ struct Examine: ParsableCommand {
     func run() throws {
         let client = try DMIOClient()
         let device = try openLeg(absolutePath(leg),
-                                 options: DeviceOptions(readOnly: true, exclusive: false, remoteTLS: remoteTLS.settings))
+                                 options: DeviceOptions(readOnly: true, exclusive: false, remoteTLS: remoteTLS.settings),
+                                 logger: makeLogger(verbose: false))
         let found: LegMetadata
         do { found = try Mirror.examine(device, client: client) } catch { throw CleanExit.message("\(error)", code: 1) }
         print(json ? encodeJSON(found) : describe(found))
@@ -63,7 +64,8 @@ struct Wipe: ParsableCommand {
 
     func run() throws {
         let client = try DMIOClient()
-        let device = try openLeg(absolutePath(leg), options: DeviceOptions(remoteTLS: remoteTLS.settings))
+        let device = try openLeg(absolutePath(leg), options: DeviceOptions(remoteTLS: remoteTLS.settings),
+                                 logger: makeLogger(verbose: false))
         do {
             print("wiped \(try Mirror.wipe(device, client: client)) from \(device.name)")
         } catch {

@@ -120,6 +120,8 @@ struct Serve: AsyncParsableCommand {
                                valueName: "seconds"))
     var remoteTimeout = Int(DeviceOptions.defaultRemoteTimeout.components.seconds)
 
+    @OptionGroup var connectionOptions: RemoteConnectionOptions
+
     @Option(help: ArgumentHelp("Try a remote leg whose server went away (or stopped answering) again after this many "
                                + "seconds, then twice as long each time up to a minute, and take it back once it "
                                + "answers as the same leg (0: never; an operator re-adds it).",
@@ -172,6 +174,7 @@ struct Serve: AsyncParsableCommand {
 
     func validate() throws {
         if let twice = duplicate(in: legs) { throw ValidationError("\(twice) is given twice") }
+        try checkLegSpecs(legs)
         if readOnly && legs.count != 1 { throw ValidationError("--read-only serves one device; a mirror is always writable") }
         if remoteTimeout < 0 { throw ValidationError("--remote-timeout: \(remoteTimeout) seconds is negative") }
         if let lease, !(lease == 0 || (lease >= 1 && lease <= 600)) {
@@ -374,14 +377,14 @@ struct Serve: AsyncParsableCommand {
     private func deviceOptions(createSize: UInt64?) -> DeviceOptions {
         var options = DeviceOptions(readOnly: readOnly, direct: direct, createSize: createSize,
                                     remoteTimeout: remoteTimeout == 0 ? nil : .seconds(remoteTimeout),
-                                    remoteTLS: remoteTLS.settings)
+                                    remoteTLS: remoteTLS.settings, remoteConnections: connectionOptions.remoteConnections)
         // The legs' metrics count every bio (a mirror's: one device served has no leg metrics).
         options.countsRequests = metrics != nil && legs.count != 1
         return options
     }
 
     private func serveOne(client: DMIOClient, logger: Logger) throws -> ServedTarget {
-        let device = try openLeg(legs[0], options: deviceOptions(createSize: create?.bytes))
+        let device = try openLeg(legs[0], options: deviceOptions(createSize: create?.bytes), logger: logger)
         let owner: MirrorUUID?
         do {
             owner = try Mirror.mirrorOwning(device, client: client)
@@ -489,9 +492,9 @@ struct ServedTarget {
     let stop: () -> Void
 }
 
-func openLeg(_ spec: String, options: DeviceOptions) throws -> BlockDevice {
+func openLeg(_ spec: String, options: DeviceOptions, logger: Logger) throws -> BlockDevice {
     do {
-        return try BlockDevice.open(spec, options: options)
+        return try Mirror.openLeg(spec, options: options, logger: logger)
     } catch {
         throw CleanExit.message("leg \(error)", code: 1)
     }
@@ -538,7 +541,7 @@ func createMirrorIfMissing(_ specs: [String], createSize: ByteSize?, regionBytes
     do {
         var devices: [BlockDevice] = []
         for spec in specs {
-            let device = try openLeg(spec, options: creating)
+            let device = try openLeg(spec, options: creating, logger: logger)
             if device.wasCreated { made.append(spec) }
             devices.append(device)
         }
@@ -551,6 +554,14 @@ func createMirrorIfMissing(_ specs: [String], createSize: ByteSize?, regionBytes
     } catch {
         for path in made { unlink(path) }
         throw error is CleanExit ? error : CleanExit.message("\(error)", code: 1)
+    }
+}
+
+/// Refuses, before anything is opened, a leg that no driver can open as
+/// written: a URI of a scheme none takes, or a bad `connections=`.
+func checkLegSpecs(_ specs: [String]) throws {
+    for spec in specs {
+        do { _ = try DeviceSpec(spec) } catch { throw ValidationError("leg \(error)") }
     }
 }
 

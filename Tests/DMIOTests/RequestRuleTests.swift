@@ -80,6 +80,33 @@ import Testing
         #expect(!DeviceSpec.isURI("/dev/sdb"))
     }
 
+    /// `connections=N` is dmio's: taken out of the URI libnbd gets, the
+    /// other parameters left as they were, in their order.
+    @Test func aURIsConnectionCountIsTakenOutOfIt() throws {
+        #expect(try DeviceSpec("nbd+unix:///?socket=/run/x.sock&connections=2")
+                == .uri("nbd+unix:///?socket=/run/x.sock", scheme: "nbd+unix", connections: 2))
+        #expect(try DeviceSpec("nbd://host:10809/export?connections=4")
+                == .uri("nbd://host:10809/export", scheme: "nbd", connections: 4))
+        #expect(try DeviceSpec("nbds://h/e?tls-certificates=/pki&connections=16&tls-verify-peer=false")
+                == .uri("nbds://h/e?tls-certificates=/pki&tls-verify-peer=false", scheme: "nbds", connections: 16))
+        // A parameter that only begins with the name is libnbd's.
+        #expect(try DeviceSpec("nbd://h/e?connections-x=1") == .uri("nbd://h/e?connections-x=1", scheme: "nbd"))
+        for bad in ["connections=0", "connections=17", "connections=", "connections", "connections=two",
+                    "connections=-1"] {
+            let uri = "nbd+unix:///?socket=/run/x.sock&\(bad)"
+            expectError(.invalidDeviceParameter(device: uri, why: "\(bad): the connections to a remote device are "
+                                                + "a number from 1 to 16")) { _ = try DeviceSpec(uri) }
+        }
+        let twice = "nbd://h/e?connections=2&connections=2"
+        expectError(.invalidDeviceParameter(device: twice, why: "connections is given twice")) { _ = try DeviceSpec(twice) }
+        // Refused before anything is opened, naming the device as given.
+        let refused = "nbd+unix:///?socket=/nonexistent.sock&connections=99"
+        expectError(.invalidDeviceParameter(device: refused, why: "connections=99: the connections to a remote device "
+                                            + "are a number from 1 to 16")) { _ = try BlockDevice.open(refused) }
+        #expect(DMIOError.invalidDeviceParameter(device: "nbd://h/e?connections=0", why: "w").description
+                == "nbd://h/e?connections=0: w")
+    }
+
     @Test func errorsNameTheDeviceAndTheCause() throws {
         let missing = folder.path + "/no-such-leg"
         expectError(.openFailed(device: missing, errno: ENOENT)) { _ = try BlockDevice.open(missing) }

@@ -22,6 +22,11 @@ public struct DeviceOptions: Sendable, Hashable {
     public var remoteTimeout: Duration?
     /// The TLS credentials of remote devices named by `nbds` URIs.
     public var remoteTLS: NBDTLSOptions
+    /// How many connections a remote device's commands go on, where its
+    /// server offers multi-conn (else one, whatever is asked). nil:
+    /// `defaultRemoteConnections` with multi-conn, else one. A device URI's
+    /// `connections=N` wins over it (`DeviceSpec`).
+    public var remoteConnections: Int?
     /// Count every bio the device is given (`BlockDevice.statistics`): two
     /// clock reads and a few atomic adds each, for the metrics.
     public var countsRequests = false
@@ -29,15 +34,22 @@ public struct DeviceOptions: Sendable, Hashable {
     /// 30 seconds, the SCSI layer's default command timeout: a mirror whose
     /// remote leg hangs goes on without it after this long.
     public static let defaultRemoteTimeout = Duration.seconds(30)
+    /// The connections of a remote device whose server offers multi-conn,
+    /// unless told otherwise: nbdcopy's default.
+    public static let defaultRemoteConnections = 4
+    /// The connections a remote device may be given.
+    public static let remoteConnectionRange = 1...16
 
     public init(readOnly: Bool = false, direct: Bool = false, createSize: UInt64? = nil, exclusive: Bool = true,
-                remoteTimeout: Duration? = defaultRemoteTimeout, remoteTLS: NBDTLSOptions = NBDTLSOptions()) {
+                remoteTimeout: Duration? = defaultRemoteTimeout, remoteTLS: NBDTLSOptions = NBDTLSOptions(),
+                remoteConnections: Int? = nil) {
         self.readOnly = readOnly
         self.direct = direct
         self.createSize = createSize
         self.exclusive = exclusive
         self.remoteTimeout = remoteTimeout
         self.remoteTLS = remoteTLS
+        self.remoteConnections = remoteConnections
     }
 }
 
@@ -76,6 +88,10 @@ protocol DeviceDriver: AnyObject, Sendable {
     /// The data lives in memory (a file on tmpfs): changing it is a copy
     /// into the page cache that never waits for storage.
     var isInMemory: Bool { get }
+    /// See `BlockDevice.connectionCount`.
+    var connectionCount: Int? { get }
+    /// See `BlockDevice.openWarning`.
+    var openWarning: String? { get }
 
     /// Starts `bio`: a driver on a local file descriptor chooses the system
     /// call and adds the bio to the engine's `batch`; one that does its own
@@ -102,6 +118,12 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// Whether this open made the file (`createSize`): only what was made
     /// may be removed when what it was made for fails.
     public let wasCreated: Bool
+    /// How many connections a remote device's commands go on; nil for a
+    /// local device.
+    public let connectionCount: Int?
+    /// What the open could not do as asked (fewer connections), for the
+    /// caller to log: DMIO logs nothing.
+    public let openWarning: String?
     let memoryAlignment: Int
     let driver: any DeviceDriver
     /// What the device's bios did, by `IOOperation`, when `DeviceOptions.countsRequests`.
@@ -123,6 +145,8 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
         blockSize = driver.blockSize
         isReadOnly = driver.isReadOnly
         wasCreated = driver.wasCreated
+        connectionCount = driver.connectionCount
+        openWarning = driver.openWarning
         memoryAlignment = driver.memoryAlignment
     }
 

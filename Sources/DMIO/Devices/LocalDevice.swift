@@ -28,6 +28,8 @@ final class LocalDevice: DeviceDriver, @unchecked Sendable {
     let isInMemory: Bool
     let zeroesCheaply: Bool
     let isBlockDevice: Bool
+    let connectionCount: Int? = nil
+    let openWarning: String? = nil
     /// The file descriptor the engines do I/O on.
     let fileDescriptor: Int32
     /// fallocate modes this file system refused (EOPNOTSUPP), as a bit mask.

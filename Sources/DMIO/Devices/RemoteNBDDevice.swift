@@ -8,6 +8,17 @@ import Synchronization
 /// becomes NBD commands: discard NBD_CMD_TRIM, write-zeroes
 /// NBD_CMD_WRITE_ZEROES (NO_HOLE unless it may unmap), or writes from the
 /// zero page on a server that cannot zero.
+///
+/// Where the server offers multi-conn, its commands go on several
+/// connections (`DeviceOptions.remoteConnections`), each bio wholly on one.
+/// The NBD protocol (doc/proto.md, transmission flags, bit 8,
+/// NBD_FLAG_CAN_MULTI_CONN): "if this flag is present, then the effects of
+/// NBD_CMD_FLUSH and NBD_CMD_FLAG_FUA MUST be visible across all
+/// connections when the server sends its reply to that command to the
+/// client. In the absence of this flag, clients SHOULD NOT multiplex their
+/// commands over more than one connection to the export." So a flush (or a
+/// FUA write) goes on any one connection and covers the writes completed on
+/// all; without the flag, one connection.
 final class RemoteNBDDevice: DeviceDriver, @unchecked Sendable {
     let kind = DeviceKind.remote
     let size: UInt64
@@ -16,28 +27,57 @@ final class RemoteNBDDevice: DeviceDriver, @unchecked Sendable {
     let memoryAlignment = 1
     let wasCreated = false
     let isInMemory = false
-    fileprivate let connection: RemoteConnection
+    let openWarning: String?
+    private let connections: [RemoteConnection]
+    /// Where the next look for the least busy connection starts: one on
+    /// each time, so that ties go round-robin.
+    private let turn = Atomic<UInt>(0)
 
     init(uri: String, options: DeviceOptions) throws(DMIOError) {
-        let handle: NBDHandle
         do {
-            handle = try NBDHandle()
-            try handle.setTLS(options.remoteTLS)
-            try Self.connect(handle, to: uri, within: options.remoteTimeout)
-            size = try handle.size()
-            isReadOnly = try options.readOnly || handle.isReadOnly()
-            blockSize = max(1, Int(try handle.blockSize(.minimum)))
-            connection = try RemoteConnection(handle: handle, timeout: options.remoteTimeout)
+            let first = try Self.connect(to: uri, options: options)
+            size = try first.size()
+            isReadOnly = try options.readOnly || first.isReadOnly()
+            blockSize = max(1, Int(try first.blockSize(.minimum)))
+            let wanted = Self.connectionCount(asked: options.remoteConnections, multiConn: try first.canMultiConn())
+            var warning = wanted.warning
+            var handles = [first]
+            while handles.count < wanted.count {
+                let handle: NBDHandle
+                do throws(NBDError) {
+                    handle = try Self.connect(to: uri, options: options)
+                } catch {
+                    // The server took one connection and refuses more (a
+                    // connection limit): the device goes on with those it has.
+                    warning = "connection \(handles.count + 1) of \(wanted.count) failed (\(error.message)): "
+                        + "\(handles.count) connection\(handles.count == 1 ? "" : "s")"
+                    break
+                }
+                let other = try handle.size()
+                guard other == size else {
+                    throw NBDError(errno: EIO, message: "connection \(handles.count + 1) finds an export of \(other) "
+                                   + "bytes, connection 1 one of \(size): not the same export")
+                }
+                handles.append(handle)
+            }
+            openWarning = warning
+            connections = try handles.map { handle throws(NBDError) in
+                try RemoteConnection(handle: handle, timeout: options.remoteTimeout)
+            }
         } catch let error as NBDError {
             throw .remoteFailed(device: uri, message: error.message)
         } catch {
             throw .remoteFailed(device: uri, message: "\(error)")
         }
+        for connection in connections { connection.start() }
     }
 
-    deinit { connection.stop() }
+    deinit {
+        for connection in connections { connection.stop() }
+    }
 
-    var zeroesCheaply: Bool { connection.canZero }
+    var zeroesCheaply: Bool { connections[0].canZero }
+    var connectionCount: Int? { connections.count }
 
     /// What a server holds is its own business: data everywhere.
     func allocation(offset: UInt64, length: UInt64, maxExtents: Int) throws(DMIOError) -> [DeviceExtent] {
@@ -46,11 +86,29 @@ final class RemoteNBDDevice: DeviceDriver, @unchecked Sendable {
 
     func isHole(offset: UInt64, length: UInt64) -> Bool { false }
 
-    /// Connects and completes the handshake, or fails with ETIMEDOUT once
-    /// `timeout` has passed: a host that drops packets, or a server that
-    /// accepts and never answers, must not hold up the mirror's start.
-    private static func connect(_ handle: NBDHandle, to uri: String, within timeout: Duration?) throws(NBDError) {
-        guard let timeout else { return try handle.connect(uri: uri) }
+    /// How many connections to open, and why fewer than asked. A server
+    /// without multi-conn may cache writes per connection: a flush on one
+    /// would not cover writes acknowledged on another, so it gets one.
+    private static func connectionCount(asked: Int?, multiConn: Bool) -> (count: Int, warning: String?) {
+        guard multiConn else {
+            guard let asked, asked > 1 else { return (1, nil) }
+            return (1, "\(asked) connections asked for, but the server does not offer multi-conn: one connection "
+                    + "(without it, a flush on one connection would not cover writes acknowledged on another)")
+        }
+        return (asked ?? DeviceOptions.defaultRemoteConnections, nil)
+    }
+
+    /// A connection to `uri` with its handshake done, or ETIMEDOUT once
+    /// `options.remoteTimeout` has passed: a host that drops packets, or a
+    /// server that accepts and never answers, must not hold up the mirror's
+    /// start.
+    private static func connect(to uri: String, options: DeviceOptions) throws(NBDError) -> NBDHandle {
+        let handle = try NBDHandle()
+        try handle.setTLS(options.remoteTLS)
+        guard let timeout = options.remoteTimeout else {
+            try handle.connect(uri: uri)
+            return handle
+        }
         try handle.startConnecting(uri: uri)
         let deadline = ContinuousClock.now + timeout
         while handle.isConnecting {
@@ -59,25 +117,51 @@ final class RemoteNBDDevice: DeviceDriver, @unchecked Sendable {
             try handle.poll(milliseconds: milliseconds(left))
         }
         if handle.isDead { throw NBDError(errno: ECONNRESET, message: "the server closed the connection during the handshake") }
+        return handle
     }
 
     func issue(_ bio: Bio, batch: inout BioBatch) {
+        let connection = leastBusy()
         connection.send(bio)
         connection.wake()
         connection.finishCompleted()
+    }
+
+    /// The connection with the fewest bios in flight, from the next in turn
+    /// on. The counts are read without ordering: a hint, and two bios
+    /// issued at once may both take the same connection.
+    private func leastBusy() -> RemoteConnection {
+        let count = UInt(connections.count)
+        guard count > 1 else { return connections[0] }
+        let start = turn.wrappingAdd(1, ordering: .relaxed).oldValue
+        var chosen = connections[Int(start % count)]
+        var fewest = chosen.biosInFlight
+        var step: UInt = 1
+        while fewest > 0 && step < count {
+            let candidate = connections[Int((start &+ step) % count)]
+            let inFlight = candidate.biosInFlight
+            if inFlight < fewest {
+                chosen = candidate
+                fewest = inFlight
+            }
+            step += 1
+        }
+        return chosen
     }
 }
 
 /// One libnbd connection and the thread that drives it: it polls the socket
 /// and a pipe that submitters write to when they queue commands. Commands
 /// may complete while libnbd holds its handle lock, so completions are only
-/// collected there and finished after the lock is released.
+/// collected there and finished after the lock is released. A bio sent on
+/// it ends on it: its commands' completions find it through
+/// `Bio.remoteConnection`.
 ///
 /// A connection that owes replies and moves no byte either way for
 /// `timeout` is cut off, as the kernel's NBD client does: its commands fail
 /// with ETIMEDOUT rather than hold every mirrored write until TCP gives up
 /// (minutes to hours).
-private final class RemoteConnection: @unchecked Sendable {
+final class RemoteConnection: @unchecked Sendable {
     private let handle: NBDHandle
     private let timeout: Duration?
     /// Set once the server was cut off for silence: every failure of this
@@ -87,6 +171,9 @@ private final class RemoteConnection: @unchecked Sendable {
     private let canFUA: Bool
     let canTrim: Bool
     let canZero: Bool
+    /// Bios sent and not yet finished, by which the device picks the least
+    /// busy connection.
+    private let inFlight = Atomic<Int>(0)
 
     private let completedLock = ConditionLock()
     private var completed = BioBatch()
@@ -106,6 +193,16 @@ private final class RemoteConnection: @unchecked Sendable {
             throw NBDError(errno: errno, message: "pipe2: \(errnoDescription(errno))")
         }
         wakePipe = (fds[0], fds[1])
+    }
+
+    deinit {
+        Glibc.close(wakePipe.read)
+        Glibc.close(wakePipe.write)
+    }
+
+    /// Starts the thread, once every connection of the device is made (one
+    /// that fails leaves none running).
+    func start() {
         poller = startThread(named: "dmio-nbd-remote") { [self] in pollLoop() }
     }
 
@@ -115,12 +212,14 @@ private final class RemoteConnection: @unchecked Sendable {
         wake()
         pthread_join(poller, nil)
         handle.shutdown()
-        Glibc.close(wakePipe.read)
-        Glibc.close(wakePipe.write)
     }
+
+    var biosInFlight: Int { inFlight.load(ordering: .relaxed) }
 
     /// Queues the NBD commands that carry out `bio`.
     func send(_ bio: Bio) {
+        inFlight.add(1, ordering: .relaxed)
+        bio.remoteConnection = self
         // One count for this function, so that the bio cannot finish while
         // its commands are still being queued.
         bio.openParts.store(1, ordering: .relaxed)
@@ -234,6 +333,7 @@ private final class RemoteConnection: @unchecked Sendable {
                 wake()
                 continue
             }
+            inFlight.subtract(1, ordering: .relaxed)
             bio.finish(errno: error)
         }
     }
@@ -305,10 +405,11 @@ private final class RemoteConnection: @unchecked Sendable {
     }
 }
 
-/// libnbd calls this when a command of a remote bio completes.
+/// libnbd calls this when a command of a remote bio completes, with the
+/// handle's lock held: the handle of the connection that sent the bio.
 private let remoteCompletion: NBDCompletion = { userData, error in
     let bio = Unmanaged<Bio>.fromOpaque(userData!).takeRetainedValue()
-    unsafeDowncast(bio.device.driver, to: RemoteNBDDevice.self).connection.partEnded(bio, errno: error?.pointee ?? 0)
+    bio.remoteConnection.unsafelyUnwrapped.partEnded(bio, errno: error?.pointee ?? 0)
     return 1
 }
 
