@@ -229,6 +229,27 @@ import Testing
         #expect(server.stderr().contains("pulled ahead of it"))
     }
 
+    /// A leg pulled ahead whose server dies with a write on its way: out for
+    /// that lost connection, and taken back by the retries once it answers.
+    @Test func aLegPulledAheadWhoseServerDiesComesBackByItself() throws {
+        let fixture = MirrorFixture()
+        var legs = try SlowLegMirror(fixture, delay: "1")
+        let server = try fixture.serve(legs.legs + ["--write-mostly", "1", "--write-behind", "1", "--on-congestion",
+                                                    "pull-ahead", "--reconnect-interval", "0.5", "--lease", "0"])
+        let handle = try fixture.connect()
+        _ = try writeBlocks(handle, from: 0, count: 1, seed: 13)
+        let written = try writeBlocks(handle, from: 4096, count: 3, seed: 14)
+        #expect(try fixture.status().legs[1].condition == .behind)
+        try legs.restartRemote()
+        let back = try fixture.waitFor("leg 1 back by itself", timeout: 30) { $0.allInSync }
+        #expect(back.resync.regionsTotal < back.regions / 2, "\(back.resync)")
+        #expect(try handle.read(written.count, at: 4096) == written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs.localFile, legs.remoteFile))
+        #expect(server.stderr().contains("answers again: re-added"))
+    }
+
     /// Many writes in flight at once over a write-mostly leg that is slow
     /// and a backlog that fills and blocks: what fio verifies, and the legs
     /// equal once it drained.
