@@ -25,6 +25,10 @@ public struct MirrorLayout: Sendable, Hashable {
         guard regionBytes >= 4096, regionBytes & (regionBytes - 1) == 0 else {
             throw .invalidRegionSize(regionBytes)
         }
+        // No device is this large; a superblock that says so is damaged (or
+        // hostile: a remote leg's server writes it), and the sums below
+        // would overflow (found by fuzz-metadata).
+        guard legBytes <= UInt64.max / 2 else { throw .corruptMetadata("a leg of \(legBytes) bytes") }
         // A bitmap sized for the whole leg is a little larger than needed.
         let regionsAtMost = (legBytes + UInt64(regionBytes) - 1) / UInt64(regionBytes)
         let bitmapBytes = roundUp((regionsAtMost + 7) / 8, to: UInt64(Self.slotBytes))
