@@ -240,17 +240,24 @@ struct Superblock: Sendable, Hashable {
         }
         var legs: [LegRecord] = []
         var nameAt = Field.names
+        // With an owner, the names end where its pid and lease begin (older
+        // superblocks, without one, may use the bytes up to the checksum).
+        let namesEnd = bytes.load(UInt32.self, at: Field.flags) & 8 != 0 ? Field.namesEnd : Field.checksum
         for index in 0..<legCount {
             let at = Field.legs + index * Field.legRecordBytes
             let word = bytes.load(UInt32.self, at: at + 16)
             guard let state = LegState(rawValue: word & 0xFF) else { return .corrupt("leg \(index) has an unknown state") }
             let nameLength = Int(bytes.load(UInt16.self, at: nameAt))
-            guard nameAt + 2 + nameLength <= Field.checksum else { return .corrupt("leg \(index)'s name runs past the slot") }
+            // As written: room left for the length of each name after it.
+            guard nameAt + 2 + nameLength + 2 * (legCount - index - 1) <= namesEnd else {
+                return .corrupt("leg \(index)'s name runs past the slot")
+            }
             legs.append(LegRecord(uuid: bytes.loadUUID(at: at), state: state,
                                   cause: LegCause(rawValue: word >> 8 & 0xFF) ?? .unknown,
                                   errno: Int32(bitPattern: bytes.load(UInt32.self, at: at + 20)),
                                   failedGeneration: bytes.load(UInt64.self, at: at + 24),
-                                  name: String(decoding: bytes[nameAt + 2..<nameAt + 2 + nameLength], as: UTF8.self),
+                                  // A hint: one that is not UTF-8 is not shown.
+                                  name: String(validating: bytes[nameAt + 2..<nameAt + 2 + nameLength], as: UTF8.self) ?? "",
                                   replaces: (1...legCount).contains(Int(word >> 16 & 0xFF)) ? Int(word >> 16 & 0xFF) - 1 : nil,
                                   writeMostly: word >> 24 & 1 != 0))
             nameAt += 2 + nameLength
