@@ -113,7 +113,7 @@ let package = Package(
         .target(
             name: "Fuzzing",
             dependencies: [
-                "NBD", "Mirror", "BlockTargets", "DMIO", "ControlProtocol",
+                "NBD", "Mirror", "BlockTargets", "DMIO", "ControlProtocol", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -124,7 +124,7 @@ let package = Package(
         .executableTarget(name: "fuzz-metadata", dependencies: ["Fuzzing"], path: "Fuzz/Targets/metadata"),
         .executableTarget(name: "fuzz-control", dependencies: ["Fuzzing"], path: "Fuzz/Targets/control"),
 
-        .target(name: "TestSupport", dependencies: ["LibNBD"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["LibNBD", "BlockTargets", "DMIO"], path: "Tests/TestSupport"),
         .testTarget(name: "DMIOTests", dependencies: ["DMIO", "LibNBD", "TestSupport"]),
         .testTarget(
             name: "NBDTests",

@@ -5,6 +5,7 @@ import Logging
 import NIOCore
 import NIOEmbedded
 @testable import NBD
+import TestSupport
 
 /// What a client sends the server, fed to the server's own pipeline on an
 /// EmbeddedChannel over a target in memory: the option decoder and the
@@ -51,7 +52,7 @@ enum ServerInput {
                               afterHandshake: Bool, structured: Bool = false) {
         guard let cut = bytes.first else { return }
         let input = bytes.dropFirst()
-        let target = FuzzMemoryTarget(size: 64 << 10)
+        let target = MemoryTarget(size: 64 << 10)
         let channel = EmbeddedChannel()
         do {
             try NBDServer.configure(channel, exports: [Export(name: "mem", readOnly: readOnly, target: target)], tls: tls,

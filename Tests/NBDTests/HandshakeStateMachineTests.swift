@@ -1,4 +1,5 @@
 @testable import NBD
+import TestSupport
 import Testing
 
 /// The handshake's decisions on their own, TLS's rules first (proto.md,
