@@ -66,6 +66,8 @@ final class LegTable: @unchecked Sendable {
         /// How many of `readable` are read before a write-mostly leg is:
         /// those not write-mostly, or all when every one is.
         let readFirst: Int
+        /// Those legs: the ones reads go to, and writes are answered from.
+        var readFirstLegs: ArraySlice<Leg> { readable.prefix(readFirst) }
         /// In-sync and rebuilding legs: writes go to all of them.
         let writable: [Leg]
         /// The write-mostly legs written (in sync or rebuilding) while a

@@ -357,7 +357,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private func superblocksWritten(since start: UInt64, byOtherThan me: MirrorOwner) -> (read: Bool, other: MirrorOwner??) {
         var read = false
         let snapshot = legs.snapshot
-        for leg in snapshot.readable.prefix(snapshot.readFirst) {
+        for leg in snapshot.readFirstLegs {
             guard let slots = try? MetadataStore.readSlots(leg.device, client: client) else { continue }
             read = true
             for case .superblock(let found) in slots where found.mirror == uuid && found.events > start {
@@ -493,18 +493,18 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private func catchUpLegsBehind() {
         for member in legs.all where member.state == .degraded && member.cause == .behind {
             guard let device = member.device, writeBehind.backlog(of: device) == 0 else { continue }
-            maintenance.withLock {
-                guard !lock.withLock({ stopping }), lease?.isValid ?? true, let index = legs.index(of: member.uuid),
-                      legs.member(index).cause == .behind, legs.member(index).device === device else { return }
-                do {
-                    // As a re-added leg: one used elsewhere meanwhile is not taken back.
-                    let fullCopy = try needsFullCopy(device, comingBackAs: index, member: legs.member(index))
-                    try bringIn(.at(index), device: device, uuid: member.uuid, fullCopy: fullCopy)
-                } catch {
-                    // Out for good, until an operator's readd-leg judges it again.
-                    legs.fail(LegTable.Leg(index: index, device: device), errno: EIO, reading: false)
-                    logger.error("leg \(index) (\(member.name)) could not be caught up: \(error)")
-                }
+            guard (try? changingLegs(nil)) != nil else { return }
+            defer { maintenance.unlock() }
+            guard let index = legs.index(of: member.uuid), legs.member(index).cause == .behind,
+                  legs.member(index).device === device else { continue }
+            do {
+                // As a re-added leg: one used elsewhere meanwhile is not taken back.
+                let fullCopy = try needsFullCopy(device, comingBackAs: index, member: legs.member(index))
+                try bringIn(.at(index), device: device, uuid: member.uuid, fullCopy: fullCopy)
+            } catch {
+                // Out for good, until an operator's readd-leg judges it again.
+                legs.fail(LegTable.Leg(index: index, device: device), errno: EIO, reading: false)
+                logger.error("leg \(index) (\(member.name)) could not be caught up: \(error)")
             }
         }
     }
@@ -570,11 +570,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
         maintenance.unlock()
         let device = try reopen(member.name)
-        maintenance.lock()
+        try changingLegs(nil)
         defer { maintenance.unlock() }
-        guard !lock.withLock({ stopping }), lease?.isValid ?? true else {
-            throw .invalidLegChange("the server is stopping, or its lease on the legs lapsed")
-        }
         // Re-added meanwhile (by an operator and by the retries at once).
         guard let index = legs.index(of: uuid), legs.member(index).state == .degraded, legs.member(index).device == nil else {
             throw .invalidLegChange("\(member.name) was re-added or changed while it was opened again")
@@ -769,7 +766,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// write-mostly legs: it alone holds them until they land.
     private func checkNotLastAnswering(_ index: Int) throws(MirrorError) {
         let snapshot = legs.snapshot
-        let answering = snapshot.readable.prefix(snapshot.readFirst)
+        let answering = snapshot.readFirstLegs
         guard writeBehind.outstandingCount > 0, !snapshot.writeMostly.isEmpty,
               answering.count == 1, answering.first?.index == index else { return }
         throw .invalidLegChange("leg \(index) is the last leg in sync that is not write-mostly, and "

@@ -24,7 +24,7 @@ extension Mirror {
         // where it has not resynced). Write-mostly legs come last, read
         // only when the others fail.
         let first = isRecoveryPending ? 0
-            : readBalancer.choose(offset: offset, among: candidates.prefix(snapshot.readFirst).lazy.map(\.index))
+            : readBalancer.choose(offset: offset, among: snapshot.readFirstLegs.lazy.map(\.index))
         read(into: buffer, offset: offset, from: candidates, first: first, tried: 0, failures: [],
              on: context.client(or: client), completion: completion)
     }
@@ -390,25 +390,24 @@ extension Mirror {
 /// and the write-mostly legs behind them. Whichever ends last ends it.
 private final class BehindChange: Sendable {
     struct Outcome {
-        var frontHeld: Bool
-        var failures: [LegFailure]
-        var behindFailures: [LegFailure]
+        var frontHeld = false
+        var frontFailures: [LegFailure] = []
+        var behindFailures: [LegFailure] = []
+
+        var failures: [LegFailure] { frontFailures + behindFailures }
     }
 
-    private let state = Mutex((partsLeft: 2, outcome: Outcome(frontHeld: false, failures: [], behindFailures: [])))
+    private let state = Mutex((partsLeft: 2, outcome: Outcome()))
 
     func frontEnded(held: Bool, failures: [LegFailure]) {
         state.withLock {
             $0.outcome.frontHeld = held
-            $0.outcome.failures += failures
+            $0.outcome.frontFailures = failures
         }
     }
 
     func behindEnded(failures: [LegFailure]) {
-        state.withLock {
-            $0.outcome.behindFailures = failures
-            $0.outcome.failures += failures
-        }
+        state.withLock { $0.outcome.behindFailures = failures }
     }
 
     /// Counts a part's end; the outcome once both have ended.

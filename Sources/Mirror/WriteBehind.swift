@@ -127,10 +127,13 @@ final class WriteBehind: @unchecked Sendable {
             }
             // For those that wait for every write, or a leg's, to land.
             lock.broadcast()
-            let range = ranges.values
-            let resumed = waiting.filter { waiter in !range.contains { $0.overlaps(waiter.range) } }
-            waiting.removeAll { waiter in !range.contains { $0.overlaps(waiter.range) } }
-            return (resumed.map(\.resume), emptied)
+            var resumed: [() -> Void] = []
+            waiting.removeAll { waiter in
+                let free = !ranges.values.contains { $0.overlaps(waiter.range) }
+                if free { resumed.append(waiter.resume) }
+                return free
+            }
+            return (resumed, emptied)
         }
         resumed.forEach { $0() }
         if emptied { drained() }
