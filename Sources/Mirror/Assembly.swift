@@ -299,7 +299,17 @@ extension Mirror {
                                                     count: bitmap.count, client: client)
             for index in bitmap.indices { bitmap[index] |= bytes[index] }
         }
-        if !stale.isEmpty { bitmap = [UInt8](repeating: 0xFF, count: bitmap.count) }
+        // A write-mostly leg's bitmap goes behind the others' (write-behind):
+        // after a crash, without a leg in sync whose bitmap did not, no
+        // bitmap here need say every region the legs may differ in (a
+        // rebuilding leg's may lack the bits of commits made while it was
+        // brought in).
+        let bitmapsBehind = !freshest.clean
+            && !members.indices.contains { members[$0].state == .inSync && !freshest.legs[$0].bitmapBehind }
+        if bitmapsBehind {
+            logger.warning("the legs here had their bitmaps written behind another leg's (write-mostly legs): every region counts as dirty (a resync, or a leg re-added, copies all of it)")
+        }
+        if !stale.isEmpty || bitmapsBehind { bitmap = [UInt8](repeating: 0xFF, count: bitmap.count) }
         let inSync = members.filter { $0.state == .inSync }.count
         if !freshest.clean { logger.warning("mirror \(freshest.mirror) was not stopped cleanly: its dirty regions will be resynced") }
         // Legs that leave the mirror here start a new generation, as a failure does.

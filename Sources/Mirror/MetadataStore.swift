@@ -37,9 +37,16 @@ final class MetadataStore: @unchecked Sendable {
     /// (read on every write's answer: an atomic, not the lock).
     private let durableVersion = Atomic<UInt64>(0)
     private let bitmapCommits = Atomic<UInt64>(0)
+    /// Bitmap pages go to write-mostly legs behind the others' answer, as
+    /// their writes do (write-behind on): a first write to a clean region
+    /// then waits for no far leg.
+    let pagesBehind: BitmapPagesBehind
+    private let bitmap: RegionBitmap
 
     init(layout: MirrorLayout, mirror: MirrorUUID, events: UInt64, eventsCleared: UInt64, legs: LegTable,
-         client: DMIOClient, lease: Lease?, announce: MirrorEvents) {
+         bitmap: RegionBitmap, client: DMIOClient, lease: Lease?, writeBehind: Bool, announce: MirrorEvents) {
+        pagesBehind = BitmapPagesBehind(enabled: writeBehind)
+        self.bitmap = bitmap
         self.lease = lease
         self.layout = layout
         self.announce = announce
@@ -95,6 +102,12 @@ final class MetadataStore: @unchecked Sendable {
             return (self.events, self.clean, eventsCleared, self.owner)
         }
         let targets = snapshot.writable
+        let behind = pagesBehind.beginRecord(snapshot)
+        let records = recorded.legs.enumerated().map { index, record in
+            var record = record
+            record.bitmapBehind = targets.contains { $0.index == index && behind.contains(ObjectIdentifier($0.device)) }
+            return record
+        }
         let slot = MirrorLayout.slotOffset(Int(event % 2))
         // A lease's renewal changes nothing but the event: it is not told.
         let news = lock.withLock {
@@ -104,6 +117,7 @@ final class MetadataStore: @unchecked Sendable {
         let gather = Gather(count: targets.count) { [self] failures in
             let durable = failures.count < targets.count
             if durable {
+                pagesBehind.recorded(behind)
                 durableVersion.max(snapshot.version, ordering: .releasing)
                 if news { announce.metadataWritten(event: event, legs: targets.count - failures.count) }
             }
@@ -112,8 +126,7 @@ final class MetadataStore: @unchecked Sendable {
         for leg in targets {
             var superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event,
                                         generation: recorded.generation, clean: isClean, eventsCleared: cleared,
-                                        layout: layout,
-                                        legs: recorded.legs)
+                                        layout: layout, legs: records)
             superblock.owner = owner
             write(superblock.encoded(), at: slot, to: [leg]) { failures in gather.add(failures) }
         }
@@ -121,19 +134,57 @@ final class MetadataStore: @unchecked Sendable {
 
     /// Writes parts of the bitmap, each starting at a page (and as long as
     /// its bytes), to every leg not degraded: each part is one DMIO write to
-    /// all of them.
-    func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])], then done: @escaping @Sendable (MetadataWrite) -> Void) {
-        let targets = legs.snapshot.writable
+    /// all of them but those that get the bitmap behind (`pagesBehind`),
+    /// page by page; `done` does not wait for those, whose failures go to
+    /// `behindFailed`. Without `behindFailed` every leg gets the parts (the
+    /// whole bitmap at the start).
+    func writeBitmap(_ pages: [(page: Int, bytes: [UInt8])],
+                     behindFailed: (@Sendable ([LegFailure]) -> Void)?,
+                     then done: @escaping @Sendable (MetadataWrite) -> Void) {
+        let snapshot = legs.snapshot
         guard mayWrite else { return done(MetadataWrite(durable: false, failures: [])) }
-        guard !pages.isEmpty else { return done(MetadataWrite(durable: !targets.isEmpty, failures: [])) }
+        guard !pages.isEmpty else { return done(MetadataWrite(durable: !snapshot.writable.isEmpty, failures: [])) }
+        let numbers = pages.map(\.page)
+        let behind = behindFailed == nil ? [] : pagesBehind.claim(numbers, snapshot)
+        let targets = snapshot.writable.filter { leg in !behind.contains { $0.leg.device === leg.device } }
         bitmapCommits.add(1, ordering: .relaxed)
-        let gather = Gather(count: pages.count) { failures in
+        for leg in targets { pagesBehind.sendingWithOthers(numbers, to: leg.device) }
+        let gather = Gather(count: pages.count) { [self] failures in
+            for leg in targets where !failures.contains(where: { $0.leg.device === leg.device }) {
+                pagesBehind.landedWithOthers(numbers, on: leg.device)
+            }
             let failedLegs = Set(failures.map(\.leg.index))
             done(MetadataWrite(durable: failedLegs.count < targets.count, failures: failures))
         }
         for (page, bytes) in pages {
-            write(bytes, at: MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes), to: targets) {
-                gather.add($0)
+            write(bytes, at: Self.pageOffset(page), to: targets) { gather.add($0) }
+        }
+        if let behindFailed {
+            for (leg, now) in behind {
+                for page in now { writeBehind(page, to: leg, failed: behindFailed) }
+            }
+        }
+    }
+
+    private static func pageOffset(_ page: Int) -> UInt64 {
+        MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes)
+    }
+
+    /// Writes bitmap page `page`, as it is now, to a leg that gets the
+    /// bitmap behind, and again while it changed during the write. A page
+    /// that cannot be written goes with the next commit again.
+    private func writeBehind(_ page: Int, to leg: LegTable.Leg, failed: @escaping @Sendable ([LegFailure]) -> Void) {
+        guard mayWrite else {
+            _ = pagesBehind.ended(page, on: leg.device, failed: true)
+            return bitmap.markChanged(page)
+        }
+        write(bitmap.currentPage(page), at: Self.pageOffset(page), to: [leg]) { [self] failures in
+            if !failures.isEmpty {
+                bitmap.markChanged(page)
+                failed(failures)
+            }
+            if pagesBehind.ended(page, on: leg.device, failed: !failures.isEmpty) {
+                writeBehind(page, to: leg, failed: failed)
             }
         }
     }

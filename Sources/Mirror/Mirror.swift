@@ -99,14 +99,16 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         self.bitmap = bitmap
         regionHash = RegionHash(regionBytes: layout.regionBytes, bitmap: bitmap)
         let metadata = MetadataStore(layout: layout, mirror: uuid, events: events, eventsCleared: eventsCleared,
-                                     legs: legs, client: client, lease: lease, announce: announce)
+                                     legs: legs, bitmap: bitmap, client: client, lease: lease,
+                                     writeBehind: writeBehind.limit > 0, announce: announce)
         self.metadata = metadata
         let legFailures = LegFailures(legs: legs, metadata: metadata, logger: logger)
         self.legFailures = legFailures
         superblocks = legFailures.superblocks
         let bitmapCommit = GroupCommit { done in
             let pages = bitmap.changedPages()
-            metadata.writeBitmap(pages.map { ($0.index, $0.bytes) }) { written in
+            metadata.writeBitmap(pages.map { ($0.index, $0.bytes) },
+                                 behindFailed: { legFailures.record($0, reading: false) }) { written in
                 legFailures.record(written.failures, reading: false)
                 if written.durable { bitmap.written(pages) }
                 done(written.durable, false)
@@ -149,7 +151,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         // Legs that were stale or re-added get the whole bitmap.
         let whole = [(page: 0, bytes: bitmap.image(bitmapBytes: layout.bitmapBytes))]
         let wrote = waitForCallback { done in
-            metadata.writeBitmap(whole) { [legFailures] written in
+            metadata.writeBitmap(whole, behindFailed: nil) { [legFailures] written in
                 legFailures.record(written.failures, reading: false)
                 done(written.durable)
             }
@@ -200,6 +202,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             metadata.renewing(true)
         }
         defer { metadata.renewing(false) }
+        metadata.pagesBehind.stop()
         flushLegs()
         let recovering = isRecoveryPending
         if legs.allInSync && !recovering {
@@ -244,9 +247,14 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             if now - lastClean >= Self.cleanInterval {
                 lastClean = now
                 cleanIdleRegions()
+                if metadata.pagesBehind.isRecordWrong(legs.snapshot) { _ = superblocks.commitAndWait() }
             }
+            // Until the next clearing, or a leg pulled ahead may be caught up.
+            let until = min(lastClean + Self.cleanInterval, writeBehind.nextCatchUp ?? lastClean + Self.cleanInterval)
             lock.withLock {
-                if !stopping && !isRecoveryPending && scrubAsked == nil { lock.wait(for: max(.milliseconds(50), Self.cleanInterval - (ContinuousClock.now - lastClean))) }
+                if !stopping && !isRecoveryPending && scrubAsked == nil {
+                    lock.wait(for: max(.milliseconds(50), ContinuousClock.now.duration(to: until)))
+                }
             }
         }
     }
@@ -281,6 +289,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 if recovery { recoveryPending.store(false, ordering: .releasing) }
                 if !rebuilt.inSync.isEmpty {
                     logger.info("legs \(rebuilt.inSync) are in sync")
+                    for index in rebuilt.inSync {
+                        if let device = legs.member(index).device { writeBehind.inSync(device) }
+                    }
                     // The others stop listing a replaced leg before it is told it left.
                     if superblocks.commitAndWait() {
                         for old in rebuilt.retired { retire(old, why: "replaced") }
@@ -492,7 +503,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// that left one behind.
     private func catchUpLegsBehind() {
         for member in legs.all where member.state == .degraded && member.cause == .behind {
-            guard let device = member.device, writeBehind.backlog(of: device) == 0 else { continue }
+            guard let device = member.device, writeBehind.mayCatchUp(device) else { continue }
             guard (try? changingLegs(nil)) != nil else { return }
             defer { maintenance.unlock() }
             guard let index = legs.index(of: member.uuid), legs.member(index).cause == .behind,
@@ -500,6 +511,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             do {
                 // As a re-added leg: one used elsewhere meanwhile is not taken back.
                 let fullCopy = try needsFullCopy(device, comingBackAs: index, member: legs.member(index))
+                writeBehind.catchingUp(device)
                 try bringIn(.at(index), device: device, uuid: member.uuid, fullCopy: fullCopy)
             } catch {
                 // Out for good, until an operator's readd-leg judges it again.
@@ -527,8 +539,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 // as the others are, and what is on its way to it lands.
                 writeBehind.close(device)
                 writeBehind.waitUntilDrained(device)
+                metadata.pagesBehind.sendWithOthers(device, true)
             }
         }
+        // Not write-mostly from here on: it gets the bitmap with the others anyway.
+        defer { if !writeMostly, let device = member.device { metadata.pagesBehind.sendWithOthers(device, false) } }
         guard try legs.setWriteMostly(index, writeMostly) else { return }
         logger.info("leg \(index) (\(legs.member(index).name)) is \(writeMostly ? "" : "no longer ")write-mostly")
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
@@ -744,9 +759,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             try MetadataStore.writeBytes([UInt8](repeating: 0, count: 2 * MirrorLayout.slotBytes), offset: 0,
                                          to: [device], client: client)
         }
-        // The leg's bitmap may be old: it gets the whole bitmap before it is written.
+        // The leg's bitmap may be old: it gets the whole bitmap before it is
+        // written (after any page still on its way to it from before).
+        metadata.pagesBehind.waitUntilLanded(device)
         try MetadataStore.writeBytes(bitmap.image(bitmapBytes: layout.bitmapBytes), offset: MirrorLayout.bitmapOffset,
                                      to: [device], client: client)
+        metadata.pagesBehind.landedWhole(on: device)
         let index = try legs.bringIn(placement, device: device, uuid: uuid)
         guard bitmapCommit.commitAndWait(), superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)

@@ -321,11 +321,13 @@ extension Mirror {
 
     /// Takes write-mostly legs whose backlog is full out of the writes
     /// (`--on-congestion pull-ahead`): the background thread catches each
-    /// up once its backlog has drained.
+    /// up once its backlog has drained (`CatchUpPacing` says when).
     private func pullAhead(_ full: [LegTable.Leg]) {
+        let policy = writeBehind.policy
         for leg in full where legs.fallBehind(leg) {
-            let line = "leg \(leg.index) (\(leg.device.name)) has \(writeBehind.policy.limit) writes outstanding: "
-                + "pulled ahead of it; it is caught up once they end (--on-congestion pull-ahead)"
+            let line = "leg \(leg.index) (\(leg.device.name)) has \(writeBehind.backlog(of: leg.device)) writes "
+                + "outstanding (at most \(policy.limit) per leg and \(policy.maxBytes >> 20) MiB in all): pulled ahead "
+                + "of it; it is caught up once they land (--on-congestion pull-ahead)"
             logger.warning("\(line)")
             writeBehind.pulledAhead(leg.device)
         }

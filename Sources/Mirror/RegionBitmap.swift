@@ -128,6 +128,19 @@ final class RegionBitmap: @unchecked Sendable {
         }
     }
 
+    /// Page `page` is written again with the next commit (a leg missed it).
+    func markChanged(_ page: Int) {
+        lock.withLock {
+            changed[page] = nextVersion
+            nextVersion += 1
+        }
+    }
+
+    /// Page `page` as it is now (a write-mostly leg's copy, written behind).
+    func currentPage(_ page: Int) -> [UInt8] {
+        lock.withLock { pageImage(page) }
+    }
+
     private func pageImage(_ page: Int) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: MirrorLayout.slotBytes)
         let first = page * Self.bitsPerPage

@@ -104,6 +104,10 @@ struct LegRecord: Sendable, Hashable {
     /// write-mostly): a slow or remote leg, written behind the others'
     /// answers with `--write-behind`.
     var writeMostly = false
+    /// This leg's bitmap is written behind the others' (a write-mostly leg
+    /// with write-behind), so it may lack bits that the others have: it
+    /// alone cannot say what a crash left to copy.
+    var bitmapBehind = false
 }
 
 /// The superblock: one 4 KiB slot, little-endian, CRC32C in its last four
@@ -121,7 +125,11 @@ struct Superblock: Sendable, Hashable {
     /// it (it reads 1 and 2) refuses the legs rather than take a leg that
     /// lacks writes answered before a crash for the source of a recovery.
     static let writeMostlyVersion: UInt32 = 3
-    static let readableVersions: ClosedRange<UInt32> = 1...3
+    /// Written while a leg's bitmap is written behind: a build that knows
+    /// nothing of it (it reads 1 to 3) refuses the legs rather than trust
+    /// that leg's bitmap after a crash.
+    static let bitmapBehindVersion: UInt32 = 4
+    static let readableVersions: ClosedRange<UInt32> = 1...4
     static let maxLegs = 64
 
     var mirror: MirrorUUID
@@ -173,7 +181,9 @@ struct Superblock: Sendable, Hashable {
     func encoded() -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: MirrorLayout.slotBytes)
         bytes.replaceSubrange(0..<8, with: Self.magic)
-        bytes.store(legs.contains(where: \.writeMostly) ? Self.writeMostlyVersion : Self.version, at: Field.version)
+        let version = legs.contains(where: \.bitmapBehind) ? Self.bitmapBehindVersion
+            : legs.contains(where: \.writeMostly) ? Self.writeMostlyVersion : Self.version
+        bytes.store(version, at: Field.version)
         bytes.store(mirror, at: Field.mirror)
         bytes.store(UInt32(legIndex), at: Field.legIndex)
         bytes.store(UInt32(legs.count), at: Field.legCount)
@@ -197,10 +207,10 @@ struct Superblock: Sendable, Hashable {
             bytes.store(leg.uuid, at: at)
             // The state's low byte, the cause in the next, then the leg it
             // replaces plus one (0 in older metadata, and for none), then
-            // flags: write-mostly.
+            // flags: write-mostly, bitmap behind.
             let replaces = UInt32(leg.replaces.map { $0 + 1 } ?? 0)
-            bytes.store(leg.state.rawValue | leg.cause.rawValue << 8 | replaces << 16 | (leg.writeMostly ? 1 << 24 : 0),
-                        at: at + 16)
+            let flags: UInt32 = (leg.writeMostly ? 1 : 0) | (leg.bitmapBehind ? 2 : 0)
+            bytes.store(leg.state.rawValue | leg.cause.rawValue << 8 | replaces << 16 | flags << 24, at: at + 16)
             bytes.store(UInt32(bitPattern: leg.errno), at: at + 20)
             bytes.store(leg.failedGeneration, at: at + 24)
         }
@@ -259,7 +269,7 @@ struct Superblock: Sendable, Hashable {
                                   // A hint: one that is not UTF-8 is not shown.
                                   name: String(validating: bytes[nameAt + 2..<nameAt + 2 + nameLength], as: UTF8.self) ?? "",
                                   replaces: (1...legCount).contains(Int(word >> 16 & 0xFF)) ? Int(word >> 16 & 0xFF) - 1 : nil,
-                                  writeMostly: word >> 24 & 1 != 0))
+                                  writeMostly: word >> 24 & 1 != 0, bitmapBehind: word >> 25 & 1 != 0))
             nameAt += 2 + nameLength
         }
         return .superblock(Superblock(

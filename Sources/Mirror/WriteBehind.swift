@@ -57,6 +57,7 @@ final class WriteBehind: @unchecked Sendable {
     private var closed: Set<ObjectIdentifier> = []
     /// Legs pulled ahead: told (`drained`) once their backlog is empty.
     private var pulledAhead: Set<ObjectIdentifier> = []
+    private var pacing = CatchUpPacing()
     private let drained: @Sendable () -> Void
 
     init(policy: WriteBehindPolicy, drained: @escaping @Sendable () -> Void) {
@@ -166,10 +167,82 @@ final class WriteBehind: @unchecked Sendable {
     func pulledAhead(_ device: BlockDevice) {
         let empty = lock.withLock {
             let key = ObjectIdentifier(device)
+            pacing.pulledAhead(key, at: .now)
             guard perLeg[key] != nil else { return true }
             pulledAhead.insert(key)
             return false
         }
         if empty { drained() }
+    }
+
+    /// Whether `device`, pulled ahead, may be caught up now: its backlog
+    /// has drained and its pacing allows it.
+    func mayCatchUp(_ device: BlockDevice) -> Bool {
+        lock.withLock { perLeg[ObjectIdentifier(device)] == nil && pacing.mayCatchUp(ObjectIdentifier(device), at: .now) }
+    }
+
+    /// `device` is being caught up.
+    func catchingUp(_ device: BlockDevice) {
+        lock.withLock { pacing.catchingUp(ObjectIdentifier(device)) }
+    }
+
+    /// `device` is in sync again (a catch-up, or any rebuild, finished).
+    func inSync(_ device: BlockDevice) {
+        lock.withLock { pacing.inSync(ObjectIdentifier(device), at: .now) }
+    }
+
+    /// The soonest a leg pulled ahead may be caught up, if one waits.
+    var nextCatchUp: ContinuousClock.Instant? { lock.withLock { pacing.nextCatchUp(after: .now) } }
+}
+
+/// When a leg pulled ahead is caught up: at once, unless it was pulled
+/// ahead again while being caught up, or within 10 s of being back in
+/// sync (a load it cannot follow). Then it waits, a second the first time
+/// and twice as long each time after, up to a minute: a catch-up takes the
+/// mirror's writes back to the leg's pace until it is pulled ahead again,
+/// and under such a load it would start again and again. A leg that stayed
+/// in sync for a while starts the count over.
+struct CatchUpPacing {
+    static let firstWait = Duration.seconds(1)
+    static let longestWait = Duration.seconds(60)
+    /// A leg pulled ahead again sooner after it was back in sync waits longer.
+    static let held = Duration.seconds(10)
+
+    private struct Leg {
+        var catchingUp = false
+        var inSyncSince: ContinuousClock.Instant?
+        var wait = Duration.zero
+        var notBefore: ContinuousClock.Instant
+    }
+
+    private var legs: [ObjectIdentifier: Leg] = [:]
+
+    mutating func pulledAhead(_ leg: ObjectIdentifier, at now: ContinuousClock.Instant) {
+        var state = legs[leg] ?? Leg(notBefore: now)
+        let didNotHold = state.catchingUp || state.inSyncSince.map { now - $0 < Self.held } ?? false
+        state.wait = !didNotHold ? .zero : state.wait == .zero ? Self.firstWait : min(state.wait * 2, Self.longestWait)
+        state.catchingUp = false
+        state.inSyncSince = nil
+        state.notBefore = now + state.wait
+        legs[leg] = state
+    }
+
+    func mayCatchUp(_ leg: ObjectIdentifier, at now: ContinuousClock.Instant) -> Bool {
+        legs[leg].map { now >= $0.notBefore } ?? true
+    }
+
+    /// The soonest after `now` that a leg pulled ahead, and waiting, may be caught up.
+    func nextCatchUp(after now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
+        legs.values.filter { !$0.catchingUp && $0.inSyncSince == nil && $0.notBefore > now }.map(\.notBefore).min()
+    }
+
+    mutating func catchingUp(_ leg: ObjectIdentifier) {
+        legs[leg]?.catchingUp = true
+    }
+
+    mutating func inSync(_ leg: ObjectIdentifier, at now: ContinuousClock.Instant) {
+        guard legs[leg]?.catchingUp == true else { return }
+        legs[leg]?.catchingUp = false
+        legs[leg]?.inSyncSince = now
     }
 }

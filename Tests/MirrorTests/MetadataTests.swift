@@ -21,18 +21,23 @@ import Testing
         #expect(read == written)
     }
 
-    /// A leg's write-mostly flag and the cause "behind" read back.
+    /// A leg's write-mostly and bitmap-behind flags and the cause "behind" read back.
     @Test func aWriteMostlyLegAndALegBehindReadBackAsWritten() throws {
         var written = superblock(events: 9, leg: 0)
         written.legs[0].writeMostly = true
+        written.legs[0].bitmapBehind = true
         written.legs[1].cause = .behind
         guard case .superblock(let read) = Superblock.decode(written.encoded()) else {
             Issue.record("not decoded")
             return
         }
         #expect(read.legs[0].writeMostly && !read.legs[1].writeMostly)
-        // Version 3 while a leg is write-mostly: older builds refuse it.
-        #expect(written.encoded()[8] == 3 && superblock(events: 9).encoded()[8] == 2)
+        #expect(read.legs[0].bitmapBehind && !read.legs[1].bitmapBehind)
+        // Version 3 while a leg is write-mostly, 4 while a bitmap is behind: older builds refuse it.
+        #expect(written.encoded()[8] == 4 && superblock(events: 9).encoded()[8] == 2)
+        var writeMostly = written
+        writeMostly.legs[0].bitmapBehind = false
+        #expect(writeMostly.encoded()[8] == 3)
         #expect(read.legs[1].cause == .behind)
         #expect(read == written)
     }

@@ -61,8 +61,9 @@ import Testing
         let legs = try SlowLegMirror(fixture, delay: "2")
         let server = try fixture.serve(legs.legs + ["--write-mostly", "1"])
         let handle = try fixture.connect()
-        // The region's bit goes to every leg first, the slow one too.
-        _ = try writeBlocks(handle, from: 0, count: 1, seed: 1)
+        // The first write to a clean region: its bit goes to the slow leg behind too.
+        let first = try seconds { _ = try writeBlocks(handle, from: 0, count: 1, seed: 1) }
+        #expect(first < 1.0, "the first write to a clean region took \(first) s")
         var written: [UInt8] = []
         let took = try seconds { written = try writeBlocks(handle, from: 4096, count: 8, seed: 2) }
         // Eight writes behind a leg that takes 2 s each: without write-behind, 16 s.
@@ -197,11 +198,33 @@ import Testing
         server = try fixture.serve(legs.legs + ["--lease", "0"])
         let status = try fixture.waitFor("recovery", timeout: 30) { $0.allInSync && !$0.resync.lastResult.isEmpty }
         #expect(status.resync.reason.contains("recovery"), "\(status.resync)")
+        // Leg 1's bitmap was not behind: only the regions written are copied.
+        #expect(status.resync.regionsTotal < status.regions, "\(status.resync)")
         handle = try fixture.connect()
         #expect(try handle.read(written.count, at: 0) == written)
         handle.shutdown()
         #expect(server.stop() == 0)
         #expect(fixture.legsEqual(legs.localFile, legs.remoteFile))
+    }
+
+    /// The slow leg's bitmap is written behind: after a crash, without the
+    /// leg whose bitmap was not, every region counts as dirty (the slow
+    /// leg's own bitmap lacks the bit of the last write, which never
+    /// reached it: its server died with the kill too).
+    @Test func aCrashWithTheBitmapBehindMarksEveryRegionWithoutTheOtherLeg() throws {
+        let fixture = MirrorFixture()
+        var legs = try SlowLegMirror(fixture, slowLeg: 0, delay: "2")
+        var server = try fixture.serve(legs.legs + ["--write-mostly", "0", "--lease", "0"])
+        let handle = try fixture.connect()
+        _ = try writeBlocks(handle, from: 0, count: 1, seed: 5)
+        handle.shutdown()
+        _ = server.stop(signal: SIGKILL)
+        try legs.restartRemote()
+        server = try fixture.serve([legs.uri, fixture.path("gone.img"), "--allow-missing-legs", "--lease", "0"])
+        let status = try fixture.status()
+        #expect(status.dirtyRegions == status.regions, "\(status.dirtyRegions) of \(status.regions) dirty")
+        #expect(server.stop() == 0)
+        #expect(server.stderr().contains("had their bitmaps written behind"))
     }
 
     @Test func aCongestedLegIsPulledAheadAndCaughtUp() throws {

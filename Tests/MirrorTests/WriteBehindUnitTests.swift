@@ -65,4 +65,37 @@ import Testing
         behind.pulledAhead(devices[1])
         #expect(drained.withLock { $0 } == 2)
     }
+
+    /// A leg pulled ahead is caught up at once; pulled ahead again while
+    /// caught up, or soon after it is back in sync, it waits 1 s, then 2,
+    /// 4... up to a minute; back in sync for 10 s, it starts over.
+    @Test func aLegPulledAheadAgainSoonAfterItsCatchUpWaitsLongerEachTime() {
+        var pacing = CatchUpPacing()
+        let leg = ObjectIdentifier(devices[0])
+        let start = ContinuousClock.now
+        func at(_ milliseconds: Int) -> ContinuousClock.Instant { start + .milliseconds(milliseconds) }
+        pacing.pulledAhead(leg, at: at(0))
+        #expect(pacing.mayCatchUp(leg, at: at(0)))
+        var now = 0
+        for (round, wait) in [1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000].enumerated() {
+            pacing.catchingUp(leg)
+            now += 200
+            // Odd rounds: the catch-up ended, and the leg fell behind again 5 s later.
+            if round % 2 == 1 {
+                pacing.inSync(leg, at: at(now))
+                now += 5000
+            }
+            pacing.pulledAhead(leg, at: at(now))
+            #expect(pacing.nextCatchUp(after: at(now)) == at(now + wait), "wait \(wait)")
+            #expect(!pacing.mayCatchUp(leg, at: at(now + wait - 1)), "wait \(wait)")
+            #expect(pacing.mayCatchUp(leg, at: at(now + wait)), "wait \(wait)")
+            now += wait
+        }
+        pacing.catchingUp(leg)
+        pacing.inSync(leg, at: at(now))
+        pacing.pulledAhead(leg, at: at(now + 10000))
+        #expect(pacing.mayCatchUp(leg, at: at(now + 10000)))
+        #expect(pacing.nextCatchUp(after: at(now + 10000)) == nil)
+        #expect(pacing.mayCatchUp(ObjectIdentifier(devices[1]), at: at(0)))
+    }
 }
