@@ -300,12 +300,15 @@ extension Mirror {
             for index in bitmap.indices { bitmap[index] |= bytes[index] }
         }
         // A write-mostly leg's bitmap goes behind the others' (write-behind):
-        // after a crash, without a leg in sync whose bitmap did not, no
-        // bitmap here need say every region the legs may differ in (a
-        // rebuilding leg's may lack the bits of commits made while it was
-        // brought in).
-        let bitmapsBehind = !freshest.clean
-            && !members.indices.contains { members[$0].state == .inSync && !freshest.legs[$0].bitmapBehind }
+        // after a crash, the bitmaps here say every region the legs may
+        // differ in only with a leg in sync whose bitmap did not go behind
+        // (a rebuilding leg's may lack the bits of commits made while it was
+        // brought in), and only when no such leg is missing (one degraded
+        // since the freshest superblock took bits the others here lack).
+        let anyBehind = members.indices.contains { members[$0].state != .degraded && freshest.legs[$0].bitmapBehind }
+        let trusted = members.indices.contains { members[$0].state == .inSync && !freshest.legs[$0].bitmapBehind }
+        let trustedMissing = missingInUse.contains { !freshest.legs[$0].bitmapBehind }
+        let bitmapsBehind = !freshest.clean && anyBehind && (!trusted || trustedMissing)
         if bitmapsBehind {
             logger.warning("the legs here had their bitmaps written behind another leg's (write-mostly legs): every region counts as dirty (a resync, or a leg re-added, copies all of it)")
         }

@@ -3,9 +3,11 @@ import DMIO
 /// Which legs get the bitmap behind the others' answer, and the pages on
 /// their way to them (`MetadataStore` does the writing). A write-mostly leg
 /// written behind (`Snapshot.writeMostly`, write-behind on) gets its bitmap
-/// pages behind too, but only once a superblock on the legs says so
-/// (`LegRecord.bitmapBehind`): after a crash a start without a leg whose
-/// bitmap was not behind then counts every region dirty. The flag stays
+/// pages behind too, but only once the superblocks on the legs say so
+/// (`LegRecord.bitmapBehind`), in both slots (a reader that cannot read the
+/// newer slot must not find an older one that does not say so): after a
+/// crash a start without a leg whose bitmap was not behind then counts
+/// every region dirty. The flag stays
 /// while any page is on its way to the leg or failed to reach it.
 ///
 /// At most one write per page and leg is on its way, since a leg's server
@@ -28,8 +30,10 @@ final class BitmapPagesBehind: @unchecked Sendable {
     private var legs: [ObjectIdentifier: Pages] = [:]
     /// Off from the stop on (and when write-behind is off).
     private var enabled: Bool
-    /// What the superblocks on the legs say.
+    /// The legs that the last two superblocks written both name.
     private var recorded: Set<ObjectIdentifier> = []
+    /// The legs that the last superblock written names.
+    private var lastNamed: Set<ObjectIdentifier> = []
     /// Legs that get the bitmap with the others from now on, though still
     /// write-mostly (`set-leg --no-write-mostly` under way).
     private var front: Set<ObjectIdentifier> = []
@@ -52,9 +56,14 @@ final class BitmapPagesBehind: @unchecked Sendable {
         }
     }
 
-    /// The superblocks naming `behind` are on the legs.
-    func recorded(_ behind: Set<ObjectIdentifier>) {
-        lock.withLock { recorded = behind }
+    /// A superblock naming `behind` is on the legs. Returns false when
+    /// another must follow: it names a leg the one before did not.
+    func recorded(_ behind: Set<ObjectIdentifier>) -> Bool {
+        lock.withLock {
+            defer { lastNamed = behind }
+            recorded = behind.intersection(lastNamed)
+            return behind.isSubset(of: lastNamed)
+        }
     }
 
     /// Whether the superblocks name other legs than they would now: the
@@ -89,48 +98,63 @@ final class BitmapPagesBehind: @unchecked Sendable {
         }
     }
 
-    /// A write of `page` to `device` ended; returns whether to write the
-    /// page again (it changed meanwhile, and the write did not fail).
-    func ended(_ page: Int, on device: BlockDevice, failed: Bool) -> Bool {
+    /// What follows a page's write behind.
+    enum PageEnd {
+        /// It changed meanwhile: write it again, as it is now.
+        case again
+        /// The leg lacks it (the write failed, or the page changed while the
+        /// leg began to get the bitmap with the others): the next commit
+        /// takes it, with the others.
+        case withNextCommit
+        case done
+    }
+
+    /// A write of `page` to `device` ended.
+    func ended(_ page: Int, on device: BlockDevice, failed: Bool) -> PageEnd {
         lock.withLock {
             let key = ObjectIdentifier(device)
-            guard var state = legs[key] else { return false }
-            let again = state.again.remove(page) != nil
-            if failed {
+            guard var state = legs[key] else { return .done }
+            let changed = state.again.remove(page) != nil
+            let end: PageEnd = failed || (changed && front.contains(key)) ? .withNextCommit : changed ? .again : .done
+            switch end {
+            case .again:
+                break
+            case .withNextCommit:
                 state.missing.insert(page)
-            } else {
+                state.writing.remove(page)
+            case .done:
                 state.missing.remove(page)
+                state.writing.remove(page)
             }
-            if again && !failed {
-                legs[key] = state
-                return true
-            }
-            state.writing.remove(page)
             legs[key] = state.isEmpty ? nil : state
             lock.broadcast()
-            return false
+            return end
         }
     }
 
     /// `pages` go to `device` with the other legs: those under way to it
     /// are written again once their write ends (it could land after this
     /// one, with an older image).
-    func sendingWithOthers(_ pages: [Int], to device: BlockDevice) {
+    func sendingWithOthers(_ pages: [Int], to devices: [BlockDevice]) {
         lock.withLock {
-            let key = ObjectIdentifier(device)
-            guard var state = legs[key] else { return }
-            state.again.formUnion(pages.filter(state.writing.contains))
-            legs[key] = state
+            guard !legs.isEmpty else { return }
+            for key in devices.map(ObjectIdentifier.init) {
+                guard var state = legs[key] else { continue }
+                state.again.formUnion(pages.filter(state.writing.contains))
+                legs[key] = state
+            }
         }
     }
 
-    /// `pages` landed on `device` with the other legs: it no longer misses them.
-    func landedWithOthers(_ pages: [Int], on device: BlockDevice) {
+    /// `pages` landed on `devices` with the other legs: they no longer miss them.
+    func landedWithOthers(_ pages: [Int], on devices: [BlockDevice]) {
         lock.withLock {
-            let key = ObjectIdentifier(device)
-            guard var state = legs[key], !state.missing.isEmpty else { return }
-            state.missing.subtract(pages)
-            legs[key] = state.isEmpty ? nil : state
+            guard !legs.isEmpty else { return }
+            for key in devices.map(ObjectIdentifier.init) {
+                guard var state = legs[key], !state.missing.isEmpty else { continue }
+                state.missing.subtract(pages)
+                legs[key] = state.isEmpty ? nil : state
+            }
         }
     }
 
@@ -146,13 +170,13 @@ final class BitmapPagesBehind: @unchecked Sendable {
     // MARK: Waiting
 
     /// `device` gets the bitmap with the others from now on (`true`), until
-    /// called with `false`; blocks until its pages under way have landed.
+    /// called with `false`, though write-mostly (`waitUntilLanded` then
+    /// waits for what is on its way: no page is written to it behind again).
     func sendWithOthers(_ device: BlockDevice, _ withOthers: Bool) {
         lock.withLock {
             let key = ObjectIdentifier(device)
             if withOthers { front.insert(key) } else { front.remove(key) }
         }
-        if withOthers { waitUntilLanded(device) }
     }
 
     /// No leg gets the bitmap behind from now on; blocks until every page

@@ -8,6 +8,8 @@ import Synchronization
 struct MetadataWrite: Sendable {
     let durable: Bool
     let failures: [LegFailure]
+    /// Another superblock must follow (a leg newly flagged: see `recorded`).
+    var again = false
 }
 
 /// Reads and writes the metadata areas of the legs: superblocks and bitmap
@@ -117,11 +119,11 @@ final class MetadataStore: @unchecked Sendable {
         let gather = Gather(count: targets.count) { [self] failures in
             let durable = failures.count < targets.count
             if durable {
-                pagesBehind.recorded(behind)
                 durableVersion.max(snapshot.version, ordering: .releasing)
                 if news { announce.metadataWritten(event: event, legs: targets.count - failures.count) }
             }
-            done(MetadataWrite(durable: durable, failures: failures))
+            let again = durable && !pagesBehind.recorded(behind)
+            done(MetadataWrite(durable: durable, failures: failures, again: again))
         }
         for leg in targets {
             var superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event,
@@ -148,11 +150,11 @@ final class MetadataStore: @unchecked Sendable {
         let behind = behindFailed == nil ? [] : pagesBehind.claim(numbers, snapshot)
         let targets = snapshot.writable.filter { leg in !behind.contains { $0.leg.device === leg.device } }
         bitmapCommits.add(1, ordering: .relaxed)
-        for leg in targets { pagesBehind.sendingWithOthers(numbers, to: leg.device) }
+        pagesBehind.sendingWithOthers(numbers, to: targets.map(\.device))
         let gather = Gather(count: pages.count) { [self] failures in
-            for leg in targets where !failures.contains(where: { $0.leg.device === leg.device }) {
-                pagesBehind.landedWithOthers(numbers, on: leg.device)
-            }
+            pagesBehind.landedWithOthers(numbers, on: targets.filter { leg in
+                !failures.contains { $0.leg.device === leg.device }
+            }.map(\.device))
             let failedLegs = Set(failures.map(\.leg.index))
             done(MetadataWrite(durable: failedLegs.count < targets.count, failures: failures))
         }
@@ -160,8 +162,12 @@ final class MetadataStore: @unchecked Sendable {
             write(bytes, at: Self.pageOffset(page), to: targets) { gather.add($0) }
         }
         if let behindFailed {
+            let bytes = Dictionary(uniqueKeysWithValues: pages.map { ($0.page, $0.bytes) })
             for (leg, now) in behind {
-                for page in now { writeBehind(page, to: leg, failed: behindFailed) }
+                for page in now {
+                    precondition(bytes[page]!.count == MirrorLayout.slotBytes, "a part behind is one page")
+                    writeBehind(page, bytes[page]!, to: leg, failed: behindFailed)
+                }
             }
         }
     }
@@ -170,21 +176,22 @@ final class MetadataStore: @unchecked Sendable {
         MirrorLayout.bitmapOffset + UInt64(page * MirrorLayout.slotBytes)
     }
 
-    /// Writes bitmap page `page`, as it is now, to a leg that gets the
-    /// bitmap behind, and again while it changed during the write. A page
-    /// that cannot be written goes with the next commit again.
-    private func writeBehind(_ page: Int, to leg: LegTable.Leg, failed: @escaping @Sendable ([LegFailure]) -> Void) {
+    /// Writes `bytes`, bitmap page `page`, to a leg that gets the bitmap
+    /// behind, and the page as it is then while it changed during the
+    /// write. A page that cannot be written, or that changed while the leg
+    /// began to get the bitmap with the others, goes with the next commit.
+    private func writeBehind(_ page: Int, _ bytes: [UInt8], to leg: LegTable.Leg,
+                             failed: @escaping @Sendable ([LegFailure]) -> Void) {
         guard mayWrite else {
             _ = pagesBehind.ended(page, on: leg.device, failed: true)
             return bitmap.markChanged(page)
         }
-        write(bitmap.currentPage(page), at: Self.pageOffset(page), to: [leg]) { [self] failures in
-            if !failures.isEmpty {
-                bitmap.markChanged(page)
-                failed(failures)
-            }
-            if pagesBehind.ended(page, on: leg.device, failed: !failures.isEmpty) {
-                writeBehind(page, to: leg, failed: failed)
+        write(bytes, at: Self.pageOffset(page), to: [leg]) { [self] failures in
+            if !failures.isEmpty { failed(failures) }
+            switch pagesBehind.ended(page, on: leg.device, failed: !failures.isEmpty) {
+            case .again: writeBehind(page, bitmap.currentPage(page), to: leg, failed: failed)
+            case .withNextCommit: bitmap.markChanged(page)
+            case .done: break
             }
         }
     }

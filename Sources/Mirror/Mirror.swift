@@ -159,6 +159,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard wrote, superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }
+        // Write-mostly legs get their bitmap behind once both slots say so:
+        // from the first write on, not after a first round trip to them.
+        if metadata.pagesBehind.isRecordWrong(legs.snapshot) { _ = superblocks.commitAndWait() }
         if let lease {
             lease.renewed(startedAt: leaseFrom)
             leaseStart = metadata.eventCount
@@ -531,6 +534,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         defer { maintenance.unlock() }
         let member = legs.member(index)
         guard member.writeMostly != writeMostly else { return }
+        // Not write-mostly from here on (or still, if this fails): its bitmap
+        // is no longer sent with the others' for that reason.
+        defer { if !writeMostly, let device = member.device { metadata.pagesBehind.sendWithOthers(device, false) } }
         if let device = member.device {
             if writeMostly {
                 writeBehind.open(device)
@@ -539,11 +545,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 // as the others are, and what is on its way to it lands.
                 writeBehind.close(device)
                 writeBehind.waitUntilDrained(device)
+                // Pages that changed on their way to it go with the others now.
                 metadata.pagesBehind.sendWithOthers(device, true)
+                metadata.pagesBehind.waitUntilLanded(device)
+                guard bitmapCommit.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
             }
         }
-        // Not write-mostly from here on: it gets the bitmap with the others anyway.
-        defer { if !writeMostly, let device = member.device { metadata.pagesBehind.sendWithOthers(device, false) } }
         guard try legs.setWriteMostly(index, writeMostly) else { return }
         logger.info("leg \(index) (\(legs.member(index).name)) is \(writeMostly ? "" : "no longer ")write-mostly")
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }

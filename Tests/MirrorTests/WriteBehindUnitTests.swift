@@ -96,6 +96,13 @@ import Testing
         pacing.pulledAhead(leg, at: at(now + 10000))
         #expect(pacing.mayCatchUp(leg, at: at(now + 10000)))
         #expect(pacing.nextCatchUp(after: at(now + 10000)) == nil)
+        // A catch-up of 30 s, and the leg behind again 5 s after it ended: it did not hold.
+        now += 10000
+        pacing.catchingUp(leg)
+        pacing.inSync(leg, at: at(now + 30000))
+        pacing.pulledAhead(leg, at: at(now + 35000))
+        #expect(!pacing.mayCatchUp(leg, at: at(now + 35000)))
+        #expect(pacing.mayCatchUp(leg, at: at(now + 36000)))
         #expect(pacing.mayCatchUp(ObjectIdentifier(devices[1]), at: at(0)))
     }
 }
