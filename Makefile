@@ -1,8 +1,6 @@
 # The project's commands. `make test` and `make e2e` are what CI runs (.ci/run).
 SWIFT ?= swift
 BENCH_FLAGS ?=
-# Where the steering repository's shared tools are (the kernel VM, the NBD benchmark).
-SHARED ?= ../shared
 
 .PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-connections bench-behind bench-scrub fuzz example clean
 PREFIX ?= /usr/local
@@ -20,11 +18,9 @@ serve: deps
 ## The real Linux nbd driver: ext4 on /dev/nbd0 served by dmio-nbd, in a VM (unix socket; a mirror
 ## with a failing leg; TCP with TLS).
 e2e: deps
-	@test -x $(SHARED)/e2e/kernel-nbd-smoke || { echo "e2e: $(SHARED)/e2e/kernel-nbd-smoke not found (set SHARED=)"; exit 2; }
 	$(SWIFT) build --product dmio-nbd
-	$(SHARED)/e2e/kernel-nbd-smoke --server '.build/debug/dmio-nbd serve --socket "$$NBD_SOCKET" --create 256M /tmp/dmio-e2e-leg.img'
-	scripts/e2e-mirror --dmio-nbd .build/debug/dmio-nbd --vm-run $(SHARED)/e2e/vm-run
-	scripts/e2e-tls --dmio-nbd .build/debug/dmio-nbd --vm-run $(SHARED)/e2e/vm-run
+	scripts/e2e-mirror --dmio-nbd .build/debug/dmio-nbd
+	scripts/e2e-tls --dmio-nbd .build/debug/dmio-nbd
 
 build: deps
 	$(SWIFT) build
@@ -42,11 +38,11 @@ bench: deps
 	$(SWIFT) build -c release --product dmio-bench
 	.build/release/dmio-bench $(BENCH_FLAGS)
 
-## The mirror (two legs) against nbdkit file, qemu-nbd and qemu-storage-daemon's quorum (BENCHMARKS.md).
+## The mirror (two legs) against nbdkit file, qemu-nbd and qemu-storage-daemon's quorum, with
+## pictures in bench/ (BENCHMARKS.md).
 bench-nbd: deps
 	$(SWIFT) build -c release --product dmio-nbd
-	$(SHARED)/bench/run --legs 2 --name dmio-nbd --targets nbdkit-file,qemu-nbd,qsd-quorum,project $(BENCH_FLAGS) \
-		--server '.build/release/dmio-nbd create --force --assume-clean {legs} >/dev/null && exec .build/release/dmio-nbd serve --socket {socket} {legs}'
+	scripts/bench-variants --suite peers --plot bench $(BENCH_FLAGS)
 
 ## The mirror over TLS beside nbdkit over TLS, on loopback TCP, and both without TLS (BENCHMARKS.md).
 bench-tls: deps
@@ -86,8 +82,7 @@ bench-scrub: deps
 ## One device served as it is, against nbdkit file and qemu-nbd (BENCHMARKS.md).
 bench-linear: deps
 	$(SWIFT) build -c release --product dmio-nbd
-	$(SHARED)/bench/run --legs 1 --name dmio-nbd --targets nbdkit-file,qemu-nbd,project $(BENCH_FLAGS) \
-		--server '.build/release/dmio-nbd serve --socket {socket} {legs}'
+	scripts/bench-variants --suite linear $(BENCH_FLAGS)
 
 ## Copy a region to two files with one DMIO write.
 example: deps
