@@ -123,7 +123,7 @@ final class RemoteNBDDevice: DeviceDriver, @unchecked Sendable {
     func issue(_ bio: Bio, batch: inout BioBatch) {
         let connection = leastBusy()
         connection.send(bio)
-        connection.wake()
+        connection.wakeIfNeeded()
         connection.finishCompleted()
     }
 
@@ -179,6 +179,11 @@ final class RemoteConnection: @unchecked Sendable {
     private var completed = BioBatch()
     private var stopping = false
     private let wakePipe: (read: Int32, write: Int32)
+    /// Set by the poller before it looks at what is owed, cleared once it
+    /// knows its wait has a deadline (or needs none: no timeout): while set,
+    /// a command queued may go unseen by a wait without a deadline, and
+    /// the timeout would never start for it (`wakeIfNeeded`).
+    private let mayWaitWithoutDeadline = Atomic<Bool>(false)
     private var poller = pthread_t()
 
     init(handle: NBDHandle, timeout: Duration?) throws(NBDError) {
@@ -343,6 +348,20 @@ final class RemoteConnection: @unchecked Sendable {
         _ = Glibc.write(wakePipe.write, &byte, 1)
     }
 
+    /// Wakes the poller after a command was queued only when it must look
+    /// again: libnbd has bytes of it left to send (the poller may wait to
+    /// read only), or the poller may wait without a deadline for replies
+    /// it did not know were owed. Otherwise its wait ends with the replies:
+    /// no pipe write, no wake-up of a thread per request.
+    func wakeIfNeeded() {
+        // libnbd's handle lock orders the queueing (in_flight++) and the
+        // poller's look at what is owed (nbd_aio_in_flight takes it too):
+        // either that look came after the queueing, or this load sees the
+        // flag the poller set before it. (Should nbd_aio_in_flight ever go
+        // lock-free, this needs looking at again.)
+        if mayWaitWithoutDeadline.load(ordering: .sequentiallyConsistent) || handle.direction.wantsWrite { wake() }
+    }
+
     private func pollLoop() {
         var fds = [pollfd(fd: wakePipe.read, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: -1, events: 0, revents: 0)]
@@ -352,11 +371,13 @@ final class RemoteConnection: @unchecked Sendable {
         var owedBefore = false
         while true {
             if completedLock.withLock({ stopping }) { return }
+            mayWaitWithoutDeadline.store(timeout != nil, ordering: .sequentiallyConsistent)
             // A dead connection has failed its commands already (libnbd
             // reports the error to each); its socket, if still open, would
             // only report POLLHUP forever, so it is no longer polled.
             let dead = handle.isDead
             let owed = !dead && handle.commandsInFlight > 0
+            if owed { mayWaitWithoutDeadline.store(false, ordering: .relaxed) }
             if owed && !owedBefore { lastMoved = .now }
             owedBefore = owed
             var wait: Int32 = -1
