@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BENCH_FLAGS ?=
 
-.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-connections bench-behind bench-scrub fuzz example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-connections bench-behind bench-scrub fuzz soak-connections example clean
 PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
@@ -68,6 +68,12 @@ bench-connections: deps
 bench-behind: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	scripts/bench-variants --suite behind $(BENCH_FLAGS)
+
+## 1000 clients that vanish with 40 reads of 1 MiB in flight each, then an idle minute: the server's
+## memory goes back to its plateau (README, "Memory, server-wide").
+soak-connections: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	scripts/soak-connections
 
 ## Each fuzz target for FUZZ_SECONDS (default 60): libFuzzer with the address sanitizer (README, "Fuzzing").
 FUZZ_SECONDS ?= 60
