@@ -253,7 +253,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
                 if metadata.pagesBehind.isRecordWrong(legs.snapshot) { _ = superblocks.commitAndWait() }
             }
             // Until the next clearing, or a leg pulled ahead may be caught up.
-            let until = min(lastClean + Self.cleanInterval, writeBehind.nextCatchUp ?? lastClean + Self.cleanInterval)
+            let nextClean = lastClean + Self.cleanInterval
+            let until = writeBehind.nextCatchUp.map { min($0, nextClean) } ?? nextClean
             lock.withLock {
                 if !stopping && !isRecoveryPending && scrubAsked == nil {
                     lock.wait(for: max(.milliseconds(50), ContinuousClock.now.duration(to: until)))
