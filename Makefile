@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BENCH_FLAGS ?=
 
-.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-connections bench-behind bench-scrub fuzz soak-connections example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-connections bench-behind bench-scrub fuzz soak soak-connections example clean
 PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
@@ -68,6 +68,14 @@ bench-connections: deps
 bench-behind: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	scripts/bench-variants --suite behind $(BENCH_FLAGS)
+
+## The mirror under chaos for SOAK_SECONDS (default 600): fio verifying through it while legs fail, fill,
+## are replaced, and their servers and dmio-nbd itself are killed and started again (README, "Soak under
+## chaos"). A debug build: its assertions are on.
+SOAK_SECONDS ?= 600
+soak: deps
+	$(SWIFT) build --product dmio-nbd
+	scripts/soak --seconds $(SOAK_SECONDS) --dmio-nbd .build/debug/dmio-nbd
 
 ## 1000 clients that vanish with 40 reads of 1 MiB in flight each, then an idle minute: the server's
 ## memory goes back to its plateau (README, "Memory, server-wide").

@@ -233,7 +233,7 @@ struct ReplaceLeg: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "replace-leg", abstract: "Put a new device in place of a leg; it gets a full copy, online.",
         discussion: """
-            A leg in sync stays in service, read and written, until the new one has its copy; then the new             one takes its place and it leaves the mirror (md's --replace). Any other leg is replaced at once.
+            A leg in sync stays in service, read and written, until the new one has its copy; then the new one takes its place and it leaves the mirror (md's --replace). Any other leg is replaced at once.
             """)
     @Argument(help: "The leg's number (0 is the first).") var leg: Int
     @Argument(help: "The new leg: a file, a block device or an NBD URI, at least as large as the others.") var device: String

@@ -91,7 +91,9 @@ public final class MemoryTarget: BlockTarget, @unchecked Sendable {
     public func writeZeroes(offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool, context: IOContext,
                             completion: @escaping TargetCompletion) {
         let range = range(offset, Int(length))
-        finish(completion) { bytes.replaceSubrange(range, with: repeatElement(0, count: range.count)) }
+        // One memset: a byte-by-byte replacement, instrumented for coverage,
+        // was a quarter of the fuzzer's time.
+        finish(completion) { bytes.withUnsafeMutableBytes { _ = UnsafeMutableRawBufferPointer(rebasing: $0[range]).initializeMemory(as: UInt8.self, repeating: 0) } }
     }
 
     public func cache(offset: UInt64, length: UInt64, context: IOContext, completion: @escaping TargetCompletion) {
