@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BENCH_FLAGS ?=
 
-.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-connections bench-behind bench-scrub fuzz soak soak-connections example clean
+.PHONY: test e2e serve build install deps bench bench-nbd bench-linear bench-tls bench-metrics bench-reads bench-connections bench-behind bench-scrub count-arc fuzz soak soak-connections example clean
 PREFIX ?= /usr/local
 
 ## Install what is missing, build, and run every test.
@@ -92,6 +92,11 @@ fuzz: deps
 bench-scrub: deps
 	$(SWIFT) build -c release --product dmio-nbd
 	scripts/bench-scrub $(BENCH_FLAGS)
+
+## Retains, releases and allocations of the Swift runtime per 4k request, counted with uprobes (BENCHMARKS.md).
+count-arc: deps
+	$(SWIFT) build -c release --product dmio-nbd
+	scripts/count-arc $(BENCH_FLAGS)
 
 ## One device served as it is, against nbdkit file and qemu-nbd (BENCHMARKS.md).
 bench-linear: deps

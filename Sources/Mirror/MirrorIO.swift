@@ -64,9 +64,11 @@ extension Mirror {
         }) { return }
         readBalancer.started(leg.index, offset: offset, length: length)
         let started = submit(.read, [leg], offset: offset, length: length,
-                             memory: .buffer(buffer), on: io) { [self] failed in
+                             memory: .buffer(buffer), on: io) { [self] result, _ in
             readBalancer.ended(leg.index)
-            guard let failure = failed.first else { return completion(.success) }
+            guard let failure = result.failures.first.map({ LegFailure(leg: leg, errno: $0.errno) }) else {
+                return completion(.success)
+            }
             legFailures.record([failure], reading: true)
             read(into: buffer, offset: offset, from: candidates, first: first, tried: tried + 1,
                  failures: failures + [failure], on: client, completion: completion)
@@ -105,8 +107,9 @@ extension Mirror {
         let targets = writesBehind(snapshot) ? snapshot.writable.filter { !$0.isAmong(snapshot.writeMostly) }
                                              : snapshot.writable
         let started = submit(.flush, targets, offset: 0, length: 0,
-                             on: context.client(or: client)) { [self] failures in
-            answer(.flush, sentTo: targets, version: snapshot.version, failures: failures, completion: completion)
+                             on: context.client(or: client)) { [self] result, _ in
+            answer(.flush, sentTo: targets, version: snapshot.version, failures: result.legFailures(targets),
+                   completion: completion)
         }
         if !started { completion(TargetResult(errno: EINVAL, message: "flush refused by DMIO")) }
     }
@@ -184,7 +187,9 @@ extension Mirror {
     private func start(_ change: Change, on io: DMIOClient?) {
         let completion = change.completion
         // After a write answered before a write-mostly leg had it (write-behind).
-        guard writeBehind.mayStart(change.range, resume: { [self] in start(change, on: nil) }) else { return }
+        // Asked only with writes behind: the closure costs an allocation.
+        guard !writeBehind.hasOutstanding
+              || writeBehind.mayStart(change.range, resume: { [self] in start(change, on: nil) }) else { return }
         // With the default policy (one leg in sync is enough: there is
         // always one) no write asks.
         if redundancy.policy.minInSync > 1 {
@@ -238,9 +243,9 @@ extension Mirror {
             if let ticket { return issue(change, behind: ticket, snapshot: snapshot, on: io) }
         }
         let started = submit(change.operation, snapshot.writable, offset: change.offset, length: change.length,
-                             memory: change.memory, flags: change.flags, on: io) { [self] failures in
-            answer(change.operation, sentTo: snapshot.writable, version: snapshot.version, failures: failures,
-                   completion: change.completion)
+                             memory: change.memory, flags: change.flags, on: io) { [self] result, _ in
+            answer(change.operation, sentTo: snapshot.writable, version: snapshot.version,
+                   failures: result.legFailures(snapshot.writable), completion: change.completion)
             // Only now, with the failed legs degraded: the cleaner must not
             // clear these bits while a leg that missed the write looks in sync.
             regionHash.endWrite(change.regions)
@@ -289,7 +294,8 @@ extension Mirror {
             regionHash.endWrite(change.regions)
         }
         let frontStarted = submit(change.operation, front, offset: change.offset, length: change.length,
-                                  memory: change.memory, flags: change.flags, on: io) { [self] failures in
+                                  memory: change.memory, flags: change.flags, on: io) { [self] result, _ in
+            let failures = result.legFailures(front)
             let settlement = front.isEmpty ? nil : legFailures.settle(failures, sentTo: front)
             if let settlement, settlement.held { succeed(once: settlement.version, change.completion) }
             parts.frontEnded(held: settlement?.held ?? false, failures: failures)
@@ -299,10 +305,10 @@ extension Mirror {
         // a write behind may still be on its way when the server stops them.
         let behindStarted = frontStarted && submit(change.operation, ticket.legs, offset: change.offset,
                                                    length: change.length, memory: copy.map(IOMemory.buffer),
-                                                   flags: change.flags, on: client) { [self] failures in
+                                                   flags: change.flags, on: client) { [self] result, _ in
             if let copy { free(copy.baseAddress) }
             writeBehind.ended(ticket)
-            parts.behindEnded(failures: failures)
+            parts.behindEnded(failures: result.legFailures(ticket.legs))
             ended()
         }
         if !behindStarted {
@@ -364,22 +370,22 @@ extension Mirror {
         return TargetResult(errno: errno, message: "\(what) failed on every in-sync leg: " + legs.joined(separator: "; "))
     }
 
-    /// One DMIO request on `io` to the data area of `targets`; reports the
-    /// legs that failed. Returns false, and calls nothing, when DMIO refuses
-    /// the request (it cannot: the server checked it against the mirror's
-    /// size), so that no leg is blamed for it.
+    /// One DMIO request on `io` to the data area of `targets`; `done` gets
+    /// DMIO's result, whose region `i` is `targets[i]` (`legFailures`
+    /// names the legs). DMIO's own callback: a closure around it would cost
+    /// each request an allocation. Returns false, and calls nothing, when
+    /// DMIO refuses the request (it cannot: the server checked it against
+    /// the mirror's size), so that no leg is blamed for it.
     private func submit(_ operation: IOOperation, _ targets: [LegTable.Leg], offset: UInt64, length: UInt64,
                         memory: IOMemory? = nil, flags: IOFlags = [], on io: DMIOClient,
-                        then done: @escaping ([LegFailure]) -> Void) -> Bool {
+                        then done: @escaping IONotify) -> Bool {
         guard !targets.isEmpty else {
-            done([])
+            done(.success, nil)
             return true
         }
         let regions = targets.map { layout.dataRegion(on: $0.device, offset: offset, length: length) }
         do {
-            try io.submit(operation, regions: regions, memory: memory, flags: flags) { result, _ in
-                done(result.legFailures(targets))
-            }
+            try io.submit(operation, regions: regions, memory: memory, flags: flags, notify: done)
             return true
         } catch {
             logger.error("\(operation) refused: \(error)")

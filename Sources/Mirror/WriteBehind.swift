@@ -72,10 +72,13 @@ final class WriteBehind: @unchecked Sendable {
         fileprivate let bytes: Int
     }
 
+    /// Whether writes to write-mostly legs are on their way.
+    var hasOutstanding: Bool { outstanding.load(ordering: .acquiring) > 0 }
+
     /// Whether I/O to `range` may start now; otherwise `resume` runs once
     /// the writes outstanding that it overlaps have ended.
     func mayStart(_ range: Range<UInt64>, resume: @escaping () -> Void) -> Bool {
-        guard outstanding.load(ordering: .acquiring) > 0 else { return true }
+        guard hasOutstanding else { return true }
         return lock.withLock {
             guard ranges.values.contains(where: { $0.overlaps(range) }) else { return true }
             waiting.append((range, resume))

@@ -52,7 +52,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// Where the target's I/O goes: this loop's own DMIO client.
     private let io: IOContext
     private let logger: Logger
-    private let inbox = CompletionInbox()
+    private let inbox = CompletionInbox<Completed>(deliver: { $0.handler.value.finish($0) },
+                                                   afterBatch: { $0.handler.value.resume() })
     /// What this loop's connections hold: requests in flight, which a stop
     /// waits for, and buffered bytes, which the server bounds.
     private let load: LoopLoad
@@ -318,27 +319,37 @@ final class TransmissionHandler: ChannelDuplexHandler {
         let bytes = (reply?.readableBytes ?? 0) + (payload?.byteCount ?? 0)
         return { [inbox] result in
             withExtendedLifetime(payload) {
-                inbox.post(on: handler.eventLoop) {
-                    handler.value.finish(command, bytes: bytes, cookie: cookie, flags: flags, result: result, reply: reply)
-                } afterBatch: {
-                    handler.value.resume()
-                }
+                inbox.post(Completed(handler: handler, command: command, bytes: bytes, cookie: cookie, flags: flags,
+                                     result: result, reply: reply), on: handler.eventLoop)
             }
         }
     }
 
-    private func finish(_ command: StaticString, bytes: Int, cookie: UInt64, flags: CommandFlags, result: TargetResult,
-                        reply: ByteBuffer?) {
-        finished(bytes: bytes)
+    /// One command's end, on its way from a storage thread to the loop.
+    /// It holds the handler: a connection gone meanwhile still gives its
+    /// bytes back.
+    private struct Completed {
+        let handler: NIOLoopBound<TransmissionHandler>
+        let command: StaticString
+        let bytes: Int
+        let cookie: UInt64
+        let flags: CommandFlags
+        let result: TargetResult
+        let reply: ByteBuffer?
+    }
+
+    private func finish(_ completed: Completed) {
+        finished(bytes: completed.bytes)
         // A reply's bytes count again while the socket has them (`send`).
-        load.give(bytes)
+        load.give(completed.bytes)
         guard state.isActive else { return }
-        if !result.succeeded {
-            appendFailure(result, command: "\(command)", cookie: cookie, flags: flags)
-        } else if let reply {
+        if !completed.result.succeeded {
+            appendFailure(completed.result, command: "\(completed.command)", cookie: completed.cookie,
+                          flags: completed.flags)
+        } else if let reply = completed.reply {
             appendReply(reply)
         } else {
-            appendSuccess(cookie: cookie)
+            appendSuccess(cookie: completed.cookie)
         }
         writeOutputIfFull()
     }
