@@ -350,12 +350,13 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             }
             // A renewal counts only if it was on the legs before the lease it
             // renews ran out; else the next round reads the legs again first.
-            // A round whose read took half a lease (this server was frozen,
-            // or its legs stalled) writes nothing: another server may have
-            // taken the legs over since that read, and a renewal now would
-            // write over its claim. Read again first.
+            // Once the lease ran out, a round whose read took half a lease
+            // (this server was frozen, or its legs stalled) writes nothing:
+            // another server may have taken the legs over since that read,
+            // and a renewal now would write over its claim. While the lease
+            // holds, no other server may claim, however slow the read.
             let readLate = ContinuousClock.now - started > lease.owner.lease / 2
-            if !readLate && (lease.isValid || read) {
+            if lease.isValid || (read && !readLate) {
                 metadata.renewing(true)
                 let written = superblocks.commitAndWait()
                 metadata.renewing(false)

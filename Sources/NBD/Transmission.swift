@@ -52,8 +52,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// Where the target's I/O goes: this loop's own DMIO client.
     private let io: IOContext
     private let logger: Logger
-    private let inbox = CompletionInbox<Completed>(deliver: { $0.handler.value.finish($0) },
-                                                   afterBatch: { $0.handler.value.resume() })
+    private let inbox = CompletionInbox<Completed, NIOLoopBound<TransmissionHandler>>(
+        deliver: { $0.handler.value.finish($0) }, afterBatch: { $0.value.resume() })
     /// What this loop's connections hold: requests in flight, which a stop
     /// waits for, and buffered bytes, which the server bounds.
     private let load: LoopLoad
@@ -320,7 +320,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         return { [inbox] result in
             withExtendedLifetime(payload) {
                 inbox.post(Completed(handler: handler, command: command, bytes: bytes, cookie: cookie, flags: flags,
-                                     result: result, reply: reply), on: handler.eventLoop)
+                                     result: result, reply: reply), from: handler, on: handler.eventLoop)
             }
         }
     }
