@@ -371,7 +371,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     }
 
     /// Whether any leg in sync could be read, and the owner named by a
-    /// superblock of this mirror, in either slot, with an event at or after
+    /// superblock of this mirror, in either slot, with an event after
     /// `start`, that `me` did not write (nil inside: one that names none).
     /// Not the write-mostly legs while others are in sync: a read there
     /// waits behind their backlog, and another server writes every leg.
@@ -381,10 +381,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         for leg in snapshot.readFirstLegs {
             guard let slots = try? MetadataStore.readSlots(leg.device, client: client) else { continue }
             read = true
-            // At `start` too: this server's own claim is at `start`, and a
-            // server frozen since before it, whose late renewal is counted
-            // from the same event, lands in the same slot and erases it.
-            for case .superblock(let found) in slots where found.mirror == uuid && found.events >= start {
+            for case .superblock(let found) in slots where found.mirror == uuid && found.events > start {
                 if found.owner.map({ !$0.isSameServer(as: me) }) ?? true { return (true, .some(found.owner)) }
             }
         }
