@@ -169,8 +169,10 @@ extension Mirror {
             throw .foreignLeg(leg: device.name, belongsTo: superblock.mirror, expected: freshest.mirror)
         }
         let exclusive = try MirrorLock(freshest.mirror)
+        let takenOver: TakenOver?
         do {
-            try checkOwner(of: Array(found.values), freshest: freshest, ownership: ownership, client: client, logger: logger)
+            takenOver = try checkOwner(of: Array(found.values), freshest: freshest, ownership: ownership, client: client,
+                                       logger: logger)
         } catch {
             exclusive.release()
             throw error
@@ -322,7 +324,7 @@ extension Mirror {
                       events: freshest.events, eventsCleared: freshest.eventsCleared, generation: generation,
                       recoveryPending: !freshest.clean && inSync > 1, exclusive: exclusive,
                       client: client, deviceOptions: deviceOptions, rateLimit: rateLimit, readPolicy: readPolicy,
-                      redundancy: redundancy, reconnectAfter: reconnectAfter, ownership: ownership,
+                      redundancy: redundancy, reconnectAfter: reconnectAfter, ownership: ownership, takenOver: takenOver,
                       writeBehind: writeBehind, eventSink: eventSink, logger: logger)
     }
 
@@ -332,13 +334,14 @@ extension Mirror {
     /// may only be cut off, and could write again). A server of this
     /// machine is not watched: this one holds the mirror's lock, so that
     /// server is gone. Watching needs no clock shared with the other machine.
+    /// Returns the server taken over from, for the start to check its claim.
     static func checkOwner(of found: [(device: BlockDevice, superblock: Superblock)], freshest: Superblock,
-                           ownership: Ownership, client: DMIOClient, logger: Logger) throws(MirrorError) {
+                           ownership: Ownership, client: DMIOClient, logger: Logger) throws(MirrorError) -> TakenOver? {
         // The same machine in the same boot: the mirror's lock, held now,
         // says that server is gone. A clone with the same machine id boots
         // with another boot id, and is watched.
         guard let holder = freshest.owner,
-              !(holder.host == ownership.me?.host && holder.boot == ownership.me?.boot) else { return }
+              !(holder.host == ownership.me?.host && holder.boot == ownership.me?.boot) else { return nil }
         let watch = holder.lease + holder.lease / 5
         logger.info("the legs were last held by the server on \(holder): watching them for \(watch) for a renewal of its lease")
         pause(for: watch)
@@ -348,6 +351,7 @@ extension Mirror {
         guard newest == freshest.events else { throw .ownedElsewhere(owner: holder, alive: true, lease: holder.lease) }
         guard ownership.takeover else { throw .ownedElsewhere(owner: holder, alive: false, lease: watch) }
         logger.warning("taking the legs over from the server on \(holder): its lease was not renewed for \(watch) (--takeover)")
+        return TakenOver(owner: holder, event: freshest.events)
     }
 
     /// Opens a leg's device, and logs what the open could not do as asked

@@ -27,10 +27,10 @@ extension MirrorOwner {
 
 /// This server's hold on legs that another machine could open: it writes
 /// nothing once its lease has run out without a renewal (a freeze, a
-/// stall), until it has read the legs' superblocks again and found itself
-/// still their owner; if another server took them over, it is fenced for
-/// good: every write fails, and no metadata is written. Writes checked
-/// here cost a clock read and an atomic load.
+/// stall), until a renewal, read before and after it is written, found
+/// itself still their owner; if another server took them over, it is
+/// fenced for good: every write fails, and no metadata is written. Writes
+/// checked here cost a clock read and an atomic load.
 final class Lease: @unchecked Sendable {
     let owner: MirrorOwner
     /// Renewals come this often: five to a lease.
@@ -58,9 +58,11 @@ final class Lease: @unchecked Sendable {
     var isFenced: Bool { fenced.load(ordering: .acquiring) }
 
     /// A renewal that began at `started` is on the legs: the lease runs
-    /// from then; writes that waited go on.
+    /// from then; writes that waited go on, unless it ran out already (the
+    /// renewal took a lease: the next one, quicker, lets them go).
     func renewed(startedAt started: ContinuousClock.Instant) {
         validUntil.store(nanoseconds(started + owner.lease), ordering: .releasing)
+        guard isValid else { return }
         for resume in takeWaiting() { resume(true) }
     }
 
@@ -114,4 +116,12 @@ public struct Ownership: Sendable {
     }
 
     public static let none = Ownership(me: nil, holdsLease: false, takeover: false)
+}
+
+/// A server on another machine whose lease on the legs ran out, and that
+/// this one takes the legs over from (`--takeover`): its newest event
+/// when watched.
+struct TakenOver: Sendable {
+    let owner: MirrorOwner
+    let event: UInt64
 }

@@ -66,19 +66,32 @@ final class MetadataStore: @unchecked Sendable {
 
     func setOwner(_ value: MirrorOwner?) { lock.withLock { owner = value } }
 
-    /// Set by the lease keeper around a renewal it may write though the
-    /// lease lapsed (it read the legs first: they are still this server's).
-    private let renewing = Atomic<Bool>(false)
-    func renewing(_ value: Bool) { renewing.store(value, ordering: .releasing) }
+    /// Set by the start around its claim of the legs, before its lease
+    /// runs: every metadata write goes.
+    private let claiming = Atomic<Bool>(false)
+    func claiming(_ value: Bool) { claiming.store(value, ordering: .releasing) }
+
+    /// One superblock write that may go though the lease lapsed: a renewal,
+    /// after a read found the legs still this server's. One only: a second
+    /// write could fill the other slot too, over a standby's claim.
+    private let renewalPermitted = Atomic<Bool>(false)
+    func permitRenewal(_ value: Bool) { renewalPermitted.store(value, ordering: .releasing) }
 
     /// Whether metadata may be written: not once another server may own
-    /// the legs (fenced, or the lease lapsed), but for a checked renewal.
-    private var mayWrite: Bool {
+    /// the legs (fenced, or the lease lapsed), but for the claim, or a
+    /// renewal (`usePermit`: the permit is used up).
+    private func mayWrite(orUseRenewalPermit usePermit: Bool = false) -> Bool {
         guard let lease else { return true }
-        return !lease.isFenced && (lease.isValid || renewing.load(ordering: .acquiring))
+        guard !lease.isFenced else { return false }
+        if lease.isValid || claiming.load(ordering: .acquiring) { return true }
+        return usePermit && renewalPermitted.exchange(false, ordering: .acquiringAndReleasing)
     }
 
     var eventCount: UInt64 { lock.withLock { events } }
+
+    /// The next superblock comes after `event`, found on the legs: one that
+    /// the server taken over from wrote late must not stay the newest.
+    func advanceEvents(past event: UInt64) { lock.withLock { events = max(events, event) } }
 
     /// Bitmap writes so far (one a commit, of however many pages).
     var bitmapWrites: UInt64 { bitmapCommits.load(ordering: .relaxed) }
@@ -92,7 +105,7 @@ final class MetadataStore: @unchecked Sendable {
 
     /// Writes a new superblock (the next event) to every leg not degraded.
     func writeSuperblocks(then done: @escaping @Sendable (MetadataWrite) -> Void) {
-        guard mayWrite else { return done(MetadataWrite(durable: false, failures: [])) }
+        guard mayWrite(orUseRenewalPermit: true) else { return done(MetadataWrite(durable: false, failures: [])) }
         let recorded = legs.recorded
         let snapshot = recorded.snapshot
         let (event, isClean, cleared, owner): (UInt64, Bool, UInt64, MirrorOwner?) = lock.withLock {
@@ -144,7 +157,7 @@ final class MetadataStore: @unchecked Sendable {
                      behindFailed: (@Sendable ([LegFailure]) -> Void)?,
                      then done: @escaping @Sendable (MetadataWrite) -> Void) {
         let snapshot = legs.snapshot
-        guard mayWrite else { return done(MetadataWrite(durable: false, failures: [])) }
+        guard mayWrite() else { return done(MetadataWrite(durable: false, failures: [])) }
         guard !pages.isEmpty else { return done(MetadataWrite(durable: !snapshot.writable.isEmpty, failures: [])) }
         let numbers = pages.map(\.page)
         let behind = behindFailed == nil ? [] : pagesBehind.claim(numbers, snapshot)
@@ -182,7 +195,7 @@ final class MetadataStore: @unchecked Sendable {
     /// began to get the bitmap with the others, goes with the next commit.
     private func writeBehind(_ page: Int, _ bytes: [UInt8], to leg: LegTable.Leg,
                              failed: @escaping @Sendable ([LegFailure]) -> Void) {
-        guard mayWrite else {
+        guard mayWrite() else {
             _ = pagesBehind.ended(page, on: leg.device, failed: true)
             return bitmap.markChanged(page)
         }

@@ -58,6 +58,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// The hold on legs another machine could open, if this server keeps one.
     let lease: Lease?
     private let ownership: Ownership
+    /// The server on another machine this one takes the legs over from.
+    private let takenOver: TakenOver?
     private var leaseKeeper: pthread_t?
     /// The event of this server's first superblock (its claim of the legs).
     private var leaseStart: UInt64 = 0
@@ -73,10 +75,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     init(uuid: MirrorUUID, layout: MirrorLayout, members: [LegTable.Member], bitmap: [UInt8]?,
          events: UInt64, eventsCleared: UInt64, generation: UInt64, recoveryPending: Bool, exclusive: MirrorLock,
          client: DMIOClient, deviceOptions: DeviceOptions, rateLimit: UInt64, readPolicy: ReadPolicy,
-         redundancy: RedundancyPolicy, reconnectAfter: Duration?, ownership: Ownership, writeBehind: WriteBehindPolicy,
-         eventSink: (any EventSink)?, logger: Logger) {
+         redundancy: RedundancyPolicy, reconnectAfter: Duration?, ownership: Ownership, takenOver: TakenOver?,
+         writeBehind: WriteBehindPolicy, eventSink: (any EventSink)?, logger: Logger) {
         self.reconnectAfter = reconnectAfter
         self.ownership = ownership
+        self.takenOver = takenOver
         let lease = ownership.holdsLease ? ownership.me.map(Lease.init(owner:)) : nil
         self.lease = lease
         self.uuid = uuid
@@ -142,12 +145,13 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// recovery at the next start) and starts the background work: resync
     /// and the clearing of idle dirty bits.
     public func start() throws(MirrorError) {
+        if let takenOver { try refuseIfMoved(since: takenOver) }
         metadata.setClean(false)
         metadata.setOwner(lease?.owner)
         // The first claim of the legs: open watched any other owner's lease.
         let leaseFrom = ContinuousClock.now
-        metadata.renewing(true)
-        defer { metadata.renewing(false) }
+        metadata.claiming(true)
+        defer { metadata.claiming(false) }
         // Legs that were stale or re-added get the whole bitmap.
         let whole = [(page: 0, bytes: bitmap.image(bitmapBytes: layout.bitmapBytes))]
         let wrote = waitForCallback { done in
@@ -159,6 +163,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard wrote, superblocks.commitAndWait() else {
             throw .metadataIO(leg: "every leg", errno: EIO)
         }
+        if let takenOver { try completeTakeover(from: takenOver) }
         // Write-mostly legs get their bitmap behind once both slots say so:
         // from the first write on, not after a first round trip to them.
         if metadata.pagesBehind.isRecordWrong(legs.snapshot) { _ = superblocks.commitAndWait() }
@@ -198,13 +203,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             logger.info("waiting for \(writeBehind.outstandingCount) writes behind to reach the write-mostly legs")
             writeBehind.waitUntilDrained()
         }
-        // A lease that lapsed (a leg stalled the last renewals): the legs
-        // are read first, and written only if still this server's.
-        if let lease, !lease.isValid, !lease.isFenced,
-           case (true, nil) = superblocksWritten(since: leaseStart, byOtherThan: lease.owner) {
-            metadata.renewing(true)
-        }
-        defer { metadata.renewing(false) }
+        // A lease that lapsed (a leg stalled the last renewals) is renewed
+        // first, as it would be while serving; metadata is written only
+        // under a valid lease, else the legs stay as they are: in use, and
+        // recovered at the next start.
+        if let lease, !lease.isValid, !lease.isFenced { _ = renew(lease, since: leaseStart) }
         metadata.pagesBehind.stop()
         flushLegs()
         let recovering = isRecoveryPending
@@ -218,7 +221,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         if !recovering { metadata.setOwner(nil) }
         let bitmapWritten = bitmapCommit.commitAndWait()
         let recorded = superblocks.commitAndWait()
-        let how = bitmapWritten && recorded ? "cleanly" : "but its metadata could not be written"
+        let how = bitmapWritten && recorded ? "cleanly"
+            : lease?.isFenced == true ? "without writing its metadata (another server took the legs over)"
+            : lease?.isValid == false ? "without writing its metadata (its lease on the legs lapsed)"
+            : "but its metadata could not be written"
         logger.info("mirror \(uuid) stopped \(how); \(bitmap.dirtyCount) dirty regions")
         exclusive.release()
     }
@@ -327,41 +333,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
 
     // MARK: Holding the legs (a lease)
 
-    /// Renews the lease every fifth of it while the mirror runs, after
-    /// reading the superblocks (both slots) of the legs in sync: one that
-    /// another server wrote since this one started (`since`, its first
-    /// event) means the legs were taken over, and this server is fenced
-    /// and told to stop. After a lapse (it was frozen, or its legs stalled)
-    /// nothing is renewed, and the waiting writes go nowhere, until a leg
-    /// could be read.
+    /// Renews the lease every fifth of it while the mirror runs, until the
+    /// legs turn out to be another server's.
     private func hold(_ lease: Lease, since start: UInt64) {
-        while true {
-            let started = ContinuousClock.now
-            let (read, other) = superblocksWritten(since: start, byOtherThan: lease.owner)
-            if let other {
-                lease.fence()
-                let reason = "the legs are \(other.map { "held by the server on \($0)" } ?? "no longer this server's") "
-                    + "now: another server took them over (this one's lease ran out: it was stopped or cut off for "
-                    + "longer than \(lease.owner.lease)); it writes nothing more, and stops"
-                logger.error("\(reason)")
-                announce.ownershipLost(owner: other)
-                ownership.lost(reason)
-                return
-            }
-            // A renewal counts only if it was on the legs before the lease it
-            // renews ran out; else the next round reads the legs again first.
-            // Once the lease ran out, a round whose read took half a lease
-            // (this server was frozen, or its legs stalled) writes nothing:
-            // another server may have taken the legs over since that read,
-            // and a renewal now would write over its claim. While the lease
-            // holds, no other server may claim, however slow the read.
-            let readLate = ContinuousClock.now - started > lease.owner.lease / 2
-            if lease.isValid || (read && !readLate) {
-                metadata.renewing(true)
-                let written = superblocks.commitAndWait()
-                metadata.renewing(false)
-                if written && (lease.isValid || read) { lease.renewed(startedAt: started) }
-            }
+        while renew(lease, since: start) {
             let stop = lock.withLock {
                 if !stopping { lock.wait(for: lease.renewInterval) }
                 return stopping
@@ -370,22 +345,114 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         }
     }
 
-    /// Whether any leg in sync could be read, and the owner named by a
-    /// superblock of this mirror, in either slot, with an event after
-    /// `start`, that `me` did not write (nil inside: one that names none).
-    /// Not the write-mostly legs while others are in sync: a read there
-    /// waits behind their backlog, and another server writes every leg.
-    private func superblocksWritten(since start: UInt64, byOtherThan me: MirrorOwner) -> (read: Bool, other: MirrorOwner??) {
+    /// One renewal: reads the superblocks (both slots) of the legs in sync,
+    /// and writes the next one unless another server wrote one since this
+    /// server started (`since`, its first event): then the legs were taken
+    /// over, and this server is fenced and told to stop (returns false).
+    /// After a lapse (it was frozen, or its legs stalled) nothing is renewed,
+    /// and the waiting writes go nowhere, until a leg could be read.
+    private func renew(_ lease: Lease, since start: UInt64) -> Bool {
+        let started = ContinuousClock.now
+        guard let read = stillHeld(lease, since: start) else { return false }
+        guard lease.isValid || read else { return true }
+        metadata.permitRenewal(true)
+        let written = superblocks.commitAndWait()
+        metadata.permitRenewal(false)
+        guard written else { return true }
+        // A renewal on the legs while the lease held is this server's: no
+        // other could claim them meanwhile. One that landed after it ran out
+        // may have come after another server's claim (this one was frozen
+        // between its read and its write): it counts only once a read
+        // after it finds the legs still this server's. A standby's claim
+        // fills both slots, and this one superblock can fill one only.
+        if !lease.isValid {
+            guard let confirmed = stillHeld(lease, since: start) else { return false }
+            guard confirmed else { return true }
+        }
+        lease.renewed(startedAt: started)
+        return true
+    }
+
+    /// Whether a leg in sync could be read, or nil once this server is
+    /// fenced: another server wrote the legs since this one started (`start`,
+    /// its first event). Not the server it took them over from: that one
+    /// holds no lease since, and a superblock of it that lands late is
+    /// stale; the next renewal comes after it.
+    private func stillHeld(_ lease: Lease, since start: UInt64) -> Bool? {
+        let scan = scanSuperblocks()
+        if let newest = scan.superblocks.map(\.events).max() { metadata.advanceEvents(past: newest) }
+        let found = scan.superblocks.first { superblock in
+            superblock.events > start && !isWritten(superblock, by: lease.owner)
+                && !(takenOver.map { isWritten(superblock, by: $0.owner) } ?? false)
+        }
+        guard let found else { return scan.read }
+        let other = found.owner
+        lease.fence()
+        let reason = "the legs are \(other.map { "held by the server on \($0)" } ?? "no longer this server's") "
+            + "now: another server took them over (this one's lease ran out: it was stopped or cut off for "
+            + "longer than \(lease.owner.lease)); it writes nothing more, and stops"
+        logger.error("\(reason)")
+        announce.ownershipLost(owner: other)
+        ownership.lost(reason)
+        return nil
+    }
+
+    /// Refuses the legs taken over, before writing anything, if they were
+    /// written since they were watched: their server renewed its lease
+    /// (it is alive), or stopped.
+    private func refuseIfMoved(since previous: TakenOver) throws(MirrorError) {
+        let scan = scanSuperblocks()
+        guard scan.read else { throw .metadataIO(leg: "every leg", errno: EIO) }
+        if let moved = scan.superblocks.first(where: { $0.events > previous.event }) {
+            throw .takeoverRaced(owner: moved.owner)
+        }
+    }
+
+    /// Claims the legs in both superblock slots, then waits out the lease
+    /// of the server taken over from, before anything is served.
+    private func completeTakeover(from previous: TakenOver) throws(MirrorError) {
+        // A renewal of that server, held on its way when it froze, lands on
+        // one slot at most: the other tells it that it lost the legs.
+        guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
+        // A renewal of that server that read the legs before this claim
+        // counts from before it: past its lease (and a fifth, for clocks
+        // that run at other rates) it holds none, and every renewal it
+        // tries reads this claim first.
+        let wait = previous.owner.lease + previous.owner.lease / 5
+        logger.info("the legs are claimed; waiting \(wait) for any lease of the server on \(previous.owner) to run out")
+        pause(for: wait)
+        // It wrote the legs as they were taken over (it came back): its
+        // last writes may be on some legs only, and its dirty bits under
+        // this server's. Every region is copied from the first leg.
+        let scan = scanSuperblocks()
+        guard scan.superblocks.contains(where: { $0.events > previous.event && isWritten($0, by: previous.owner) })
+        else { return }
+        let reason = "the server on \(previous.owner) wrote the legs as this one took them over: it stops once it "
+            + "reads this one's claim; every region is copied from the first leg in sync"
+        logger.warning("\(reason)")
+        bitmap.markAll()
+        recoveryPending.store(true, ordering: .releasing)
+        guard bitmapCommit.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
+    }
+
+    /// The superblocks of this mirror, both slots, on the legs in sync, and
+    /// whether any leg could be read. Not the write-mostly legs while
+    /// others are in sync: a read there waits behind their backlog, and
+    /// another server writes every leg.
+    private func scanSuperblocks() -> (read: Bool, superblocks: [Superblock]) {
         var read = false
-        let snapshot = legs.snapshot
-        for leg in snapshot.readFirstLegs {
+        var found: [Superblock] = []
+        for leg in legs.snapshot.readFirstLegs {
             guard let slots = try? MetadataStore.readSlots(leg.device, client: client) else { continue }
             read = true
-            for case .superblock(let found) in slots where found.mirror == uuid && found.events > start {
-                if found.owner.map({ !$0.isSameServer(as: me) }) ?? true { return (true, .some(found.owner)) }
-            }
+            for case .superblock(let superblock) in slots where superblock.mirror == uuid { found.append(superblock) }
         }
-        return (read, nil)
+        return (read, found)
+    }
+
+    /// Whether `superblock` names `owner`'s server as its writer.
+    private func isWritten(_ superblock: Superblock, by owner: MirrorOwner) -> Bool {
+        superblock.owner?.isSameServer(as: owner) ?? false
     }
 
     // MARK: Remote legs that come back

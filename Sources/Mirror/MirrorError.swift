@@ -42,6 +42,9 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     /// Legs held by a server on another machine: its lease is current
     /// (`alive`), or ran out (then --takeover may take them).
     case ownedElsewhere(owner: MirrorOwner, alive: Bool, lease: Duration)
+    /// The legs were written as this server took them over, before it
+    /// wrote them: by their owner (nil: a clean stop, which names none).
+    case takeoverRaced(owner: MirrorOwner?)
     case invalidOwnership(String)
     /// A check or repair that cannot start (or stop) now, and why.
     case scrubRefused(String)
@@ -121,6 +124,13 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
                 : "the legs were held by the server on \(owner), which has not renewed its lease for \(lease): "
                     + "if that machine is down or cut off for good, --takeover takes the legs over (it then "
                     + "writes nothing more, and stops serving, once it finds them taken)"
+        case .takeoverRaced(let owner?):
+            "the server on \(owner) wrote to the legs while this one took them over: it renewed its lease, so it "
+                + "is alive (two servers writing the same legs would destroy each other's data): stop it first. "
+                + "Nothing was written"
+        case .takeoverRaced(nil):
+            "the legs were stopped cleanly while this server took them over: start it again (no takeover is "
+                + "needed). Nothing was written"
         case .invalidLegChange(let reason):
             reason
         case .unusableLeg(_, let index, let mirror, let reason):

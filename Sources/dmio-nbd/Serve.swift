@@ -320,9 +320,7 @@ struct Serve: AsyncParsableCommand {
         for listener in listeners { listener.removeFile() }
         pidFile?.remove()
         logger.info("stopped")
-        if signal == StopSignals.ownershipLost {
-            throw CleanExit.message("stopped: \(stops.reason ?? "another server took the legs over")", code: 1)
-        }
+        if let reason = stops.reason { throw CleanExit.message("stopped: \(reason)", code: 1) }
     }
 
     /// The NBD sockets: handed over by socket activation, else bound and

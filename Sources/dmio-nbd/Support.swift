@@ -162,12 +162,12 @@ final class StopSignals: @unchecked Sendable {
     private var requestedBecause: String?
 
     /// A stop the server asks for itself, as if a first signal named `name`
-    /// came; nothing when a stop is under way already.
+    /// came; during a stop under way (a lease found lost as it stops), only
+    /// its reason is kept, for the exit status.
     func request(_ name: String, because why: String) {
         queue.async { [self] in
-            guard first == nil else { return }
-            requestedBecause = why
-            arrived(name)
+            if requestedBecause == nil { requestedBecause = why }
+            if first == nil { arrived(name) }
         }
     }
 

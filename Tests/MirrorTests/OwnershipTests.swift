@@ -73,6 +73,85 @@ import Testing
         #expect(fixture.legsEqual(files[0], files[1]))
     }
 
+    /// A renewal of the first server held on its way to the legs (their
+    /// servers hang while it is in flight) lands after the second claimed
+    /// them: it overwrites one superblock slot of the claim, which fills
+    /// both; the first reads the legs after it, finds the claim in the
+    /// other slot, and writes nothing more. The second, which waits out the
+    /// first's lease after its claim, sees the late write, copies every
+    /// region, and serves on.
+    @Test func aRenewalThatLandsAfterATakeoverDoesNotLetTheFirstWriteAgain() throws {
+        let fixture = MirrorFixture()
+        let (files, remotes, legs) = try remoteMirror(fixture)
+        // A's own way to the legs: each write there takes a second, and is
+        // logged as it starts and as it ends.
+        let logs = files.indices.map { fixture.path("a\($0).log") }
+        let remotesOfA = try files.indices.map {
+            try NBDKit(["--filter=log", "--filter=delay", "file", files[$0], "logfile=\(logs[$0])", "delay-write=1"])
+        }
+        defer { withExtendedLifetime(remotes + remotesOfA) {} }
+        let first = try fixture.serve(remotesOfA.map(\.uri) + ["--control", fixture.path("a.ctl"), "--host-id", hostA,
+                                                              "--lease", "2", "--remote-timeout", "60"])
+        let clientOfA = try fixture.connect()
+        let written = try clientOfA.writeRegions(0..<2, seed: 1)
+
+        // A renewal on its way to both legs: their servers hang. B claims
+        // the legs; A's renewal lands during B's wait.
+        try freezeDuringRenewal(remotesOfA, logs: logs)
+        let second = try serveOnB(fixture, legs + ["--lease", "2", "--takeover"])
+        let deadline = Date().addingTimeInterval(20)
+        while !second.stderr().contains("the legs are claimed; waiting") && Date() < deadline { usleep(10_000) }
+        remotesOfA.forEach { $0.thaw() }
+
+        // A's lease ran out long ago: it reads the legs after its renewal,
+        // finds B's claim, and writes nothing more.
+        #expect(throws: NBDError.self) { try clientOfA.write(pattern(64 << 10, seed: 99), at: 0) }
+        first.process.waitUntilExit()
+        #expect(first.process.terminationStatus == 1)
+        #expect(first.stderr().contains("another server took them over"), "\(first.stderr())")
+
+        try second.waitUntilListening()
+        #expect(second.stderr().contains("wrote the legs as this one took them over"), "\(second.stderr())")
+        let clientOfB = try NBDHandle()
+        try clientOfB.connect(unixSocket: second.socket)
+        try clientOfB.expectReadBack(written)
+        let later = try clientOfB.writeRegions(2..<4, seed: 2)
+        // B does not take A's late superblock for a takeover of its own.
+        sleep(2)
+        try clientOfB.expectReadBack(written.merging(later) { $1 })
+        clientOfB.shutdown()
+        #expect(second.stop() == 0, "\(second.stderr())")
+        #expect(fixture.legsEqual(files[0], files[1]))
+    }
+
+    /// Freezes `servers` while each has a superblock write (a renewal:
+    /// offset 0 or 4 KiB) begun and not ended, as their logs say.
+    private func freezeDuringRenewal(_ servers: [NBDKit], logs: [String]) throws {
+        func renewalsInFlight(_ log: String) -> Set<Substring> {
+            let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n")
+            var open = Set<Substring>()
+            for line in lines {
+                guard let id = line.split(separator: " ").first(where: { $0.hasPrefix("id=") }) else { continue }
+                if line.contains(" Write ") && (line.contains("offset=0x0 ") || line.contains("offset=0x1000 ")) {
+                    open.insert(id)
+                } else if line.contains("...Write ") {
+                    open.remove(id)
+                }
+            }
+            return open
+        }
+        for _ in 0..<20 {
+            let deadline = Date().addingTimeInterval(10)
+            while logs.contains(where: { renewalsInFlight($0).isEmpty }) && Date() < deadline { usleep(2_000) }
+            let caught = logs.map(renewalsInFlight)
+            servers.forEach { $0.freeze(limit: 60) }
+            // Still on their way once frozen: else thaw, and catch the next.
+            if zip(logs, caught).allSatisfy({ !$1.isEmpty && $1.isSubset(of: renewalsInFlight($0)) }) { return }
+            servers.forEach { $0.thaw() }
+        }
+        Issue.record("no renewal caught on its way to both legs")
+    }
+
     /// A mirror stopped cleanly is free: another machine starts it without
     /// watching.
     @Test func aCleanStopLeavesTheLegsFreeForAnotherMachine() throws {

@@ -150,6 +150,11 @@ public class NBDServerProcess {
         waitUntilStopped()
     }
 
+    /// Thaws a frozen server before its limit.
+    public func thaw() {
+        Glibc.kill(process.processIdentifier, SIGCONT)
+    }
+
     private func waitUntilStopped() {
         let tasks = "/proc/\(process.processIdentifier)/task"
         let deadline = Date().addingTimeInterval(5)
