@@ -83,8 +83,10 @@ final class MetadataStore: @unchecked Sendable {
     private func mayWrite(orUseRenewalPermit usePermit: Bool = false) -> Bool {
         guard let lease else { return true }
         guard !lease.isFenced else { return false }
-        if lease.isValid || claiming.load(ordering: .acquiring) { return true }
-        return usePermit && renewalPermitted.exchange(false, ordering: .acquiringAndReleasing)
+        // Used up by the first superblock after it was given, even under a
+        // valid lease: one that follows, after a lapse, has none.
+        let permitted = usePermit && renewalPermitted.exchange(false, ordering: .acquiringAndReleasing)
+        return lease.isValid || claiming.load(ordering: .acquiring) || permitted
     }
 
     var eventCount: UInt64 { lock.withLock { events } }

@@ -61,6 +61,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// The server on another machine this one takes the legs over from.
     private let takenOver: TakenOver?
     private var leaseKeeper: pthread_t?
+    /// Whether the last renewal was said to be too slow (renewals run on
+    /// the lease keeper, or in `stop` after it ended).
+    private var toldSlowRenewal = false
     /// The event of this server's first superblock (its claim of the legs).
     private var leaseStart: UInt64 = 0
     /// What the mirror tells its event sink.
@@ -370,6 +373,14 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             guard confirmed else { return true }
         }
         lease.renewed(startedAt: started)
+        // Writes that wait go on only under a valid lease: say why they wait.
+        let tooSlow = !lease.isValid
+        if tooSlow && !toldSlowRenewal {
+            let slow = "renewing the lease on the legs took \(ContinuousClock.now - started), more than the lease "
+                + "(\(lease.owner.lease)): writes wait for a renewal that takes less (raise --lease?)"
+            logger.warning("\(slow)")
+        }
+        toldSlowRenewal = tooSlow
         return true
     }
 
@@ -380,12 +391,12 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// stale; the next renewal comes after it.
     private func stillHeld(_ lease: Lease, since start: UInt64) -> Bool? {
         let scan = scanSuperblocks()
-        if let newest = scan.superblocks.map(\.events).max() { metadata.advanceEvents(past: newest) }
-        let found = scan.superblocks.first { superblock in
+        if let newest = scan.all.map(\.events).max() { metadata.advanceEvents(past: newest) }
+        let found = scan.all.first { superblock in
             superblock.events > start && !isWritten(superblock, by: lease.owner)
                 && !(takenOver.map { isWritten(superblock, by: $0.owner) } ?? false)
         }
-        guard let found else { return scan.read }
+        guard let found else { return !scan.legs.isEmpty }
         let other = found.owner
         lease.fence()
         let reason = "the legs are \(other.map { "held by the server on \($0)" } ?? "no longer this server's") "
@@ -402,8 +413,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// (it is alive), or stopped.
     private func refuseIfMoved(since previous: TakenOver) throws(MirrorError) {
         let scan = scanSuperblocks()
-        guard scan.read else { throw .metadataIO(leg: "every leg", errno: EIO) }
-        if let moved = scan.superblocks.first(where: { $0.events > previous.event }) {
+        guard !scan.legs.isEmpty else { throw .metadataIO(leg: "every leg", errno: EIO) }
+        if let moved = scan.all.first(where: { $0.events > previous.event }) {
             throw .takeoverRaced(owner: moved.owner)
         }
     }
@@ -412,21 +423,33 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// of the server taken over from, before anything is served.
     private func completeTakeover(from previous: TakenOver) throws(MirrorError) {
         // A renewal of that server, held on its way when it froze, lands on
-        // one slot at most: the other tells it that it lost the legs.
+        // one slot: the other tells it that it lost the legs.
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
         // A renewal of that server that read the legs before this claim
         // counts from before it: past its lease (and a fifth, for clocks
         // that run at other rates) it holds none, and every renewal it
-        // tries reads this claim first.
+        // tries reads this claim first, as long as a slot of each leg
+        // still holds it.
         let wait = previous.owner.lease + previous.owner.lease / 5
         logger.info("the legs are claimed; waiting \(wait) for any lease of the server on \(previous.owner) to run out")
         pause(for: wait)
-        // It wrote the legs as they were taken over (it came back): its
-        // last writes may be on some legs only, and its dirty bits under
-        // this server's. Every region is copied from the first leg.
         let scan = scanSuperblocks()
-        guard scan.superblocks.contains(where: { $0.events > previous.event && isWritten($0, by: previous.owner) })
-        else { return }
+        let isMine = { [lease] (superblock: Superblock) in
+            lease.map { self.isWritten(superblock, by: $0.owner) } ?? (superblock.owner == nil)
+        }
+        let since = scan.all.filter { $0.events > previous.event }
+        // That server overwrote the claim on a leg (it stays fenced only
+        // while it can read the claim), or a third server claims too.
+        if scan.legs.isEmpty || !scan.legs.allSatisfy({ $0.contains { $0.events > previous.event && isMine($0) } })
+            || since.contains(where: { !isMine($0) && !isWritten($0, by: previous.owner) }) {
+            lease?.fence()
+            let other = since.first { !isMine($0) }?.owner ?? previous.owner
+            throw .claimOverwritten(owner: other)
+        }
+        // It wrote the legs as they were taken over (it came back): its last
+        // writes may be on some legs only, and its dirty bits under this
+        // server's. Every region is copied from the first leg.
+        guard since.contains(where: { isWritten($0, by: previous.owner) }) else { return }
         let reason = "the server on \(previous.owner) wrote the legs as this one took them over: it stops once it "
             + "reads this one's claim; every region is copied from the first leg in sync"
         logger.warning("\(reason)")
@@ -435,19 +458,19 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         guard bitmapCommit.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
     }
 
-    /// The superblocks of this mirror, both slots, on the legs in sync, and
-    /// whether any leg could be read. Not the write-mostly legs while
+    /// The superblocks of this mirror, both slots, of each leg in sync that
+    /// could be read (none read: no leg). Not the write-mostly legs while
     /// others are in sync: a read there waits behind their backlog, and
     /// another server writes every leg.
-    private func scanSuperblocks() -> (read: Bool, superblocks: [Superblock]) {
-        var read = false
-        var found: [Superblock] = []
-        for leg in legs.snapshot.readFirstLegs {
-            guard let slots = try? MetadataStore.readSlots(leg.device, client: client) else { continue }
-            read = true
-            for case .superblock(let superblock) in slots where superblock.mirror == uuid { found.append(superblock) }
+    private func scanSuperblocks() -> (legs: [[Superblock]], all: [Superblock]) {
+        let legs = legs.snapshot.readFirstLegs.compactMap { leg -> [Superblock]? in
+            guard let slots = try? MetadataStore.readSlots(leg.device, client: client) else { return nil }
+            return slots.compactMap { slot in
+                guard case .superblock(let superblock) = slot, superblock.mirror == uuid else { return nil }
+                return superblock
+            }
         }
-        return (read, found)
+        return (legs, legs.flatMap { $0 })
     }
 
     /// Whether `superblock` names `owner`'s server as its writer.

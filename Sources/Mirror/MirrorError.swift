@@ -45,6 +45,9 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The legs were written as this server took them over, before it
     /// wrote them: by their owner (nil: a clean stop, which names none).
     case takeoverRaced(owner: MirrorOwner?)
+    /// This server's claim of the legs taken over was overwritten, on a leg
+    /// at least, while it waited out the old owner's lease.
+    case claimOverwritten(owner: MirrorOwner)
     case invalidOwnership(String)
     /// A check or repair that cannot start (or stop) now, and why.
     case scrubRefused(String)
@@ -131,6 +134,10 @@ public enum MirrorError: Error, Sendable, Hashable, CustomStringConvertible {
         case .takeoverRaced(nil):
             "the legs were stopped cleanly while this server took them over: start it again (no takeover is "
                 + "needed). Nothing was written"
+        case .claimOverwritten(let owner):
+            "the server on \(owner) wrote over this server's claim of the legs while it took them over: that "
+                + "server is alive, and keeps the legs unless it read the claim first (then it stops too). This one "
+                + "writes nothing more: see which one serves before starting another"
         case .invalidLegChange(let reason):
             reason
         case .unusableLeg(_, let index, let mirror, let reason):

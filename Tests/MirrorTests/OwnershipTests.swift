@@ -97,7 +97,7 @@ import Testing
 
         // A renewal on its way to both legs: their servers hang. B claims
         // the legs; A's renewal lands during B's wait.
-        try freezeDuringRenewal(remotesOfA, logs: logs)
+        try #require(freezeDuringRenewal(remotesOfA, logs: logs), "no renewal caught on its way to both legs")
         let second = try serveOnB(fixture, legs + ["--lease", "2", "--takeover"])
         let deadline = Date().addingTimeInterval(20)
         while !second.stderr().contains("the legs are claimed; waiting") && Date() < deadline { usleep(10_000) }
@@ -125,8 +125,9 @@ import Testing
     }
 
     /// Freezes `servers` while each has a superblock write (a renewal:
-    /// offset 0 or 4 KiB) begun and not ended, as their logs say.
-    private func freezeDuringRenewal(_ servers: [NBDKit], logs: [String]) throws {
+    /// offset 0 or 4 KiB) begun and not ended, as their logs say; false
+    /// if none was caught so.
+    private func freezeDuringRenewal(_ servers: [NBDKit], logs: [String]) -> Bool {
         func renewalsInFlight(_ log: String) -> Set<Substring> {
             let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n")
             var open = Set<Substring>()
@@ -146,10 +147,10 @@ import Testing
             let caught = logs.map(renewalsInFlight)
             servers.forEach { $0.freeze(limit: 60) }
             // Still on their way once frozen: else thaw, and catch the next.
-            if zip(logs, caught).allSatisfy({ !$1.isEmpty && $1.isSubset(of: renewalsInFlight($0)) }) { return }
+            if zip(logs, caught).allSatisfy({ !$1.isEmpty && $1.isSubset(of: renewalsInFlight($0)) }) { return true }
             servers.forEach { $0.thaw() }
         }
-        Issue.record("no renewal caught on its way to both legs")
+        return false
     }
 
     /// A mirror stopped cleanly is free: another machine starts it without
