@@ -167,6 +167,20 @@ final class BitmapPagesBehind: @unchecked Sendable {
         }
     }
 
+    /// `device` is no longer a leg's (it left the mirror, or was let go to
+    /// be opened again): what was kept of it goes, so that a device made
+    /// later at its address does not find it.
+    func forget(_ device: BlockDevice) {
+        lock.withLock {
+            let key = ObjectIdentifier(device)
+            legs[key] = nil
+            front.remove(key)
+            recorded.remove(key)
+            lastNamed.remove(key)
+            lock.broadcast()
+        }
+    }
+
     // MARK: Waiting
 
     /// `device` gets the bitmap with the others from now on (`true`), until

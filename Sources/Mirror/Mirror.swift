@@ -682,7 +682,9 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let member: LegTable.Member
         do throws(MirrorError) {
             guard let index = legs.index(of: uuid) else { throw MirrorError.invalidLegChange("that leg left the mirror") }
+            let released = legs.member(index).device
             member = try legs.releaseDevice(of: index)
+            if let released { metadata.pagesBehind.forget(released) }
         } catch {
             maintenance.unlock()
             throw error
@@ -833,6 +835,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// mirror no longer has, and is refused for that.
     private func retire(_ member: LegTable.Member, why: String) {
         guard let device = member.device else { return }
+        metadata.pagesBehind.forget(device)
         // Its own entry after the legs the mirror has now: a reader that
         // knew nothing of the removed flag finds no place for it either.
         let now = legs.recorded
