@@ -31,10 +31,10 @@ final class MetadataStore: @unchecked Sendable {
     private var owner: MirrorOwner?
     /// Once fenced, nothing is written: another server owns the legs.
     private let lease: Lease?
-    /// See `Superblock.eventsCleared`; the next superblock takes its own
-    /// event for it when bits were cleared since the last one.
+    /// See `Superblock.eventsCleared`; every superblock records it.
     private var eventsCleared: UInt64
-    private var bitsClearedSince = false
+    /// The event of the last superblock that some leg took.
+    private var durableEvent: UInt64
     /// The leg table version that the superblocks on the legs describe
     /// (read on every write's answer: an atomic, not the lock).
     private let durableVersion = Atomic<UInt64>(0)
@@ -55,6 +55,7 @@ final class MetadataStore: @unchecked Sendable {
         self.mirror = mirror
         self.events = events
         self.eventsCleared = eventsCleared
+        durableEvent = events
         self.legs = legs
         self.client = client
     }
@@ -98,11 +99,15 @@ final class MetadataStore: @unchecked Sendable {
     /// Bitmap writes so far (one a commit, of however many pages).
     var bitmapWrites: UInt64 { bitmapCommits.load(ordering: .relaxed) }
 
-    /// Bits were cleared on the legs (their bitmap is written): the next
-    /// superblock records it.
-    func noteBitsCleared() { lock.withLock { bitsClearedSince = true } }
+    /// The event of the last superblock that some leg took: every leg in
+    /// sync took it, unless it failed the write (and was degraded by it).
+    var lastDurableEvent: UInt64 { lock.withLock { durableEvent } }
 
-    /// The event of the last superblock written after bits were cleared.
+    /// Bits are cleared of regions whose data every leg holding superblock
+    /// `event` holds: the superblocks from now on record it.
+    func noteBitsCleared(heldSince event: UInt64) { lock.withLock { eventsCleared = max(eventsCleared, event) } }
+
+    /// See `noteBitsCleared(heldSince:)`.
     var lastClearing: UInt64 { lock.withLock { eventsCleared } }
 
     /// Writes a new superblock (the next event) to every leg not degraded.
@@ -112,10 +117,6 @@ final class MetadataStore: @unchecked Sendable {
         let snapshot = recorded.snapshot
         let (event, isClean, cleared, owner): (UInt64, Bool, UInt64, MirrorOwner?) = lock.withLock {
             self.events += 1
-            if bitsClearedSince {
-                eventsCleared = self.events
-                bitsClearedSince = false
-            }
             return (self.events, self.clean, eventsCleared, self.owner)
         }
         let targets = snapshot.writable
@@ -134,6 +135,7 @@ final class MetadataStore: @unchecked Sendable {
         let gather = Gather(count: targets.count) { [self] failures in
             let durable = failures.count < targets.count
             if durable {
+                lock.withLock { durableEvent = max(durableEvent, event) }
                 durableVersion.max(snapshot.version, ordering: .releasing)
                 if news { announce.metadataWritten(event: event, legs: targets.count - failures.count) }
             }

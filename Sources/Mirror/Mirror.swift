@@ -212,11 +212,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         // recovered at the next start.
         if let lease, !lease.isValid, !lease.isFenced { _ = renew(lease, since: leaseStart) }
         metadata.pagesBehind.stop()
+        let flushed = legs.snapshot
         flushLegs()
         let recovering = isRecoveryPending
         if legs.allInSync && !recovering {
-            regionHash.clearAllIdle()
-            metadata.noteBitsCleared()
+            clearBits(flushedSince: flushed) { regionHash.clearAllIdle() }
         }
         // A recovery cut short must run again at the next start. The legs
         // are nobody's once stopped cleanly: another machine may start at once.
@@ -570,15 +570,26 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             guard legs.allInSync else { return }
             let candidates = regionHash.idleDirtyRegions()
             guard !candidates.isEmpty, flushLegs() else { return }
-            // A leg that failed meanwhile was not flushed: it still needs the bits.
-            guard legs.snapshot.version == before.version else { return }
-            // The cleared bits are on record with the next event: a copy of a
-            // leg older than that cannot be caught up from the bitmap.
-            if regionHash.clearIdle(candidates) > 0, bitmapCommit.commitAndWait() {
-                metadata.noteBitsCleared()
+            if clearBits(flushedSince: before, { regionHash.clearIdle(candidates) }) > 0, bitmapCommit.commitAndWait() {
                 _ = superblocks.commitAndWait()
             }
         }
+    }
+
+    /// Clears bits with `clear` once every leg in sync at `before` has been
+    /// flushed since and has taken a superblock after the flush: a leg that
+    /// holds that superblock holds the data of the bits cleared, and an
+    /// older copy of a leg cannot be caught up from the bitmap. A leg that
+    /// fails the bitmap's write next is thus only behind. Nothing is
+    /// cleared when a leg failed meanwhile: it still needs the bits.
+    @discardableResult
+    private func clearBits(flushedSince before: LegTable.Snapshot, _ clear: () -> Int) -> Int {
+        guard superblocks.commitAndWait() else { return 0 }
+        let marked = metadata.lastDurableEvent
+        guard legs.snapshot.version == before.version else { return 0 }
+        let cleared = clear()
+        if cleared > 0 { metadata.noteBitsCleared(heldSince: marked) }
+        return cleared
     }
 
     /// Flushes every writable leg; returns whether all of them flushed.

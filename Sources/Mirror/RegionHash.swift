@@ -158,10 +158,10 @@ final class RegionHash: @unchecked Sendable {
     }
 
     /// Clears every bit with no write in flight: a clean stop with every
-    /// leg in sync.
-    func clearAllIdle() {
+    /// leg in sync. Returns how many.
+    func clearAllIdle() -> Int {
         lock.withLock {
-            _ = bitmap.clear(0..<bitmap.regionCount) { inFlight[$0] == nil }
+            bitmap.clear(0..<bitmap.regionCount) { inFlight[$0] == nil }
         }
     }
 }

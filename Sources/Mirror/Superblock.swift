@@ -152,9 +152,10 @@ struct Superblock: Sendable, Hashable {
     /// leg once a replacement is in sync): it can no longer be served as one
     /// of the mirror's legs.
     var removed = false
-    /// The event of the last superblock written after bits were cleared
-    /// (md's events_cleared): a leg older than that may lack data in
-    /// regions whose bits are gone, so no bitmap says what it misses.
+    /// The event of the superblock that marked the legs holding the data
+    /// of the last bits cleared (md's events_cleared): a leg older than that
+    /// may lack data in regions whose bits are gone, so no bitmap says what
+    /// it misses.
     var eventsCleared: UInt64 = 0
     var legBytes: UInt64
     var dataOffset: UInt64

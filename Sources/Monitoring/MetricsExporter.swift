@@ -185,17 +185,22 @@ struct Scrape {
 
     mutating func begin() { touched = [] }
 
+    /// Names here are whole (their unit in them): no part is added.
+    private static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+    }
+
     mutating func gauge(_ name: String, _ labels: [(String, String)], _ value: Double, help: String) {
         let key = Self.key(name, labels)
         touched.insert(key)
-        if gauges[key] == nil { gauges[key] = registry.makeGauge(name: name, labels: labels, help: help) }
+        if gauges[key] == nil { gauges[key] = registry.makeGauge(descriptor: Self.descriptor(name, help), labels: labels) }
         gauges[key]!.set(to: value)
     }
 
     mutating func counter(_ name: String, _ labels: [(String, String)], _ value: UInt64, help: String) {
         let key = Self.key(name, labels)
         touched.insert(key)
-        if counters[key] == nil { counters[key] = registry.makeCounter(name: name, labels: labels, help: help) }
+        if counters[key] == nil { counters[key] = registry.makeCounter(descriptor: Self.descriptor(name, help), labels: labels) }
         // Set, not added to: the value is the total the statistics hold now.
         counters[key]!.reset()
         counters[key]!.increment(by: Int64(clamping: value))

@@ -67,7 +67,7 @@ import Testing
         #expect(bitmap.dirtyRegions == [1, 2])
         // At a clean stop, only regions with writes in flight keep their bits.
         hash.endWrite(1...1)
-        hash.clearAllIdle()
+        #expect(hash.clearAllIdle() == 1)
         #expect(bitmap.dirtyRegions == [2])
     }
 

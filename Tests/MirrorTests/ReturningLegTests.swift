@@ -83,6 +83,33 @@ import Testing
         turns.stopAndCompare(fixture, turns.server, turns.handle)
     }
 
+    /// Leg 1 fails the first metadata write of a clearing of bits: it took
+    /// every write and flush before, so it is only behind, and its re-add
+    /// copies the dirty regions, not all. (A leg that failed the clearing's
+    /// bitmap write was once taken for an old copy: a full copy.)
+    @Test func aLegThatFailsTheClearingOfBitsIsOnlyBehind() throws {
+        let fixture = MirrorFixture()
+        let legs = try FailingLegMirror(fixture, errno: "EIO")
+        // No lease: its renewals would be leg 1's next write.
+        let server = try fixture.serve(legs.legs + ["--lease", "0"])
+        let handle = try fixture.connect()
+        var written = try handle.writeRegions(0..<4, seed: 71)
+        try handle.flush()
+        // The legs idle from now on: leg 1's next write is the clearing's.
+        legs.failWrites()
+        try fixture.waitFor("leg 1 to fail the clearing", timeout: 20) { $0.state(1) == .degraded }
+        written.merge(try handle.writeRegions(8..<10, seed: 72)) { $1 }
+        try legs.healWrites()
+        try fixture.control(["readd-leg", "1"])
+        let status = try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        #expect(status.resync.lastResult.contains("copied 6 of 6 regions"), "\(status.resync.lastResult)")
+        #expect(!server.stderr().contains("full copy"), "\(server.stderr())")
+        try handle.expectReadBack(written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs.leg0, legs.remoteFile))
+    }
+
     /// Leg 1 gets a copy of every region; then, read alone, it holds what
     /// was written, and the legs are equal.
     private func expectFullCopy(_ fixture: MirrorFixture, _ server: ServeProcess, _ legs: [String],
