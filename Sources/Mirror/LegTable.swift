@@ -257,12 +257,18 @@ final class LegTable: @unchecked Sendable {
         return true
     }
 
-    /// Degrades leg `index` at an operator's request.
+    /// Degrades leg `index` at an operator's request. A leg out for now,
+    /// that would come back by itself (pulled ahead, or its connection
+    /// lost), stays out from now on, until `readd-leg`.
     func failByOperator(_ index: Int) throws(MirrorError) {
         lock.lock()
         defer { lock.unlock() }
         try checkLocked(index)
         switch members[index].state {
+        case .degraded where members[index].cause == .behind || members[index].lostItsConnection:
+            members[index].errno = 0
+            members[index].cause = .operator
+            changed()
         case .degraded:
             throw .invalidLegChange("leg \(index) is already degraded")
         case .inSync where inSyncCount == 1:

@@ -494,9 +494,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             retry.track(lost.map(\.uuid), now: .now)
             for member in lost where retry.action(for: member.uuid, now: .now) == .tryNow {
                 do {
-                    try readd(member.uuid)
+                    try readd(member.uuid, if: \.lostItsConnection)
                     logger.info("remote leg \(member.name) answers again: re-added")
                 } catch {
+                    // Failed or re-added by the operator meanwhile: no longer the retries' to take back.
+                    guard legs.all.contains(where: { $0.uuid == member.uuid && $0.lostItsConnection }) else { continue }
                     switch error {
                     case .foreignLeg, .usedAlone, .notAMirror, .corruptLeg, .replacedLeg, .removedLeg, .sizeChanged:
                         retry.refuse(member.uuid)
@@ -685,14 +687,18 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         try readd(uuid)
     }
 
-    /// Re-adds the degraded leg whose UUID is `uuid`. Its device is opened
-    /// outside the maintenance lock (a remote leg may take its time to
-    /// answer), and the leg found again by UUID after: the legs may move.
-    private func readd(_ uuid: MirrorUUID) throws(MirrorError) {
+    /// Re-adds the degraded leg whose UUID is `uuid`, if it is `wanted`
+    /// (the retries take back only a leg still out for its lost connection:
+    /// not one the operator failed meanwhile). Its device is opened outside
+    /// the maintenance lock (a remote leg may take its time to answer), and
+    /// the leg found again by UUID after: the legs may move.
+    private func readd(_ uuid: MirrorUUID,
+                       if wanted: (LegTable.Member) -> Bool = { _ in true }) throws(MirrorError) {
         maintenance.lock()
         let member: LegTable.Member
         do throws(MirrorError) {
             guard let index = legs.index(of: uuid) else { throw MirrorError.invalidLegChange("that leg left the mirror") }
+            guard wanted(legs.member(index)) else { throw MirrorError.invalidLegChange("that leg changed") }
             let released = legs.member(index).device
             member = try legs.releaseDevice(of: index)
             if let released { metadata.pagesBehind.forget(released) }
@@ -704,8 +710,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         let device = try reopen(member.name)
         try changingLegs(nil)
         defer { maintenance.unlock() }
-        // Re-added meanwhile (by an operator and by the retries at once).
-        guard let index = legs.index(of: uuid), legs.member(index).state == .degraded, legs.member(index).device == nil else {
+        // Re-added meanwhile (by an operator and by the retries at once), or
+        // failed again by the operator.
+        guard let index = legs.index(of: uuid), legs.member(index).state == .degraded, legs.member(index).device == nil,
+              legs.member(index).cause == member.cause else {
             throw .invalidLegChange("\(member.name) was re-added or changed while it was opened again")
         }
         do {

@@ -55,6 +55,40 @@ import Testing
         #expect(server.stderr().contains("remote leg \(legs.uri) answers again: re-added"))
     }
 
+    /// The operator fails a remote leg that is out for its lost connection:
+    /// it is not taken back once its server answers, nor at the next start,
+    /// but only by `readd-leg`.
+    @Test func aLostRemoteLegFailedByTheOperatorStaysOut() throws {
+        let fixture = MirrorFixture()
+        var legs = try RemoteMirror(fixture)
+        let arguments = legs.legs + ["--reconnect-interval", "0.2"]
+        var server = try fixture.serve(arguments)
+        var handle = try fixture.connect()
+        legs.remote?.kill()
+        var written = try handle.writeRegions(0..<2, seed: 44)
+        #expect(try fixture.status().state(1) == .degraded)
+        let failed = try fixture.control(["fail-leg", "1"])
+        #expect(failed.legs[1].why == "operator", "\(failed.legs[1])")
+        try legs.restart(serving: legs.remoteFile)
+        usleep(2_000_000)
+        #expect(try fixture.status().state(1) == .degraded, "not tried again")
+
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        server = try fixture.serve(arguments)
+        usleep(2_000_000)
+        #expect(try fixture.status().legs[1].why == "operator", "still out after a restart")
+        handle = try fixture.connect()
+        written.merge(try handle.writeRegions(4..<6, seed: 45)) { $1 }
+        try fixture.control(["readd-leg", "1"])
+        try fixture.waitFor("leg 1 in sync") { $0.allInSync }
+        try handle.expectReadBack(written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs.leg0, legs.remoteFile))
+        #expect(!server.stderr().contains("answers again"))
+    }
+
     @Test func aRemoteLegThatComesBackAsAnotherMirrorsLegIsNotTakenBack() throws {
         let fixture = MirrorFixture()
         var legs = try RemoteMirror(fixture)

@@ -252,6 +252,40 @@ import Testing
         #expect(server.stderr().contains("pulled ahead of it"))
     }
 
+    /// The operator fails a leg pulled ahead: it is not caught up once its
+    /// writes behind end, nor at the next start, but only by `readd-leg`.
+    @Test func aLegPulledAheadAndFailedByTheOperatorStaysOut() throws {
+        let fixture = MirrorFixture()
+        let legs = try SlowLegMirror(fixture, delay: "1")
+        let arguments = legs.legs + ["--write-mostly", "1", "--write-behind", "1", "--on-congestion", "pull-ahead"]
+        var server = try fixture.serve(arguments)
+        var handle = try fixture.connect()
+        _ = try writeBlocks(handle, from: 0, count: 1, seed: 15)
+        let written = try writeBlocks(handle, from: 4096, count: 3, seed: 16)
+        // Its write behind does not end while the operator fails it: it cannot be caught up first.
+        legs.remote.freeze()
+        #expect(try fixture.status().legs[1].condition == .behind)
+        let failed = try fixture.control(["fail-leg", "1"])
+        #expect(failed.legs[1].why == "operator", "\(failed.legs[1])")
+        legs.remote.thaw()
+        // Its write behind ends within 1 s: a leg still behind would be caught up by then.
+        usleep(3_000_000)
+        #expect(try fixture.status().legs[1].why == "operator", "not caught up")
+
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        server = try fixture.serve(arguments)
+        usleep(2_000_000)
+        #expect(try fixture.status().legs[1].why == "operator", "still out after a restart")
+        try fixture.control(["readd-leg", "1"])
+        try fixture.waitFor("leg 1 in sync", timeout: 20) { $0.allInSync }
+        handle = try fixture.connect()
+        #expect(try handle.read(written.count, at: 4096) == written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs.localFile, legs.remoteFile))
+    }
+
     /// A leg pulled ahead whose server dies with a write on its way: out for
     /// that lost connection, and taken back by the retries once it answers.
     @Test func aLegPulledAheadWhoseServerDiesComesBackByItself() throws {
