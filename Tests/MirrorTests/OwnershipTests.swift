@@ -14,11 +14,19 @@ import Testing
     private let hostA = "a0000000000000000000000000000001"
     private let hostB = "b0000000000000000000000000000002"
 
+    private let hostC = "c0000000000000000000000000000003"
+
     /// `dmio-nbd serve` as the server on machine B.
     private func serveOnB(_ fixture: MirrorFixture, _ arguments: [String]) throws -> ServeProcess {
-        let socket = fixture.path("b.sock")
-        return try ServeProcess(arguments: arguments + ["--socket", socket, "--control", fixture.path("b.ctl"),
-                                                        "--host-id", hostB],
+        try serve(on: "b", host: hostB, fixture, arguments)
+    }
+
+    /// `dmio-nbd serve` as the server on another machine, `name`.
+    private func serve(on name: String, host: String, _ fixture: MirrorFixture,
+                       _ arguments: [String]) throws -> ServeProcess {
+        let socket = fixture.path("\(name).sock")
+        return try ServeProcess(arguments: arguments + ["--socket", socket, "--control", fixture.path("\(name).ctl"),
+                                                        "--host-id", host],
                                 socket: socket,
                                 launcher: ["/usr/bin/unshare", "--mount", "--propagation", "private", "sh", "-c",
                                            "mount -t tmpfs tmpfs /run/lock && exec \"$0\" \"$@\""])
@@ -31,6 +39,17 @@ import Testing
         let remotes = try files.map { try NBDKit(["file", $0]) }
         try run([dmioNBDExecutable, "create", "--assume-clean"] + remotes.map(\.uri))
         return (files, remotes, remotes.map(\.uri))
+    }
+
+    /// Machine `name`'s own way to the legs' files: each write there takes
+    /// a second, and is logged as it starts and as it ends.
+    private func slowWays(_ fixture: MirrorFixture, to files: [String],
+                          of name: String) throws -> (logs: [String], remotes: [NBDKit]) {
+        let logs = files.indices.map { fixture.path("\(name)\($0).log") }
+        let remotes = try files.indices.map {
+            try NBDKit(["--filter=log", "--filter=delay", "file", files[$0], "logfile=\(logs[$0])", "delay-write=1"])
+        }
+        return (logs, remotes)
     }
 
     @Test func aSecondMachineIsRefusedThenTakesOverAndTheFirstWritesNothingMore() throws {
@@ -83,12 +102,7 @@ import Testing
     @Test func aRenewalThatLandsAfterATakeoverDoesNotLetTheFirstWriteAgain() throws {
         let fixture = MirrorFixture()
         let (files, remotes, legs) = try remoteMirror(fixture)
-        // A's own way to the legs: each write there takes a second, and is
-        // logged as it starts and as it ends.
-        let logs = files.indices.map { fixture.path("a\($0).log") }
-        let remotesOfA = try files.indices.map {
-            try NBDKit(["--filter=log", "--filter=delay", "file", files[$0], "logfile=\(logs[$0])", "delay-write=1"])
-        }
+        let (logs, remotesOfA) = try slowWays(fixture, to: files, of: "a")
         defer { withExtendedLifetime(remotes + remotesOfA) {} }
         let first = try fixture.serve(remotesOfA.map(\.uri) + ["--control", fixture.path("a.ctl"), "--host-id", hostA,
                                                               "--lease", "2", "--remote-timeout", "60"])
@@ -97,7 +111,7 @@ import Testing
 
         // A renewal on its way to both legs: their servers hang. B claims
         // the legs; A's renewal lands during B's wait.
-        try #require(freezeDuringRenewal(remotesOfA, logs: logs), "no renewal caught on its way to both legs")
+        try #require(freezeDuringSuperblockWrite(remotesOfA, logs: logs), "no renewal caught on its way to both legs")
         let second = try serveOnB(fixture, legs + ["--lease", "2", "--takeover"])
         let deadline = Date().addingTimeInterval(20)
         while !second.stderr().contains("the legs are claimed; waiting") && Date() < deadline { usleep(10_000) }
@@ -124,10 +138,87 @@ import Testing
         #expect(fixture.legsEqual(files[0], files[1]))
     }
 
-    /// Freezes `servers` while each has a superblock write (a renewal:
-    /// offset 0 or 4 KiB) begun and not ended, as their logs say; false
-    /// if none was caught so.
-    private func freezeDuringRenewal(_ servers: [NBDKit], logs: [String]) -> Bool {
+    /// The first server comes back as the second takes the legs over:
+    /// after the watch, before the claim (the second's reads of the legs
+    /// are slow). Alive, it renewed its lease; or it stopped cleanly. The
+    /// second finds the legs moved, writes nothing, and refuses.
+    @Test(arguments: [false, true]) func aServerBackDuringATakeoverKeepsTheLegs(stopsCleanly: Bool) throws {
+        let fixture = MirrorFixture()
+        let (files, remotes, legs) = try remoteMirror(fixture)
+        // B's own way to the legs: each read takes 2 s, the last of the watch too.
+        let remotesOfB = try files.map { try NBDKit(["--filter=delay", "file", $0, "rdelay=2"]) }
+        defer { withExtendedLifetime(remotes + remotesOfB) {} }
+        let first = try fixture.serve(legs + ["--control", fixture.path("a.ctl"), "--host-id", hostA, "--lease", "2"])
+        let clientOfA = try fixture.connect()
+        var written = try clientOfA.writeRegions(0..<2, seed: 1)
+        if stopsCleanly { clientOfA.shutdown() }
+
+        kill(first.process.processIdentifier, SIGSTOP)
+        let second = try serveOnB(fixture, remotesOfB.map(\.uri) + ["--lease", "2", "--takeover"])
+        let deadline = Date().addingTimeInterval(30)
+        while !second.stderr().contains("taking the legs over") && Date() < deadline { usleep(10_000) }
+        // Held until it runs again.
+        if stopsCleanly { kill(first.process.processIdentifier, SIGTERM) }
+        kill(first.process.processIdentifier, SIGCONT)
+
+        try #require(second.exits(within: 30), "B did not refuse")
+        #expect(second.process.terminationStatus == 1)
+        let said = second.stderr()
+        let why = stopsCleanly ? "stopped cleanly while this server took them over" : "wrote to the legs while this one"
+        #expect(said.contains(why), "\(said)")
+        #expect(!said.contains("the legs are claimed"), "nothing written: \(said)")
+        if stopsCleanly {
+            try #require(first.exits(within: 30), "A did not stop")
+            #expect(first.process.terminationStatus == 0, "\(first.stderr())")
+        } else {
+            written.merge(try clientOfA.writeRegions(2..<4, seed: 2)) { $1 }
+            try clientOfA.expectReadBack(written)
+            clientOfA.shutdown()
+            #expect(first.stop() == 0, "\(first.stderr())")
+        }
+        #expect(fixture.legsEqual(files[0], files[1]))
+    }
+
+    /// Two standbys take the legs over at once: B's claim is held on its
+    /// way (the servers of its legs hang) while C watches and claims, and
+    /// lands during C's wait. C, finding its claim overwritten, writes
+    /// nothing more and refuses; B serves; the first, thawed, stops.
+    @Test func ofTwoStandbysTakingOverAtOnceTheLastClaimServes() throws {
+        let fixture = MirrorFixture()
+        let (files, remotes, legs) = try remoteMirror(fixture)
+        let (logs, remotesOfB) = try slowWays(fixture, to: files, of: "b")
+        defer { withExtendedLifetime(remotes + remotesOfB) {} }
+        let first = try fixture.serve(legs + ["--control", fixture.path("a.ctl"), "--host-id", hostA, "--lease", "2"])
+        let written = try fixture.connect().writeRegions(0..<2, seed: 1)
+
+        kill(first.process.processIdentifier, SIGSTOP)
+        let second = try serveOnB(fixture, remotesOfB.map(\.uri) + ["--lease", "2", "--takeover", "--remote-timeout", "60"])
+        try #require(freezeDuringSuperblockWrite(remotesOfB, logs: logs), "B's claim not caught on its way to both legs")
+        let third = try serve(on: "c", host: hostC, fixture, legs + ["--lease", "2", "--takeover"])
+        let deadline = Date().addingTimeInterval(20)
+        while !third.stderr().contains("the legs are claimed; waiting") && Date() < deadline { usleep(10_000) }
+        remotesOfB.forEach { $0.thaw() }
+
+        try #require(third.exits(within: 30), "C did not refuse")
+        #expect(third.process.terminationStatus == 1)
+        let said = third.stderr()
+        #expect(said.contains("wrote over this server's claim"), "\(said)")
+        try second.waitUntilListening()
+        let client = try NBDHandle()
+        try client.connect(unixSocket: second.socket)
+        try client.expectReadBack(written)
+        kill(first.process.processIdentifier, SIGCONT)
+        try #require(first.exits(within: 30), "A did not stop")
+        #expect(first.process.terminationStatus == 1)
+        client.shutdown()
+        #expect(second.stop() == 0, "\(second.stderr())")
+        #expect(fixture.legsEqual(files[0], files[1]))
+    }
+
+    /// Freezes `servers` while each has a superblock write (a renewal or a
+    /// claim: offset 0 or 4 KiB) begun and not ended, as their logs say;
+    /// false if none was caught so.
+    private func freezeDuringSuperblockWrite(_ servers: [NBDKit], logs: [String]) -> Bool {
         func renewalsInFlight(_ log: String) -> Set<Substring> {
             let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n")
             var open = Set<Substring>()

@@ -42,8 +42,17 @@ public final class ServeProcess {
         }
     }
 
+    /// Waits for the server to exit, `seconds` at most; whether it did.
+    public func exits(within seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        return !process.isRunning
+    }
+
     public func stop(signal: Int32 = SIGTERM) -> Int32 {
         kill(process.processIdentifier, signal)
+        // A server a test froze (SIGSTOP) takes the signal once it runs again.
+        kill(process.processIdentifier, SIGCONT)
         process.waitUntilExit()
         return process.terminationStatus
     }
