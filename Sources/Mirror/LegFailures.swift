@@ -21,6 +21,7 @@ final class LegFailures: @unchecked Sendable {
             metadata.writeSuperblocks { written in
                 // A leg that failed this write is degraded; the next commit records it.
                 let degraded = Self.degrade(written.failures, reading: false, legs: legs, logger: logger)
+                metadata.settled(written)
                 done(written.durable, !degraded.isEmpty || written.again)
             }
         }

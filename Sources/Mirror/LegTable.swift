@@ -259,13 +259,14 @@ final class LegTable: @unchecked Sendable {
 
     /// Degrades leg `index` at an operator's request. A leg out for now,
     /// that would come back by itself (pulled ahead, or its connection
-    /// lost), stays out from now on, until `readd-leg`.
-    func failByOperator(_ index: Int) throws(MirrorError) {
+    /// lost while the server `retriesLostLegs`), stays out from now on,
+    /// until `readd-leg`.
+    func failByOperator(_ index: Int, retriesLostLegs: Bool) throws(MirrorError) {
         lock.lock()
         defer { lock.unlock() }
         try checkLocked(index)
         switch members[index].state {
-        case .degraded where members[index].cause == .behind || members[index].lostItsConnection:
+        case .degraded where members[index].cause == .behind || (retriesLostLegs && members[index].lostItsConnection):
             members[index].errno = 0
             members[index].cause = .operator
             changed()

@@ -10,6 +10,8 @@ struct MetadataWrite: Sendable {
     let failures: [LegFailure]
     /// Another superblock must follow (a leg newly flagged: see `recorded`).
     var again = false
+    /// The superblock's event (a bitmap write has none).
+    var event: UInt64?
 }
 
 /// Reads and writes the metadata areas of the legs: superblocks and bitmap
@@ -100,8 +102,14 @@ final class MetadataStore: @unchecked Sendable {
     var bitmapWrites: UInt64 { bitmapCommits.load(ordering: .relaxed) }
 
     /// The event of the last superblock that some leg took: every leg in
-    /// sync took it, unless it failed the write (and was degraded by it).
+    /// sync took it, since one that failed it was degraded first (`settled`).
     var lastDurableEvent: UInt64 { lock.withLock { durableEvent } }
+
+    /// A superblock write ended, and the legs that failed it are degraded.
+    func settled(_ written: MetadataWrite) {
+        guard written.durable, let event = written.event else { return }
+        lock.withLock { durableEvent = max(durableEvent, event) }
+    }
 
     /// Bits are cleared of regions whose data every leg holding superblock
     /// `event` holds: the superblocks from now on record it.
@@ -135,12 +143,11 @@ final class MetadataStore: @unchecked Sendable {
         let gather = Gather(count: targets.count) { [self] failures in
             let durable = failures.count < targets.count
             if durable {
-                lock.withLock { durableEvent = max(durableEvent, event) }
                 durableVersion.max(snapshot.version, ordering: .releasing)
                 if news { announce.metadataWritten(event: event, legs: targets.count - failures.count) }
             }
             let again = durable && !pagesBehind.recorded(behind)
-            done(MetadataWrite(durable: durable, failures: failures, again: again))
+            done(MetadataWrite(durable: durable, failures: failures, again: again, event: event))
         }
         for leg in targets {
             var superblock = Superblock(mirror: mirror, legIndex: leg.index, events: event,

@@ -212,11 +212,11 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         // recovered at the next start.
         if let lease, !lease.isValid, !lease.isFenced { _ = renew(lease, since: leaseStart) }
         metadata.pagesBehind.stop()
-        let flushed = legs.snapshot
-        flushLegs()
+        let before = legs.snapshot
+        let flushed = flushLegs()
         let recovering = isRecoveryPending
-        if legs.allInSync && !recovering {
-            clearBits(flushedSince: flushed) { regionHash.clearAllIdle() }
+        if flushed && legs.allInSync && !recovering {
+            clearBits(flushedSince: before) { regionHash.clearAllIdle() }
         }
         // A recovery cut short must run again at the next start. The legs
         // are nobody's once stopped cleanly: another machine may start at once.
@@ -414,7 +414,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     private func refuseIfMoved(since previous: TakenOver) throws(MirrorError) {
         let scan = scanSuperblocks()
         guard !scan.legs.isEmpty else { throw .metadataIO(leg: "every leg", errno: EIO) }
-        if let moved = scan.all.first(where: { $0.events > previous.event }) {
+        // The newest says how it ended: a server that renewed and then stopped cleanly is stopped.
+        if let moved = scan.all.filter({ $0.events > previous.event }).max(by: { $0.events < $1.events }) {
             throw .takeoverRaced(owner: moved.owner)
         }
     }
@@ -572,8 +573,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
             guard legs.allInSync else { return }
             let candidates = regionHash.idleDirtyRegions()
             guard !candidates.isEmpty, flushLegs() else { return }
-            if clearBits(flushedSince: before, { regionHash.clearIdle(candidates) }) > 0, bitmapCommit.commitAndWait() {
-                _ = superblocks.commitAndWait()
+            if clearBits(flushedSince: before, { regionHash.clearIdle(candidates) }) > 0 {
+                _ = bitmapCommit.commitAndWait()
             }
         }
     }
@@ -581,17 +582,19 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// Clears bits with `clear` once every leg in sync at `before` has been
     /// flushed since and has taken a superblock after the flush: a leg that
     /// holds that superblock holds the data of the bits cleared, and an
-    /// older copy of a leg cannot be caught up from the bitmap. A leg that
-    /// fails the bitmap's write next is thus only behind. Nothing is
-    /// cleared when a leg failed meanwhile: it still needs the bits.
+    /// older copy of a leg cannot be caught up from the bitmap. That event
+    /// is on record (a second superblock) before the bits are cleared: any
+    /// bitmap commit may carry them from then on. A leg that fails a write
+    /// after the first superblock is thus only behind. Nothing is cleared
+    /// when a leg failed meanwhile: it still needs the bits.
     @discardableResult
     private func clearBits(flushedSince before: LegTable.Snapshot, _ clear: () -> Int) -> Int {
         guard superblocks.commitAndWait() else { return 0 }
         let marked = metadata.lastDurableEvent
         guard legs.snapshot.version == before.version else { return 0 }
-        let cleared = clear()
-        if cleared > 0 { metadata.noteBitsCleared(heldSince: marked) }
-        return cleared
+        metadata.noteBitsCleared(heldSince: marked)
+        guard superblocks.commitAndWait(), legs.snapshot.version == before.version else { return 0 }
+        return clear()
     }
 
     /// Flushes every writable leg; returns whether all of them flushed.
@@ -671,7 +674,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         try changingLegs(index)
         defer { maintenance.unlock() }
         try checkNotLastAnswering(index)
-        try legs.failByOperator(index)
+        try legs.failByOperator(index, retriesLostLegs: reconnectAfter != nil)
         logger.warning("leg \(index) (\(legs.member(index).name)) failed by the operator")
         guard superblocks.commitAndWait() else { throw .metadataIO(leg: "every leg", errno: EIO) }
     }

@@ -139,13 +139,14 @@ import Testing
     }
 
     /// The first server comes back as the second takes the legs over:
-    /// after the watch, before the claim (the second's reads of the legs
-    /// are slow). Alive, it renewed its lease; or it stopped cleanly. The
-    /// second finds the legs moved, writes nothing, and refuses.
+    /// after the watch, before the claim (the servers of the second's legs
+    /// hang meanwhile). Alive, it renews its lease and writes; or it stops
+    /// cleanly. The second finds the legs moved, writes nothing, and refuses.
     @Test(arguments: [false, true]) func aServerBackDuringATakeoverKeepsTheLegs(stopsCleanly: Bool) throws {
         let fixture = MirrorFixture()
         let (files, remotes, legs) = try remoteMirror(fixture)
-        // B's own way to the legs: each read takes 2 s, the last of the watch too.
+        // B's own way to the legs: each read waits 2 s first, so that none
+        // after the watch's last is done before they hang.
         let remotesOfB = try files.map { try NBDKit(["--filter=delay", "file", $0, "rdelay=2"]) }
         defer { withExtendedLifetime(remotes + remotesOfB) {} }
         let first = try fixture.serve(legs + ["--control", fixture.path("a.ctl"), "--host-id", hostA, "--lease", "2"])
@@ -157,9 +158,18 @@ import Testing
         let second = try serveOnB(fixture, remotesOfB.map(\.uri) + ["--lease", "2", "--takeover"])
         let deadline = Date().addingTimeInterval(30)
         while !second.stderr().contains("taking the legs over") && Date() < deadline { usleep(10_000) }
+        remotesOfB.forEach { $0.freeze(limit: 60) }
         // Held until it runs again.
         if stopsCleanly { kill(first.process.processIdentifier, SIGTERM) }
         kill(first.process.processIdentifier, SIGCONT)
+        if stopsCleanly {
+            try #require(first.exits(within: 30), "A did not stop")
+            #expect(first.process.terminationStatus == 0, "\(first.stderr())")
+        } else {
+            // Answered once A renewed its lease.
+            written.merge(try clientOfA.writeRegions(2..<4, seed: 2)) { $1 }
+        }
+        remotesOfB.forEach { $0.thaw() }
 
         try #require(second.exits(within: 30), "B did not refuse")
         #expect(second.process.terminationStatus == 1)
@@ -167,11 +177,8 @@ import Testing
         let why = stopsCleanly ? "stopped cleanly while this server took them over" : "wrote to the legs while this one"
         #expect(said.contains(why), "\(said)")
         #expect(!said.contains("the legs are claimed"), "nothing written: \(said)")
-        if stopsCleanly {
-            try #require(first.exits(within: 30), "A did not stop")
-            #expect(first.process.terminationStatus == 0, "\(first.stderr())")
-        } else {
-            written.merge(try clientOfA.writeRegions(2..<4, seed: 2)) { $1 }
+        if !stopsCleanly {
+            written.merge(try clientOfA.writeRegions(4..<6, seed: 3)) { $1 }
             try clientOfA.expectReadBack(written)
             clientOfA.shutdown()
             #expect(first.stop() == 0, "\(first.stderr())")
