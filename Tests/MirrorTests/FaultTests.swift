@@ -75,7 +75,7 @@ import Testing
         let handle = try fixture.connect()
 
         var written = try handle.writeRegions(0..<4, seed: 1)
-        FileManager.default.createFile(atPath: trigger, contents: nil)
+        #expect(FileManager.default.createFile(atPath: trigger, contents: nil))
         written.merge(try handle.writeRegions(4..<12, seed: 2)) { $1 }
         var status = try fixture.status()
         #expect(status.state(1) == .degraded)
@@ -100,7 +100,7 @@ import Testing
         try fixture.waitFor("the first copy") { $0.allInSync }
         let handle = try fixture.connect()
         let written = try handle.writeRegions(0..<6, seed: 3)
-        FileManager.default.createFile(atPath: trigger, contents: nil)
+        #expect(FileManager.default.createFile(atPath: trigger, contents: nil))
         try handle.expectReadBack(written)
         let status = try fixture.status()
         #expect(status.state(0) == .degraded)
@@ -535,7 +535,7 @@ import Testing
         // A slow rebuild; the leg fails under it.
         try fixture.control(["readd-leg", "1"])
         try fixture.waitFor("the rebuild to start") { $0.resync.active }
-        FileManager.default.createFile(atPath: trigger, contents: nil)
+        #expect(FileManager.default.createFile(atPath: trigger, contents: nil))
         let status = try fixture.waitFor("leg 1 degraded again") { $0.state(1) == .degraded && !$0.resync.active }
         #expect(status.state(0) == .inSync)
         #expect(status.legs[1].error?.contains("EIO") == true)

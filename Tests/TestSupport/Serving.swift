@@ -11,6 +11,8 @@ public final class ServeProcess {
     public let socket: String
     private let errors = Pipe()
     private let output = Pipe()
+    private let logged = Transcript()
+    private let printed = Transcript()
 
     /// `dmio-nbd serve ARGUMENTS`, or with `subcommand` nil `dmio-nbd
     /// ARGUMENTS` (the default command), run in `directory` if given.
@@ -57,17 +59,37 @@ public final class ServeProcess {
         return process.terminationStatus
     }
 
-    public func stderr() -> String {
-        String(decoding: errors.fileHandleForReading.availableData, as: UTF8.self)
-    }
+    /// Everything the server logged so far, without waiting for more.
+    public func stderr() -> String { logged.read(from: errors) }
 
-    /// What the server printed so far.
-    public func stdout() -> String {
-        String(decoding: output.fileHandleForReading.availableData, as: UTF8.self)
-    }
+    /// Everything the server printed so far, without waiting for more.
+    public func stdout() -> String { printed.read(from: output) }
 
     deinit {
         if process.isRunning { _ = stop() }
+    }
+}
+
+/// What a process wrote to a pipe, kept: each read adds what is there
+/// now, without waiting (a pipe's `availableData` waits for something,
+/// and hands each byte out once).
+private final class Transcript: @unchecked Sendable {
+    private let lock = NSLock()
+    private var bytes: [UInt8] = []
+
+    func read(from pipe: Pipe) -> String {
+        lock.withLock {
+            let descriptor = pipe.fileHandleForReading.fileDescriptor
+            var chunk = [UInt8](repeating: 0, count: 1 << 16)
+            while true {
+                var ready = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+                guard poll(&ready, 1, 0) > 0 else { break }
+                let count = Glibc.read(descriptor, &chunk, chunk.count)
+                guard count > 0 else { break }
+                bytes += chunk[..<count]
+            }
+            return String(decoding: bytes, as: UTF8.self)
+        }
     }
 }
 
