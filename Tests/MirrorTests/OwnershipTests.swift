@@ -13,7 +13,6 @@ import Testing
 @Suite(.serialized) struct OwnershipTests {
     private let hostA = "a0000000000000000000000000000001"
     private let hostB = "b0000000000000000000000000000002"
-
     private let hostC = "c0000000000000000000000000000003"
 
     /// `dmio-nbd serve` as the server on machine B.
@@ -113,8 +112,7 @@ import Testing
         // the legs; A's renewal lands during B's wait.
         try #require(freezeDuringSuperblockWrite(remotesOfA, logs: logs), "no renewal caught on its way to both legs")
         let second = try serveOnB(fixture, legs + ["--lease", "2", "--takeover"])
-        let deadline = Date().addingTimeInterval(20)
-        while !second.stderr().contains("the legs are claimed; waiting") && Date() < deadline { usleep(10_000) }
+        try #require(second.logs("the legs are claimed; waiting", within: 20))
         remotesOfA.forEach { $0.thaw() }
 
         // A's lease ran out long ago: it reads the legs after its renewal,
@@ -156,8 +154,7 @@ import Testing
 
         kill(first.process.processIdentifier, SIGSTOP)
         let second = try serveOnB(fixture, remotesOfB.map(\.uri) + ["--lease", "2", "--takeover"])
-        let deadline = Date().addingTimeInterval(30)
-        while !second.stderr().contains("taking the legs over") && Date() < deadline { usleep(10_000) }
+        try #require(second.logs("taking the legs over", within: 30))
         remotesOfB.forEach { $0.freeze(limit: 60) }
         // Held until it runs again.
         if stopsCleanly { kill(first.process.processIdentifier, SIGTERM) }
@@ -202,8 +199,7 @@ import Testing
         let second = try serveOnB(fixture, remotesOfB.map(\.uri) + ["--lease", "2", "--takeover", "--remote-timeout", "60"])
         try #require(freezeDuringSuperblockWrite(remotesOfB, logs: logs), "B's claim not caught on its way to both legs")
         let third = try serve(on: "c", host: hostC, fixture, legs + ["--lease", "2", "--takeover"])
-        let deadline = Date().addingTimeInterval(20)
-        while !third.stderr().contains("the legs are claimed; waiting") && Date() < deadline { usleep(10_000) }
+        try #require(third.logs("the legs are claimed; waiting", within: 20))
         remotesOfB.forEach { $0.thaw() }
 
         try #require(third.exits(within: 30), "C did not refuse")
@@ -226,7 +222,7 @@ import Testing
     /// claim: offset 0 or 4 KiB) begun and not ended, as their logs say;
     /// false if none was caught so.
     private func freezeDuringSuperblockWrite(_ servers: [NBDKit], logs: [String]) -> Bool {
-        func renewalsInFlight(_ log: String) -> Set<Substring> {
+        func superblockWritesInFlight(_ log: String) -> Set<Substring> {
             let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n")
             var open = Set<Substring>()
             for line in lines {
@@ -241,11 +237,11 @@ import Testing
         }
         for _ in 0..<20 {
             let deadline = Date().addingTimeInterval(10)
-            while logs.contains(where: { renewalsInFlight($0).isEmpty }) && Date() < deadline { usleep(2_000) }
-            let caught = logs.map(renewalsInFlight)
+            while logs.contains(where: { superblockWritesInFlight($0).isEmpty }) && Date() < deadline { usleep(2_000) }
+            let caught = logs.map(superblockWritesInFlight)
             servers.forEach { $0.freeze(limit: 60) }
             // Still on their way once frozen: else thaw, and catch the next.
-            if zip(logs, caught).allSatisfy({ !$1.isEmpty && $1.isSubset(of: renewalsInFlight($0)) }) { return true }
+            if zip(logs, caught).allSatisfy({ !$1.isEmpty && $1.isSubset(of: superblockWritesInFlight($0)) }) { return true }
             servers.forEach { $0.thaw() }
         }
         return false

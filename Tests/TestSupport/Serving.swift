@@ -46,9 +46,21 @@ public final class ServeProcess {
 
     /// Waits for the server to exit, `seconds` at most; whether it did.
     public func exits(within seconds: Double) -> Bool {
+        poll(for: seconds) { !process.isRunning }
+    }
+
+    /// Waits for the server to log `text`, `seconds` at most; whether it did.
+    public func logs(_ text: String, within seconds: Double) -> Bool {
+        poll(for: seconds) { stderr().contains(text) }
+    }
+
+    private func poll(for seconds: Double, until done: () -> Bool) -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        return !process.isRunning
+        while !done() {
+            guard Date() < deadline else { return false }
+            usleep(10_000)
+        }
+        return true
     }
 
     public func stop(signal: Int32 = SIGTERM) -> Int32 {
