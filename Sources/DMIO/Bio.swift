@@ -26,9 +26,14 @@ final class Bio: @unchecked Sendable {
         case blockDeviceRange(request: UInt)
     }
 
-    private(set) var job: IOJob?
+    /// The request and the device, unmanaged: the request is in flight
+    /// while its bios are, and holds their pool and devices (`IOJob.start`).
+    private var job: Unmanaged<IOJob>?
     private(set) var region = 0
-    private(set) var device: BlockDevice!
+    private var device: Unmanaged<BlockDevice>?
+    /// Of the device, copied: read for every bio.
+    private(set) var isInMemory = false
+    private var recorder: RequestStatistics.Recorder?
     /// The local device's file descriptor, for the engines; -1 for remote devices.
     private(set) var fd: Int32 = -1
     private(set) var operation = IOOperation.read
@@ -61,8 +66,8 @@ final class Bio: @unchecked Sendable {
     /// their completions end there. Unowned: the device keeps it.
     unowned(unsafe) var remoteConnection: RemoteConnection?
 
-    /// Links bios into batches and queues.
-    var next: Bio?
+    /// Links bios into batches and queues (`BioBatch`).
+    var next: Unmanaged<Bio>?
 
     init() {}
 
@@ -70,9 +75,11 @@ final class Bio: @unchecked Sendable {
 
     func start(job: IOJob, region: Int, device: BlockDevice, operation: IOOperation,
                flags: IOFlags, offset: UInt64, length: UInt64) {
-        self.job = job
+        self.job = Unmanaged.passUnretained(job)
         self.region = region
-        self.device = device
+        self.device = Unmanaged.passUnretained(device)
+        isInMemory = device.isInMemory
+        recorder = device.recorder
         fd = -1
         command = .read
         self.operation = operation
@@ -80,7 +87,7 @@ final class Bio: @unchecked Sendable {
         self.offset = offset
         self.remaining = length
         self.length = length
-        if let recorder = device.recorder { startedAt = recorder.start(operation.rawValue) }
+        if let recorder { startedAt = recorder.start(operation.rawValue) }
         firstIovec = 0
         iovecEnd = 0
         next = nil
@@ -156,7 +163,7 @@ final class Bio: @unchecked Sendable {
             if error == EOPNOTSUPP, case .allocate(let mode) = command, operation == .writeZeroes {
                 // This file system cannot zero by fallocate: write zeroes instead.
                 // Only a local driver chooses fallocate.
-                (device.driver as? LocalDevice)?.fallocateRefused(mode: mode)
+                (device!.takeUnretainedValue().driver as? LocalDevice)?.fallocateRefused(mode: mode)
                 command = .zeroWrite
                 return false
             }
@@ -226,20 +233,17 @@ final class Bio: @unchecked Sendable {
             free(bounce)
             self.bounce = nil
         }
-        device.recorder?.end(operation.rawValue, bytes: length, errno: errno, startedAt: startedAt)
-        let job = self.job!
+        recorder?.end(operation.rawValue, bytes: length, errno: errno, startedAt: startedAt)
+        let job = self.job.unsafelyUnwrapped
         let region = self.region
-        let pool = self.pool!
         self.job = nil
         device = nil
-        // The pool is held while the bio is in flight (its client may be
-        // gone by then), not while it waits in the pool.
-        self.pool = nil
-        pool.recycle(self)
-        job.endIO(region: region, errno: errno)
+        job._withUnsafeGuaranteedRef { job in
+            // The bio may be taken again once recycled: only locals from here.
+            job.recycle(self)
+            job.endIO(region: region, errno: errno)
+        }
     }
-
-    var pool: ObjectPool<Bio>?
 
     /// Iovecs that write the next stretch of zeroes from the shared zero page.
     private func zeroIovecs() -> (pointer: UnsafeMutablePointer<iovec>, count: Int) {

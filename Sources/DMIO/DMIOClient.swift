@@ -23,8 +23,7 @@ public final class DMIOClient: @unchecked Sendable {
     public let pool = PagePool()
 
     private let engine: IOEngine
-    private let jobs: ObjectPool<IOJob>
-    private let bios: ObjectPool<Bio>
+    private let pools = RequestPools()
 
     /// Creates a client on `engine`, with `pages` pages ready in its pool.
     /// `threads` sizes the thread-pool engine.
@@ -36,13 +35,10 @@ public final class DMIOClient: @unchecked Sendable {
     private init(engine: IOEngine, pages: Int) {
         self.engine = engine
         engineKind = engine.kind
-        jobs = ObjectPool { IOJob() }
-        let bios = ObjectPool { Bio() }
-        self.bios = bios
         // Bios and jobs are created on demand and kept; a few hundred up
         // front cover a queue depth of 32 to many legs without allocating.
-        jobs.prefill(128)
-        bios.prefill(256)
+        pools.jobs.prefill(128)
+        pools.bios.prefill(256)
         pool.get(pages: pages)
     }
 
@@ -103,11 +99,12 @@ public final class DMIOClient: @unchecked Sendable {
     public func sync(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
                      flags: IOFlags = []) throws(DMIOError) -> IOResult {
         try validate(operation, regions: regions, memory: memory)
-        let job = jobs.take()
-        job.start(pool: jobs, notify: nil, context: nil)
-        dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
-        (engine as? ThreadDrivenEngine)?.run { job.isSyncDone }
-        return job.waitForSync()
+        return pools.jobs.take()._withUnsafeGuaranteedRef { job in
+            job.start(pools: pools, regions: regions, notify: nil, context: nil)
+            dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
+            (engine as? ThreadDrivenEngine)?.run { job.isSyncDone }
+            return job.waitForSync()
+        }
     }
 
     /// `dm_io_sync`: a page list, starting `offset` bytes into its first page.
@@ -195,52 +192,34 @@ public final class DMIOClient: @unchecked Sendable {
 
     private func start(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?,
                        flags: IOFlags, context: AnyObject?, notify: @escaping IONotify) {
-        let job = jobs.take()
-        job.start(pool: jobs, notify: notify, context: context)
-        dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
+        pools.jobs.take()._withUnsafeGuaranteedRef { job in
+            job.start(pools: pools, regions: regions, notify: notify, context: context)
+            dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
+        }
     }
 
     /// The kernel's `dispatch_io` and `do_region`: turns each region of a
     /// validated request into bios and issues them. Every region of a write
-    /// walks the same memory from its start.
+    /// walks the same memory from its start. Discard and write-zeroes are
+    /// ranges, split so that each fits an NBD command's 32-bit length.
     private func dispatch(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?,
                           flags: IOFlags, job: IOJob) {
         var batch = BioBatch()
+        let longest = memory == nil ? Self.maxRangeBytes : UInt64(Bio.maxBytes)
         for index in regions.indices {
-            let region = regions[index]
-            let device = region.device
+            let device = regions[index].device
             if operation == .flush {
-                issue(newBio(job, index, region, operation, flags, offset: 0, length: 0), to: device, batch: &batch)
+                var none: PageIterator?
+                _ = issueBio(job, region: index, device: device, operation, flags, offset: 0, length: 0,
+                             memory: &none, batch: &batch)
                 continue
             }
-            var offset = region.byteOffset
-            let end = offset + region.byteCount
-            guard let memory else {
-                // Discard and write-zeroes: ranges, split so that each fits an
-                // NBD command's 32-bit length.
-                while offset < end {
-                    let length = min(end - offset, Self.maxRangeBytes)
-                    issue(newBio(job, index, region, operation, flags, offset: offset, length: length),
-                          to: device, batch: &batch)
-                    offset += length
-                }
-                continue
-            }
-            var pages = PageIterator(memory)
+            var offset = regions[index].byteOffset
+            let end = offset + regions[index].byteCount
+            var pages = memory.map(PageIterator.init)
             while offset < end {
-                let bio = newBio(job, index, region, operation, flags, offset: offset,
-                                 length: min(end - offset, UInt64(Bio.maxBytes)))
-                var filled = 0
-                let wanted = Int(bio.remaining)
-                while filled < wanted, bio.segmentCount < Bio.maxSegments,
-                      let segment = pages.next(maxBytes: wanted - filled) {
-                    _ = bio.append(segment)
-                    filled += segment.count
-                }
-                bio.truncate(to: UInt64(filled))
-                bio.bounceIfMisaligned(alignment: device.memoryAlignment)
-                issue(bio, to: device, batch: &batch)
-                offset += UInt64(filled)
+                offset += issueBio(job, region: index, device: device, operation, flags, offset: offset,
+                                   length: min(end - offset, longest), memory: &pages, batch: &batch)
             }
         }
         let onSubmitter = batch.remove { [offloadsLargeMemoryWrites] in
@@ -255,18 +234,40 @@ public final class DMIOClient: @unchecked Sendable {
     /// Discards and zeroing split at 1 GiB (NBD commands carry a 32-bit length).
     private static let maxRangeBytes: UInt64 = 1 << 30
 
-    private func newBio(_ job: IOJob, _ index: Int, _ region: IORegion, _ operation: IOOperation,
-                        _ flags: IOFlags, offset: UInt64, length: UInt64) -> Bio {
-        let bio = bios.take()
-        bio.pool = bios
-        bio.start(job: job, region: index, device: region.device, operation: operation,
-                  flags: flags, offset: offset, length: length)
-        return bio
+    /// Issues one bio of region `index` of `job`: `length` bytes at
+    /// `offset`, from `memory`'s next segments when the operation moves
+    /// data (as many as one bio carries). Returns the bytes it covers. The
+    /// bio is counted in its request before its device may complete it.
+    private func issueBio(_ job: IOJob, region index: Int, device: BlockDevice, _ operation: IOOperation,
+                          _ flags: IOFlags, offset: UInt64, length: UInt64, memory pages: inout PageIterator?,
+                          batch: inout BioBatch) -> UInt64 {
+        job.takeBio()._withUnsafeGuaranteedRef { bio in
+            bio.start(job: job, region: index, device: device, operation: operation, flags: flags,
+                      offset: offset, length: length)
+            var covered = length
+            if pages != nil {
+                var filled = 0
+                let wanted = Int(length)
+                while filled < wanted, bio.segmentCount < Bio.maxSegments,
+                      let segment = pages!.next(maxBytes: wanted - filled) {
+                    _ = bio.append(segment)
+                    filled += segment.count
+                }
+                covered = UInt64(filled)
+                bio.truncate(to: covered)
+                bio.bounceIfMisaligned(alignment: device.memoryAlignment)
+            }
+            job.expect(1)
+            device.issue(bio, batch: &batch)
+            return covered
+        }
     }
+}
 
-    /// Counts the bio in its request before the device may complete it.
-    private func issue(_ bio: Bio, to device: BlockDevice, batch: inout BioBatch) {
-        bio.job!.expect(1)
-        device.issue(bio, batch: &batch)
-    }
+/// A client's pools of requests and bios. A request in flight holds them:
+/// its bios reference it, their pool and their devices unowned, and the
+/// client may be gone before they end.
+final class RequestPools: Sendable {
+    let jobs = ObjectPool { IOJob() }
+    let bios = ObjectPool { Bio() }
 }

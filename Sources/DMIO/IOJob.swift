@@ -20,22 +20,34 @@ final class IOJob: @unchecked Sendable {
 
     private enum Waiter {
         case none
-        case notify(IONotify, AnyObject?)
+        /// Without a context: one reference, not two, to count.
+        case notify(IONotify)
+        case notifyWithContext(IONotify, AnyObject)
         case sync
     }
     private var waiter = Waiter.none
     private let syncLock = ConditionLock()
     private var syncResult: IOResult?
-    /// Held while the request is in flight, not while the job waits in it.
-    private var pool: ObjectPool<IOJob>?
+    /// Held while the request is in flight, not while the job waits in its
+    /// pool: its bios reference the job, their pool and their devices
+    /// unowned, and a client may go while its requests are in flight.
+    private var pools: RequestPools?
+    private var regions: [IORegion]?
 
     init() {}
 
     deinit { errnos.deallocate() }
 
-    func start(pool: ObjectPool<IOJob>, notify: IONotify?, context: AnyObject?) {
-        self.pool = pool
-        waiter = notify.map { .notify($0, context) } ?? .sync
+    /// Takes a bio for the request from its client's pool.
+    func takeBio() -> Unmanaged<Bio> { pools.unsafelyUnwrapped.bios.take() }
+
+    /// Returns a bio of the request, ended, to its pool.
+    func recycle(_ bio: Bio) { pools.unsafelyUnwrapped.bios.recycle(bio) }
+
+    func start(pools: RequestPools, regions: [IORegion], notify: IONotify?, context: AnyObject?) {
+        self.pools = pools
+        self.regions = regions
+        waiter = notify.map { notify in context.map { .notifyWithContext(notify, $0) } ?? .notify(notify) } ?? .sync
         syncResult = nil
         errorBits.store(0, ordering: .relaxed)
         // The dispatcher holds one count until every bio is issued, so that
@@ -66,10 +78,15 @@ final class IOJob: @unchecked Sendable {
             ? IOResult.success
             : IOResult(errorBits: bits, failures: bits.regions.map { RegionFailure(region: $0, errno: errnos[$0]) })
         switch waiter {
-        case .notify(let notify, let context):
+        case .notify(let notify):
             waiter = .none
-            recycle()
-            notify(result, context)
+            // The job may be taken again once recycled: only locals from here.
+            let pools = recycle()
+            withExtendedLifetime(pools) { notify(result, nil) }
+        case .notifyWithContext(let notify, let context):
+            waiter = .none
+            let pools = recycle()
+            withExtendedLifetime(pools) { notify(result, context) }
         case .sync:
             syncLock.withLock { syncResult = result }
             syncLock.signal()
@@ -78,10 +95,15 @@ final class IOJob: @unchecked Sendable {
         }
     }
 
-    private func recycle() {
-        let pool = self.pool!
-        self.pool = nil
-        pool.recycle(self)
+    /// Returns the job to its pool; returns the pools, which the caller
+    /// keeps until it is done (they keep the job's memory).
+    @discardableResult
+    private func recycle() -> RequestPools {
+        let pools = self.pools!
+        self.pools = nil
+        regions = nil
+        pools.jobs.recycle(self)
+        return pools
     }
 
     /// Whether a synchronous request has its result.

@@ -11,23 +11,9 @@ func validate(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?) 
     }
 
     var longest: UInt64 = 0
-    for region in regions where region.count > 0 || operation == .flush {
-        let device = region.device
-        if operation.writesDevice && device.isReadOnly {
-            throw .readOnlyDevice(device: device.name, operation: operation)
-        }
-        guard operation != .flush else { continue }
-        let (end, overflow) = region.sector.addingReportingOverflow(region.count)
-        guard !overflow, end <= device.sectors else {
-            throw .beyondEnd(device: device.name, sector: region.sector, count: region.count,
-                             deviceSectors: device.sectors)
-        }
-        let block = UInt64(device.blockSize)
-        if block > UInt64(sectorSize) && (region.byteOffset % block != 0 || region.byteCount % block != 0) {
-            throw .misaligned(device: device.name, sector: region.sector, count: region.count,
-                              blockSize: device.blockSize)
-        }
-        longest = max(longest, region.byteCount)
+    for index in regions.indices where regions[index].count > 0 || operation == .flush {
+        try regions[index].validate(operation)
+        longest = max(longest, regions[index].byteCount)
     }
 
     guard operation.carriesData else { return }
@@ -36,5 +22,24 @@ func validate(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?) 
     let available = UInt64(memory.byteCount)
     if available < longest {
         throw .memoryTooSmall(neededBytes: longest, availableBytes: available)
+    }
+}
+
+extension IORegion {
+    /// The rules of one region: its device takes the operation, and the
+    /// region lies inside it, aligned to its blocks.
+    fileprivate func validate(_ operation: IOOperation) throws(DMIOError) {
+        if operation.writesDevice && device.isReadOnly {
+            throw .readOnlyDevice(device: device.name, operation: operation)
+        }
+        guard operation != .flush else { return }
+        let (end, overflow) = sector.addingReportingOverflow(count)
+        guard !overflow, end <= device.sectors else {
+            throw .beyondEnd(device: device.name, sector: sector, count: count, deviceSectors: device.sectors)
+        }
+        let block = UInt64(device.blockSize)
+        if block > UInt64(sectorSize) && (byteOffset % block != 0 || byteCount % block != 0) {
+            throw .misaligned(device: device.name, sector: sector, count: count, blockSize: device.blockSize)
+        }
     }
 }

@@ -74,6 +74,8 @@ final class LegTable: @unchecked Sendable {
         /// leg that is not write-mostly is in sync: the legs a write may be
         /// answered without (write-behind).
         let writeMostly: [Leg]
+        /// Whether `writeMostly` has a leg: asked by every write.
+        let hasWriteMostly: Bool
 
         init(_ members: [Member], version: UInt64) {
             self.version = version
@@ -86,6 +88,7 @@ final class LegTable: @unchecked Sendable {
             readFirst = preferred.isEmpty ? inSync.count : preferred.count
             writable = legs.filter { members[$0.index].state != .degraded }
             writeMostly = preferred.isEmpty ? [] : writable.filter(\.writeMostly)
+            hasWriteMostly = !writeMostly.isEmpty
         }
 
         func isReadable(_ leg: Leg) -> Bool { readable.contains { $0.index == leg.index && $0.device === leg.device } }

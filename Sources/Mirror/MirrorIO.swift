@@ -24,7 +24,7 @@ extension Mirror {
         // where it has not resynced). Write-mostly legs come last, read
         // only when the others fail.
         let first = isRecoveryPending ? 0
-            : readBalancer.choose(offset: offset, among: snapshot.readFirstLegs.lazy.map(\.index))
+            : readBalancer.choose(offset: offset, among: snapshot.readFirstLegs.lazy.map { $0.index })
         read(into: buffer, offset: offset, from: candidates, first: first, tried: 0, failures: [],
              on: context.client(or: client), completion: completion)
     }
@@ -63,7 +63,7 @@ extension Mirror {
                  on: client, completion: completion)
         }) { return }
         readBalancer.started(leg.index, offset: offset, length: length)
-        let started = submit(.read, [leg], offset: offset, length: length,
+        let started = submit(.read, regions: [layout.dataRegion(on: leg.device, offset: offset, length: length)],
                              memory: .buffer(buffer), on: io) { [self] result, _ in
             readBalancer.ended(leg.index)
             guard let failure = result.failures.first.map({ LegFailure(leg: leg, errno: $0.errno) }) else {
@@ -258,7 +258,7 @@ extension Mirror {
 
     /// Whether writes to `snapshot`'s write-mostly legs go behind.
     private func writesBehind(_ snapshot: LegTable.Snapshot) -> Bool {
-        writeBehind.policy.limit > 0 && !snapshot.writeMostly.isEmpty
+        snapshot.hasWriteMostly && writeBehind.policy.limit > 0
     }
 
     /// The legs in sync that a write is answered from (`--min-in-sync-legs`
@@ -383,7 +383,13 @@ extension Mirror {
             done(.success, nil)
             return true
         }
-        let regions = targets.map { layout.dataRegion(on: $0.device, offset: offset, length: length) }
+        return submit(operation, regions: targets.map { layout.dataRegion(on: $0.device, offset: offset, length: length) },
+                      memory: memory, flags: flags, on: io, then: done)
+    }
+
+    /// One DMIO request on `io` to `regions`, as `submit` above.
+    private func submit(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil, flags: IOFlags = [],
+                        on io: DMIOClient, then done: @escaping IONotify) -> Bool {
         do {
             try io.submit(operation, regions: regions, memory: memory, flags: flags, notify: done)
             return true

@@ -1,64 +1,81 @@
 import NIOConcurrencyHelpers
 import NIOCore
 
-/// Brings target completions from storage threads back to the event loop:
-/// the first completion of a batch schedules one task, which delivers every
-/// completion queued by then and then calls `afterBatch` once, with the
-/// owner the last completion was posted from.
+/// Brings target completions from storage threads back to its owner's
+/// event loop: the first completion of a batch schedules one task, which
+/// delivers every completion queued by then and then calls `afterBatch`
+/// once.
 ///
 /// A completion is a value, not a closure: the two functions that handle
 /// them are given once, and capture nothing (what they need is in the value,
 /// or the owner), so a request's completion allocates nothing here, and the
-/// queue keeps its storage from one batch to the next. The inbox does not
-/// hold its owner: each post brings it.
-final class CompletionInbox<Completion, Owner>: @unchecked Sendable {
+/// queue keeps its storage from one batch to the next. The inbox holds its
+/// owner from `attach` to `detach`, so that a request's completion need
+/// hold nothing but the inbox: the owner detaches once no completion can
+/// come (it is gone, with nothing in flight).
+final class CompletionInbox<Completion, Owner: AnyObject>: @unchecked Sendable {
     private let lock = NIOLock()
     private var queued: [Completion] = []
-    private var queuedOwner: Owner?
     /// The storage the next batch is swapped in with. Touched on the event loop only.
     private var spare: [Completion] = []
     /// Touched on the event loop only.
     private var afterBatchScheduled = false
-    private let deliver: (Completion) -> Void
+    private let deliver: (Owner, Completion) -> Void
     private let afterBatch: (Owner) -> Void
+    /// Set on the loop before any post, cleared on it after the last; the
+    /// unmanaged copy hands it to `deliver` without counting.
+    private var owner: Owner?
+    private var ownerReference: Unmanaged<Owner>?
+    private var loop: EventLoop?
 
-    init(deliver: @escaping (Completion) -> Void, afterBatch: @escaping (Owner) -> Void) {
+    init(deliver: @escaping (Owner, Completion) -> Void, afterBatch: @escaping (Owner) -> Void) {
         self.deliver = deliver
         self.afterBatch = afterBatch
     }
 
-    /// Delivers `completion` on `loop`, then calls `afterBatch` once for the
-    /// batch. A completion already on the loop (reaped by the loop itself)
-    /// is delivered at once; others queue, and the first of a batch
-    /// schedules the delivery.
-    func post(_ completion: Completion, from owner: Owner, on loop: EventLoop) {
+    func attach(_ owner: Owner, loop: EventLoop) {
+        self.owner = owner
+        ownerReference = Unmanaged.passUnretained(owner)
+        self.loop = loop
+    }
+
+    /// Lets the owner go: no completion may be posted after this.
+    func detach() {
+        owner = nil
+        ownerReference = nil
+        loop = nil
+    }
+
+    /// Delivers `completion` on the owner's loop, then calls `afterBatch`
+    /// once for the batch. A completion already on the loop (reaped by the
+    /// loop itself) is delivered at once; others queue, and the first of a
+    /// batch schedules the delivery.
+    func post(_ completion: Completion) {
+        let loop = loop.unsafelyUnwrapped
         if loop.inEventLoop {
-            deliver(completion)
+            ownerReference.unsafelyUnwrapped._withUnsafeGuaranteedRef { deliver($0, completion) }
             if !afterBatchScheduled {
                 afterBatchScheduled = true
                 loop.execute { [self] in
                     afterBatchScheduled = false
-                    afterBatch(owner)
+                    if let owner { afterBatch(owner) }
                 }
             }
             return
         }
         let first = lock.withLock {
             queued.append(completion)
-            queuedOwner = owner
             return queued.count == 1
         }
         guard first else { return }
         loop.execute { [self] in
             var batch = spare
             spare = []
-            let owner = lock.withLock {
-                swap(&queued, &batch)
-                defer { queuedOwner = nil }
-                return queuedOwner
-            }
-            for completion in batch { deliver(completion) }
-            if let owner { afterBatch(owner) }
+            lock.withLock { swap(&queued, &batch) }
+            // Each completion was posted while attached: the owner is here.
+            let owner = owner.unsafelyUnwrapped
+            for completion in batch { deliver(owner, completion) }
+            afterBatch(owner)
             batch.removeAll(keepingCapacity: true)
             spare = batch
         }

@@ -25,7 +25,7 @@ struct Rejection: Error {
 /// Every check of a transmission request, in one place: command and flags
 /// known and allowed, export writable, range inside the export and aligned.
 /// What it returns may run without further checks.
-func validate(_ request: NBDRequest, session: Session) -> Result<Command, Rejection> {
+func validate(_ request: consuming NBDRequest, session: Session) -> Result<Command, Rejection> {
     let flags = CommandFlags(rawValue: request.flags)
     let exportFlags = session.flags
     let target = session.export.target
@@ -94,7 +94,8 @@ func validate(_ request: NBDRequest, session: Session) -> Result<Command, Reject
     case .read:
         return .success(.read(offset: offset, length: length))
     case .write:
-        return .success(.write(offset: offset, payload: request.payload!, fua: fua))
+        // Moved, not copied: the payload's buffers are counted references.
+        return .success(.write(offset: offset, payload: request.payload.take()!, fua: fua))
     case .trim:
         return .success(.trim(offset: offset, length: length, fua: fua))
     case .writeZeroes:

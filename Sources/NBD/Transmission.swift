@@ -52,8 +52,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// Where the target's I/O goes: this loop's own DMIO client.
     private let io: IOContext
     private let logger: Logger
-    private let inbox = CompletionInbox<Completed, NIOLoopBound<TransmissionHandler>>(
-        deliver: { $0.handler.value.finish($0) }, afterBatch: { $0.value.resume() })
+    private let inbox = CompletionInbox<Completed, TransmissionHandler>(
+        deliver: { $0.finish($1) }, afterBatch: { $0.resume() })
     /// What this loop's connections hold: requests in flight, which a stop
     /// waits for, and buffered bytes, which the server bounds.
     private let load: LoopLoad
@@ -62,6 +62,9 @@ final class TransmissionHandler: ChannelDuplexHandler {
                                                                bytes: TransmissionHandler.maxBytesInFlight))
     private var output: ByteBuffer
     private var pendingFlush = false
+    /// The channel's writability, as its events say: asking the channel
+    /// costs reference counting on every request.
+    private var writable = true
     /// Once the input has ended or NBD_CMD_DISC came: closes a connection
     /// whose client takes no reply for `closeGrace`.
     private var stallWatch: RepeatedTask?
@@ -84,6 +87,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         onLoop = NIOLoopBound(self, eventLoop: context.eventLoop)
+        writable = context.channel.isWritable
+        inbox.attach(self, loop: context.eventLoop)
     }
 
     /// Breaks the handler's references to itself and to its context, so
@@ -96,6 +101,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
         load.stopWaiting(self)
         state.connectionGone()
         giveBackDropped()
+        detachWhenIdle()
+    }
+
+    /// Once the connection is gone and no request is in flight, no
+    /// completion can come: the inbox lets the handler go.
+    private func detachWhenIdle() {
+        if context == nil && state.requestsInFlight == 0 { inbox.detach() }
     }
 
     /// Requests read and never started (the connection is gone, or they
@@ -108,9 +120,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let request = unwrapInboundIn(data)
-        switch state.received(request) {
+        let payloadBytes = request.payloadBytes
+        switch state.received(consume request) {
         case .queued: startWaiting()
-        case .dropped: load.give(request.payloadBytes)
+        case .dropped: load.give(payloadBytes)
         }
     }
 
@@ -118,7 +131,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// them; when some wait for room, asks the loop to say when it has some.
     private func startWaiting() {
         starting: while true {
-            switch state.next(loopHasRoom: load.hasRoom, writable: context.channel.isWritable) {
+            switch state.next(loopHasRoom: load.hasRoom, writable: writable) {
             case .start(let request): start(request)
             case .dropped: giveBackDropped()
             case .none: break starting
@@ -138,15 +151,16 @@ final class TransmissionHandler: ChannelDuplexHandler {
         resume()
     }
 
-    private func start(_ request: NBDRequest) {
+    private func start(_ request: consuming NBDRequest) {
         if state.starting() { target.beginBatch(context: io) }
+        let (cookie, flags, payloadBytes) = (request.cookie, CommandFlags(rawValue: request.flags), request.payloadBytes)
         switch validate(request, session: session) {
         case .failure(let rejection):
             logger.debug("request refused: \(rejection.message)")
-            load.give(request.payloadBytes)
-            appendError(rejection, cookie: request.cookie)
+            load.give(payloadBytes)
+            appendError(rejection, cookie: cookie)
         case .success(let command):
-            run(command, cookie: request.cookie, flags: CommandFlags(rawValue: request.flags))
+            run(command, cookie: cookie, flags: flags)
         }
         writeOutputIfFull()
     }
@@ -180,7 +194,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         // This runs inside the write or flush that changed it: starting
         // requests there would append replies to a batch being written.
-        if context.channel.isWritable {
+        writable = context.channel.isWritable
+        if writable {
             let handler = onLoop!
             context.eventLoop.execute { handler.value.resume() }
         }
@@ -206,13 +221,13 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if state.readRequested(insidePayload: framer.isInsidePayload, writable: context.channel.isWritable) {
+        if state.readRequested(insidePayload: framer.isInsidePayload, writable: writable) {
             context.read()
         }
     }
 
     private func releaseHeldRead(_ context: ChannelHandlerContext) {
-        if state.releaseHeldRead(insidePayload: framer.isInsidePayload, writable: context.channel.isWritable) {
+        if state.releaseHeldRead(insidePayload: framer.isInsidePayload, writable: writable) {
             context.read()
         }
     }
@@ -220,8 +235,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     // MARK: Running commands
 
     /// Runs `command`; `flags` are its request's, for the error it may get.
-    private func run(_ command: Command, cookie: UInt64, flags: CommandFlags) {
-        switch command {
+    private func run(_ command: consuming Command, cookie: UInt64, flags: CommandFlags) {
+        switch consume command {
         case .nothing(let isRead):
             // A read's reply is structured whenever structured replies are on.
             if isRead && session.structuredReplies {
@@ -240,7 +255,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
             // The framer took the payload's bytes from the loop's room.
             started(bytes: payload.byteCount)
             // The completion keeps the payload alive until the target is done with it.
-            let completion = complete("write", cookie, flags, keeping: payload)
+            let completion = complete("write", cookie, flags, holding: .payload(payload))
             payload.withMemory { target.write($0, offset: offset, fua: fua, context: io, completion: completion) }
         case .flush:
             started(bytes: 0)
@@ -284,7 +299,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         }
         started(bytes: reply.readableBytes)
         load.take(reply.readableBytes)
-        target.read(into: data, offset: offset, context: io, completion: complete("read", cookie, flags, reply: reply))
+        target.read(into: data, offset: offset, context: io, completion: complete("read", cookie, flags, holding: .reply(reply)))
     }
 
     private func blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool, cookie: UInt64, flags: CommandFlags) {
@@ -310,43 +325,52 @@ final class TransmissionHandler: ChannelDuplexHandler {
     }
 
     /// The completion of one command: brings the result back to the event
-    /// loop and answers with `reply` (a read's filled buffer) or a bare
-    /// success. `payload` (a write's data) is kept alive until the target
-    /// is done with it.
-    private func complete(_ command: StaticString, _ cookie: UInt64, _ flags: CommandFlags, reply: ByteBuffer? = nil,
-                          keeping payload: WritePayload? = nil) -> TargetCompletion {
-        let handler = onLoop!
-        let bytes = (reply?.readableBytes ?? 0) + (payload?.byteCount ?? 0)
+    /// loop and answers with a read's filled buffer or a bare success. A
+    /// write's data is kept alive until the target is done with it.
+    private func complete(_ command: StaticString, _ cookie: UInt64, _ flags: CommandFlags,
+                          holding held: Completed.Held = .nothing) -> TargetCompletion {
         return { [inbox] result in
-            withExtendedLifetime(payload) {
-                inbox.post(Completed(handler: handler, command: command, bytes: bytes, cookie: cookie, flags: flags,
-                                     result: result, reply: reply), from: handler, on: handler.eventLoop)
-            }
+            inbox.post(Completed(command: command, cookie: cookie, flags: flags, result: result, held: held))
         }
     }
 
-    /// One command's end, on its way from a storage thread to the loop.
-    /// It holds the handler: a connection gone meanwhile still gives its
-    /// bytes back.
+    /// One command's end, on its way from a storage thread to the loop. The
+    /// inbox holds the handler until the last: a connection gone meanwhile
+    /// still gives its bytes back.
     private struct Completed {
-        let handler: NIOLoopBound<TransmissionHandler>
+        /// What the command holds until its end: one reference at most,
+        /// counted each time the completion is copied.
+        enum Held {
+            case nothing
+            case reply(ByteBuffer)
+            case payload(WritePayload)
+        }
+
         let command: StaticString
-        let bytes: Int
         let cookie: UInt64
         let flags: CommandFlags
         let result: TargetResult
-        let reply: ByteBuffer?
+        let held: Held
+
+        /// The bytes it held of the connection's and the loop's room.
+        var bytes: Int {
+            switch held {
+            case .nothing: 0
+            case .reply(let reply): reply.readableBytes
+            case .payload(let payload): payload.byteCount
+            }
+        }
     }
 
     private func finish(_ completed: Completed) {
         finished(bytes: completed.bytes)
         // A reply's bytes count again while the socket has them (`send`).
         load.give(completed.bytes)
-        guard state.isActive else { return }
+        guard state.isActive else { return detachWhenIdle() }
         if !completed.result.succeeded {
             appendFailure(completed.result, command: "\(completed.command)", cookie: completed.cookie,
                           flags: completed.flags)
-        } else if let reply = completed.reply {
+        } else if case .reply(let reply) = completed.held {
             appendReply(reply)
         } else {
             appendSuccess(cookie: completed.cookie)

@@ -69,7 +69,7 @@ struct TransmissionStateMachine {
 
     // MARK: Requests
 
-    mutating func received(_ request: NBDRequest) -> Arrival {
+    mutating func received(_ request: consuming NBDRequest) -> Arrival {
         guard !disconnecting && !disconnectSetAside else { return .dropped }
         waiting.append(request)
         return .queued

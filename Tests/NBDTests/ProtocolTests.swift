@@ -137,6 +137,7 @@ import Testing
     @Test func aHalfClosedClientThatTakesNoRepliesIsLetGo() throws {
         let channel = try transmission(structured: true)
         channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
         for cookie in 0..<UInt64(3) {
             try sendRequest(channel, type: 0, cookie: cookie, offset: 0, length: 512)
         }
@@ -367,6 +368,7 @@ import Testing
     @Test func requestsWaitWhileTheClientTakesNoReplies() throws {
         let channel = try transmission(structured: true)
         channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
         for cookie in 0..<UInt64(10) {
             try sendRequest(channel, type: 0, cookie: cookie, offset: 0, length: 512)
         }
@@ -406,6 +408,7 @@ import Testing
         let load = LoopLoad(bufferLimit: 1 << 20)
         let channel = try transmission(structured: true, load: load)
         channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
         try sendRequest(channel, type: 0, cookie: 2, offset: 0, length: 4096)
         try sendRequest(channel, type: 3, cookie: 3, offset: 0, length: 0)
         try sendRequest(channel, type: 1, cookie: 4, offset: 8192, length: 4096, payload: pattern(4096, seed: 9))
@@ -433,11 +436,13 @@ import Testing
         let load = LoopLoad(bufferLimit: 1 << 20)
         let channel = try transmission(structured: true, load: load)
         channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
         try sendRequest(channel, type: 0, cookie: 1, offset: 0, length: 4096)
         let otherConnections = 2 << 20
         load.take(otherConnections)
         setWritable(channel, true)
         channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
         load.give(otherConnections)
         channel.embeddedEventLoop.run()
         #expect(try replies(channel).isEmpty)
@@ -454,6 +459,7 @@ import Testing
         let counter = ReadCounter()
         try channel.pipeline.syncOperations.addHandler(counter, position: .first)
         channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
         try sendRequest(channel, type: 0, cookie: 1, offset: 0, length: 4096)
         let otherConnections = 1 << 20
         load.take(otherConnections)

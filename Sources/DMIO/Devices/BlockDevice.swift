@@ -125,6 +125,8 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// caller to log: DMIO logs nothing.
     public let openWarning: String?
     let memoryAlignment: Int
+    /// See `DeviceDriver.isInMemory`.
+    let isInMemory: Bool
     let driver: any DeviceDriver
     /// What the device's bios did, by `IOOperation`, when `DeviceOptions.countsRequests`.
     public let statistics: RequestStatistics?
@@ -148,6 +150,7 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
         connectionCount = driver.connectionCount
         openWarning = driver.openWarning
         memoryAlignment = driver.memoryAlignment
+        isInMemory = driver.isInMemory
     }
 
     /// Opens `spec`: a path to a regular file or a block device, or an NBD
@@ -166,7 +169,6 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// only where every leg zeroes cheaply.
     public var zeroesCheaply: Bool { driver.zeroesCheaply }
 
-    var isInMemory: Bool { driver.isInMemory }
 
     func issue(_ bio: Bio, batch: inout BioBatch) { driver.issue(bio, batch: &batch) }
 
@@ -185,22 +187,25 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     }
 }
 
-/// A singly linked list of bios, handed to an engine in one call.
+/// A singly linked list of bios, handed to an engine in one call. Its
+/// links are unmanaged: a bio's pool keeps it (`ObjectPool`), so a bio
+/// going from batch to batch costs no reference counting.
 struct BioBatch {
-    private(set) var head: Bio?
-    private var tail: Bio?
+    private var head: Unmanaged<Bio>?
+    private var tail: Unmanaged<Bio>?
 
     var isEmpty: Bool { head == nil }
 
     mutating func append(_ bio: Bio) {
+        let link = Unmanaged.passUnretained(bio)
         bio.next = nil
-        if let tail { tail.next = bio } else { head = bio }
-        tail = bio
+        if let tail { tail._withUnsafeGuaranteedRef { $0.next = link } } else { head = link }
+        tail = link
     }
 
     mutating func append(contentsOf other: BioBatch) {
         guard let otherHead = other.head else { return }
-        if let tail { tail.next = otherHead } else { head = otherHead }
+        if let tail { tail._withUnsafeGuaranteedRef { $0.next = otherHead } } else { head = otherHead }
         tail = other.tail
     }
 
@@ -208,18 +213,28 @@ struct BioBatch {
     mutating func remove(where belongsOut: (Bio) -> Bool) -> BioBatch {
         var taken = BioBatch()
         var rest = BioBatch()
-        while let bio = popFirst() {
-            if belongsOut(bio) { taken.append(bio) } else { rest.append(bio) }
+        while let link = popFirstLink() {
+            link._withUnsafeGuaranteedRef { bio in
+                if belongsOut(bio) { taken.append(bio) } else { rest.append(bio) }
+            }
         }
         self = rest
         return taken
     }
 
     mutating func popFirst() -> Bio? {
+        popFirstLink()?.takeUnretainedValue()
+    }
+
+    /// Takes the first bio, unmanaged: its pool keeps it. Use it through
+    /// `_withUnsafeGuaranteedRef` to pay no reference counting.
+    mutating func popFirstLink() -> Unmanaged<Bio>? {
         guard let first = head else { return nil }
-        head = first.next
+        first._withUnsafeGuaranteedRef { bio in
+            head = bio.next
+            bio.next = nil
+        }
         if head == nil { tail = nil }
-        first.next = nil
         return first
     }
 }

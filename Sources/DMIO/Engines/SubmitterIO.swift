@@ -26,7 +26,7 @@ enum SubmitterIO {
     static let minOffloadedWriteBytes: UInt64 = 256 << 10
 
     static func shouldRun(_ bio: Bio, offloadingLargeWrites: Bool) -> Bool {
-        guard bio.device.isInMemory else { return false }
+        guard bio.isInMemory else { return false }
         switch bio.command {
         case .read: return bio.remaining <= maxReadBytes
         case .write: return !offloadingLargeWrites || bio.remaining < minOffloadedWriteBytes
@@ -42,9 +42,11 @@ enum SubmitterIO {
         guard !queue.running else { return }
         queue.running = true
         defer { queue.running = false }
-        while let bio = queue.bios.popFirst() {
-            // A short transfer or a fallback goes round again.
-            while !bio.absorb(result: performBlocking(bio)) {}
+        while let link = queue.bios.popFirstLink() {
+            link._withUnsafeGuaranteedRef { bio in
+                // A short transfer or a fallback goes round again.
+                while !bio.absorb(result: performBlocking(bio)) {}
+            }
         }
     }
 

@@ -1,7 +1,13 @@
-/// A lock-protected free list of reusable objects.
+/// A lock-protected free list of reusable objects that keeps every object it
+/// made for as long as it lives. So an object in use may be referenced
+/// unowned: the I/O path then pays no reference counting for it (a bio
+/// names its request and device, a batch links its bios), and whoever uses
+/// the objects keeps the pool alive meanwhile (a request in flight holds
+/// its client's pools).
 final class ObjectPool<Object: AnyObject>: @unchecked Sendable {
     private let lock = ConditionLock()
-    private var free: [Object] = []
+    private var free: [Unmanaged<Object>] = []
+    private var made: [Object] = []
     private let make: () -> Object
 
     init(make: @escaping () -> Object) {
@@ -9,25 +15,28 @@ final class ObjectPool<Object: AnyObject>: @unchecked Sendable {
         free.reserveCapacity(256)
     }
 
-    func take() -> Object {
+    /// An object to use; the pool keeps it meanwhile.
+    func take() -> Unmanaged<Object> {
         lock.lock()
-        if let object = free.popLast() {
-            lock.unlock()
-            return object
-        }
-        lock.unlock()
-        return make()
+        defer { lock.unlock() }
+        return free.popLast() ?? makeKept()
     }
 
     func recycle(_ object: Object) {
-        lock.withLock { free.append(object) }
+        lock.withLock { free.append(Unmanaged.passUnretained(object)) }
     }
 
     /// Creates objects up front, so that `count` can be in flight before the
     /// pool allocates.
     func prefill(_ count: Int) {
         lock.withLock {
-            while free.count < count { free.append(make()) }
+            while free.count < count { free.append(makeKept()) }
         }
+    }
+
+    private func makeKept() -> Unmanaged<Object> {
+        let object = make()
+        made.append(object)
+        return Unmanaged.passUnretained(object)
     }
 }

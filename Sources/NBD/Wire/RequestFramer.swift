@@ -22,13 +22,29 @@ struct NBDRequest: Equatable {
 /// more before the legs copy it again. A slice keeps its whole read buffer
 /// alive: the connection's limit on requests in flight bounds what that holds.
 struct WritePayload: Equatable {
-    private var first = ByteBuffer()
-    /// Empty unless the write spanned reads (an empty array allocates nothing).
-    private var rest: [ByteBuffer] = []
+    /// One reference whatever the shape: a request is copied a few times
+    /// between the framer and the command, and each copy counts it.
+    private enum Slices: Equatable {
+        case none
+        case one(ByteBuffer)
+        case many([ByteBuffer])
+    }
+
+    private var slices = Slices.none
     private(set) var byteCount = 0
 
     mutating func append(_ slice: ByteBuffer) {
-        if byteCount == 0 { first = slice } else { rest.append(slice) }
+        switch slices {
+        case .none:
+            slices = .one(slice)
+        case .one(let first):
+            slices = .many([first, slice])
+        case .many(var all):
+            // Out of the enum first, so that the append does not copy the array.
+            slices = .none
+            all.append(slice)
+            slices = .many(all)
+        }
         byteCount += slice.readableBytes
     }
 
@@ -36,13 +52,19 @@ struct WritePayload: Equatable {
     /// slices. It points into the slices' storage, which does not move
     /// while the payload is alive: keep it until the I/O is done.
     func withMemory<Result>(_ body: (IOMemory) -> Result) -> Result {
-        guard !rest.isEmpty else { return first.withUnsafeReadableBytes { body(.constant($0)) } }
-        let vectors = ([first] + rest).map { slice in
-            slice.withUnsafeReadableBytes {
-                BioVec(page: UnsafeMutableRawPointer(mutating: $0.baseAddress!), offset: 0, length: $0.count)
+        switch slices {
+        case .none:
+            return body(.buffer(UnsafeMutableRawBufferPointer(start: nil, count: 0)))
+        case .one(let slice):
+            return slice.withUnsafeReadableBytes { body(.constant($0)) }
+        case .many(let all):
+            let vectors = all.map { slice in
+                slice.withUnsafeReadableBytes {
+                    BioVec(page: UnsafeMutableRawPointer(mutating: $0.baseAddress!), offset: 0, length: $0.count)
+                }
             }
+            return body(.bioVectors(vectors))
         }
-        return body(.bioVectors(vectors))
     }
 }
 
