@@ -239,7 +239,8 @@ final class Bio: @unchecked Sendable {
         self.job = nil
         device = nil
         job._withUnsafeGuaranteedRef { job in
-            // The bio may be taken again once recycled: only locals from here.
+            // The bio may be taken again once recycled, and the request's
+            // end may free both (`IOJob.complete`): only locals from here.
             job.recycle(self)
             job.endIO(region: region, errno: errno)
         }

@@ -24,6 +24,8 @@ public final class DMIOClient: @unchecked Sendable {
 
     private let engine: IOEngine
     private let pools = RequestPools()
+    /// `pools.jobs`, taken from for each request without counting: `pools` keeps it.
+    private let jobPool: Unmanaged<ObjectPool<IOJob>>
 
     /// Creates a client on `engine`, with `pages` pages ready in its pool.
     /// `threads` sizes the thread-pool engine.
@@ -35,6 +37,7 @@ public final class DMIOClient: @unchecked Sendable {
     private init(engine: IOEngine, pages: Int) {
         self.engine = engine
         engineKind = engine.kind
+        jobPool = Unmanaged.passUnretained(pools.jobs)
         // Bios and jobs are created on demand and kept; a few hundred up
         // front cover a queue depth of 32 to many legs without allocating.
         pools.jobs.prefill(128)
@@ -99,7 +102,7 @@ public final class DMIOClient: @unchecked Sendable {
     public func sync(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
                      flags: IOFlags = []) throws(DMIOError) -> IOResult {
         try validate(operation, regions: regions, memory: memory)
-        return pools.jobs.take()._withUnsafeGuaranteedRef { job in
+        return jobPool._withUnsafeGuaranteedRef { $0.take() }._withUnsafeGuaranteedRef { job in
             job.start(pools: pools, regions: regions, notify: nil, context: nil)
             dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
             (engine as? ThreadDrivenEngine)?.run { job.isSyncDone }
@@ -192,7 +195,7 @@ public final class DMIOClient: @unchecked Sendable {
 
     private func start(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?,
                        flags: IOFlags, context: AnyObject?, notify: @escaping IONotify) {
-        pools.jobs.take()._withUnsafeGuaranteedRef { job in
+        jobPool._withUnsafeGuaranteedRef { $0.take() }._withUnsafeGuaranteedRef { job in
             job.start(pools: pools, regions: regions, notify: notify, context: context)
             dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
         }
@@ -207,19 +210,21 @@ public final class DMIOClient: @unchecked Sendable {
         var batch = BioBatch()
         let longest = memory == nil ? Self.maxRangeBytes : UInt64(Bio.maxBytes)
         for index in regions.indices {
-            let device = regions[index].device
-            if operation == .flush {
-                var none: PageIterator?
-                _ = issueBio(job, region: index, device: device, operation, flags, offset: 0, length: 0,
-                             memory: &none, batch: &batch)
-                continue
-            }
-            var offset = regions[index].byteOffset
-            let end = offset + regions[index].byteCount
-            var pages = memory.map(PageIterator.init)
-            while offset < end {
-                offset += issueBio(job, region: index, device: device, operation, flags, offset: offset,
-                                   length: min(end - offset, longest), memory: &pages, batch: &batch)
+            let (start, length) = (regions[index].byteOffset, regions[index].byteCount)
+            regions.withDevice(at: index) { device in
+                if operation == .flush {
+                    var none: PageIterator?
+                    _ = issueBio(job, region: index, device: device, operation, flags, offset: 0, length: 0,
+                                 memory: &none, batch: &batch)
+                    return
+                }
+                var offset = start
+                let end = start + length
+                var pages = memory.map(PageIterator.init)
+                while offset < end {
+                    offset += issueBio(job, region: index, device: device, operation, flags, offset: offset,
+                                       length: min(end - offset, longest), memory: &pages, batch: &batch)
+                }
             }
         }
         let onSubmitter = batch.remove { [offloadsLargeMemoryWrites] in

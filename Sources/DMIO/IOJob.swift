@@ -32,22 +32,37 @@ final class IOJob: @unchecked Sendable {
     /// pool: its bios reference the job, their pool and their devices
     /// unowned, and a client may go while its requests are in flight.
     private var pools: RequestPools?
-    private var regions: [IORegion]?
+    /// The regions' devices, one reference each: not the caller's array,
+    /// which would then have to live on the heap.
+    private let devices = UnsafeMutablePointer<Unmanaged<BlockDevice>>.allocate(capacity: maxRegions)
+    private var deviceCount = 0
+    /// `pools.bios`, for each bio without counting: `pools` keeps it.
+    private var bioPool: Unmanaged<ObjectPool<Bio>>?
 
     init() {}
 
-    deinit { errnos.deallocate() }
+    deinit {
+        errnos.deallocate()
+        devices.deallocate()
+    }
 
     /// Takes a bio for the request from its client's pool.
-    func takeBio() -> Unmanaged<Bio> { pools.unsafelyUnwrapped.bios.take() }
+    func takeBio() -> Unmanaged<Bio> { bioPool.unsafelyUnwrapped._withUnsafeGuaranteedRef { $0.take() } }
 
     /// Returns a bio of the request, ended, to its pool.
-    func recycle(_ bio: Bio) { pools.unsafelyUnwrapped.bios.recycle(bio) }
+    func recycle(_ bio: Bio) { bioPool.unsafelyUnwrapped._withUnsafeGuaranteedRef { $0.recycle(bio) } }
 
     func start(pools: RequestPools, regions: [IORegion], notify: IONotify?, context: AnyObject?) {
         self.pools = pools
-        self.regions = regions
-        waiter = notify.map { notify in context.map { .notifyWithContext(notify, $0) } ?? .notify(notify) } ?? .sync
+        precondition(regions.count <= maxRegions, "a request of \(regions.count) regions")
+        for index in regions.indices { devices[index] = regions.withDevice(at: index) { Unmanaged.passRetained($0) } }
+        deviceCount = regions.count
+        bioPool = Unmanaged.passUnretained(pools.bios)
+        if let notify {
+            if let context { waiter = .notifyWithContext(notify, context) } else { waiter = .notify(notify) }
+        } else {
+            waiter = .sync
+        }
         syncResult = nil
         errorBits.store(0, ordering: .relaxed)
         // The dispatcher holds one count until every bio is issued, so that
@@ -77,19 +92,27 @@ final class IOJob: @unchecked Sendable {
         let result = bits.isEmpty
             ? IOResult.success
             : IOResult(errorBits: bits, failures: bits.regions.map { RegionFailure(region: $0, errno: errnos[$0]) })
-        switch waiter {
+        // The job may be taken again once recycled: only locals from there.
+        // And once the pools go, with the client gone before, so do this job
+        // and the bio that ended it, whose calls are still on this stack:
+        // nothing may touch either after the notify returns.
+        var ending = Waiter.none
+        swap(&ending, &waiter)
+        switch consume ending {
         case .notify(let notify):
-            waiter = .none
-            // The job may be taken again once recycled: only locals from here.
             let pools = recycle()
             withExtendedLifetime(pools) { notify(result, nil) }
         case .notifyWithContext(let notify, let context):
-            waiter = .none
             let pools = recycle()
             withExtendedLifetime(pools) { notify(result, context) }
         case .sync:
-            syncLock.withLock { syncResult = result }
-            syncLock.signal()
+            waiter = .sync
+            // Signalled under the lock: once it is released, the waiter may
+            // recycle the job and its client free it.
+            syncLock.withLock {
+                syncResult = result
+                syncLock.signal()
+            }
         case .none:
             preconditionFailure("dm-io request completed twice")
         }
@@ -99,9 +122,10 @@ final class IOJob: @unchecked Sendable {
     /// keeps until it is done (they keep the job's memory).
     @discardableResult
     private func recycle() -> RequestPools {
-        let pools = self.pools!
-        self.pools = nil
-        regions = nil
+        let pools = self.pools.take()!
+        for index in 0..<deviceCount { devices[index].release() }
+        deviceCount = 0
+        bioPool = nil
         pools.jobs.recycle(self)
         return pools
     }

@@ -23,3 +23,26 @@ public struct IORegion {
     /// The region's length in bytes.
     public var byteCount: UInt64 { count << sectorShift }
 }
+
+extension Array where Element == IORegion {
+    /// Runs `body` with the device of region `index`, lent without a
+    /// reference of its own (the region holds one). A request reads every
+    /// region's device: taking a region out of the array, or its device,
+    /// would count a reference each time, so the device is read in place,
+    /// as the bit pattern it is.
+    @inline(__always)
+    func withDevice<Result>(at index: Int, _ body: (BlockDevice) -> Result) -> Result {
+        assert(indices.contains(index), "region \(index) of \(count)")
+        return withUnsafeBufferPointer { regions in
+            (UnsafeRawPointer(regions.baseAddress! + index) + IORegion.deviceOffset)
+                .load(as: Unmanaged<BlockDevice>.self)._withUnsafeGuaranteedRef(body)
+        }
+    }
+}
+
+extension IORegion {
+    /// Typed: were `device` ever not a strong reference to a final class,
+    /// this would not build, rather than read the wrong bits.
+    fileprivate static let deviceOffset =
+        MemoryLayout<IORegion>.offset(of: \IORegion.device as WritableKeyPath<IORegion, BlockDevice>)!
+}

@@ -12,8 +12,11 @@ func validate(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?) 
 
     var longest: UInt64 = 0
     for index in regions.indices where regions[index].count > 0 || operation == .flush {
-        try regions[index].validate(operation)
-        longest = max(longest, regions[index].byteCount)
+        let (sector, count) = (regions[index].sector, regions[index].count)
+        if let refusal = regions.withDevice(at: index, { refusal(of: operation, sector: sector, count: count, by: $0) }) {
+            throw refusal
+        }
+        longest = max(longest, count << sectorShift)
     }
 
     guard operation.carriesData else { return }
@@ -25,21 +28,21 @@ func validate(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?) 
     }
 }
 
-extension IORegion {
-    /// The rules of one region: its device takes the operation, and the
-    /// region lies inside it, aligned to its blocks.
-    fileprivate func validate(_ operation: IOOperation) throws(DMIOError) {
-        if operation.writesDevice && device.isReadOnly {
-            throw .readOnlyDevice(device: device.name, operation: operation)
-        }
-        guard operation != .flush else { return }
-        let (end, overflow) = sector.addingReportingOverflow(count)
-        guard !overflow, end <= device.sectors else {
-            throw .beyondEnd(device: device.name, sector: sector, count: count, deviceSectors: device.sectors)
-        }
-        let block = UInt64(device.blockSize)
-        if block > UInt64(sectorSize) && (byteOffset % block != 0 || byteCount % block != 0) {
-            throw .misaligned(device: device.name, sector: sector, count: count, blockSize: device.blockSize)
-        }
+/// Why `device` does not take the operation on `count` sectors from
+/// `sector`, if it does not: it must take it, and the range lie inside it,
+/// aligned to its blocks.
+private func refusal(of operation: IOOperation, sector: UInt64, count: UInt64, by device: BlockDevice) -> DMIOError? {
+    if operation.writesDevice && device.isReadOnly {
+        return .readOnlyDevice(device: device.name, operation: operation)
     }
+    guard operation != .flush else { return nil }
+    let (end, overflow) = sector.addingReportingOverflow(count)
+    guard !overflow, end <= device.sectors else {
+        return .beyondEnd(device: device.name, sector: sector, count: count, deviceSectors: device.sectors)
+    }
+    let block = UInt64(device.blockSize)
+    if block > UInt64(sectorSize) && ((sector << sectorShift) % block != 0 || (count << sectorShift) % block != 0) {
+        return .misaligned(device: device.name, sector: sector, count: count, blockSize: device.blockSize)
+    }
+    return nil
 }

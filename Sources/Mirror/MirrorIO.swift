@@ -17,7 +17,6 @@ extension Mirror {
     public func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: IOContext,
                      completion: @escaping TargetCompletion) {
         let snapshot = legs.snapshot
-        let candidates = snapshot.readable
         // After an unclean stop the legs may differ in their dirty regions
         // until the recovery has copied them from the first: read what it
         // will copy, never what it will overwrite (md reads the first disk
@@ -25,7 +24,7 @@ extension Mirror {
         // only when the others fail.
         let first = isRecoveryPending ? 0
             : readBalancer.choose(offset: offset, among: snapshot.readFirstLegs.lazy.map { $0.index })
-        read(into: buffer, offset: offset, from: candidates, first: first, tried: 0, failures: [],
+        read(into: buffer, offset: offset, from: snapshot.readable, first: first, tried: 0, failures: nil,
              on: context.client(or: client), completion: completion)
     }
 
@@ -33,14 +32,15 @@ extension Mirror {
     /// list); on an error, fails that leg and tries the next. When no
     /// in-sync leg is left, a rebuilding leg serves regions that it already
     /// holds (clean ones). Retries run in the failed read's completion: on
-    /// the mirror's own client.
+    /// the mirror's own client. `failures` is nil until one: the first
+    /// read then captures no array for its retries.
     private func read(into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, from candidates: [LegTable.Leg],
-                      first: Int, tried: Int, failures: [LegFailure], on io: DMIOClient,
+                      first: Int, tried: Int, failures: [LegFailure]?, on io: DMIOClient,
                       completion: @escaping TargetCompletion) {
         var candidates = candidates
         var first = first
         var tried = tried
-        if tried == candidates.count, !failures.isEmpty {
+        if tried == candidates.count, let failures {
             // Rebuilding legs: written, not yet read. Known by device: the
             // legs may have moved since the failed reads.
             let regions = regionHash.regions(offset: offset, length: UInt64(buffer.count))
@@ -52,29 +52,33 @@ extension Mirror {
             tried = 0
         }
         guard tried < candidates.count else {
-            return completion(everyLegFailed("read", failures))
+            return completion(everyLegFailed("read", failures ?? []))
         }
-        let leg = candidates[(first + tried) % candidates.count]
+        let position = (first + tried) % candidates.count
         let length = UInt64(buffer.count)
         // A write-mostly leg may not have the writes answered before it had
-        // them yet: the read waits for those it overlaps.
-        if leg.writeMostly, !writeBehind.mayStart(offset..<offset + length, resume: { [self, candidates, first, tried] in
+        // them yet: the read waits for those it overlaps. (The leg is read
+        // in place, not copied: a copy counts its device.)
+        if candidates[position].writeMostly, !writeBehind.mayStart(offset..<offset + length, resume: { [self, candidates, first, tried] in
             read(into: buffer, offset: offset, from: candidates, first: first, tried: tried, failures: failures,
                  on: client, completion: completion)
         }) { return }
-        readBalancer.started(leg.index, offset: offset, length: length)
-        let started = submit(.read, regions: [layout.dataRegion(on: leg.device, offset: offset, length: length)],
+        readBalancer.started(candidates[position].index, offset: offset, length: length)
+        let started = submit(.read, regions: [layout.dataRegion(on: candidates[position].device, offset: offset,
+                                                                length: length)],
                              memory: .buffer(buffer), on: io) { [self] result, _ in
+            // The leg is found again from the candidates: one reference fewer to capture.
+            let leg = candidates[position]
             readBalancer.ended(leg.index)
             guard let failure = result.failures.first.map({ LegFailure(leg: leg, errno: $0.errno) }) else {
                 return completion(.success)
             }
             legFailures.record([failure], reading: true)
             read(into: buffer, offset: offset, from: candidates, first: first, tried: tried + 1,
-                 failures: failures + [failure], on: client, completion: completion)
+                 failures: (failures ?? []) + [failure], on: client, completion: completion)
         }
         if !started {
-            readBalancer.ended(leg.index)
+            readBalancer.ended(candidates[position].index)
             completion(TargetResult(errno: EINVAL, message: "read refused by DMIO"))
         }
     }
@@ -170,7 +174,8 @@ extension Mirror {
                             offset: offset, length: length, memory: memory, flags: flags, completion: completion)
         // Legs another machine could open: nothing is written once the lease
         // ran out, until it is renewed (or found taken: then never).
-        if let lease, !lease.isValid {
+        // Asked without binding it: most mirrors hold no lease, and a binding counts a reference.
+        if lease?.isValid == false, let lease {
             return lease.whenValid { [self] valid in
                 guard valid else {
                     return completion(TargetResult(errno: EIO, message: "another server took this mirror's legs over; "
@@ -388,8 +393,8 @@ extension Mirror {
     }
 
     /// One DMIO request on `io` to `regions`, as `submit` above.
-    private func submit(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil, flags: IOFlags = [],
-                        on io: DMIOClient, then done: @escaping IONotify) -> Bool {
+    private func submit(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
+                        flags: IOFlags = [], on io: DMIOClient, then done: @escaping IONotify) -> Bool {
         do {
             try io.submit(operation, regions: regions, memory: memory, flags: flags, notify: done)
             return true

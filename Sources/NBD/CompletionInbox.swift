@@ -1,3 +1,4 @@
+import Glibc
 import NIOConcurrencyHelpers
 import NIOCore
 
@@ -27,6 +28,9 @@ final class CompletionInbox<Completion, Owner: AnyObject>: @unchecked Sendable {
     private var owner: Owner?
     private var ownerReference: Unmanaged<Owner>?
     private var loop: EventLoop?
+    /// The loop's thread, to tell a post made on it (as `inEventLoop` does,
+    /// without a reference to count).
+    private var loopThread = pthread_t()
 
     init(deliver: @escaping (Owner, Completion) -> Void, afterBatch: @escaping (Owner) -> Void) {
         self.deliver = deliver
@@ -37,24 +41,29 @@ final class CompletionInbox<Completion, Owner: AnyObject>: @unchecked Sendable {
         self.owner = owner
         ownerReference = Unmanaged.passUnretained(owner)
         self.loop = loop
+        loopThread = pthread_self()
     }
 
-    /// Lets the owner go: no completion may be posted after this.
+    /// Lets the owner go: no completion may be posted after this. The
+    /// owner may be inside a delivery (its last completion detaches it):
+    /// it goes once that has returned.
     func detach() {
+        let departing = owner
         owner = nil
         ownerReference = nil
+        loop?.execute { withExtendedLifetime(departing) {} }
         loop = nil
     }
 
     /// Delivers `completion` on the owner's loop, then calls `afterBatch`
     /// once for the batch. A completion already on the loop (reaped by the
     /// loop itself) is delivered at once; others queue, and the first of a
-    /// batch schedules the delivery.
+    /// batch schedules the delivery. Call `attach` on the loop's thread.
     func post(_ completion: Completion) {
-        let loop = loop.unsafelyUnwrapped
-        if loop.inEventLoop {
-            ownerReference.unsafelyUnwrapped._withUnsafeGuaranteedRef { deliver($0, completion) }
-            if !afterBatchScheduled {
+        guard let ownerReference else { return assertionFailure("a completion posted to a detached inbox") }
+        if pthread_equal(pthread_self(), loopThread) != 0 {
+            ownerReference._withUnsafeGuaranteedRef { deliver($0, completion) }
+            if !afterBatchScheduled, let loop {
                 afterBatchScheduled = true
                 loop.execute { [self] in
                     afterBatchScheduled = false
@@ -67,13 +76,13 @@ final class CompletionInbox<Completion, Owner: AnyObject>: @unchecked Sendable {
             queued.append(completion)
             return queued.count == 1
         }
-        guard first else { return }
+        guard first, let loop else { return }
         loop.execute { [self] in
             var batch = spare
             spare = []
             lock.withLock { swap(&queued, &batch) }
             // Each completion was posted while attached: the owner is here.
-            let owner = owner.unsafelyUnwrapped
+            guard let owner else { return assertionFailure("completions queued for a detached inbox") }
             for completion in batch { deliver(owner, completion) }
             afterBatch(owner)
             batch.removeAll(keepingCapacity: true)

@@ -60,6 +60,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     private let framer: RequestFramer
     private var state = TransmissionStateMachine(limits: .init(requests: TransmissionHandler.maxRequestsInFlight,
                                                                bytes: TransmissionHandler.maxBytesInFlight))
+    private let allocator: ByteBufferAllocator
     private var output: ByteBuffer
     private var pendingFlush = false
     /// The channel's writability, as its events say: asking the channel
@@ -81,6 +82,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         self.load = load
         self.framer = framer
         self.logger = logger
+        self.allocator = allocator
         output = allocator.buffer(capacity: 64 << 10)
     }
 
@@ -131,7 +133,8 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// them; when some wait for room, asks the loop to say when it has some.
     private func startWaiting() {
         starting: while true {
-            switch state.next(loopHasRoom: load.hasRoom, writable: writable) {
+            let next = state.next(loopHasRoom: load.hasRoom, writable: writable)
+            switch consume next {
             case .start(let request): start(request)
             case .dropped: giveBackDropped()
             case .none: break starting
@@ -473,7 +476,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// when a large reply's buffer is free again.
     private func replyBuffer(capacity: Int) -> ByteBuffer {
         if capacity >= Self.directReplyBytes, let spare = load.spareReplyBuffer(capacity: capacity) { return spare }
-        return context.channel.allocator.buffer(capacity: capacity)
+        return allocator.buffer(capacity: capacity)
     }
 
     /// Puts `buffer` into the channel; its bytes count in the loop's room

@@ -90,7 +90,7 @@ struct TransmissionStateMachine {
             guard let request = waiting.popFirst() else { break }
             let isWrite = request.type == CommandType.write.rawValue
             let needsRoom = request.type == CommandType.read.rawValue && !loopHasRoom
-            if isWrite || (setAside.isEmpty && !needsRoom) { return .start(request) }
+            if isWrite || (setAside.isEmpty && !needsRoom) { return .start(consume request) }
             setAside.append(request)
             if request.type == CommandType.disconnect.rawValue {
                 disconnectSetAside = true

@@ -37,15 +37,16 @@ enum SubmitterIO {
 
     static func run(_ batch: BioBatch) {
         guard !batch.isEmpty else { return }
-        let queue = Queue.current
-        queue.bios.append(contentsOf: batch)
-        guard !queue.running else { return }
-        queue.running = true
-        defer { queue.running = false }
-        while let link = queue.bios.popFirstLink() {
-            link._withUnsafeGuaranteedRef { bio in
-                // A short transfer or a fallback goes round again.
-                while !bio.absorb(result: performBlocking(bio)) {}
+        Queue.withCurrent { queue in
+            queue.bios.append(contentsOf: batch)
+            guard !queue.running else { return }
+            queue.running = true
+            defer { queue.running = false }
+            while let link = queue.bios.popFirstLink() {
+                link._withUnsafeGuaranteedRef { bio in
+                    // A short transfer or a fallback goes round again.
+                    while !bio.absorb(result: performBlocking(bio)) {}
+                }
             }
         }
     }
@@ -56,6 +57,6 @@ enum SubmitterIO {
         var running = false
 
         private static let queues = ThreadLocal { Queue() }
-        static var current: Queue { queues.value }
+        static func withCurrent(_ body: (Queue) -> Void) { queues.withValue(body) }
     }
 }

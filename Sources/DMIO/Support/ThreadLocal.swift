@@ -23,6 +23,13 @@ final class ThreadLocal<Value: AnyObject>: @unchecked Sendable {
         return value
     }
 
+    /// Runs `body` with this thread's object (made now if it has none),
+    /// lent without a reference of its own: the thread keeps it.
+    func withValue<Result>(_ body: (Value) -> Result) -> Result {
+        guard let raw = pthread_getspecific(key) else { return body(value) }
+        return Unmanaged<Value>.fromOpaque(raw)._withUnsafeGuaranteedRef(body)
+    }
+
     /// This thread's object if it has one.
     var existing: Value? {
         pthread_getspecific(key).map { Unmanaged<Value>.fromOpaque($0).takeUnretainedValue() }

@@ -37,6 +37,10 @@ struct WritePayload: Equatable {
         switch slices {
         case .none:
             slices = .one(slice)
+        case .one(let first) where first.readableBytes == 0:
+            // A header that ended its read left an empty slice of it: a
+            // slice keeps its whole read buffer.
+            slices = .one(slice)
         case .one(let first):
             slices = .many([first, slice])
         case .many(var all):
@@ -220,21 +224,25 @@ final class RequestFramer: ChannelDuplexHandler {
     /// The next whole request from `input`; nil when `input` ends inside
     /// one, whose start is kept for the next read.
     private func nextRequest(from input: inout ByteBuffer) throws -> NBDRequest? {
-        var request: NBDRequest
-        let missing: Int
-        if case .payload(let awaiting, let left) = state {
+        if case .payload(let awaiting, let missing) = state {
             state = .header
-            (request, missing) = (awaiting, left)
-        } else {
-            guard let header = try nextHeader(from: &input) else { return nil }
-            guard header.type == CommandType.write.rawValue else { return header }
-            request = header
-            request.payload = WritePayload()
-            missing = Int(header.length)
-            load.take(missing)
+            return payload(of: awaiting, missing: missing, from: &input)
         }
+        guard let header = try nextHeader(from: &input) else { return nil }
+        guard header.type == CommandType.write.rawValue else { return header }
+        load.take(Int(header.length))
+        return payload(of: header, missing: Int(header.length), from: &input)
+    }
+
+    /// Takes what `input` holds of a write's payload, of which `missing`
+    /// bytes are still to come; nil when it ends before the payload does.
+    /// The request is moved in and out, not copied: its slices are counted
+    /// references.
+    private func payload(of request: consuming NBDRequest, missing: Int, from input: inout ByteBuffer) -> NBDRequest? {
         let slice = input.readSlice(length: min(missing, input.readableBytes))!
-        request.payload!.append(slice)
+        var payload = request.payload.take() ?? WritePayload()
+        payload.append(slice)
+        request.payload = consume payload
         guard slice.readableBytes == missing else {
             state = .payload(request, missing: missing - slice.readableBytes)
             return nil
