@@ -8,38 +8,6 @@ import Testing
 /// The start-up: sockets are bound before any leg is opened, refusals say
 /// what to fix, and every mirror has a control socket of its own.
 @Suite(.serialized) struct StartupTests {
-    /// A TCP port of 127.0.0.1 that nothing listens on now.
-    private func freePort() -> Int {
-        let listener = TCPListener()
-        defer { listener.close() }
-        return listener.port
-    }
-
-    /// A listening TCP socket on 127.0.0.1, held by the test process.
-    private struct TCPListener {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var port: Int {
-            var address = sockaddr_in()
-            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-            _ = withUnsafeMutablePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-            }
-            return Int(UInt16(bigEndian: address.sin_port))
-        }
-
-        init() {
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
-            _ = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            listen(fd, 1)
-        }
-
-        func close() { Glibc.close(fd) }
-    }
-
     private func metadata(_ leg: String) -> Data? { FileManager.default.contents(atPath: leg)?.prefix(1 << 20) }
 
     @Test func aPortInUseIsRefusedBeforeAnyLegIsTouched() throws {
@@ -87,7 +55,7 @@ import Testing
     /// `status` lists both, and a leg command names one of them.
     @Test func mirrorsServedOnTCPOnlyHaveAControlSocketEach() throws {
         let fixture = MirrorFixture()
-        let ports = [freePort(), freePort()]
+        let ports = [freeTCPPort(), freeTCPPort()]
         var servers: [ServeProcess] = []
         for (index, port) in ports.enumerated() {
             let legs = [fixture.path("m\(index)-leg0.img"), fixture.path("m\(index)-leg1.img")]

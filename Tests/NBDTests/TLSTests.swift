@@ -200,24 +200,36 @@ import Testing
         #expect(Array(try held.read(upToCount: 1 << 20) ?? Data()) == data)
 
         // libnbd checks a server's certificate over TCP only (over a unix
-        // socket the peer is this machine's).
-        let port = 23000 + Int(getpid() % 20000)
-        let tcpRemote = Process()
-        tcpRemote.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        tcpRemote.arguments = ["nbdkit", "--foreground", "--exit-with-parent", "-p", "\(port)", "--tls=require",
-                               "--tls-certificates=\(certificates.server)", "file", remoteFile]
-        tcpRemote.standardError = FileHandle.nullDevice
-        try tcpRemote.run()
+        // socket the peer is this machine's). A free port, and nbdkit seen
+        // to serve on it: another process may take it first.
+        var tcpURI = ""
+        var tcpRemote = Process()
         // SIGKILL: the test's threads block SIGTERM, and nbdkit, started
         // from one of them, inherits the mask (it would outlive the test).
-        defer {
-            kill(tcpRemote.processIdentifier, SIGKILL)
-            tcpRemote.waitUntilExit()
+        func stop(_ process: Process) {
+            // Only a process that runs: the pid of one never started is 0,
+            // and kill(0) would be this test's whole process group.
+            guard process.isRunning else { return }
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
         }
-        let tcpURI = "nbds://localhost:\(port)/"
-        for _ in 0..<100 {
-            if (try? run(["nbdinfo", "--size", tcpURI + "?tls-certificates=\(certificates.client)"])) != nil { break }
-            usleep(50_000)
+        defer { stop(tcpRemote) }
+        serving: for _ in 0..<3 {
+            let port = freeTCPPort()
+            tcpRemote = Process()
+            tcpRemote.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            tcpRemote.arguments = ["nbdkit", "--foreground", "--exit-with-parent", "-p", "\(port)", "--tls=require",
+                                   "--tls-certificates=\(certificates.server)", "file", remoteFile]
+            tcpRemote.standardError = FileHandle.nullDevice
+            try tcpRemote.run()
+            tcpURI = "nbds://localhost:\(port)/"
+            for _ in 0..<100 where tcpRemote.isRunning {
+                if (try? run(["nbdinfo", "--size", tcpURI + "?tls-certificates=\(certificates.client)"])) != nil {
+                    break serving
+                }
+                usleep(50_000)
+            }
+            stop(tcpRemote)
         }
         try run([dmioNBDExecutable, "examine", tcpURI] + legTLS)
         do {
