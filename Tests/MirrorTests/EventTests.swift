@@ -279,7 +279,9 @@ import Testing
         let watch = try Watcher(["--watch", "--socket", fixture.socket], command: "status")
         let first = watch.waitFor("2 of 2 legs in sync", timeout: 5)
         try fixture.control(["fail-leg", "1"])
-        let failed = watch.waitFor("1 of 2 legs in sync", after: first ?? 0)
+        // Seconds, not one: under a full suite on two cores, the watch's
+        // next line once took longer than a second.
+        let failed = watch.waitFor("1 of 2 legs in sync", after: first ?? 0, timeout: 5)
         try fixture.control(["readd-leg", "1"])
         watch.waitFor("2 of 2 legs in sync", after: failed ?? 0, timeout: 10)
         #expect(server.stop() == 0)
