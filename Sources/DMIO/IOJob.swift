@@ -96,6 +96,7 @@ final class IOJob: @unchecked Sendable {
         // And once the pools go, with the client gone before, so do this job
         // and the bio that ended it, whose calls are still on this stack:
         // nothing may touch either after the notify returns.
+        // Moved out, not copied; a job completed twice then finds `.none`.
         var ending = Waiter.none
         swap(&ending, &waiter)
         switch consume ending {
@@ -106,7 +107,6 @@ final class IOJob: @unchecked Sendable {
             let pools = recycle()
             withExtendedLifetime(pools) { notify(result, context) }
         case .sync:
-            waiter = .sync
             // Signalled under the lock: once it is released, the waiter may
             // recycle the job and its client free it.
             syncLock.withLock {
@@ -139,7 +139,6 @@ final class IOJob: @unchecked Sendable {
         while syncResult == nil { syncLock.wait() }
         let result = syncResult!
         syncLock.unlock()
-        waiter = .none
         recycle()
         return result
     }

@@ -169,7 +169,6 @@ public final class BlockDevice: @unchecked Sendable, CustomStringConvertible {
     /// only where every leg zeroes cheaply.
     public var zeroesCheaply: Bool { driver.zeroesCheaply }
 
-
     func issue(_ bio: Bio, batch: inout BioBatch) { driver.issue(bio, batch: &batch) }
 
     /// Which parts of `length` bytes at `offset` hold data and which are

@@ -34,12 +34,11 @@ struct WritePayload: Equatable {
     private(set) var byteCount = 0
 
     mutating func append(_ slice: ByteBuffer) {
+        // An empty slice (a header that ended its read) is not kept: a
+        // slice keeps its whole read buffer.
+        guard slice.readableBytes > 0 else { return }
         switch slices {
         case .none:
-            slices = .one(slice)
-        case .one(let first) where first.readableBytes == 0:
-            // A header that ended its read left an empty slice of it: a
-            // slice keeps its whole read buffer.
             slices = .one(slice)
         case .one(let first):
             slices = .many([first, slice])
