@@ -19,6 +19,8 @@ import Testing
             return server
         }
         var server = try start()
+        // Printed once the server listens, in one write ending with the status line: read once it is there.
+        _ = server.prints("status:  ", within: 10)
         let printed = server.stdout()
         #expect(printed.contains("nbd-client -unix \(fixture.socket) /dev/nbd0"), "\(printed)")
         #expect(printed.contains("nbdinfo 'nbd+unix:///?socket=\(fixture.socket)'"), "\(printed)")

@@ -54,6 +54,12 @@ public final class ServeProcess {
         poll(for: seconds) { stderr().contains(text) }
     }
 
+    /// Waits for the server to print `text` on its standard output,
+    /// `seconds` at most; whether it did.
+    public func prints(_ text: String, within seconds: Double) -> Bool {
+        poll(for: seconds) { stdout().contains(text) }
+    }
+
     private func poll(for seconds: Double, until done: () -> Bool) -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         while !done() {
