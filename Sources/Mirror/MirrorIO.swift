@@ -190,7 +190,6 @@ extension Mirror {
     /// Starts a change: on `io` (the caller's) when it can go at once, else
     /// (or when `io` is nil: it waited) on the mirror's own client.
     private func start(_ change: Change, on io: DMIOClient?) {
-        let completion = change.completion
         // After a write answered before a write-mostly leg had it (write-behind).
         // Asked only with writes behind: the closure costs an allocation.
         guard !writeBehind.hasOutstanding
@@ -200,14 +199,14 @@ extension Mirror {
         if redundancy.policy.minInSync > 1 {
             let admission = redundancy.admit(inSync: legsAnswering(legs.snapshot)) { [self] admitted in
                 guard admitted else {
-                    return completion(TargetResult(errno: EIO, message: "the server stopped while the write waited "
-                                                   + "for enough legs in sync (--min-in-sync-legs)"))
+                    return change.completion(TargetResult(errno: EIO, message: "the server stopped while the write "
+                                                          + "waited for enough legs in sync (--min-in-sync-legs)"))
                 }
                 startAfterWaiting(change)
             }
             switch admission {
             case .go: break
-            case .refused(let result): return completion(result)
+            case .refused(let result): return change.completion(result)
             case .held:
                 // Enough legs may have come back between the count and the
                 // parking, after the background thread let the held writes go.

@@ -21,7 +21,7 @@ final class RegionBitmap: @unchecked Sendable {
 
     let regionCount: Int
     private let lock = ConditionLock()
-    private var words: [UInt64]
+    private var bits: RegionBits
     /// Pages changed in memory and not yet written, with a version that
     /// tells a change made during a commit from one that it carried.
     private var changed: [Int: UInt64] = [:]
@@ -30,18 +30,16 @@ final class RegionBitmap: @unchecked Sendable {
     /// A bitmap as read from a leg (`bitmap`), or all clear.
     init(regionCount: Int, bitmap: [UInt8]? = nil) {
         self.regionCount = regionCount
-        words = [UInt64](repeating: 0, count: (regionCount + 63) / 64)
+        bits = RegionBits(count: regionCount)
         if let bitmap {
-            for region in 0..<regionCount where bitmap[region / 8] & (1 << (region % 8)) != 0 {
-                words[region / 64] |= 1 << UInt64(region % 64)
-            }
+            for region in 0..<regionCount where bitmap[region / 8] & (1 << (region % 8)) != 0 { bits[region] = true }
         }
     }
 
-    private func isSet(_ region: Int) -> Bool { words[region / 64] & (1 << UInt64(region % 64)) != 0 }
+    private func isSet(_ region: Int) -> Bool { bits[region] }
 
     private func change(_ region: Int, set: Bool) {
-        if set { words[region / 64] |= 1 << UInt64(region % 64) } else { words[region / 64] &= ~(1 << UInt64(region % 64)) }
+        bits[region] = set
         changed[region / Self.bitsPerPage] = nextVersion
         nextVersion += 1
     }
@@ -97,7 +95,7 @@ final class RegionBitmap: @unchecked Sendable {
     }
 
     var dirtyCount: Int {
-        lock.withLock { words.reduce(0) { $0 + $1.nonzeroBitCount } }
+        lock.withLock { bits.setCount }
     }
 
     // MARK: What a commit writes (dm-dirty-log's flush, without the I/O)

@@ -28,8 +28,8 @@ final class RegionHash: @unchecked Sendable {
     private let lock = ConditionLock()
     private var inFlight: [Int: Int] = [:]
     /// Regions a write started in, since the cleaner's last two ticks.
-    private var recentlyWritten: Set<Int> = []
-    private var previouslyWritten: Set<Int> = []
+    private var recentlyWritten: RegionBits
+    private var previouslyWritten: RegionBits
     /// Regions the copier holds, and the writes waiting for them.
     private var copying: Set<Int> = []
     private var heldWrites: [(regions: ClosedRange<Int>, resume: @Sendable () -> Void)] = []
@@ -37,6 +37,8 @@ final class RegionHash: @unchecked Sendable {
     init(regionBytes: UInt32, bitmap: RegionBitmap) {
         self.regionBytes = UInt64(regionBytes)
         self.bitmap = bitmap
+        recentlyWritten = RegionBits(count: bitmap.regionCount)
+        previouslyWritten = RegionBits(count: bitmap.regionCount)
     }
 
     /// The regions that bytes `offset..<offset+length` of the mirror touch.
@@ -54,7 +56,7 @@ final class RegionHash: @unchecked Sendable {
     private func countStart(_ regions: ClosedRange<Int>) {
         for region in regions {
             inFlight[region, default: 0] += 1
-            recentlyWritten.insert(region)
+            recentlyWritten[region] = true
         }
     }
 
@@ -88,13 +90,14 @@ final class RegionHash: @unchecked Sendable {
     func endWrite(_ regions: ClosedRange<Int>) {
         lock.withLock {
             var drained = false
+            // Found once: every write ends here, and each lookup is a hash.
             for region in regions {
-                let left = inFlight[region, default: 1] - 1
-                if left == 0 {
-                    inFlight[region] = nil
+                guard let index = inFlight.index(forKey: region) else { continue }
+                if inFlight.values[index] == 1 {
+                    inFlight.remove(at: index)
                     drained = drained || copying.contains(region)
                 } else {
-                    inFlight[region] = left
+                    inFlight.values[index] -= 1
                 }
             }
             if drained { lock.broadcast() }
@@ -133,7 +136,7 @@ final class RegionHash: @unchecked Sendable {
     /// two ticks; lock held.
     private func isIdle(_ region: Int) -> Bool {
         inFlight[region] == nil && !copying.contains(region)
-            && !recentlyWritten.contains(region) && !previouslyWritten.contains(region)
+            && !recentlyWritten[region] && !previouslyWritten[region]
     }
 
     /// Dirty regions that may be cleared once the legs are flushed: idle,
@@ -141,8 +144,8 @@ final class RegionHash: @unchecked Sendable {
     func idleDirtyRegions() -> [Int] {
         lock.withLock {
             let candidates = bitmap.dirtyRegions.filter(isIdle)
-            previouslyWritten = recentlyWritten
-            recentlyWritten = []
+            swap(&previouslyWritten, &recentlyWritten)
+            recentlyWritten.clearAll()
             return candidates
         }
     }
@@ -152,7 +155,7 @@ final class RegionHash: @unchecked Sendable {
     func clearIdle(_ candidates: [Int]) -> Int {
         lock.withLock {
             bitmap.clear(candidates) { region in
-                inFlight[region] == nil && !copying.contains(region) && !recentlyWritten.contains(region)
+                inFlight[region] == nil && !copying.contains(region) && !recentlyWritten[region]
             }
         }
     }

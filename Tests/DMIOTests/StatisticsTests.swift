@@ -40,7 +40,9 @@ import Testing
         // (Counted apart: the requests above took a few µs of their own.)
         let timed = RequestStatistics(operations: ["write"])
         timed.recorder.record(0, bytes: 0, errno: 0, startedAt: RequestStatistics.now() - 2_500)
-        timed.recorder.record(0, bytes: 0, errno: 0, startedAt: RequestStatistics.now() - 3_600_000_000_000)
+        // Wrapping, as the statistics subtract: on a machine up for less
+        // than an hour the clock reads less than an hour.
+        timed.recorder.record(0, bytes: 0, errno: 0, startedAt: RequestStatistics.now() &- 3_600_000_000_000)
         let durations = timed.totals(0).durations
         #expect(durations[2] == 1, "\(durations)")
         #expect(durations[RequestStatistics.durationBuckets - 1] == 1, "\(durations)")

@@ -49,10 +49,12 @@ import Testing
 
     @Test func balancedReadsAvoidASlowLeg() throws {
         let served = try randomReads(policy: .balanced)
-        // At most one read at a time waits for the slow leg (while it has one
-        // in flight, the other has fewer): 100 in 2 s, against thousands.
+        // About one read at a time waits for the slow leg (while it has one
+        // in flight, the other has fewer): 100 in 2 s, against thousands; a
+        // policy blind to the legs' load would send it half. (Under a full
+        // suite on two cores, with the fast leg slowed too, it served 5.3 %.)
         #expect(served.reads[1] > 2000, "\(served.reads)")
-        #expect(served.share < 0.05, "the slow leg served \(served.reads[0]) of \(served.reads.reduce(0, +))")
+        #expect(served.share < 0.1, "the slow leg served \(served.reads[0]) of \(served.reads.reduce(0, +))")
     }
 
     @Test func firstReadsTheFirstLegHoweverSlow() throws {

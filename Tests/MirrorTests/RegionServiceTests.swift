@@ -71,6 +71,22 @@ import Testing
         #expect(bitmap.dirtyRegions == [2])
     }
 
+    @Test func aRegionIsIdleOnlyOnceItsLastWriteEndedAndTwoTicksPassed() {
+        // Regions 63 and 64 sit in two words of the bits.
+        let (bitmap, hash) = hash(regions: 130)
+        #expect(hash.startWrite(63...64) {} == .needsCommit)
+        #expect(hash.startWrite(64...64) {} == .needsCommit)
+        bitmap.written(bitmap.changedPages())
+        hash.endWrite(63...64)
+        #expect(hash.idleDirtyRegions() == [])
+        #expect(hash.idleDirtyRegions() == [])
+        #expect(hash.idleDirtyRegions() == [63])
+        hash.endWrite(64...64)
+        #expect(hash.idleDirtyRegions() == [63, 64])
+        #expect(hash.clearIdle([63, 64]) == 2)
+        #expect(bitmap.dirtyCount == 0)
+    }
+
     @Test func aBitSetAgainDuringACommitStaysToBeWritten() {
         let (bitmap, hash) = hash()
         #expect(hash.startWrite(0...0) {} == .needsCommit)
