@@ -1,6 +1,7 @@
 /// One bit per region, in words: the write-intent bitmap in memory, and the
 /// regions the region hash saw written lately. A bit costs every write a
-/// shift where a set of regions cost it a hash.
+/// shift where a set of regions cost it a hash; the hash's two (this tick,
+/// the last) take twice the bitmap's memory, whatever was written.
 struct RegionBits {
     private var words: [UInt64]
 

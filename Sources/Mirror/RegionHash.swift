@@ -92,7 +92,10 @@ final class RegionHash: @unchecked Sendable {
             var drained = false
             // Found once: every write ends here, and each lookup is a hash.
             for region in regions {
-                guard let index = inFlight.index(forKey: region) else { continue }
+                guard let index = inFlight.index(forKey: region) else {
+                    assertionFailure("a write ended in region \(region), where none had started")
+                    continue
+                }
                 if inFlight.values[index] == 1 {
                     inFlight.remove(at: index)
                     drained = drained || copying.contains(region)

@@ -48,4 +48,19 @@ import Testing
         #expect(durations[RequestStatistics.durationBuckets - 1] == 1, "\(durations)")
         #expect(RequestStatistics.durationBound(2) == 4e-6)
     }
+
+    /// A request that ends on another CPU may read the clock a little
+    /// behind its start: it took no time (not 2^64 ns less a little, which
+    /// also made the bucket's rounding overflow, and trap, within 999 ns).
+    /// The end's reading comes a little after the test's: the starts are
+    /// well ahead.
+    @Test func aClockReadBehindTheStartCountsNoTime() {
+        let statistics = RequestStatistics(operations: ["write"])
+        for ahead: UInt64 in [1_000_000, 1_000_000_000, 3_600_000_000_000] {
+            statistics.recorder.record(0, bytes: 4096, errno: 0, startedAt: RequestStatistics.now() + ahead)
+        }
+        let totals = statistics.totals(0)
+        #expect(totals.durations[0] == 3, "\(totals.durations)")
+        #expect(totals.durationSeconds == 0)
+    }
 }

@@ -109,7 +109,11 @@ public final class RequestStatistics: Sendable {
         /// Counts the end of a request that `start` returned `startedAt` for.
         @inline(__always)
         public func end(_ operation: Int, bytes: UInt64, errno: Int32, startedAt: UInt64) {
-            let elapsed = Statistics.now() &- startedAt
+            // Read on another CPU, the clock may be a few nanoseconds behind
+            // the start's: a difference that is negative as a signed number
+            // took no time (and would overflow the bucket's rounding below).
+            let difference = Statistics.now() &- startedAt
+            let elapsed = Int64(bitPattern: difference) < 0 ? 0 : difference
             let shard = counters.shard()
             let base = operation * Slot.count
             if errno == 0 {
