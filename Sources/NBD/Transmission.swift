@@ -23,8 +23,9 @@ import NIOSSL
 /// share of the server's bound (`LoopLoad`), and so does what comes after
 /// them, except writes: their payloads are held already, and only their
 /// end gives the room back.
-final class TransmissionHandler: ChannelDuplexHandler {
-    typealias InboundIn = NBDRequest
+final class TransmissionHandler: ChannelDuplexHandler, RequestSink {
+    /// Requests come from the framer by a direct call (`received`).
+    typealias InboundIn = Never
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -91,6 +92,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
         onLoop = NIOLoopBound(self, eventLoop: context.eventLoop)
         writable = context.channel.isWritable
         inbox.attach(self, loop: context.eventLoop)
+        framer.sink = self
     }
 
     /// Breaks the handler's references to itself and to its context, so
@@ -98,6 +100,7 @@ final class TransmissionHandler: ChannelDuplexHandler {
     /// in flight hold it until they come).
     func handlerRemoved(context: ChannelHandlerContext) {
         stallWatch?.cancel()
+        framer.sink = nil
         self.context = nil
         onLoop = nil
         load.stopWaiting(self)
@@ -120,10 +123,10 @@ final class TransmissionHandler: ChannelDuplexHandler {
 
     // MARK: Inbound
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let request = unwrapInboundIn(data)
+    func received(_ request: consuming NBDRequest) {
         let payloadBytes = request.payloadBytes
-        switch state.received(consume request) {
+        switch state.received(request, loopHasRoom: load.hasRoom, writable: writable) {
+        case .start(let request): start(request)
         case .queued: startWaiting()
         case .dropped: load.give(payloadBytes)
         }

@@ -21,6 +21,8 @@ struct TransmissionStateMachine {
 
     /// What to do with a request read from the socket.
     enum Arrival: Equatable {
+        /// Nothing waits, and it may start: start it now.
+        case start(NBDRequest)
         case queued
         /// It came after NBD_CMD_DISC: give its payload back, run nothing.
         case dropped
@@ -69,8 +71,14 @@ struct TransmissionStateMachine {
 
     // MARK: Requests
 
-    mutating func received(_ request: consuming NBDRequest) -> Arrival {
+    /// A request was read; when it need not wait (`next` would start it at
+    /// once), it starts without passing through the queue.
+    mutating func received(_ request: consuming NBDRequest, loopHasRoom: Bool, writable: Bool) -> Arrival {
         guard !disconnecting && !disconnectSetAside else { return .dropped }
+        if waiting.isEmpty && setAside.isEmpty && mayStart(writable: writable)
+            && (loopHasRoom || request.type != CommandType.read.rawValue) {
+            return .start(request)
+        }
         waiting.append(request)
         return .queued
     }

@@ -14,8 +14,26 @@ import Testing
                           payload: payloadBytes)
     }
 
-    /// Starts what may start, as the handler does: each one counted in
-    /// flight but NBD_CMD_DISC, which goes to no target.
+    /// Starts `request` as the handler does: counted in flight, but
+    /// NBD_CMD_DISC, which goes to no target. Returns its cookie.
+    private func begin(_ request: NBDRequest, _ machine: inout TransmissionStateMachine) -> UInt64 {
+        if request.type == CommandType.disconnect.rawValue { machine.disconnect() } else { machine.started(bytes: 0) }
+        return request.cookie
+    }
+
+    /// Hands `requests` to the machine as they are read; returns those it
+    /// started at once.
+    private func receive(_ machine: inout TransmissionStateMachine, _ requests: NBDRequest..., room: Bool = true,
+                         writable: Bool = true) -> [UInt64] {
+        requests.compactMap { request in
+            guard case .start(let request) = machine.received(request, loopHasRoom: room, writable: writable) else {
+                return nil
+            }
+            return begin(request, &machine)
+        }
+    }
+
+    /// Starts what may start of what waits.
     private func startAll(_ machine: inout TransmissionStateMachine, room: Bool = true,
                           writable: Bool = true) -> [UInt64] {
         var started: [UInt64] = []
@@ -23,16 +41,30 @@ import Testing
             let next = machine.next(loopHasRoom: room, writable: writable)
             if next == .dropped { continue }
             guard case .start(let request) = next else { break }
-            started.append(request.cookie)
-            if request.type == CommandType.disconnect.rawValue { machine.disconnect() } else { machine.started(bytes: 0) }
+            started.append(begin(request, &machine))
         }
         return started
     }
 
+    @Test func aRequestStartsAtOnceOnlyWhenNothingWaitsAndItMay() {
+        var machine = TransmissionStateMachine(limits: .init(requests: 2, bytes: 1 << 20))
+        #expect(receive(&machine, request(.write, cookie: 1, payload: 512)) == [1])
+        #expect(machine.received(request(.read, cookie: 2), loopHasRoom: false, writable: true) == .queued,
+                "a read needs the loop's room")
+        #expect(machine.received(request(.write, cookie: 3, payload: 512), loopHasRoom: true, writable: true) == .queued,
+                "a request waits behind one that waits")
+        #expect(startAll(&machine) == [2])
+        #expect(machine.received(request(.flush, cookie: 4), loopHasRoom: true, writable: true) == .queued,
+                "the connection is at its limit")
+        machine.finished(bytes: 0)
+        #expect(startAll(&machine) == [3])
+    }
+
     @Test func requestsBeyondTheLimitWaitAndStartInOrderAsOthersEnd() {
         var machine = TransmissionStateMachine(limits: .init(requests: 2, bytes: 1 << 20))
-        for cookie in 0..<5 { #expect(machine.received(request(.read, cookie: UInt64(cookie))) == .queued) }
-        #expect(startAll(&machine) == [0, 1])
+        #expect(receive(&machine, request(.read, cookie: 0), request(.read, cookie: 1), request(.read, cookie: 2),
+                        request(.read, cookie: 3), request(.read, cookie: 4)) == [0, 1])
+        #expect(startAll(&machine).isEmpty)
         #expect(machine.readRequested(insidePayload: false, writable: true) == false, "no reading while requests wait")
         machine.finished(bytes: 0)
         #expect(startAll(&machine) == [2])
@@ -46,16 +78,15 @@ import Testing
 
     @Test func nothingStartsWhileTheClientTakesNoReplies() {
         var machine = TransmissionStateMachine(limits: .init(requests: 8, bytes: 1 << 20))
-        _ = machine.received(request(.read, cookie: 1))
+        #expect(receive(&machine, request(.read, cookie: 1), writable: false).isEmpty)
         #expect(startAll(&machine, writable: false).isEmpty)
         #expect(startAll(&machine, writable: true) == [1])
     }
 
     @Test func aReadWithoutRoomIsSetAsideWithWhatFollowsButWrites() {
         var machine = TransmissionStateMachine(limits: .init(requests: 8, bytes: 1 << 20))
-        _ = machine.received(request(.read, cookie: 1))
-        _ = machine.received(request(.flush, cookie: 2))
-        _ = machine.received(request(.write, cookie: 3, payload: 512))
+        #expect(receive(&machine, request(.read, cookie: 1), request(.flush, cookie: 2),
+                        request(.write, cookie: 3, payload: 512), room: false).isEmpty)
         #expect(startAll(&machine, room: false) == [3], "a write's payload is held already: it goes on")
         #expect(machine.needsWakeWhenRoom(loopHasRoom: false) == true)
         #expect(machine.needsWakeWhenRoom(loopHasRoom: false) == false, "one wake asked is enough")
@@ -66,12 +97,11 @@ import Testing
 
     @Test func whatFollowsADisconnectSetAsideIsDroppedAndItStillComesLast() {
         var machine = TransmissionStateMachine(limits: .init(requests: 8, bytes: 1 << 20))
-        _ = machine.received(request(.read, cookie: 1))
-        _ = machine.received(request(.disconnect, cookie: 2))
-        _ = machine.received(request(.write, cookie: 3, payload: 512))
+        #expect(receive(&machine, request(.read, cookie: 1), request(.disconnect, cookie: 2),
+                        request(.write, cookie: 3, payload: 512), room: false).isEmpty)
         #expect(startAll(&machine, room: false).isEmpty)
         #expect(machine.takeDropped().map(\.cookie) == [3])
-        #expect(machine.received(request(.write, cookie: 4, payload: 512)) == .dropped)
+        #expect(machine.received(request(.write, cookie: 4, payload: 512), loopHasRoom: true, writable: true) == .dropped)
         #expect(machine.readRequested(insidePayload: false, writable: true) == false)
         #expect(startAll(&machine, room: true) == [1, 2])
         #expect(machine.disconnecting)
@@ -81,9 +111,8 @@ import Testing
     /// lacked room for: once it is dropped, the machine is asked again.
     @Test func droppingWhatFollowsADisconnectAsksToBeAskedAgain() {
         var machine = TransmissionStateMachine(limits: .init(requests: 8, bytes: 1 << 20))
-        _ = machine.received(request(.read, cookie: 1))
-        _ = machine.received(request(.disconnect, cookie: 2))
-        _ = machine.received(request(.write, cookie: 3, payload: 512))
+        #expect(receive(&machine, request(.read, cookie: 1), request(.disconnect, cookie: 2),
+                        request(.write, cookie: 3, payload: 512), room: false).isEmpty)
         #expect(machine.next(loopHasRoom: false, writable: true) == .dropped)
         #expect(machine.takeDropped().map(\.cookie) == [3])
         // The write's bytes given back, the loop has room again.
@@ -92,11 +121,8 @@ import Testing
 
     @Test func afterADisconnectNothingStartsAndTheConnectionClosesOnceAnswered() {
         var machine = TransmissionStateMachine(limits: .init(requests: 8, bytes: 1 << 20))
-        _ = machine.received(request(.read, cookie: 1))
-        _ = machine.received(request(.disconnect, cookie: 2))
-        _ = machine.received(request(.read, cookie: 3))
-        #expect(startAll(&machine) == [1, 2])
-        #expect(machine.takeDropped().map(\.cookie) == [3])
+        #expect(receive(&machine, request(.read, cookie: 1), request(.disconnect, cookie: 2)) == [1, 2])
+        #expect(machine.received(request(.read, cookie: 3), loopHasRoom: true, writable: true) == .dropped)
         #expect(machine.closeIfDone() == false, "the read is still in flight")
         machine.finished(bytes: 0)
         #expect(machine.closeIfDone() == true)
@@ -106,9 +132,7 @@ import Testing
 
     @Test func aPayloadBegunIsReadToItsEndWhateverTheLimits() {
         var machine = TransmissionStateMachine(limits: .init(requests: 1, bytes: 1 << 20))
-        _ = machine.received(request(.read, cookie: 1))
-        _ = machine.received(request(.read, cookie: 2))
-        #expect(startAll(&machine) == [1])
+        #expect(receive(&machine, request(.read, cookie: 1), request(.read, cookie: 2)) == [1])
         #expect(machine.readRequested(insidePayload: false, writable: true) == false)
         #expect(machine.readRequested(insidePayload: true, writable: true) == true)
         machine.inputClosed()
@@ -130,9 +154,7 @@ import Testing
 
     @Test func aGoneConnectionDropsWhatWaited() {
         var machine = TransmissionStateMachine(limits: .init(requests: 1, bytes: 1 << 20))
-        _ = machine.received(request(.read, cookie: 1))
-        _ = machine.received(request(.write, cookie: 2, payload: 512))
-        #expect(startAll(&machine) == [1])
+        #expect(receive(&machine, request(.read, cookie: 1), request(.write, cookie: 2, payload: 512)) == [1])
         machine.connectionGone()
         #expect(machine.takeDropped().map(\.cookie) == [2])
         #expect(!machine.isActive)

@@ -71,6 +71,11 @@ struct WritePayload: Equatable {
     }
 }
 
+/// What takes the requests a `RequestFramer` frames, in the order they came.
+protocol RequestSink: AnyObject {
+    func received(_ request: consuming NBDRequest)
+}
+
 /// Frames transmission requests: a 28-byte header, and for a write its
 /// payload. Not a ByteToMessageDecoder: that gathers a frame which spans
 /// socket reads into one buffer, copying it (and the whole of the next
@@ -87,9 +92,12 @@ struct WritePayload: Equatable {
 /// would have to hold), is a protocol violation: the stream can no longer
 /// be framed. The error goes down the pipeline, which closes the
 /// connection, and nothing after it is framed.
+///
+/// Each request goes to its `sink` (the transmission handler, next in the
+/// pipeline) by a direct call, not down the pipeline: there a request is
+/// boxed (an allocation), copied twice and cast back, for every request.
 final class RequestFramer: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
-    typealias InboundOut = NBDRequest
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -118,6 +126,10 @@ final class RequestFramer: ChannelDuplexHandler {
     /// state, so that looking at the state copies no buffer, and reused.
     private var partialHeader = ByteBuffer()
     private var context: ChannelHandlerContext?
+    /// Where each request framed goes. Not counted: the sink sets itself
+    /// from its own pipeline's `handlerAdded` and clears itself when
+    /// removed, and requests are framed only while both are in the pipeline.
+    unowned(unsafe) var sink: RequestSink?
 
     init(maxPayload: UInt32, load: LoopLoad) {
         self.maxPayload = maxPayload
@@ -167,7 +179,7 @@ final class RequestFramer: ChannelDuplexHandler {
                     return
                 }
                 guard let request = try nextRequest(from: &input) else { break }
-                context.fireChannelRead(wrapInboundOut(request))
+                sink?.received(request)
             }
         } catch {
             state = .broken
