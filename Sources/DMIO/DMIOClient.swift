@@ -101,12 +101,14 @@ public final class DMIOClient: @unchecked Sendable {
     /// writes and ignored by the other operations.
     public func sync(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
                      flags: IOFlags = []) throws(DMIOError) -> IOResult {
-        try validate(operation, regions: regions, memory: memory)
-        return jobPool._withUnsafeGuaranteedRef { $0.take() }._withUnsafeGuaranteedRef { job in
-            job.start(pools: pools, regions: regions, notify: nil, context: nil)
-            dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
-            (engine as? ThreadDrivenEngine)?.run { job.isSyncDone }
-            return job.waitForSync()
+        try regions.withUnsafeBufferPointer { regions throws(DMIOError) in
+            try validate(operation, regions: regions, memory: memory)
+            return jobPool._withUnsafeGuaranteedRef { $0.take() }._withUnsafeGuaranteedRef { job in
+                job.start(pools: pools, regions: regions, notify: nil, context: nil)
+                dispatch(operation, regions: regions, memory: memory, flags: flags, job: job)
+                (engine as? ThreadDrivenEngine)?.run { job.isSyncDone }
+                return job.waitForSync()
+            }
         }
     }
 
@@ -133,6 +135,17 @@ public final class DMIOClient: @unchecked Sendable {
     /// Starts a request; `notify` is called once with its result and
     /// `context`. The memory must stay valid until then.
     public func submit(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
+                       flags: IOFlags = [], context: AnyObject? = nil,
+                       notify: @escaping IONotify) throws(DMIOError) {
+        try regions.withUnsafeBufferPointer { regions throws(DMIOError) in
+            try submit(operation, regions: regions, memory: memory, flags: flags, context: context, notify: notify)
+        }
+    }
+
+    /// The regions as the kernel's `dm_io` takes them, a pointer and a
+    /// count, read only until `submit` returns: a caller that makes them
+    /// for each request keeps them off the heap (`withUnsafeTemporaryAllocation`).
+    public func submit(_ operation: IOOperation, regions: UnsafeBufferPointer<IORegion>, memory: IOMemory? = nil,
                        flags: IOFlags = [], context: AnyObject? = nil,
                        notify: @escaping IONotify) throws(DMIOError) {
         try validate(operation, regions: regions, memory: memory)
@@ -168,10 +181,12 @@ public final class DMIOClient: @unchecked Sendable {
     /// Runs a request and suspends until it completes.
     public func perform(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
                         flags: IOFlags = []) async throws(DMIOError) -> IOResult {
-        try validate(operation, regions: regions, memory: memory)
+        try regions.withUnsafeBufferPointer { regions throws(DMIOError) in try validate(operation, regions: regions, memory: memory) }
         return await withCheckedContinuation { continuation in
-            start(operation, regions: regions, memory: memory, flags: flags, context: nil) { result, _ in
-                continuation.resume(returning: result)
+            regions.withUnsafeBufferPointer { regions in
+                start(operation, regions: regions, memory: memory, flags: flags, context: nil) { result, _ in
+                    continuation.resume(returning: result)
+                }
             }
         }
     }
@@ -193,7 +208,7 @@ public final class DMIOClient: @unchecked Sendable {
 
     // MARK: Issuing I/O
 
-    private func start(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?,
+    private func start(_ operation: IOOperation, regions: UnsafeBufferPointer<IORegion>, memory: IOMemory?,
                        flags: IOFlags, context: AnyObject?, notify: @escaping IONotify) {
         jobPool._withUnsafeGuaranteedRef { $0.take() }._withUnsafeGuaranteedRef { job in
             job.start(pools: pools, regions: regions, notify: notify, context: context)
@@ -205,7 +220,7 @@ public final class DMIOClient: @unchecked Sendable {
     /// validated request into bios and issues them. Every region of a write
     /// walks the same memory from its start. Discard and write-zeroes are
     /// ranges, split so that each fits an NBD command's 32-bit length.
-    private func dispatch(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?,
+    private func dispatch(_ operation: IOOperation, regions: UnsafeBufferPointer<IORegion>, memory: IOMemory?,
                           flags: IOFlags, job: IOJob) {
         var batch = BioBatch()
         let longest = memory == nil ? Self.maxRangeBytes : UInt64(Bio.maxBytes)

@@ -52,7 +52,7 @@ final class IOJob: @unchecked Sendable {
     /// Returns a bio of the request, ended, to its pool.
     func recycle(_ bio: Bio) { bioPool.unsafelyUnwrapped._withUnsafeGuaranteedRef { $0.recycle(bio) } }
 
-    func start(pools: RequestPools, regions: [IORegion], notify: IONotify?, context: AnyObject?) {
+    func start(pools: RequestPools, regions: UnsafeBufferPointer<IORegion>, notify: IONotify?, context: AnyObject?) {
         self.pools = pools
         precondition(regions.count <= maxRegions, "a request of \(regions.count) regions")
         for index in regions.indices { devices[index] = regions.withDevice(at: index) { Unmanaged.passRetained($0) } }

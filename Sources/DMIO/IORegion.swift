@@ -24,19 +24,17 @@ public struct IORegion {
     public var byteCount: UInt64 { count << sectorShift }
 }
 
-extension Array where Element == IORegion {
+extension UnsafeBufferPointer where Element == IORegion {
     /// Runs `body` with the device of region `index`, lent without a
     /// reference of its own (the region holds one). A request reads every
-    /// region's device: taking a region out of the array, or its device,
+    /// region's device: taking a region out of the buffer, or its device,
     /// would count a reference each time, so the device is read in place,
     /// as the bit pattern it is.
     @inline(__always)
     func withDevice<Result>(at index: Int, _ body: (BlockDevice) -> Result) -> Result {
         assert(indices.contains(index), "region \(index) of \(count)")
-        return withUnsafeBufferPointer { regions in
-            (UnsafeRawPointer(regions.baseAddress! + index) + IORegion.deviceOffset)
-                .load(as: Unmanaged<BlockDevice>.self)._withUnsafeGuaranteedRef(body)
-        }
+        return (UnsafeRawPointer(baseAddress! + index) + IORegion.deviceOffset)
+            .load(as: Unmanaged<BlockDevice>.self)._withUnsafeGuaranteedRef(body)
     }
 }
 

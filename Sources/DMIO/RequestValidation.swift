@@ -1,6 +1,6 @@
 /// Every rule a request must meet, checked before any I/O is issued, so
 /// that a refused request writes nothing to any region.
-func validate(_ operation: IOOperation, regions: [IORegion], memory: IOMemory?) throws(DMIOError) {
+func validate(_ operation: IOOperation, regions: UnsafeBufferPointer<IORegion>, memory: IOMemory?) throws(DMIOError) {
     switch operation {
     case .read:
         guard regions.count == 1 else { throw .invalidRegionCount(operation: operation, count: regions.count) }

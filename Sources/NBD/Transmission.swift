@@ -125,7 +125,7 @@ final class TransmissionHandler: ChannelDuplexHandler, RequestSink {
 
     func received(_ request: consuming NBDRequest) {
         let payloadBytes = request.payloadBytes
-        switch state.received(request, loopHasRoom: load.hasRoom, writable: writable) {
+        switch state.received(consume request, loopHasRoom: load.hasRoom, writable: writable) {
         case .start(let request): start(request)
         case .queued: startWaiting()
         case .dropped: load.give(payloadBytes)

@@ -6,20 +6,22 @@ import Testing
 
 /// The wire decoders on their own, without a socket.
 @Suite struct CodecTests {
-    /// What a framer hands on, in order, as the transmission handler takes it.
-    private final class Framed: RequestSink {
+    /// What a framer hands on, in order: it sits after the framer, as the
+    /// transmission handler does, so that the pipeline holds it (the framer
+    /// does not count its sink).
+    private final class Framed: RequestSink, ChannelInboundHandler {
+        typealias InboundIn = Never
         private var requests: [NBDRequest] = []
         func received(_ request: consuming NBDRequest) { requests.append(request) }
         func next() -> NBDRequest? { requests.isEmpty ? nil : requests.removeFirst() }
     }
 
-    /// A framer in a channel, and what it framed (held here: the framer does not count its sink).
     private func requestChannel(maxPayload: UInt32 = 1 << 20,
                                 load: LoopLoad = LoopLoad(bufferLimit: 1 << 30)) -> (EmbeddedChannel, Framed) {
         let framer = RequestFramer(maxPayload: maxPayload, load: load)
         let framed = Framed()
         framer.sink = framed
-        return (EmbeddedChannel(handler: framer), framed)
+        return (EmbeddedChannel(handlers: [framer, framed]), framed)
     }
 
     /// Feeds `input` to the channel in pieces of `pieceBytes`.

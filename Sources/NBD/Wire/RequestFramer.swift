@@ -179,12 +179,20 @@ final class RequestFramer: ChannelDuplexHandler {
                     return
                 }
                 guard let request = try nextRequest(from: &input) else { break }
-                sink?.received(request)
+                deliver(request)
             }
         } catch {
             state = .broken
             context.fireErrorCaught(error)
         }
+    }
+
+    private func deliver(_ request: consuming NBDRequest) {
+        guard let sink else {
+            assertionFailure("a request framed with no sink")
+            return load.give(request.payloadBytes)
+        }
+        sink.received(request)
     }
 
     private func waitForRoom(_ context: ChannelHandlerContext) {

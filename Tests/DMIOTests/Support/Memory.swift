@@ -93,7 +93,9 @@ final class MemoryFixture {
 
 /// The seed's two forms, plus Swift concurrency.
 enum CallForm: String, CaseIterable, CustomStringConvertible {
-    case sync, callback, swiftAsync
+    /// `callbackOnRegionPointer`: the callback form given its regions as a
+    /// pointer and a count, as the kernel's `dm_io` takes them.
+    case sync, callback, callbackOnRegionPointer, swiftAsync
     var description: String { rawValue }
 }
 
@@ -126,12 +128,20 @@ func perform(_ client: DMIOClient, _ form: CallForm, _ operation: IOOperation, _
     switch form {
     case .sync:
         return try client.sync(operation, regions: regions, memory: memory, flags: flags)
-    case .callback:
+    case .callback, .callbackOnRegionPointer:
         let counter = CompletionCounter()
         let context = NSString(string: "context")
-        try client.submit(operation, regions: regions, memory: memory, flags: flags, context: context) { result, given in
+        let notify: IONotify = { result, given in
             #expect(given === context, sourceLocation: sourceLocation)
             counter.record(result)
+        }
+        if form == .callback {
+            try client.submit(operation, regions: regions, memory: memory, flags: flags, context: context, notify: notify)
+        } else {
+            try regions.withUnsafeBufferPointer { regions throws(DMIOError) in
+                try client.submit(operation, regions: regions, memory: memory, flags: flags, context: context,
+                                  notify: notify)
+            }
         }
         let results = counter.waitFor(1)
         usleep(2000)  // a second completion, if there were one, would arrive now
