@@ -181,7 +181,9 @@ public final class DMIOClient: @unchecked Sendable {
     /// Runs a request and suspends until it completes.
     public func perform(_ operation: IOOperation, regions: [IORegion], memory: IOMemory? = nil,
                         flags: IOFlags = []) async throws(DMIOError) -> IOResult {
-        try regions.withUnsafeBufferPointer { regions throws(DMIOError) in try validate(operation, regions: regions, memory: memory) }
+        try regions.withUnsafeBufferPointer { regions throws(DMIOError) in
+            try validate(operation, regions: regions, memory: memory)
+        }
         return await withCheckedContinuation { continuation in
             regions.withUnsafeBufferPointer { regions in
                 start(operation, regions: regions, memory: memory, flags: flags, context: nil) { result, _ in

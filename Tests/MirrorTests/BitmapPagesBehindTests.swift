@@ -44,7 +44,7 @@ import Testing
         // A superblock that no longer names it stops its pages at its start
         // (a claim with a snapshot from before the change too).
         #expect(!behind.ended(0, on: farLeg.device, failed: false).isAgain)
-        try legs.setWriteMostly(1, false)
+        #expect(try legs.setWriteMostly(1, false), "it was write-mostly")
         _ = behind.beginRecord(legs.snapshot)
         #expect(behind.claim([0], snapshot).isEmpty)
         // Without write-behind, no leg is ever named.
@@ -61,7 +61,7 @@ import Testing
         #expect(!behind.ended(0, on: farLeg.device, failed: false).isAgain)
         #expect(!behind.ended(1, on: farLeg.device, failed: false).isAgain)
         // The leg no longer written behind: named while pages are under way, not after.
-        try legs.setWriteMostly(1, false)
+        #expect(try legs.setWriteMostly(1, false), "it was write-mostly")
         #expect(behind.beginRecord(legs.snapshot).isEmpty)
         behind.waitUntilLanded(nil)
     }
@@ -72,7 +72,7 @@ import Testing
         _ = behind.claim([3], legs.snapshot)
         #expect(behind.ended(3, on: farLeg.device, failed: true) == .withNextCommit)
         let (device, far) = (farLeg.device, far)
-        try legs.setWriteMostly(1, false)
+        #expect(try legs.setWriteMostly(1, false), "it was write-mostly")
         #expect(behind.beginRecord(legs.snapshot) == [far], "it misses page 3")
         behind.sendingWithOthers([3], to: [device])
         behind.landedWithOthers([3], on: [device])

@@ -10,10 +10,13 @@ public enum DeviceSpec: Sendable, Hashable {
 
     /// The URI schemes a device may be named by, and the driver that opens
     /// each: a new kind of remote device is a line here.
-    static let drivers: [String: @Sendable (String, DeviceOptions) throws(DMIOError) -> any DeviceDriver] = [
-        "nbd": RemoteNBDDevice.init, "nbd+unix": RemoteNBDDevice.init,
-        "nbds": RemoteNBDDevice.init, "nbds+unix": RemoteNBDDevice.init,
+    static let drivers: [String: Driver] = [
+        "nbd": openNBD, "nbd+unix": openNBD, "nbds": openNBD, "nbds+unix": openNBD,
     ]
+    typealias Driver = @Sendable (String, DeviceOptions) throws(DMIOError) -> any DeviceDriver
+    private static let openNBD: Driver = { uri, options throws(DMIOError) in
+        try RemoteNBDDevice(uri: uri, options: options)
+    }
 
     /// Reads `text`: a URI when it names a scheme (`scheme://...`), a path
     /// otherwise. A scheme no driver takes is refused, and so is a bad
