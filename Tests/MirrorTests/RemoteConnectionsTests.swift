@@ -46,18 +46,22 @@ import Testing
         }
 
         private func connected() -> Int {
-            let lines = ((try? String(contentsOfFile: requestLog, encoding: .utf8)) ?? "").split(separator: "\n")
+            let lines = logLines
             return lines.count { $0.contains(" Connect ") } - lines.count { $0.contains(" Disconnect ") }
         }
 
         /// The nbdkit connections (its log's connection=N) that carried writes.
         var connectionsThatWrote: Set<Substring> {
-            let log = (try? String(contentsOfFile: requestLog, encoding: .utf8)) ?? ""
-            return Set(log.split(separator: "\n").compactMap { line in
+            Set(logLines.compactMap { line in
                 line.firstRange(of: " Write ").flatMap { _ in
                     line.split(separator: " ").first { $0.hasPrefix("connection=") }
                 }
             })
+        }
+
+        /// nbdkit's log so far, a line each (none before it has written one).
+        private var logLines: [Substring] {
+            ((try? String(contentsOfFile: requestLog, encoding: .utf8)) ?? "").split(separator: "\n")
         }
     }
 
