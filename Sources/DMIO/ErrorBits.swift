@@ -41,7 +41,9 @@ public struct IOResult: Sendable, Hashable, CustomStringConvertible {
     /// One entry per failed region, ordered by region index.
     public let failures: [RegionFailure]
 
-    public static let success = IOResult(errorBits: [], failures: [])
+    // Made each time, not a stored static: every request ends with one, and on
+    // Linux each read of a static costs a call (swift_once); an empty array is no allocation.
+    public static var success: IOResult { IOResult(errorBits: [], failures: []) }
 
     public var succeeded: Bool { errorBits.isEmpty }
 

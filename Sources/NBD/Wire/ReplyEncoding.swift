@@ -110,18 +110,14 @@ extension ByteBuffer {
         if zeroes { writeRepeatingByte(0, count: 124) }
     }
 
+    // A reply's header goes in as one write: each `writeInteger` of its own
+    // checks the capacity and the buffer's uniqueness again, once a request.
     mutating func writeSimpleReply(error: UInt32, cookie: UInt64) {
-        writeInteger(Magic.simpleReply)
-        writeInteger(error)
-        writeInteger(cookie)
+        writeMultipleIntegers(Magic.simpleReply, error, cookie)
     }
 
     mutating func writeChunkHeader(flags: UInt16, type: ChunkType, cookie: UInt64, length: Int) {
-        writeInteger(Magic.structuredReply)
-        writeInteger(flags)
-        writeInteger(type.rawValue)
-        writeInteger(cookie)
-        writeInteger(UInt32(length))
+        writeMultipleIntegers(Magic.structuredReply, flags, type.rawValue, cookie, UInt32(length))
     }
 
     /// NBD_REPLY_TYPE_ERROR, the final chunk, with a message.
