@@ -41,8 +41,9 @@ public struct IOResult: Sendable, Hashable, CustomStringConvertible {
     /// One entry per failed region, ordered by region index.
     public let failures: [RegionFailure]
 
-    // Made each time, not a stored static: every request ends with one, and on
-    // Linux each read of a static costs a call (swift_once); an empty array is no allocation.
+    // Made each time, not stored: every request ends with one, and on Linux each
+    // read of a static made at run time is a call (swift_once); an empty array
+    // allocates nothing.
     public static var success: IOResult { IOResult(errorBits: [], failures: []) }
 
     public var succeeded: Bool { errorBits.isEmpty }

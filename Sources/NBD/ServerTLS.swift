@@ -71,8 +71,7 @@ public struct ServerTLS: Sendable {
     /// The handlers of one connection's TLS, put in front of its pipeline
     /// after NBD_OPT_STARTTLS is acknowledged.
     func makeHandlers() -> [ChannelHandler] {
-        // Cannot fail: the context was made at start-up.
-        [try! NIOSSLServerHandler(context: context), TLSInputClose()]
+        [NIOSSLServerHandler(context: context), TLSInputClose()]
     }
 
     private static func load<T>(_ folder: String, _ name: String, _ read: (String) throws -> T) throws -> T {

@@ -110,14 +110,33 @@ extension ByteBuffer {
         if zeroes { writeRepeatingByte(0, count: 124) }
     }
 
-    // A reply's header goes in as one write: each `writeInteger` of its own
-    // checks the capacity and the buffer's uniqueness again, once a request.
+    // A reply's header is made on the stack and goes in with one `writeBytes`:
+    // each `writeInteger` (and `writeMultipleIntegers`, an integer at a time)
+    // checks the buffer's uniqueness, its capacity and its storage's
+    // exclusive access again, and every request has a header.
     mutating func writeSimpleReply(error: UInt32, cookie: UInt64) {
-        writeMultipleIntegers(Magic.simpleReply, error, cookie)
+        writeHeader(byteCount: 16) { header in
+            header.storeBytes(of: Magic.simpleReply.bigEndian, toByteOffset: 0, as: UInt32.self)
+            header.storeBytes(of: error.bigEndian, toByteOffset: 4, as: UInt32.self)
+            header.storeBytes(of: cookie.bigEndian, toByteOffset: 8, as: UInt64.self)
+        }
     }
 
     mutating func writeChunkHeader(flags: UInt16, type: ChunkType, cookie: UInt64, length: Int) {
-        writeMultipleIntegers(Magic.structuredReply, flags, type.rawValue, cookie, UInt32(length))
+        writeHeader(byteCount: 20) { header in
+            header.storeBytes(of: Magic.structuredReply.bigEndian, toByteOffset: 0, as: UInt32.self)
+            header.storeBytes(of: flags.bigEndian, toByteOffset: 4, as: UInt16.self)
+            header.storeBytes(of: type.rawValue.bigEndian, toByteOffset: 6, as: UInt16.self)
+            header.storeBytes(of: cookie.bigEndian, toByteOffset: 8, as: UInt64.self)
+            header.storeBytes(of: UInt32(length).bigEndian, toByteOffset: 16, as: UInt32.self)
+        }
+    }
+
+    private mutating func writeHeader(byteCount: Int, _ fill: (UnsafeMutableRawBufferPointer) -> Void) {
+        withUnsafeTemporaryAllocation(byteCount: byteCount, alignment: 8) { header in
+            fill(header)
+            writeBytes(UnsafeRawBufferPointer(header))
+        }
     }
 
     /// NBD_REPLY_TYPE_ERROR, the final chunk, with a message.
