@@ -82,6 +82,9 @@ final class RegionPass: @unchecked Sendable {
     /// Dirty regions next to each other are copied together, up to this
     /// many bytes at a time: fewer, larger I/Os.
     static let copyBytes = 4 << 20
+    /// How long a pass held back by the rate limit goes without seeing
+    /// whether it is to stop.
+    static let stopCheckInterval = Duration.milliseconds(100)
 
     /// Bytes a second at most; 0 for no limit.
     let rateLimit: UInt64
@@ -170,6 +173,7 @@ final class RegionPass: @unchecked Sendable {
                 loggedAt = ContinuousClock.now
                 logger.info("\(title): \(MirrorStatus.Resync(self[keyPath: record], rateLimit: rateLimit).summary)")
             }
+            throttle(record, stopping: stopping)
             if stopping() {
                 outcome = "stopped"
                 return false
@@ -192,7 +196,6 @@ final class RegionPass: @unchecked Sendable {
                 percentTold = done * 100 / total
                 events.passProgress(action, percent: percentTold, regionsDone: done, regions: total)
             }
-            throttle(record)
         }
         return true
     }
@@ -310,12 +313,19 @@ final class RegionPass: @unchecked Sendable {
         }
     }
 
-    /// Sleeps as long as keeps the pass under the rate limit.
-    private func throttle(_ record: ReferenceWritableKeyPath<RegionPass, Progress>) {
+    /// Waits until the bytes copied so far are within the rate limit: a run
+    /// starts no sooner than the limit allows for the runs before it. A run
+    /// is up to `copyBytes`, more than a low limit allows in a second, so
+    /// the wait is as long as it takes, a slice at a time to see a stop.
+    /// Nothing waits after the last run: its legs are in sync the sooner.
+    private func throttle(_ record: ReferenceWritableKeyPath<RegionPass, Progress>, stopping: () -> Bool) {
         guard rateLimit > 0 else { return }
-        let (copied, started) = lock.withLock { (self[keyPath: record].bytesCopied, self[keyPath: record].startedAt) }
-        let due = Duration.seconds(Double(copied) / Double(rateLimit)) - (ContinuousClock.now - started)
-        if due > .zero { pause(for: min(due, .seconds(1))) }
+        while !stopping() {
+            let (copied, started) = lock.withLock { (self[keyPath: record].bytesCopied, self[keyPath: record].startedAt) }
+            let due = Duration.seconds(Double(copied) / Double(rateLimit)) - (ContinuousClock.now - started)
+            guard due > .zero else { return }
+            pause(for: min(due, Self.stopCheckInterval))
+        }
     }
 
     private func finish(_ action: Action, _ outcome: String) {

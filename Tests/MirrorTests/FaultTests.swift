@@ -201,6 +201,31 @@ import Testing
         stopAndCompare(fixture, server, handle, legs[0], legs[1])
     }
 
+    /// --resync-rate holds below a run's length a second too: three runs
+    /// (8, 8 and 1 regions) at 2 MiB a second take 4 s, not the 2 s that a
+    /// wait of at most a second after each run gave.
+    @Test func aRecoveryKeepsToItsRateLimit() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        var server = try fixture.serve(legs + ["--create", Self.legSize])
+        let handle = try fixture.connect()
+        _ = try handle.writeRegions(0..<17, seed: 15)
+        handle.shutdown()
+        _ = server.stop(signal: SIGKILL)
+
+        let limit = 2.0 * 1_048_576
+        server = try fixture.serve(legs + ["--resync-rate", "2M"])
+        let resync = try fixture.waitFor("recovery", timeout: 20) { !$0.resync.active && !$0.resync.lastResult.isEmpty }.resync
+        #expect(resync.regionsDone == 17, "\(resync)")
+        // Nothing waits after the last run: the bytes before it are what
+        // the time taken must cover.
+        let seconds = Double(resync.bytesCopied) / resync.bytesPerSecond
+        let beforeTheLastRun = Double(resync.bytesCopied) - Double(testRegionBytes)
+        #expect(beforeTheLastRun / seconds <= limit, "\(resync.lastResult)")
+        #expect(server.stop() == 0)
+        #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
     @Test func aReaddedLegGetsOnlyTheRegionsWrittenWhileItWasOut() throws {
         let fixture = MirrorFixture()
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]

@@ -23,7 +23,7 @@ import Testing
         let remote = try NBDKit(["--filter=pause", "file", remoteFile, "pause-control=\(pauseSocket)"])
         let legs = [leg0, leg1, remote.uri]
         try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
-        let server = try fixture.serve(legs + ["--resync-rate", "1M"])
+        let server = try fixture.serve(legs + ["--resync-rate", "4M"])
         let handle = try fixture.connect()
 
         try fixture.control(["fail-leg", "1"])
@@ -36,7 +36,8 @@ import Testing
         let writes = DispatchGroup()
         inBackground(writes) { try fixture.connect().write(newer, at: UInt64(30 * testRegionBytes)) }
         try fixture.waitFor("the first three runs copied", timeout: 20) { $0.resync.regionsDone == 24 }
-        // The throttle sleeps at most a second before the last run is held.
+        // At 4 MiB a second, a 4 MiB run's wait before the last run is held
+        // is at most a second.
         usleep(1_500_000)
         inBackground(writes) { try fixture.control(["fail-leg", "0"]) }
         usleep(500_000)
