@@ -83,7 +83,7 @@ final class RegionPass: @unchecked Sendable {
     /// many bytes at a time: fewer, larger I/Os.
     static let copyBytes = 4 << 20
     /// How long a pass held back by the rate limit goes without seeing
-    /// whether it is to stop.
+    /// whether it is to stop, or its legs changed.
     static let stopCheckInterval = Duration.milliseconds(100)
 
     /// Bytes a second at most; 0 for no limit.
@@ -169,13 +169,8 @@ final class RegionPass: @unchecked Sendable {
         defer { finish(action, outcome) }
         var loggedAt = ContinuousClock.now
         for run in runs {
-            if ContinuousClock.now - loggedAt >= Self.logInterval {
-                loggedAt = ContinuousClock.now
-                logger.info("\(title): \(MirrorStatus.Resync(self[keyPath: record], rateLimit: rateLimit).summary)")
-            }
-            throttle(record, stopping: stopping)
-            if stopping() {
-                outcome = "stopped"
+            if let end = waitForTurn(action, title: title, loggedAt: &loggedAt, stopping: stopping) {
+                outcome = end
                 return false
             }
             let offset = UInt64(run.lowerBound) * regionBytes
@@ -234,10 +229,11 @@ final class RegionPass: @unchecked Sendable {
     private func perform(_ action: Action, _ run: Range<Int>, offset: UInt64, length: UInt64,
                          buffers: inout Buffers) -> String? {
         let snapshot = legs.snapshot
+        if let obstacle = obstacle(to: action, snapshot) { return obstacle }
         switch action {
         case .resync(let targets):
             let copyTo = snapshot.writable.filter(targets.contains)
-            guard let source = snapshot.readable.first, !copyTo.isEmpty else { return "no leg left to copy to" }
+            let source = snapshot.readable[0]
             do {
                 let copied = try copier.copy(offset: offset, length: length, from: source, to: copyTo,
                                              through: buffers.take(1)[0])
@@ -254,7 +250,6 @@ final class RegionPass: @unchecked Sendable {
             }
         case .scrub(let scrub):
             let inSync = snapshot.readable
-            guard inSync.count >= 2 else { return "fewer than two legs in sync" }
             // While a leg is out, a region rewritten must be dirty first:
             // the leg, re-added, is copied only what the bitmap says.
             let found = scrubber.scrub(run, offset: offset, length: length, legs: inSync,
@@ -313,18 +308,37 @@ final class RegionPass: @unchecked Sendable {
         }
     }
 
-    /// Waits until the bytes copied so far are within the rate limit: a run
-    /// starts no sooner than the limit allows for the runs before it. A run
-    /// is up to `copyBytes`, more than a low limit allows in a second, so
-    /// the wait is as long as it takes, a slice at a time to see a stop.
-    /// Nothing waits after the last run: its legs are in sync the sooner.
-    private func throttle(_ record: ReferenceWritableKeyPath<RegionPass, Progress>, stopping: () -> Bool) {
-        guard rateLimit > 0 else { return }
-        while !stopping() {
+    /// Waits for the next run's turn: until the bytes copied so far are
+    /// within the rate limit. A run is up to `copyBytes`, more than a low
+    /// limit allows in a second, so the wait is as long as it takes, a slice
+    /// at a time to see a stop or the legs change, and to log the progress
+    /// as often as when copying. Nothing waits after the last run: its legs
+    /// are in sync the sooner. Returns why the pass ends instead.
+    private func waitForTurn(_ action: Action, title: String, loggedAt: inout ContinuousClock.Instant,
+                             stopping: () -> Bool) -> String? {
+        let record = action.record
+        while true {
+            if ContinuousClock.now - loggedAt >= Self.logInterval {
+                loggedAt = ContinuousClock.now
+                logger.info("\(title): \(MirrorStatus.Resync(self[keyPath: record], rateLimit: rateLimit).summary)")
+            }
+            if stopping() { return "stopped" }
+            if let obstacle = obstacle(to: action, legs.snapshot) { return obstacle }
+            guard rateLimit > 0 else { return nil }
             let (copied, started) = lock.withLock { (self[keyPath: record].bytesCopied, self[keyPath: record].startedAt) }
             let due = Duration.seconds(Double(copied) / Double(rateLimit)) - (ContinuousClock.now - started)
-            guard due > .zero else { return }
+            guard due > .zero else { return nil }
             pause(for: min(due, Self.stopCheckInterval))
+        }
+    }
+
+    /// Why `action` cannot go on with the legs `snapshot` holds.
+    private func obstacle(to action: Action, _ snapshot: LegTable.Snapshot) -> String? {
+        switch action {
+        case .resync(let targets):
+            snapshot.readable.isEmpty || !snapshot.writable.contains(where: targets.contains) ? "no leg left to copy to" : nil
+        case .scrub:
+            snapshot.readable.count < 2 ? "fewer than two legs in sync" : nil
         }
     }
 

@@ -202,7 +202,7 @@ import Testing
     }
 
     /// --resync-rate holds below a run's length a second too: three runs
-    /// (8, 8 and 1 regions) at 2 MiB a second take 4 s, not the 2 s that a
+    /// (8, 8 and 1 regions) at 2 MiB a second take 4 s, not the 3 s that a
     /// wait of at most a second after each run gave.
     @Test func aRecoveryKeepsToItsRateLimit() throws {
         let fixture = MirrorFixture()
@@ -224,6 +224,28 @@ import Testing
         #expect(beforeTheLastRun / seconds <= limit, "\(resync.lastResult)")
         #expect(server.stop() == 0)
         #expect(fixture.legsEqual(legs[0], legs[1]))
+    }
+
+    /// A rebuild held back by a low --resync-rate ends as soon as the leg
+    /// it copies to is failed, not when its wait is over: the status, the
+    /// events and the hooks say so at once.
+    @Test func aSlowRebuildEndsAtOnceWhenItsLegIsFailed() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        let server = try fixture.serve(legs + ["--create", Self.legSize, "--resync-rate", "256K"])
+        let handle = try fixture.connect()
+        try fixture.control(["fail-leg", "1"])
+        let written = try handle.writeRegions(0..<16, seed: 16)
+        // The first run of 8 regions, then a wait of 16 s before the next.
+        try fixture.control(["readd-leg", "1"])
+        try fixture.waitFor("the first run copied") { $0.resync.regionsDone == 8 }
+        try fixture.control(["fail-leg", "1"])
+        let ended = try fixture.waitFor("the rebuild ended", timeout: 4) { !$0.resync.active }
+        #expect(ended.resync.lastResult.contains("no leg left to copy to"), "\(ended.resync)")
+        #expect(ended.state(1) == .degraded)
+        try handle.expectReadBack(written)
+        handle.shutdown()
+        #expect(server.stop() == 0)
     }
 
     @Test func aReaddedLegGetsOnlyTheRegionsWrittenWhileItWasOut() throws {

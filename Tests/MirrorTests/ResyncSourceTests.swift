@@ -10,7 +10,7 @@ import Testing
 /// longer takes writes, and its old bytes would go over newer ones.
 @Suite(.serialized) struct ResyncSourceTests {
     /// Legs 0 and 1 are files; leg 2 is nbdkit behind the pause filter. Leg
-    /// 1 is rebuilt at 1 MiB/s, three runs of 4 MiB and then regions 30-31.
+    /// 1 is rebuilt at 4 MiB/s, three runs of 4 MiB and then regions 30-31.
     /// With leg 2 paused, a write to region 30 stays in flight, so the copy
     /// of the last run waits for it while holding region 30; the operator
     /// then fails leg 0, and a write to region 31 goes to legs 1 and 2 only.
