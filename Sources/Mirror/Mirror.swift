@@ -190,6 +190,10 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
     /// in sync, clears the bitmap and records a clean stop. Call after the
     /// server has answered every request.
     public func stop() {
+        // Told first: the joins below may already wait behind these writes
+        // (a lease renewal queued after them on a slow leg).
+        let behind = writeBehind.outstandingCount
+        if behind > 0 { logger.info("waiting for \(behind) writes behind to reach the write-mostly legs") }
         lock.withLock { stopping = true }
         lock.broadcast()
         if let worker { pthread_join(worker, nil) }
@@ -202,10 +206,7 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
         // Answered writes still on their way to write-mostly legs: the legs
         // are recorded clean only once every one has them (or failed them:
         // a leg that hangs fails them after --remote-timeout).
-        if writeBehind.outstandingCount > 0 {
-            logger.info("waiting for \(writeBehind.outstandingCount) writes behind to reach the write-mostly legs")
-            writeBehind.waitUntilDrained()
-        }
+        writeBehind.waitUntilDrained()
         // A lease that lapsed (a leg stalled the last renewals) is renewed
         // first, as it would be while serving; metadata is written only
         // under a valid lease, else the legs stay as they are: in use, and
