@@ -188,7 +188,8 @@ public final class Mirror: BlockTarget, @unchecked Sendable {
 
     /// Stops the background work, flushes every leg and, when the legs are
     /// in sync, clears the bitmap and records a clean stop. Call after the
-    /// server has answered every request.
+    /// server has answered every request: no write behind starts after
+    /// that, so the count of them at the start only goes down.
     public func stop() {
         // Told first: the joins below may already wait behind these writes
         // (a lease renewal queued after them on a slow leg).

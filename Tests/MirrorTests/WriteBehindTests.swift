@@ -17,14 +17,18 @@ import Testing
         let delay: String
         var remote: NBDKit
 
-        init(_ fixture: MirrorFixture, slowLeg: Int = 1, delay: String, reads: String = "0") throws {
+        /// With `log`, nbdkit's log filter writes each request the slow leg
+        /// gets, and when it was done, to that file.
+        init(_ fixture: MirrorFixture, slowLeg: Int = 1, delay: String, reads: String = "0", log: String? = nil) throws {
             localFile = fixture.path("local.img")
             remoteFile = fixture.path("remote.img")
             socket = fixture.path("slow.sock")
             self.slowLeg = slowLeg
             self.delay = delay
             try run(["truncate", "-s", "64M", localFile, remoteFile])
-            remote = try NBDKit(["--filter=delay", "file", remoteFile, "wdelay=\(delay)", "rdelay=\(reads)"], socket: socket)
+            var arguments = ["--filter=delay", "file", remoteFile, "wdelay=\(delay)", "rdelay=\(reads)"]
+            if let log { arguments = ["--filter=log"] + arguments + ["logfile=\(log)"] }
+            remote = try NBDKit(arguments, socket: socket)
             try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
         }
 
@@ -35,6 +39,35 @@ import Testing
         mutating func restartRemote() throws {
             remote.kill()
             remote = try NBDKit(["--filter=delay", "file", remoteFile, "wdelay=\(delay)"], socket: socket)
+        }
+    }
+
+    /// The writes and flushes in an nbdkit log filter's file: where each
+    /// write went, and the lines each was sent and done at.
+    private struct NBDKitLog {
+        struct Request {
+            var offset: UInt64?
+            var sent: Int
+            var done: Int?
+        }
+
+        private(set) var all: [Request] = []
+
+        init(path: String) throws {
+            var byID: [String: Int] = [:]
+            for (line, text) in try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").enumerated() {
+                let words = text.split(separator: " ")
+                guard let connection = words.first(where: { $0.hasPrefix("connection=") }),
+                      let id = words.first(where: { $0.hasPrefix("id=") }) else { continue }
+                let request = "\(connection) \(id)"
+                if words.contains("Write") || words.contains("Flush") {
+                    byID[request] = all.count
+                    let offset = words.first { $0.hasPrefix("offset=0x") }.flatMap { UInt64($0.dropFirst("offset=0x".count), radix: 16) }
+                    all.append(Request(offset: offset, sent: line))
+                } else if words.contains("...Write") || words.contains("...Flush"), let index = byID[request] {
+                    all[index].done = line
+                }
+            }
         }
     }
 
@@ -58,7 +91,8 @@ import Testing
 
     @Test func aWriteIsAnsweredWithoutWaitingForAWriteMostlyLeg() throws {
         let fixture = MirrorFixture()
-        let legs = try SlowLegMirror(fixture, delay: "2")
+        let log = fixture.path("slow-leg.log")
+        let legs = try SlowLegMirror(fixture, delay: "2", log: log)
         let server = try fixture.serve(legs.legs + ["--write-mostly", "1"])
         let handle = try fixture.connect()
         // The first write to a clean region: its bit goes to the slow leg behind too.
@@ -74,10 +108,23 @@ import Testing
         #expect(status.legs[1].writesBehind ?? 0 > 0, "\(status.legs[1])")
         #expect(try handle.read(written.count, at: 4096) == written)
         handle.shutdown()
-        // The stop waits for the writes behind before it records the legs clean.
+        // The stop records the legs clean only once the writes behind have
+        // reached the slow leg: a crash between the two would leave a clean
+        // mirror whose legs differ.
         #expect(server.stop() == 0)
         #expect(fixture.legsEqual(legs.localFile, legs.remoteFile))
         #expect(server.stderr().contains("writes behind to reach the write-mostly legs"))
+        // Each flush and metadata write that came after the writes behind
+        // began came after they were done: a flush covers only the writes
+        // done before it.
+        let requests = try NBDKitLog(path: log)
+        let writesBehind = requests.all.filter { $0.offset ?? 0 >= 1 << 20 }
+        let firstSent = try #require(writesBehind.map(\.sent).min())
+        let lastDone = try #require(writesBehind.map { $0.done ?? .max }.max())
+        #expect(writesBehind.count == 9)
+        for request in requests.all where request.offset ?? 0 < 1 << 20 && request.sent > firstSent {
+            #expect(request.sent > lastDone, "\(request) sent while a write behind was under way")
+        }
     }
 
     /// A client that rewrites what it was told is written: the rewrite
