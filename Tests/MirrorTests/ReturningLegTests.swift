@@ -62,7 +62,9 @@ import Testing
         turns.handle.shutdown()
         #expect(turns.server.stop() == 0)
 
-        let server = try fixture.serve(turns.legs)
+        // Re-added by the operator here too: a leg coming back by itself
+        // could be in sync before the `readd-leg` below.
+        let server = try fixture.serve(turns.legs + ["--reconnect-interval", "0"])
         #expect(try fixture.status().legs.map(\.state) == [.inSync, .inSync, .degraded])
         try fixture.control(["readd-leg", "2"])
         let status = try fixture.waitFor("every leg in sync") { $0.allInSync }
