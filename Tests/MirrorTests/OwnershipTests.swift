@@ -222,18 +222,8 @@ import Testing
     /// claim: offset 0 or 4 KiB) begun and not ended, as their logs say;
     /// false if none was caught so.
     private func freezeDuringSuperblockWrite(_ servers: [NBDKit], logs: [String]) -> Bool {
-        func superblockWritesInFlight(_ log: String) -> Set<Substring> {
-            let lines = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n")
-            var open = Set<Substring>()
-            for line in lines {
-                guard let id = line.split(separator: " ").first(where: { $0.hasPrefix("id=") }) else { continue }
-                if line.contains(" Write ") && (line.contains("offset=0x0 ") || line.contains("offset=0x1000 ")) {
-                    open.insert(id)
-                } else if line.contains("...Write ") {
-                    open.remove(id)
-                }
-            }
-            return open
+        func superblockWritesInFlight(_ log: String) -> Set<NBDKitLog.Request> {
+            Set(NBDKitLog(path: log).requests("Write").filter { $0.done == nil && ($0.offset == 0 || $0.offset == 4096) })
         }
         for _ in 0..<20 {
             let deadline = Date().addingTimeInterval(10)

@@ -37,32 +37,16 @@ import Testing
         func openConnections(_ fixture: MirrorFixture, waitingFor expected: Int) throws -> Int {
             try fixture.connect().shutdown()
             let deadline = Date().addingTimeInterval(5)
-            var open = connected()
+            var open = NBDKitLog(path: requestLog).openConnections
             while open != expected && Date() < deadline {
                 usleep(50_000)
-                open = connected()
+                open = NBDKitLog(path: requestLog).openConnections
             }
             return open
         }
 
-        private func connected() -> Int {
-            let lines = logLines
-            return lines.count { $0.contains(" Connect ") } - lines.count { $0.contains(" Disconnect ") }
-        }
-
         /// The nbdkit connections (its log's connection=N) that carried writes.
-        var connectionsThatWrote: Set<Substring> {
-            Set(logLines.compactMap { line in
-                line.firstRange(of: " Write ").flatMap { _ in
-                    line.split(separator: " ").first { $0.hasPrefix("connection=") }
-                }
-            })
-        }
-
-        /// nbdkit's log so far, a line each (none before it has written one).
-        private var logLines: [Substring] {
-            ((try? String(contentsOfFile: requestLog, encoding: .utf8)) ?? "").split(separator: "\n")
-        }
+        var connectionsThatWrote: Set<Int> { Set(NBDKitLog(path: requestLog).requests("Write").map(\.connection)) }
     }
 
     @Test func aRemoteLegOnFourConnectionsTakesVerifiedWritesFromManyClients() throws {

@@ -42,35 +42,6 @@ import Testing
         }
     }
 
-    /// The writes and flushes in an nbdkit log filter's file: where each
-    /// write went, and the lines each was sent and done at.
-    private struct NBDKitLog {
-        struct Request {
-            var offset: UInt64?
-            var sent: Int
-            var done: Int?
-        }
-
-        private(set) var all: [Request] = []
-
-        init(path: String) throws {
-            var byID: [String: Int] = [:]
-            for (line, text) in try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").enumerated() {
-                let words = text.split(separator: " ")
-                guard let connection = words.first(where: { $0.hasPrefix("connection=") }),
-                      let id = words.first(where: { $0.hasPrefix("id=") }) else { continue }
-                let request = "\(connection) \(id)"
-                if words.contains("Write") || words.contains("Flush") {
-                    byID[request] = all.count
-                    let offset = words.first { $0.hasPrefix("offset=0x") }.flatMap { UInt64($0.dropFirst("offset=0x".count), radix: 16) }
-                    all.append(Request(offset: offset, sent: line))
-                } else if words.contains("...Write") || words.contains("...Flush"), let index = byID[request] {
-                    all[index].done = line
-                }
-            }
-        }
-    }
-
     /// Seconds that `body` takes.
     private func seconds(_ body: () throws -> Void) rethrows -> Double {
         let start = ContinuousClock.now
@@ -119,13 +90,13 @@ import Testing
         // Each flush and metadata write that came after the writes behind
         // began came after they were done: a flush covers only the writes
         // done before it.
-        let requests = try NBDKitLog(path: log)
-        let writesBehind = requests.all.filter { $0.offset ?? 0 >= 1 << 20 }
+        let requests = NBDKitLog(path: log).requests.filter { $0.command == "Write" || $0.command == "Flush" }
+        let writesBehind = requests.filter { $0.offset ?? 0 >= 1 << 20 }
         let firstSent = try #require(writesBehind.map(\.sent).min())
         let lastDone = try #require(writesBehind.map { $0.done ?? .max }.max())
         #expect(writesBehind.count == 9 && writesBehind.allSatisfy { $0.done != nil })
-        #expect(requests.all.contains { $0.offset == nil && $0.sent > lastDone }, "the stop's flush")
-        for request in requests.all where request.offset ?? 0 < 1 << 20 && request.sent > firstSent {
+        #expect(requests.contains { $0.command == "Flush" && $0.sent > lastDone }, "the stop's flush")
+        for request in requests where request.offset ?? 0 < 1 << 20 && request.sent > firstSent {
             #expect(request.sent > lastDone, "\(request) sent while a write behind was under way")
         }
     }
