@@ -399,17 +399,24 @@ final class LegTable: @unchecked Sendable {
     /// Legs a copy goes to, each on the device it had when the copy began:
     /// a leg re-added or replaced since is not among them.
     /// Known by device, not by index: legs added or removed meanwhile
-    /// move the others.
-    struct Targets {
-        private let devices: Set<ObjectIdentifier>
-
-        init<Legs: Sequence<Leg>>(_ legs: Legs) {
-            devices = Set(legs.map { ObjectIdentifier($0.device) })
+    /// move the others. Held weakly, not by address: a re-added leg's new
+    /// device may be made where its old one was freed, and so have its
+    /// `ObjectIdentifier`; a strong reference would keep the old device
+    /// open, and claimed, until the pass ended.
+    struct Targets: Sendable {
+        private struct Target: @unchecked Sendable {
+            weak var device: BlockDevice?
         }
 
-        func contains(_ leg: Leg) -> Bool { devices.contains(ObjectIdentifier(leg.device)) }
-        func contains(_ device: BlockDevice) -> Bool { devices.contains(ObjectIdentifier(device)) }
-        var isEmpty: Bool { devices.isEmpty }
+        private let targets: [Target]
+
+        init<Legs: Sequence<Leg>>(_ legs: Legs) {
+            targets = legs.map { Target(device: $0.device) }
+        }
+
+        func contains(_ leg: Leg) -> Bool { contains(leg.device) }
+        func contains(_ device: BlockDevice) -> Bool { targets.contains { $0.device === device } }
+        var isEmpty: Bool { targets.isEmpty }
     }
 
     /// How a rebuild pass ended for the legs it copied to.

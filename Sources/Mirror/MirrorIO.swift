@@ -296,6 +296,10 @@ extension Mirror {
                 else { change.completion(everyLegFailed("\(change.operation)", outcome.failures)) }
             }
             regionHash.endWrite(change.regions)
+            // Last, once both halves have ended and the failures of the legs
+            // behind are recorded: a stop that waits for the writes behind
+            // then sees those legs out, and does not record them in sync.
+            writeBehind.ended(ticket)
         }
         let frontStarted = submit(change.operation, front, offset: change.offset, length: change.length,
                                   memory: change.memory, flags: change.flags, on: io) { [self] result, _ in
@@ -309,20 +313,19 @@ extension Mirror {
         // a write behind may still be on its way when the server stops them.
         let behindStarted = frontStarted && submit(change.operation, ticket.legs, offset: change.offset,
                                                    length: change.length, memory: copy.map(IOMemory.buffer),
-                                                   flags: change.flags, on: client) { [self] result, _ in
+                                                   flags: change.flags, on: client) { result, _ in
             if let copy { free(copy.baseAddress) }
-            writeBehind.ended(ticket)
             parts.behindEnded(failures: result.legFailures(ticket.legs))
             ended()
         }
         if !behindStarted {
             if let copy { free(copy.baseAddress) }
-            writeBehind.ended(ticket)
             if frontStarted {
                 // The legs behind lack it: out, before its bits can be cleared.
                 parts.behindEnded(failures: ticket.legs.map { LegFailure(leg: $0, errno: EIO) })
                 ended()
             } else {
+                writeBehind.ended(ticket)
                 regionHash.endWrite(change.regions)
                 change.completion(TargetResult(errno: EINVAL, message: "\(change.operation) refused by DMIO"))
             }

@@ -88,6 +88,12 @@ final class RegionPass: @unchecked Sendable {
 
     /// Bytes a second at most; 0 for no limit.
     let rateLimit: UInt64
+    /// When the next run may start, by the rate limit: a run takes its
+    /// length's share of the limit from its own start. So no pass goes
+    /// faster than the limit to catch up after a stall (a slow leg, a run
+    /// held), nor starts with a burst right after the last one ended (a
+    /// pass tried again, a scrub after a resync). The pass thread's alone.
+    private var nextTurn = ContinuousClock.now
     private let bitmap: RegionBitmap
     private let regionHash: RegionHash
     private let legs: LegTable
@@ -175,6 +181,7 @@ final class RegionPass: @unchecked Sendable {
             }
             let offset = UInt64(run.lowerBound) * regionBytes
             let length = min(UInt64(run.count) * regionBytes, dataBytes - offset)
+            if rateLimit > 0 { nextTurn = .now + .seconds(Double(length) / Double(rateLimit)) }
             regionHash.startCopy(run)
             let failure = perform(action, run, offset: offset, length: length, buffers: &buffers)
             for write in regionHash.endCopy(run) { write() }
@@ -308,12 +315,12 @@ final class RegionPass: @unchecked Sendable {
         }
     }
 
-    /// Waits for the next run's turn: until the bytes copied so far are
-    /// within the rate limit. A run is up to `copyBytes`, more than a low
-    /// limit allows in a second, so the wait is as long as it takes, a slice
-    /// at a time to see a stop or the legs change, and to log the progress
-    /// as often as when copying. Nothing waits after the last run: its legs
-    /// are in sync the sooner. Returns why the pass ends instead.
+    /// Waits for the next run's turn (`nextTurn`). A run is up to
+    /// `copyBytes`, more than a low limit allows in a second, so the wait is
+    /// as long as it takes, a slice at a time to see a stop or the legs
+    /// change, and to log the progress as often as when copying. Nothing
+    /// waits after the last run: its legs are in sync the sooner. Returns
+    /// why the pass ends instead.
     private func waitForTurn(_ action: Action, title: String, loggedAt: inout ContinuousClock.Instant,
                              stopping: () -> Bool) -> String? {
         let record = action.record
@@ -324,9 +331,7 @@ final class RegionPass: @unchecked Sendable {
             }
             if stopping() { return "stopped" }
             if let obstacle = obstacle(to: action, legs.snapshot) { return obstacle }
-            guard rateLimit > 0 else { return nil }
-            let (copied, started) = lock.withLock { (self[keyPath: record].bytesCopied, self[keyPath: record].startedAt) }
-            let due = Duration.seconds(Double(copied) / Double(rateLimit)) - (ContinuousClock.now - started)
+            let due = nextTurn - .now
             guard due > .zero else { return nil }
             pause(for: min(due, Self.stopCheckInterval))
         }

@@ -157,6 +157,29 @@ import Testing
         #expect(server.stop() == 0)
     }
 
+    /// `--resync-rate` holds from one pass to the next: a check started
+    /// as the last one ends waits until that one's last run has had its
+    /// time at the limit, rather than starting with a burst. Each leg holds
+    /// 4 MiB of data: a check is two runs of 2 MiB (two legs' copies of a
+    /// run fill about 4 MiB).
+    @Test func aCheckRightAfterAnotherKeepsToTheRateLimit() throws {
+        let fixture = MirrorFixture()
+        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
+        try run(["truncate", "-s", "5M"] + legs)
+        try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
+        let server = try fixture.serve(legs + ["--resync-rate", "1M"])
+        let start = ContinuousClock.now
+        let first = try scrub(fixture, "check")
+        let second = try scrub(fixture, "check")
+        let took = ContinuousClock.now - start
+        #expect(first.exit == 0 && second.exit == 0)
+        #expect(first.scrub.bytesChecked == 4 << 20 && second.scrub.bytesChecked == 4 << 20, "\(second.scrub)")
+        // Four runs of 2 MiB at 1 MiB a second: the last starts 6 s after
+        // the first (4 s if the second check's first run went at once).
+        #expect(took >= .seconds(5.5), "two checks of 4 MiB each at 1M took \(took)")
+        #expect(server.stop() == 0)
+    }
+
     @Test func aCheckIsRefusedWithOneLegInSyncAndCanBeCancelled() throws {
         let fixture = MirrorFixture()
         let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
