@@ -43,7 +43,8 @@ public struct LegMetadata: Sendable, Codable, Hashable {
     /// legs as they were when it left.
     public var removed: Bool?
     /// The server that holds the legs (a lease), if one does: "host UUID (pid
-    /// N, boot UUID)"; nil when nobody does (a clean stop, or no lease).
+    /// N, boot UUID, instance HEX)"; nil when nobody does (a clean stop, or
+    /// no lease).
     public var owner: String?
     /// The event at which bits were last cleared (an older copy needs a full copy).
     public var eventsCleared: UInt64

@@ -13,7 +13,8 @@ extension MirrorUUID {
 }
 
 extension MirrorOwner {
-    /// This server: `hostID` (else /etc/machine-id), this boot, this pid.
+    /// This server: `hostID` (else /etc/machine-id), this boot, this pid,
+    /// this run.
     public static func local(hostID: String?, lease: Duration) throws(MirrorError) -> MirrorOwner {
         guard let host = MirrorUUID(hex: hostID ?? readText("/etc/machine-id")?.trimmed ?? "") else {
             throw .invalidOwnership(hostID.map { "--host-id \($0) is not 32 hex digits (a UUID, as /etc/machine-id)" }
@@ -21,8 +22,12 @@ extension MirrorOwner {
         }
         let boot = readText("/proc/sys/kernel/random/boot_id").flatMap { MirrorUUID(hex: $0.trimmed) } ?? .random()
         let milliseconds = UInt32(clamping: lease.components.seconds * 1000 + lease.components.attoseconds / 1_000_000_000_000_000)
-        return MirrorOwner(host: host, boot: boot, pid: UInt32(bitPattern: getpid()), leaseMilliseconds: milliseconds)
+        return MirrorOwner(host: host, boot: boot, pid: UInt32(bitPattern: getpid()), leaseMilliseconds: milliseconds,
+                           instance: processInstance)
     }
+
+    /// This process's instance: one for every mirror it serves.
+    private static let processInstance = UInt64.random(in: 1...UInt64.max)
 }
 
 /// This server's hold on legs that another machine could open: it writes

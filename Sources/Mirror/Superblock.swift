@@ -170,8 +170,10 @@ struct Superblock: Sendable, Hashable {
         static let magic = 0, version = 8, mirror = 16, legIndex = 32, legCount = 36, events = 40
         static let regionBytes = 48, flags = 52, legBytes = 56, dataOffset = 64, dataBytes = 72, generation = 80
         static let eventsCleared = 88, ownerHost = 96, ownerBoot = 112
-        /// The owner's pid and lease, in the last 16 bytes before the checksum.
-        static let ownerPid = checksum - 16, ownerLease = checksum - 12, namesEnd = checksum - 16
+        /// The owner's pid, lease and instance, in the last 16 bytes before
+        /// the checksum (servers before the instance left its 8 bytes 0).
+        static let ownerPid = checksum - 16, ownerLease = checksum - 12, ownerInstance = checksum - 8
+        static let namesEnd = checksum - 16
         static let legs = 128, legRecordBytes = 32
         /// Each leg's name (a 2-byte length, then UTF-8), in leg order, after
         /// the largest leg table; one that does not fit is left out (length 0).
@@ -197,6 +199,7 @@ struct Superblock: Sendable, Hashable {
             bytes.store(owner.boot, at: Field.ownerBoot)
             bytes.store(owner.pid, at: Field.ownerPid)
             bytes.store(owner.leaseMilliseconds, at: Field.ownerLease)
+            bytes.store(owner.instance, at: Field.ownerInstance)
         }
         bytes.store(eventsCleared, at: Field.eventsCleared)
         bytes.store(legBytes, at: Field.legBytes)
@@ -289,25 +292,35 @@ struct Superblock: Sendable, Hashable {
             owner: bytes.load(UInt32.self, at: Field.flags) & 8 == 0 ? nil
                 : MirrorOwner(host: bytes.loadUUID(at: Field.ownerHost), boot: bytes.loadUUID(at: Field.ownerBoot),
                         pid: bytes.load(UInt32.self, at: Field.ownerPid),
-                        leaseMilliseconds: bytes.load(UInt32.self, at: Field.ownerLease))))
+                        leaseMilliseconds: bytes.load(UInt32.self, at: Field.ownerLease),
+                        instance: bytes.load(UInt64.self, at: Field.ownerInstance))))
     }
 }
 
 /// Who holds a mirror's legs: a machine (its host id, /etc/machine-id or
-/// --host-id), its boot, the server's pid, and how long its lease lasts
-/// without a renewal.
+/// --host-id), its boot, the server's pid and instance, and how long its
+/// lease lasts without a renewal.
 public struct MirrorOwner: Sendable, Hashable, CustomStringConvertible {
     public var host: MirrorUUID
     public var boot: MirrorUUID
     public var pid: UInt32
     public var leaseMilliseconds: UInt32
+    /// A random number of the server's run, never 0: host, boot and pid
+    /// are the same for two servers that are each pid 1 of a container on
+    /// one machine with one host id, and for a server and the one started
+    /// in its container after it.
+    public var instance: UInt64
 
     public var lease: Duration { .milliseconds(leaseMilliseconds) }
 
     /// The same server (not only the same machine).
-    func isSameServer(as other: MirrorOwner) -> Bool { host == other.host && boot == other.boot && pid == other.pid }
+    func isSameServer(as other: MirrorOwner) -> Bool {
+        host == other.host && boot == other.boot && pid == other.pid && instance == other.instance
+    }
 
-    public var description: String { "host \(host) (pid \(pid), boot \(boot))" }
+    public var description: String {
+        "host \(host) (pid \(pid), boot \(boot), instance \(String(instance, radix: 16)))"
+    }
 }
 
 extension Superblock {

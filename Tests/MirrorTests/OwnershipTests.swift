@@ -20,15 +20,20 @@ import Testing
         try serve(on: "b", host: hostB, fixture, arguments)
     }
 
-    /// `dmio-nbd serve` as the server on another machine, `name`.
+    /// `dmio-nbd serve` as the server on another machine, `name`; as pid 1
+    /// of a pid namespace of its own with `asPID1`, as in a container. There
+    /// `unshare` stays, the server's parent, and takes no SIGTERM: stop it
+    /// with SIGKILL, and the server gets a SIGTERM (its exit status is then
+    /// not seen).
     private func serve(on name: String, host: String, _ fixture: MirrorFixture,
-                       _ arguments: [String]) throws -> ServeProcess {
+                       _ arguments: [String], asPID1: Bool = false) throws -> ServeProcess {
         let socket = fixture.path("\(name).sock")
+        let unshare = ["/usr/bin/unshare"] + (asPID1 ? ["--pid", "--fork", "--kill-child=SIGTERM"] : [])
         return try ServeProcess(arguments: arguments + ["--socket", socket, "--control", fixture.path("\(name).ctl"),
                                                         "--host-id", host],
                                 socket: socket,
-                                launcher: ["/usr/bin/unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                           "mount -t tmpfs tmpfs /run/lock && exec \"$0\" \"$@\""])
+                                launcher: unshare + ["--mount", "--propagation", "private", "sh", "-c",
+                                                     "mount -t tmpfs tmpfs /run/lock && exec \"$0\" \"$@\""])
     }
 
     /// A new mirror of two files each behind nbdkit: the servers keep them.
@@ -89,6 +94,35 @@ import Testing
         clientOfB.shutdown()
         #expect(second.stop() == 0)
         #expect(fixture.legsEqual(files[0], files[1]))
+    }
+
+    /// Two containers on one machine given one host id, each with a
+    /// /run/lock of its own and its server pid 1: the second takes the
+    /// legs for those of a server of this machine that is gone (the lock
+    /// it holds tells nothing of the other's) and serves at once. Host,
+    /// boot and pid are the same: the first must still see the second's
+    /// claim as another server's, at its next renewal, and stop writing.
+    @Test func aServerWithTheOwnersHostBootAndPidStillFencesIt() throws {
+        let fixture = MirrorFixture()
+        let (_, remotes, legs) = try remoteMirror(fixture)
+        defer { withExtendedLifetime(remotes) {} }
+        let first = try serve(on: "a", host: hostA, fixture, legs + ["--lease", "2"], asPID1: true)
+        var containers = [first]
+        defer { for server in containers where server.process.isRunning { _ = server.stop(signal: SIGKILL) } }
+        try first.waitUntilListening()
+        let clientOfA = try NBDHandle()
+        try clientOfA.connect(unixSocket: first.socket)
+        _ = try clientOfA.writeRegions(0..<4, seed: 1)
+
+        let second = try serve(on: "a2", host: hostA, fixture, legs + ["--lease", "2"], asPID1: true)
+        containers.append(second)
+        try second.waitUntilListening()
+        #expect(!second.stderr().contains("watching them"), "not watched: a server of this machine")
+        // Renewals come every 0.4 s.
+        try #require(first.exits(within: 10), "the first server still serves beside the second")
+        #expect(first.process.terminationStatus == 1)
+        #expect(first.stderr().contains("another server took them over"), "\(first.stderr())")
+        #expect(throws: NBDError.self) { try clientOfA.write(pattern(64 << 10, seed: 99), at: 0) }
     }
 
     /// A renewal of the first server held on its way to the legs (their
