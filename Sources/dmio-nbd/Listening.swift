@@ -11,7 +11,8 @@ struct Listener {
     let socket: Int32
     let address: ListenAddress
     /// The socket file, for a unix socket: removed at the stop.
-    private(set) var path: String?
+    private(set) var file: FileMade?
+    var path: String? { file?.path }
 
     /// A unix socket at `path`. A stale socket file (left by a crash) is
     /// replaced; one a live server answers on is refused, naming its pid.
@@ -43,7 +44,7 @@ struct Listener {
                 throw CleanExit.message("cannot make socket \(path): \(errnoDescription(error))", code: 1)
             }
         }
-        return Listener(socket: fd, address: .unix(path: path), path: path)
+        return Listener(socket: fd, address: .unix(path: path), file: FileMade(path))
     }
 
     /// A TCP socket on `address` (port 0: one the kernel picks).
@@ -86,7 +87,7 @@ struct Listener {
                 return Int(UInt16(bigEndian: UnsafeRawPointer(address).load(fromByteOffset: 2, as: UInt16.self)))
             }
         }
-        return Listener(socket: fd, address: .tcp(host: address.host, port: port == 0 ? address.port : port), path: nil)
+        return Listener(socket: fd, address: .tcp(host: address.host, port: port == 0 ? address.port : port), file: nil)
     }
 
     /// Moves a unix socket to `newPath` (connections follow the file).
@@ -95,7 +96,7 @@ struct Listener {
         guard rename(path, newPath) == 0 else {
             throw CleanExit.message("cannot move socket \(path) to \(newPath): \(errnoDescription(errno))", code: 1)
         }
-        self.path = newPath
+        file?.moved(to: newPath)
     }
 
     /// Closes a socket that was never handed to a server, and removes its file.
@@ -104,9 +105,7 @@ struct Listener {
         removeFile()
     }
 
-    func removeFile() {
-        if let path { unlink(path) }
-    }
+    func removeFile() { file?.remove() }
 }
 
 /// The processes listening on TCP `port`, from /proc/net/tcp and tcp6

@@ -134,7 +134,7 @@ final class ServiceNotifier: @unchecked Sendable {
 /// (qemu-storage-daemon's rule: whoever waits for it may connect at once),
 /// whole or not at all, and removed at the stop.
 struct PidFile {
-    let path: String
+    let file: FileMade?
 
     static func write(_ path: String) throws -> PidFile {
         let temporary = "\(path).\(getpid()).tmp"
@@ -150,8 +150,8 @@ struct PidFile {
             unlink(temporary)
             throw CleanExit.message("cannot write --pidfile \(path): \(errnoDescription(error))", code: 1)
         }
-        return PidFile(path: path)
+        return PidFile(file: FileMade(path))
     }
 
-    func remove() { unlink(path) }
+    func remove() { file?.remove() }
 }

@@ -18,6 +18,40 @@ let runtimeFolder = environment("XDG_RUNTIME_DIR") ?? "/run"
 /// $XDG_RUNTIME_DIR/dmio-nbd.sock, or /run/dmio-nbd.sock.
 let defaultSocketPath = runtimeFolder + "/dmio-nbd.sock"
 
+/// A file this server made (a socket, its pid file), known by its device,
+/// inode and change time: removed at the stop only while its path still
+/// names it. A server started meanwhile may have made its own there (a
+/// stale socket is claimed once this one stops listening, a pid file
+/// rewritten), and a file system may give the new file the inode number
+/// that the old one freed: the change time tells them apart.
+struct FileMade {
+    private(set) var path: String
+    private let identity: [Int]
+
+    /// `path` as it is now; nil if there is nothing there.
+    init?(_ path: String) {
+        guard let identity = Self.identity(of: path) else { return nil }
+        (self.path, self.identity) = (path, identity)
+    }
+
+    /// The file was renamed to `path` (which changes its change time).
+    mutating func moved(to path: String) {
+        if let moved = FileMade(path) { self = moved }
+    }
+
+    func remove() {
+        guard Self.identity(of: path) == identity else { return }
+        unlink(path)
+    }
+
+    private static func identity(of path: String) -> [Int]? {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return nil }
+        return [Int(truncatingIfNeeded: info.st_dev), Int(truncatingIfNeeded: info.st_ino),
+                info.st_ctim.tv_sec, info.st_ctim.tv_nsec]
+    }
+}
+
 /// A leg or socket as an absolute path (a URI as it is), so that status,
 /// the log and a server in another folder name the same file.
 func absolutePath(_ spec: String) -> String {

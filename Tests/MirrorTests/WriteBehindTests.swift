@@ -101,6 +101,29 @@ import Testing
         }
     }
 
+    /// A stop that waits for writes behind no longer listens: a server
+    /// started on its socket meanwhile finds the socket stale and makes its
+    /// own. The first, once stopped, leaves that one and its pid file be.
+    @Test func aServerStartedOnTheSocketWhileTheLastStopsKeepsIt() throws {
+        let fixture = MirrorFixture()
+        let legs = try SlowLegMirror(fixture, delay: "2")
+        let pidFile = fixture.path("dmio-nbd.pid")
+        let first = try fixture.serve(legs.legs + ["--write-mostly", "1", "--lease", "0", "--pidfile", pidFile])
+        let handle = try fixture.connect()
+        _ = try writeBlocks(handle, from: 0, count: 3, seed: 3)
+        handle.shutdown()
+        kill(first.process.processIdentifier, SIGTERM)
+        #expect(first.logs("writes behind to reach the write-mostly legs", within: 5))
+        let otherLegs = [fixture.path("other0.img"), fixture.path("other1.img")]
+        let second = try fixture.serve(otherLegs + ["--create", "64M", "--pidfile", pidFile])
+        #expect(first.process.isRunning, "the first stopped before the second started: nothing was shown")
+        #expect(first.exits(within: 30))
+        #expect(answers(fixture.socket), "the first server removed the second's socket")
+        #expect(FileManager.default.fileExists(atPath: pidFile), "the first server removed the second's pid file")
+        #expect(second.stop() == 0)
+        #expect(!FileManager.default.fileExists(atPath: fixture.socket) && !FileManager.default.fileExists(atPath: pidFile))
+    }
+
     /// A client that rewrites what it was told is written: the rewrite
     /// waits for the write behind, so the older bytes never land last.
     @Test func aRewriteOfAWriteStillBehindWaitsForIt() throws {
