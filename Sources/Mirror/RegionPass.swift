@@ -88,7 +88,7 @@ final class RegionPass: @unchecked Sendable {
 
     /// Bytes a second at most; 0 for no limit.
     let rateLimit: UInt64
-    /// When the next run may start, by the rate limit: a run takes its
+    /// When the next run may start, by the rate limit: a run done takes its
     /// length's share of the limit from its own start. So no pass goes
     /// faster than the limit to catch up after a stall (a slow leg, a run
     /// held), nor starts with a burst right after the last one ended (a
@@ -181,7 +181,7 @@ final class RegionPass: @unchecked Sendable {
             }
             let offset = UInt64(run.lowerBound) * regionBytes
             let length = min(UInt64(run.count) * regionBytes, dataBytes - offset)
-            if rateLimit > 0 { nextTurn = .now + .seconds(Double(length) / Double(rateLimit)) }
+            let started = ContinuousClock.now
             regionHash.startCopy(run)
             let failure = perform(action, run, offset: offset, length: length, buffers: &buffers)
             for write in regionHash.endCopy(run) { write() }
@@ -189,6 +189,7 @@ final class RegionPass: @unchecked Sendable {
                 outcome = failure
                 return false
             }
+            if rateLimit > 0 { nextTurn = started + .seconds(Double(length) / Double(rateLimit)) }
             let done = lock.withLock {
                 self[keyPath: record].regionsDone += run.count
                 self[keyPath: record].bytesCopied += length

@@ -105,7 +105,11 @@ struct Listener {
         removeFile()
     }
 
-    func removeFile() { file?.remove() }
+    /// Call once the socket is closed: a socket file that a process
+    /// listens on still is another server's.
+    func removeFile() {
+        file?.remove { path in (try? listenerPID(path)).map { $0 == getpid() } ?? true }
+    }
 }
 
 /// The processes listening on TCP `port`, from /proc/net/tcp and tcp6
@@ -132,14 +136,19 @@ func claimSocketPath(_ path: String) throws {
     guard info.st_mode & S_IFMT == S_IFSOCK else {
         throw CleanExit.message("\(path) exists and is not a socket", code: 1)
     }
-    let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    defer { Glibc.close(fd) }
-    let connected = try withUnixAddress(path) { connect(fd, $0, $1) }
-    if connected == 0 {
-        let pid = dmio_peer_pid(fd)
+    if let pid = try listenerPID(path) {
         throw CleanExit.message("socket \(path) in use\(pid > 0 ? " by pid \(pid)" : "")", code: 1)
     }
     unlink(path)
+}
+
+/// The process that listens on the unix socket at `path` (0 if it cannot
+/// be told); nil when none does.
+func listenerPID(_ path: String) throws -> pid_t? {
+    let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    defer { Glibc.close(fd) }
+    guard try withUnixAddress(path, { connect(fd, $0, $1) }) == 0 else { return nil }
+    return dmio_peer_pid(fd)
 }
 
 /// Calls `body` (connect or bind) with the unix socket address of `path`.

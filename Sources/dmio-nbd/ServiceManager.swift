@@ -153,5 +153,6 @@ struct PidFile {
         return PidFile(file: FileMade(path))
     }
 
-    func remove() { file?.remove() }
+    /// A pid file rewritten by a server started meanwhile stays.
+    func remove() { file?.remove { readText($0) == "\(getpid())\n" } }
 }

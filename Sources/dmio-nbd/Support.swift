@@ -18,37 +18,33 @@ let runtimeFolder = environment("XDG_RUNTIME_DIR") ?? "/run"
 /// $XDG_RUNTIME_DIR/dmio-nbd.sock, or /run/dmio-nbd.sock.
 let defaultSocketPath = runtimeFolder + "/dmio-nbd.sock"
 
-/// A file this server made (a socket, its pid file), known by its device,
-/// inode and change time: removed at the stop only while its path still
-/// names it. A server started meanwhile may have made its own there (a
-/// stale socket is claimed once this one stops listening, a pid file
-/// rewritten), and a file system may give the new file the inode number
-/// that the old one freed: the change time tells them apart.
+/// A file this server made (a socket, its pid file), known by its device
+/// and inode: removed at the stop only while its path names it still, and
+/// while what the file says (a socket's listener, a pid file's pid) is
+/// this server's. A server started meanwhile may have made its own there
+/// (a stale socket is claimed once this one stops listening, a pid file
+/// rewritten), and a file system may give it the inode number this one's
+/// freed: so the inode alone does not tell.
 struct FileMade {
     private(set) var path: String
-    private let identity: [Int]
+    private let device: dev_t
+    private let inode: ino_t
 
     /// `path` as it is now; nil if there is nothing there.
     init?(_ path: String) {
-        guard let identity = Self.identity(of: path) else { return nil }
-        (self.path, self.identity) = (path, identity)
-    }
-
-    /// The file was renamed to `path` (which changes its change time).
-    mutating func moved(to path: String) {
-        if let moved = FileMade(path) { self = moved }
-    }
-
-    func remove() {
-        guard Self.identity(of: path) == identity else { return }
-        unlink(path)
-    }
-
-    private static func identity(of path: String) -> [Int]? {
         var info = stat()
         guard lstat(path, &info) == 0 else { return nil }
-        return [Int(truncatingIfNeeded: info.st_dev), Int(truncatingIfNeeded: info.st_ino),
-                info.st_ctim.tv_sec, info.st_ctim.tv_nsec]
+        (self.path, device, inode) = (path, info.st_dev, info.st_ino)
+    }
+
+    /// The file was renamed to `path`.
+    mutating func moved(to path: String) { self.path = path }
+
+    /// Removes the file if it is the one made, and `isOurs` of its path.
+    func remove(if isOurs: (String) -> Bool) {
+        var info = stat()
+        guard lstat(path, &info) == 0, info.st_dev == device, info.st_ino == inode, isOurs(path) else { return }
+        unlink(path)
     }
 }
 

@@ -22,13 +22,12 @@ import Testing
 
     /// `dmio-nbd serve` as the server on another machine, `name`; as pid 1
     /// of a pid namespace of its own with `asPID1`, as in a container. There
-    /// `unshare` stays, the server's parent, and takes no SIGTERM: stop it
-    /// with SIGKILL, and the server gets a SIGTERM (its exit status is then
-    /// not seen).
+    /// `unshare` stays, the server's parent, and takes no SIGTERM: a SIGKILL
+    /// to it kills the server too.
     private func serve(on name: String, host: String, _ fixture: MirrorFixture,
                        _ arguments: [String], asPID1: Bool = false) throws -> ServeProcess {
         let socket = fixture.path("\(name).sock")
-        let unshare = ["/usr/bin/unshare"] + (asPID1 ? ["--pid", "--fork", "--kill-child=SIGTERM"] : [])
+        let unshare = ["/usr/bin/unshare"] + (asPID1 ? ["--pid", "--fork", "--kill-child=SIGKILL"] : [])
         return try ServeProcess(arguments: arguments + ["--socket", socket, "--control", fixture.path("\(name).ctl"),
                                                         "--host-id", host],
                                 socket: socket,

@@ -114,9 +114,13 @@ import Testing
         handle.shutdown()
         kill(first.process.processIdentifier, SIGTERM)
         #expect(first.logs("writes behind to reach the write-mostly legs", within: 5))
+        // The slow leg's server frozen: the first waits, however long the
+        // second takes to start.
+        legs.remote.freeze(limit: 60)
         let otherLegs = [fixture.path("other0.img"), fixture.path("other1.img")]
         let second = try fixture.serve(otherLegs + ["--create", "64M", "--pidfile", pidFile])
         #expect(first.process.isRunning, "the first stopped before the second started: nothing was shown")
+        legs.remote.thaw()
         #expect(first.exits(within: 30))
         #expect(answers(fixture.socket), "the first server removed the second's socket")
         #expect(FileManager.default.fileExists(atPath: pidFile), "the first server removed the second's pid file")
