@@ -404,7 +404,7 @@ final class LegTable: @unchecked Sendable {
     /// `ObjectIdentifier`; a strong reference would keep the old device
     /// open, and claimed, until the pass ended.
     struct Targets: Sendable {
-        private struct Target: @unchecked Sendable {
+        private struct Target: Sendable {
             weak var device: BlockDevice?
         }
 

@@ -29,12 +29,18 @@ import Testing
         try handle.close()
     }
 
+    /// `count` leg files of `size`, made a mirror in sync.
+    private func legsInSync(_ fixture: MirrorFixture, count: Int = 2, size: String = "64M") throws -> [String] {
+        let legs = (0..<count).map { fixture.path("leg\($0).img") }
+        try run(["truncate", "-s", size] + legs)
+        try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
+        return legs
+    }
+
     /// A mirror in sync of `count` leg files with 16 regions written.
     private func writtenMirror(_ fixture: MirrorFixture, legs count: Int) throws -> (legs: [String], server: ServeProcess,
                                                                                   written: [Int: [UInt8]]) {
-        let legs = (0..<count).map { fixture.path("leg\($0).img") }
-        try run(["truncate", "-s", "64M"] + legs)
-        try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
+        let legs = try legsInSync(fixture, count: count)
         let server = try fixture.serve(legs)
         let handle = try fixture.connect()
         let written = try handle.writeRegions(0..<16, seed: 9)
@@ -104,9 +110,7 @@ import Testing
     /// different orders, and a check would rightly count them, as md's does.
     @Test func aScrubWhileFioWritesAndVerifiesFindsNothing() throws {
         let fixture = MirrorFixture()
-        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
-        try run(["truncate", "-s", "64M"] + legs)
-        try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
+        let legs = try legsInSync(fixture)
         let server = try fixture.serve(legs)
         let fio = Process()
         fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
@@ -164,9 +168,7 @@ import Testing
     /// run fill about 4 MiB).
     @Test func aCheckRightAfterAnotherKeepsToTheRateLimit() throws {
         let fixture = MirrorFixture()
-        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
-        try run(["truncate", "-s", "5M"] + legs)
-        try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
+        let legs = try legsInSync(fixture, size: "5M")
         let server = try fixture.serve(legs + ["--resync-rate", "1M"])
         let start = ContinuousClock.now
         let first = try scrub(fixture, "check")
@@ -182,9 +184,7 @@ import Testing
 
     @Test func aCheckIsRefusedWithOneLegInSyncAndCanBeCancelled() throws {
         let fixture = MirrorFixture()
-        let legs = [fixture.path("leg0.img"), fixture.path("leg1.img")]
-        try run(["truncate", "-s", "256M"] + legs)
-        try run([dmioNBDExecutable, "create", "--assume-clean"] + legs)
+        let legs = try legsInSync(fixture, size: "256M")
         let server = try fixture.serve(legs + ["--resync-rate", "8M"])
         let started = try fixture.control(["check"])
         #expect(started.scrub?.active == true)
